@@ -1,0 +1,159 @@
+"""The `runner` command line. Heavy imports (MLX, FastAPI) happen inside the subcommand that needs them, so
+`runner --help`, `runner status` and config errors answer fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from runner import __version__
+from runner.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+class NotBuilt(Exception):
+    """A documented subcommand whose implementation has not landed yet."""
+
+
+def _not_built(what: str, issue: int):
+    def run(args: argparse.Namespace) -> int:
+        raise NotBuilt(f"'runner {what}' is not built yet (tracked in issue #{issue}); nothing was done")
+
+    return run
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from workers.models import prepare_model
+
+    out = prepare_model(args.name, Path(args.out), force=args.force, seed=args.seed)
+    print(f"prepared {args.name} model in {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from workers.generation.server import serve_standalone
+
+    return serve_standalone(args)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set or [])
+    from runner.coordinator import launch
+
+    return launch(config, config_path=Path(args.config))
+
+
+def cmd_worker_generate(args: argparse.Namespace) -> int:
+    from workers.generation.worker import join
+
+    return join(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from runner.status import show_status
+
+    return show_status(args.coordinator, as_json=args.json)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    load_config(args.config, args.set or [])
+    print(f"{args.config}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runner", description="GRPO/LoRA fine-tuning job runner on MLX.")
+    parser.add_argument("--version", action="version", version=f"runner {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("launch", help="run a job from a TOML config (coordinator + workers)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("check", help="validate a config file and exit")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser("serve", help="run one standalone generation worker (OpenAI-compatible HTTP)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--api-token", default="", help="require this bearer token on every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="attach a worker to a running coordinator")
+    wsub = p.add_subparsers(dest="role", required=True, metavar="ROLE")
+    w = wsub.add_parser("generate", help="attach a generation worker")
+    w.add_argument("--join", required=True, metavar="tcp://HOST:PORT")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=8000)
+    w.set_defaults(func=cmd_worker_generate)
+
+    p = sub.add_parser("status", help="show the workers and progress of a running job")
+    p.add_argument("--coordinator", default="tcp://127.0.0.1:5555")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("models", help="prepare offline model directories")
+    msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    m = msub.add_parser("prepare", help="write an MLX model directory (no network needed for 'tiny')")
+    m.add_argument("name", choices=["smollm2", "tiny"])
+    m.add_argument("--out", required=True)
+    m.add_argument("--force", action="store_true", help="replace an existing directory")
+    m.add_argument("--seed", type=int, default=0, help="random seed for 'tiny'")
+    m.set_defaults(func=cmd_models_prepare)
+
+    p = sub.add_parser("adapters", help="inspect, convert and merge LoRA adapters")
+    asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action in ("show", "convert", "merge"):
+        a = asub.add_parser(action, help=f"{action} adapters (not built yet)")
+        a.add_argument("args", nargs="*")
+        a.set_defaults(func=_not_built(f"adapters {action}", 8))
+
+    p = sub.add_parser("deploy", help="render launchd plists or systemd units for this install")
+    dsub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    for target in ("launchd", "systemd"):
+        d = dsub.add_parser(target, help=f"render {target} files (not built yet)")
+        d.add_argument("config")
+        d.add_argument("--out", required=True)
+        d.set_defaults(func=_not_built(f"deploy {target}", 7))
+
+    p = sub.add_parser("keys", help="manage ZeroMQ CURVE keys")
+    ksub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    k = ksub.add_parser("generate", help="generate a CURVE key pair (not built yet)")
+    k.add_argument("--out", required=True)
+    k.set_defaults(func=_not_built("keys generate", 7))
+
+    p = sub.add_parser("report", help="plot a run's metrics and write a summary (not built yet)")
+    p.add_argument("run")
+    p.set_defaults(func=_not_built("report", 8))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, NotBuilt, FileExistsError) as e:
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

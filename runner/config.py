@@ -1,0 +1,246 @@
+"""Job configuration: one TOML file, parsed into frozen dataclasses and validated before anything starts.
+
+Every section and key has a default, so a config file names only what differs. Unknown keys, wrong types and
+out-of-range values raise `ConfigError` with one line naming the file, the key, the bad value and what is expected.
+`--set section.key=value` overrides are parsed as TOML values (so `--set learner.steps=5` is an int and
+`--set lora.keys=["self_attn.q_proj"]` a list) and validated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line meant for the user."""
+
+
+def _check(predicate: Callable[[Any], bool], expected: str) -> dict:
+    return {"check": predicate, "expected": expected}
+
+
+def _positive(kind: str = "number") -> dict:
+    return _check(lambda v: v > 0, f"a positive {kind}")
+
+
+def _non_negative(kind: str = "number") -> dict:
+    return _check(lambda v: v >= 0, f"a {kind} >= 0")
+
+
+def _unit_interval() -> dict:
+    return _check(lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
+
+
+def _one_of(*choices: str) -> dict:
+    return _check(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _port() -> dict:
+    return _check(lambda v: 0 <= v <= 65535, "a TCP port between 0 and 65535 (0 picks a free one)")
+
+
+def _zmq_endpoint() -> dict:
+    return _check(lambda v: v.startswith("tcp://") and v.rsplit(":", 1)[-1].isdigit(), "an address like tcp://HOST:PORT")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "models/tiny"
+    # Which model `runner models prepare` builds at `path` when it is missing ("" = never prepare, fail instead).
+    prepare: str = field(default="", metadata=_one_of("", "tiny", "smollm2"))
+    adapter: str = ""  # an mlx-lm adapter directory to start from
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = field(default=8, metadata=_positive("integer"))
+    scale: float = field(default=20.0, metadata=_positive())
+    dropout: float = field(default=0.0, metadata=_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"))
+    keys: list[str] = field(default_factory=lambda: ["self_attn.q_proj", "self_attn.v_proj"])
+    # Number of transformer blocks, counted from the last, that get LoRA; -1 = all of them.
+    num_layers: int = field(default=-1, metadata=_check(lambda v: v == -1 or v > 0, "-1 (all layers) or a positive integer"))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    workers: int = field(default=1, metadata=_check(lambda v: 0 <= v <= 64, "an integer between 0 and 64"))
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=_port())  # worker i listens on port + i (0 = free ports)
+    front_port: int = field(default=0, metadata=_port())  # 0 = no routing front end
+    max_batch: int = field(default=32, metadata=_positive("integer"))
+    prefill_batch: int = field(default=8, metadata=_positive("integer"))
+    max_queue: int = field(default=256, metadata=_positive("integer"))
+    max_tokens: int = field(default=64, metadata=_positive("integer"))  # default when a request gives none
+    max_tokens_limit: int = field(default=4096, metadata=_positive("integer"))  # hard cap per request
+    temperature: float = field(default=1.0, metadata=_non_negative())
+    top_p: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    algorithm: str = field(default="grpo", metadata=_one_of("grpo"))
+    learning_rate: float = field(default=1e-4, metadata=_positive())
+    steps: int = field(default=50, metadata=_positive("integer"))
+    group_size: int = field(default=8, metadata=_check(lambda v: v >= 2, "an integer >= 2 (GRPO compares completions within a group)"))
+    batch_size: int = field(default=4, metadata=_positive("integer"))  # prompts (groups) per step
+    micro_batch_size: int = field(default=0, metadata=_non_negative("integer"))  # sequences per micro-batch, 0 = all
+    max_tokens: int = field(default=16, metadata=_positive("integer"))  # completion length for the built-in task
+    temperature: float = field(default=1.0, metadata=_positive())
+    clip_low: float = field(default=0.2, metadata=_unit_interval())
+    clip_high: float = field(default=0.28, metadata=_non_negative())
+    kl_coef: float = field(default=0.0, metadata=_non_negative())
+    kl_estimator: str = field(default="k3", metadata=_one_of("k3", "mse", "abs"))
+    entropy_coef: float = field(default=0.0, metadata=_non_negative())
+    loss_agg: str = field(default="token", metadata=_one_of("token", "sequence"))
+    scale_rewards: bool = True  # False = Dr.GRPO (no std scaling of advantages)
+    tis_cap: float = field(default=2.0, metadata=_non_negative())  # truncated importance sampling cap, 0 = off
+    ref_ema: float = field(default=1.0, metadata=_unit_interval())  # 1 = reference is the base model
+    max_grad_norm: float = field(default=1.0, metadata=_non_negative())  # 0 = no clipping
+    max_staleness: int = field(default=1, metadata=_non_negative("integer"))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: str = field(default="builtin", metadata=_one_of("builtin", "atropos"))
+    task: str = field(default="target_tokens", metadata=_one_of("target_tokens", "arithmetic"))
+    url: str = ""  # Atropos API server, e.g. http://127.0.0.1:8000
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = "runs/job"  # the run directory: checkpoints/, logs/, metrics.jsonl
+    interval: int = field(default=10, metadata=_positive("integer"))
+    keep_last: int = field(default=3, metadata=_positive("integer"))
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    control: str = field(default="tcp://127.0.0.1:5555", metadata=_zmq_endpoint())
+    weights: str = field(default="tcp://127.0.0.1:5556", metadata=_zmq_endpoint())
+    status_port: int = field(default=0, metadata=_port())
+    heartbeat_interval: float = field(default=1.0, metadata=_positive())
+    heartbeat_timeout: float = field(default=10.0, metadata=_positive())
+    # Flapping policy (as circus): more than `restart_attempts` restarts within `restart_window` seconds stops the job.
+    restart_attempts: int = field(default=5, metadata=_non_negative("integer"))
+    restart_window: float = field(default=60.0, metadata=_positive())
+    retry_in: float = field(default=0.5, metadata=_non_negative())  # first backoff, doubled per restart
+    max_retry_in: float = field(default=10.0, metadata=_non_negative())
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    curve_secret_key: str = ""  # path to the coordinator's CURVE secret key file
+    curve_public_key: str = ""
+    authorized_keys: str = ""  # directory of client public keys allowed to connect
+    api_token: str = ""  # bearer token required on the HTTP API when set
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_matches(v, item) for v in value)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return names.get(annotation, str(annotation))
+
+
+def _build_section(cls: type, values: dict, where: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'; expected one of: {', '.join(fields)}")
+        annotation = hints[key]
+        if not _type_matches(value, annotation):
+            raise ConfigError(f"{where}: '{section}.{key}' = {value!r} is not valid; expected {_type_name(annotation)}")
+        if annotation is float:
+            value = float(value)
+        meta = fields[key].metadata
+        if "check" in meta and not meta["check"](value):
+            raise ConfigError(f"{where}: '{section}.{key}' = {value!r} is out of range; expected {meta['expected']}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split 'section.key=value' and parse the value as TOML (bare words are taken as strings)."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set {text!r} is not valid; expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def build_config(data: dict, where: str = "config") -> Config:
+    """Validate a parsed TOML document (a dict of sections) into a Config."""
+    sections = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    built = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"{where}: unknown section [{section}]; expected one of: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: '{section}' = {values!r} is not valid; expected a [{section}] table")
+        built[section] = _build_section(sections[section], values, where, section)
+    return Config(**built)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, merge overrides into, and validate a job config file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: '{section}' is not a table, so --set {text!r} cannot apply")
+        data[section][key] = value
+    return build_config(data, where=str(path))

@@ -1,0 +1,572 @@
+"""Wire format for versioned LoRA weight messages and small control messages.
+
+This module is a contract between the learner (sender), the coordinator (which
+keeps the latest message for late joiners) and the generation workers
+(receivers). It imports numpy, msgpack and pyzmq only -- never MLX -- because it
+is part of the control plane.
+
+Weight message (protocol 1)
+===========================
+
+One adapter version travels as ONE ZeroMQ multipart message (so it arrives
+whole or not at all). There is no topic frame: SUB sockets subscribe to ``b""``.
+
+Frame 0 -- the header, a msgpack map (``use_bin_type=True``; strings are UTF-8
+str, map keys are str) with exactly these keys, no others::
+
+    {
+      "proto":          1,            # int, == PROTOCOL; checked first
+      "kind":           "adapter",    # str; "adapter" = the full LoRA tensors.
+                                      # "delta" is reserved for a future
+                                      # protocol and rejected by protocol 1.
+      "version":        int >= 1,     # adapter version, strictly increasing
+      "step":           int >= 0,     # learner optimizer step that produced it
+      "base_model_id":  str,          # non-empty; identifies the base weights
+      "adapter_config": map,          # opaque msgpack-able values, e.g. rank,
+                                      # scale, dropout, keys/targets, num_layers
+      "tensors": [                    # one entry per buffer frame, same order
+        {"name":   str,               # non-empty, unique within the message
+         "dtype":  str,               # float32 float16 bfloat16 int32 uint32
+                                      # uint8 int8
+         "shape":  [int, ...],        # 0..8 dims, each >= 0 ([] = scalar)
+         "nbytes": int},              # == prod(shape) * itemsize(dtype)
+        ...
+      ],
+      "checksum":       str,          # 32 lowercase hex chars, see below
+    }
+
+"int" means a msgpack integer; msgpack booleans are NOT accepted as ints.
+
+Frames 1..n -- one frame per entry of "tensors", in the same order, each exactly
+``nbytes`` long: the tensor's elements, C (row-major) order, contiguous,
+little-endian. ``bfloat16`` has no numpy dtype: its frame holds the raw 16-bit
+patterns (what ``mx_array.view(mx.uint16)`` gives) and the receiver exposes it
+as a ``uint16`` array with ``WeightMessage.dtypes[name] == "bfloat16"``.
+
+Checksum::
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(msgpack.packb([proto, kind, version, step, base_model_id,
+                            adapter_config,
+                            [[name, dtype, shape, nbytes] for each tensor]],
+                           use_bin_type=True))
+    for each buffer frame in order: h.update(frame)   # no copies
+    checksum = h.hexdigest()
+
+Buffer boundaries need no separators because the sizes are in the hashed
+table. The checksum catches corruption and sender/receiver bugs; it is not
+keyed, so it is no defence against a malicious sender.
+
+Receivers (``decode``) validate, before returning anything: the frame list is
+non-empty; the header frame is at most ``MAX_HEADER_BYTES`` and unpacks (with
+tight msgpack limits, extension types refused) to a map; every key is present
+with the right type; proto, kind, version, step; names, dtypes, shapes and
+nbytes of each tensor; the total declared size is at most ``max_total_bytes``
+(``MAX_TOTAL_BYTES`` by default); the number of buffer frames and each frame's
+length; optionally an ``Expectation`` (base model id, exact tensor names,
+shapes and dtypes, version > min_version); and finally the checksum. Any
+failure raises ``WireError`` (a ``ValueError``) with a one-sentence message;
+nothing else escapes. Decoded arrays are ``np.frombuffer`` views of the
+frames: no copies, and possibly read-only.
+
+Senders keep the buffers alive and unmodified until ZeroMQ has sent them
+(``copy=False`` hands ZeroMQ a reference, not a copy; use ``track=True`` if
+the buffers may be reused).
+
+Control messages
+================
+
+On the coordinator's ROUTER/DEALER control socket each message is one msgpack
+map (at most ``MAX_CONTROL_BYTES``) with a non-empty str ``"type"`` and
+msgpack-able values; routing identity frames are the socket's business, not
+this module's. Types in use (the list is open; unknown types are passed
+through for the coordinator to reject):
+
+- ``hello``      -- a worker announces itself (role, pid, host, ...).
+- ``heartbeat``  -- periodic liveness from a worker.
+- ``ack``        -- a worker confirms it applied an adapter version.
+- ``status``     -- request/reply for the coordinator's worker table.
+- ``get_latest`` -- a (late or restarted) worker asks for the latest adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+import zmq
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = 1
+KIND_ADAPTER = "adapter"
+KIND_DELTA = "delta"  # reserved name; not sent or accepted by protocol 1
+KINDS = (KIND_ADAPTER,)
+
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_TOTAL_BYTES = 8 * 2**30
+MAX_NDIM = 8
+MAX_CONTROL_BYTES = 2**20
+CONTROL_TYPES = ("hello", "heartbeat", "ack", "status", "get_latest")
+
+# Wire dtype name -> little-endian numpy dtype used to view the buffer.
+# bfloat16 is viewed as its raw uint16 bit patterns (numpy has no bfloat16).
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int32": np.dtype("<i4"),
+    "uint32": np.dtype("<u4"),
+    "uint8": np.dtype("u1"),
+    "int8": np.dtype("i1"),
+}
+
+HEADER_KEYS = frozenset(
+    {"proto", "kind", "version", "step", "base_model_id", "adapter_config", "tensors", "checksum"}
+)
+TENSOR_KEYS = frozenset({"name", "dtype", "shape", "nbytes"})
+
+# Explicit limits so a hostile header cannot make msgpack allocate much more
+# than the (already bounded) frame; ext types have no meaning here, so refuse them.
+_HEADER_UNPACK_LIMITS = dict(
+    max_str_len=2**20, max_bin_len=2**20, max_array_len=2**20, max_map_len=2**16, max_ext_len=0
+)
+_CONTROL_UNPACK_LIMITS = dict(
+    max_str_len=MAX_CONTROL_BYTES,
+    max_bin_len=MAX_CONTROL_BYTES,
+    max_array_len=2**16,
+    max_map_len=2**16,
+    max_ext_len=0,
+)
+
+
+class WireError(ValueError):
+    """A weight or control message is malformed or not the one expected."""
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a receiver's model can accept; checked by ``decode`` after the structure."""
+
+    base_model_id: str
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, wire dtype)
+    min_version: int = 0  # the message version must be strictly greater
+
+
+@dataclass(frozen=True)
+class WeightMessage:
+    """A validated weight message; tensors are zero-copy views of the frames."""
+
+    version: int
+    step: int
+    base_model_id: str
+    adapter_config: dict[str, Any]
+    kind: str
+    tensors: dict[str, np.ndarray]
+    dtypes: dict[str, str]  # wire dtype per tensor ("bfloat16" arrays are uint16)
+    nbytes: int
+    checksum: str = field(default="", repr=False)
+
+
+class _Spec(NamedTuple):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int in Python; on the wire it is a different type.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _bytes_view(obj: Any, what: str) -> memoryview:
+    """A flat, contiguous byte view of a frame without copying it."""
+    if isinstance(obj, zmq.Frame):
+        obj = obj.buffer
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise WireError(f"{what} is a {_type_name(obj)}, not a bytes-like object") from None
+    if not view.c_contiguous:
+        raise WireError(f"{what} is not a contiguous buffer")
+    if view.ndim != 1 or view.format != "B":
+        try:
+            view = view.cast("B")
+        except (TypeError, ValueError):
+            raise WireError(f"{what} cannot be viewed as bytes") from None
+    return view
+
+
+def _itemsize(dtype: str) -> int:
+    return DTYPES[dtype].itemsize
+
+
+def _table(specs: Sequence[_Spec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "nbytes": s.nbytes} for s in specs]
+
+
+def compute_checksum(header: Mapping[str, Any], buffers: Sequence[Any]) -> str:
+    """The header "checksum" value for ``header`` (its other fields) and the buffer frames."""
+    tensors = header["tensors"]
+    table = [[t["name"], t["dtype"], list(t["shape"]), t["nbytes"]] for t in tensors]
+    fields = [
+        header["proto"],
+        header["kind"],
+        header["version"],
+        header["step"],
+        header["base_model_id"],
+        header["adapter_config"],
+        table,
+    ]
+    try:
+        packed = msgpack.packb(fields, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        # encode-side only (e.g. an object() in adapter_config): anything msgpack could
+        # unpack it can re-pack, since its pack depth limit exceeds its unpack stack.
+        raise WireError(f"header fields cannot be hashed because they do not pack ({exc})") from None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(packed)
+    for buf in buffers:
+        # hashlib takes the buffer protocol directly, so large tensors are not copied.
+        h.update(_bytes_view(buf, "buffer"))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _array_bytes(arr: np.ndarray) -> memoryview:
+    """Bytes of ``arr`` in wire layout; copies only if it is not already C-contiguous LE."""
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
+        log.debug("byte-swapping a big-endian %s array for the wire", arr.dtype)
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if not arr.flags.c_contiguous:
+        # zmq copy=False needs one contiguous buffer; this is the only copy encode makes.
+        log.debug("copying a non-contiguous %s array of shape %s", arr.dtype, arr.shape)
+        arr = np.ascontiguousarray(arr)
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _buffer_bytes(buf: Any, name: str) -> memoryview:
+    if isinstance(buf, np.ndarray):
+        return _array_bytes(buf)
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise WireError(f"tensor {name!r} buffer is a {_type_name(buf)}, not a buffer-protocol object") from None
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())  # tobytes() yields C order
+    return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
+
+
+def _check_spec(name: Any, dtype: Any, shape: Any) -> tuple[int, ...]:
+    if not isinstance(name, str) or not name:
+        raise WireError(f"tensor name {name!r} must be a non-empty str")
+    if dtype not in DTYPES:
+        raise WireError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+    try:
+        dims = tuple(operator.index(d) for d in shape)  # index() refuses floats, unlike int()
+    except TypeError:
+        raise WireError(f"tensor {name!r} shape {shape!r} is not a sequence of ints") from None
+    if any(isinstance(d, bool) for d in shape) or len(dims) > MAX_NDIM or any(d < 0 for d in dims):
+        raise WireError(f"tensor {name!r} shape {list(dims)} must have <= {MAX_NDIM} non-negative int dims")
+    return dims
+
+
+def _array_entry(name: str, arr: Any) -> tuple[_Spec, memoryview]:
+    if not isinstance(arr, np.ndarray):
+        raise WireError(f"tensor {name!r} is a {_type_name(arr)}; pass a numpy array or use the list form")
+    dtype = arr.dtype.name  # an ml_dtypes bfloat16 array is named "bfloat16" and works as-is
+    dims = _check_spec(name, dtype, arr.shape)
+    view = _array_bytes(arr)
+    return _Spec(name, dtype, dims, view.nbytes), view
+
+
+def _raw_entry(entry: Any) -> tuple[_Spec, memoryview]:
+    try:
+        name, dtype, shape, buf = entry
+    except (TypeError, ValueError):
+        raise WireError("each tensor in the list form must be (name, dtype, shape, buffer)") from None
+    dims = _check_spec(name, dtype, shape)
+    view = _buffer_bytes(buf, name)
+    expected = math.prod(dims) * _itemsize(dtype)
+    if view.nbytes != expected:
+        raise WireError(f"tensor {name!r} buffer has {view.nbytes} bytes but {dtype}{list(dims)} needs {expected}")
+    return _Spec(name, dtype, dims, view.nbytes), view
+
+
+def _entries(tensors: Any) -> list[tuple[_Spec, memoryview]]:
+    if isinstance(tensors, Mapping):
+        return [_array_entry(name, arr) for name, arr in tensors.items()]
+    if isinstance(tensors, Sequence) and not isinstance(tensors, (str, bytes)):
+        return [_raw_entry(entry) for entry in tensors]
+    raise WireError(f"tensors must be a dict of arrays or a list of tuples, not {_type_name(tensors)}")
+
+
+def encode(
+    version: int,
+    step: int,
+    base_model_id: str,
+    adapter_config: dict[str, Any],
+    tensors: Mapping[str, np.ndarray] | Sequence[tuple[str, str, Sequence[int], Any]],
+    kind: str = KIND_ADAPTER,
+) -> list[Any]:
+    """Build ``[header_bytes, buf1, ...]`` for one adapter version; buffers are views, not copies.
+
+    ``tensors`` is either ``{name: ndarray}`` (wire dtype from ``arr.dtype``) or a list of
+    ``(name, dtype, shape, buffer)`` where ``buffer`` is any buffer-protocol object holding
+    exactly ``prod(shape) * itemsize(dtype)`` little-endian bytes -- e.g. bfloat16 passed as
+    ``("w", "bfloat16", shape, memoryview(uint16_array))``.
+    """
+    entries = _entries(tensors)
+    specs = [spec for spec, _ in entries]
+    buffers = [view for _, view in entries]
+    header: dict[str, Any] = {
+        "proto": PROTOCOL,
+        "kind": kind,
+        "version": version,
+        "step": step,
+        "base_model_id": base_model_id,
+        "adapter_config": adapter_config,
+        "tensors": _table(specs),
+    }
+    try:
+        header["checksum"] = compute_checksum(header, buffers)
+        header_bytes = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"header is not msgpack-serializable ({exc})") from None
+    # Run the receiver's header checks so we never send what a receiver would reject.
+    _parse_header(_unpack_header(_bytes_view(header_bytes, "header frame")))
+    return [header_bytes, *buffers]
+
+
+def send(socket: zmq.Socket, frames: Sequence[Any], copy: bool = False, track: bool = False) -> Any:
+    """Send encoded frames as one multipart message; returns a MessageTracker if ``track``."""
+    return socket.send_multipart(frames, copy=copy, track=track)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def _unpack_header(view: memoryview) -> dict[str, Any]:
+    if view.nbytes == 0:
+        raise WireError("header frame is empty")
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise WireError(f"header frame is {view.nbytes} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    try:
+        header = msgpack.unpackb(view, raw=False, strict_map_key=True, **_HEADER_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises many types on garbage; all mean the same here
+        raise WireError(f"header frame is not valid msgpack ({_type_name(exc)})") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header is a msgpack {_type_name(header)}, not a map")
+    return header
+
+
+def _require(header: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    value = header[key]
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise WireError(f"header field {key!r} must be {what}, got {_type_name(value)}")
+    return value
+
+
+def _parse_tensor(index: int, entry: Any) -> _Spec:
+    if not isinstance(entry, dict) or set(entry) != TENSOR_KEYS:
+        raise WireError(f"tensors[{index}] must be a map with exactly the keys {sorted(TENSOR_KEYS)}")
+    name, dtype, shape, nbytes = entry["name"], entry["dtype"], entry["shape"], entry["nbytes"]
+    if not isinstance(name, str) or not name:
+        raise WireError(f"tensors[{index}] name must be a non-empty str")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise WireError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise WireError(f"tensor {name!r} shape must be a list of at most {MAX_NDIM} dims")
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise WireError(f"tensor {name!r} shape {shape!r} must hold non-negative ints")
+    if not _is_int(nbytes):
+        raise WireError(f"tensor {name!r} nbytes must be an int, got {_type_name(nbytes)}")
+    # Python ints do not overflow, so absurd shapes are caught here without allocating.
+    expected = math.prod(shape) * _itemsize(dtype)
+    if nbytes != expected:
+        raise WireError(f"tensor {name!r} declares nbytes={nbytes} but {dtype}{shape} is {expected} bytes")
+    return _Spec(name, dtype, tuple(shape), nbytes)
+
+
+def _parse_tensors(value: Any) -> list[_Spec]:
+    if not isinstance(value, list):
+        raise WireError(f"header field 'tensors' must be a list, got {_type_name(value)}")
+    specs = [_parse_tensor(i, entry) for i, entry in enumerate(value)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise WireError(f"tensor name {dup!r} appears more than once")
+    return specs
+
+
+def _parse_header(header: dict[str, Any]) -> list[_Spec]:
+    # proto first: a future protocol may change every other key, and this is the useful message.
+    proto = header.get("proto")
+    if not _is_int(proto) or proto != PROTOCOL:
+        raise WireError(f"header proto is {proto!r}, this receiver speaks protocol {PROTOCOL}")
+    missing = HEADER_KEYS - set(header)
+    if missing:
+        raise WireError(f"header is missing key(s) {sorted(missing)}")
+    extra = set(header) - HEADER_KEYS
+    if extra:
+        raise WireError(f"header has unknown key(s) {sorted(extra)} (new keys need a new protocol)")
+    kind = _require(header, "kind", str, "a str")
+    if kind not in KINDS:
+        raise WireError(f"header kind {kind!r} is not supported by protocol {PROTOCOL} (only {list(KINDS)})")
+    if _require(header, "version", int, "an int") < 1:
+        raise WireError(f"header version must be >= 1, got {header['version']}")
+    if _require(header, "step", int, "an int") < 0:
+        raise WireError(f"header step must be >= 0, got {header['step']}")
+    if not _require(header, "base_model_id", str, "a str"):
+        raise WireError("header base_model_id must be a non-empty str")
+    _require(header, "adapter_config", dict, "a map")
+    checksum = _require(header, "checksum", str, "a str")
+    if len(checksum) != 32 or any(c not in "0123456789abcdef" for c in checksum):
+        raise WireError("header checksum must be 32 lowercase hex characters")
+    return _parse_tensors(header["tensors"])
+
+
+def _check_sizes(specs: Sequence[_Spec], buffers: Sequence[memoryview], max_total_bytes: int) -> int:
+    if len(buffers) != len(specs):
+        raise WireError(f"message has {len(buffers)} buffer frame(s) but the header declares {len(specs)}")
+    total = sum(s.nbytes for s in specs)
+    if total > max_total_bytes:
+        raise WireError(f"message declares {total} bytes of tensors, more than the {max_total_bytes} allowed")
+    for spec, buf in zip(specs, buffers):
+        if buf.nbytes != spec.nbytes:
+            raise WireError(f"tensor {spec.name!r} frame has {buf.nbytes} bytes, header declares {spec.nbytes}")
+    return total
+
+
+def _check_expected(header: dict[str, Any], specs: Sequence[_Spec], expected: Expectation) -> None:
+    if header["base_model_id"] != expected.base_model_id:
+        raise WireError(
+            f"message is for base model {header['base_model_id']!r}, expected {expected.base_model_id!r}"
+        )
+    if header["version"] <= expected.min_version:
+        raise WireError(f"message version {header['version']} is not newer than {expected.min_version}")
+    got = {s.name: s for s in specs}
+    missing = sorted(set(expected.shapes) - set(got))
+    extra = sorted(set(got) - set(expected.shapes))
+    if missing or extra:
+        raise WireError(f"tensor names differ from the expected set (missing {missing}, unexpected {extra})")
+    for name, (shape, dtype) in expected.shapes.items():
+        spec = got[name]
+        if spec.shape != tuple(shape):
+            raise WireError(f"tensor {name!r} has shape {list(spec.shape)}, expected {list(shape)}")
+        if spec.dtype != dtype:
+            raise WireError(f"tensor {name!r} has dtype {spec.dtype}, expected {dtype}")
+
+
+def _check_checksum(header: dict[str, Any], buffers: Sequence[memoryview]) -> None:
+    actual = compute_checksum(header, buffers)
+    if not hmac.compare_digest(actual, header["checksum"]):
+        raise WireError(f"checksum mismatch (header {header['checksum']}, computed {actual})")
+
+
+def _arrays(specs: Sequence[_Spec], buffers: Sequence[memoryview]) -> dict[str, np.ndarray]:
+    # frombuffer makes views that keep the frames alive; no tensor bytes are copied.
+    return {
+        s.name: np.frombuffer(buf, dtype=DTYPES[s.dtype], count=math.prod(s.shape)).reshape(s.shape)
+        for s, buf in zip(specs, buffers)
+    }
+
+
+def decode(
+    frames: Sequence[Any],
+    expected: Expectation | None = None,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> WeightMessage:
+    """Validate a received multipart weight message and return zero-copy views of its tensors."""
+    if not isinstance(frames, (list, tuple)):
+        raise WireError(f"frames must be a list of frames, not {_type_name(frames)}")
+    if not frames:
+        raise WireError("message has no frames")
+    header = _unpack_header(_bytes_view(frames[0], "header frame"))
+    specs = _parse_header(header)
+    buffers = [_bytes_view(f, f"frame {i}") for i, f in enumerate(frames[1:], start=1)]
+    total = _check_sizes(specs, buffers, max_total_bytes)
+    if expected is not None:
+        # Cheap semantic checks before hashing possibly hundreds of MB.
+        _check_expected(header, specs, expected)
+    _check_checksum(header, buffers)
+    return WeightMessage(
+        version=header["version"],
+        step=header["step"],
+        base_model_id=header["base_model_id"],
+        adapter_config=header["adapter_config"],
+        kind=header["kind"],
+        tensors=_arrays(specs, buffers),
+        dtypes={s.name: s.dtype for s in specs},
+        nbytes=total,
+        checksum=header["checksum"],
+    )
+
+
+def recv(
+    socket: zmq.Socket,
+    expected: Expectation | None = None,
+    flags: int = 0,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> WeightMessage:
+    """Receive one multipart weight message without copying and ``decode`` it."""
+    frames = socket.recv_multipart(flags=flags, copy=False)
+    return decode(frames, expected, max_total_bytes)
+
+
+# --------------------------------------------------------------------------- control
+
+
+def _check_control(msg: Any) -> dict[str, Any]:
+    if not isinstance(msg, dict):
+        raise WireError(f"control message is a {_type_name(msg)}, not a map")
+    kind = msg.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise WireError("control message needs a non-empty str 'type'")
+    return msg
+
+
+def _unpack_control_view(view: memoryview) -> dict[str, Any]:
+    if view.nbytes > MAX_CONTROL_BYTES:
+        raise WireError(f"control message is {view.nbytes} bytes, more than the {MAX_CONTROL_BYTES} allowed")
+    try:
+        msg = msgpack.unpackb(view, raw=False, strict_map_key=True, **_CONTROL_UNPACK_LIMITS)
+    except Exception as exc:  # any msgpack failure is garbage from our point of view
+        raise WireError(f"control message is not valid msgpack ({_type_name(exc)})") from None
+    return _check_control(msg)
+
+
+def pack_control(msg: dict[str, Any]) -> bytes:
+    """Serialize a control message; raises WireError if it is not one ``unpack_control`` accepts."""
+    _check_control(msg)
+    try:
+        data = msgpack.packb(msg, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"control message is not msgpack-serializable ({exc})") from None
+    # Round-trip so e.g. non-str map keys fail here at the sender, not at the receiver.
+    _unpack_control_view(memoryview(data))
+    return data
+
+
+def unpack_control(data: bytes | memoryview | zmq.Frame) -> dict[str, Any]:
+    """Parse and validate one control message frame."""
+    return _unpack_control_view(_bytes_view(data, "control frame"))

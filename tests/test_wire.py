@@ -1,0 +1,673 @@
+"""Tests for runner.wire: the LoRA weight message and control message contract."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from runner import wire
+from runner.wire import (
+    MAX_CONTROL_BYTES,
+    MAX_HEADER_BYTES,
+    PROTOCOL,
+    Expectation,
+    WireError,
+    compute_checksum,
+    decode,
+    encode,
+    pack_control,
+    recv,
+    send,
+    unpack_control,
+)
+
+BASE = "tiny-llama@abc123"
+CONFIG = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"], "num_layers": 2}
+
+
+# --------------------------------------------------------------------------- fixtures / helpers
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    try:
+        yield context
+    finally:
+        context.destroy(linger=0)
+
+
+def _tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "layers.0.q.lora_a": rng.standard_normal((16, 8)).astype(np.float32),
+        "layers.0.q.lora_b": rng.standard_normal((8, 16)).astype(np.float16),
+        "ids": np.arange(-5, 7, dtype=np.int32).reshape(3, 4),
+        "counts": np.arange(10, dtype=np.uint32),
+        "bytes": np.arange(256, dtype=np.uint8).reshape(2, 2, 64),
+        "signed": np.arange(-128, 128, dtype=np.int8),
+        "scalar": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+    }
+
+
+def _bf16_bits() -> np.ndarray:
+    # bfloat16 bit patterns = top 16 bits of float32 (truncation is fine for a test)
+    values = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
+    return (values.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _frames(version: int = 1) -> list:
+    return encode(version, 7, BASE, CONFIG, _tensors())
+
+
+def _as_bytes(frames: list) -> list[bytes]:
+    return [bytes(f) for f in frames]
+
+
+def _header(frames: list) -> dict:
+    return msgpack.unpackb(bytes(frames[0]), raw=False)
+
+
+def _with_header(frames: list, header: dict, resign: bool = True) -> list:
+    """Replace the header; re-sign so the check under test is the one that fires."""
+    if resign:
+        header["checksum"] = compute_checksum(header, frames[1:])
+    return [msgpack.packb(header, use_bin_type=True), *frames[1:]]
+
+
+def _expectation(min_version: int = 0) -> Expectation:
+    return Expectation(BASE, {n: (a.shape, a.dtype.name) for n, a in _tensors().items()}, min_version)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_dtypes_and_shapes():
+    tensors = _tensors()
+    bf16 = _bf16_bits()
+    raw = [(n, a.dtype.name, a.shape, a) for n, a in tensors.items()]
+    raw.append(("layers.0.v.lora_a", "bfloat16", (3, 4), memoryview(bf16)))
+    frames = encode(3, 2, BASE, CONFIG, raw)
+    msg = decode(_as_bytes(frames))
+
+    assert (msg.version, msg.step, msg.base_model_id, msg.kind) == (3, 2, BASE, "adapter")
+    assert msg.adapter_config == CONFIG
+    assert list(msg.tensors) == [n for n, *_ in raw]
+    for name, arr in tensors.items():
+        got = msg.tensors[name]
+        assert got.dtype == arr.dtype and got.shape == arr.shape
+        np.testing.assert_array_equal(got, arr)
+        assert msg.dtypes[name] == arr.dtype.name
+    assert msg.dtypes["layers.0.v.lora_a"] == "bfloat16"
+    assert msg.tensors["layers.0.v.lora_a"].dtype == np.uint16
+    np.testing.assert_array_equal(msg.tensors["layers.0.v.lora_a"], bf16)
+    assert msg.tensors["scalar"].shape == () and msg.tensors["empty"].shape == (0, 4)
+    assert msg.nbytes == sum(a.nbytes for a in tensors.values()) + bf16.nbytes
+
+
+def test_dict_form_round_trip_and_header_contents():
+    frames = _frames()
+    header = _header(frames)
+    assert set(header) == wire.HEADER_KEYS
+    assert header["proto"] == PROTOCOL == 1 and header["kind"] == "adapter"
+    assert header["tensors"][0] == {"name": "layers.0.q.lora_a", "dtype": "float32", "shape": [16, 8], "nbytes": 512}
+    assert len(header["checksum"]) == 32
+    msg = decode(frames, _expectation())
+    for name, arr in _tensors().items():
+        np.testing.assert_array_equal(msg.tensors[name], arr)
+
+
+def test_encode_does_not_copy_contiguous_buffers():
+    tensors = _tensors()
+    bf16 = _bf16_bits()
+    frames = encode(1, 0, BASE, CONFIG, {**tensors})
+    for arr, frame in zip(tensors.values(), frames[1:]):
+        if arr.size:
+            assert np.shares_memory(arr, np.asarray(frame))
+    raw = encode(1, 0, BASE, CONFIG, [("w", "bfloat16", (3, 4), memoryview(bf16))])
+    assert np.shares_memory(bf16, np.asarray(raw[1]))
+
+
+def test_encode_makes_noncontiguous_and_big_endian_arrays_wire_ready():
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    big = np.arange(5, dtype=">i4")
+    frames = encode(1, 0, BASE, {}, {"t": base.T, "s": base[:, ::2], "big": big})
+    msg = decode(_as_bytes(frames))
+    np.testing.assert_array_equal(msg.tensors["t"], base.T)
+    np.testing.assert_array_equal(msg.tensors["s"], base[:, ::2])
+    np.testing.assert_array_equal(msg.tensors["big"], big)
+    assert msg.dtypes["big"] == "int32"
+    assert bytes(frames[3]) == np.arange(5, dtype="<i4").tobytes()
+
+
+def test_decoded_arrays_are_views_of_the_frames():
+    frames = _as_bytes(_frames())
+    msg = decode(frames)
+    for frame, arr in zip(frames[1:], msg.tensors.values()):
+        assert arr.flags.owndata is False
+        if arr.size:
+            assert np.shares_memory(arr, np.frombuffer(frame, dtype=np.uint8))
+
+
+def test_decode_does_not_mutate_or_copy_frames():
+    frames = [bytearray(f) for f in _frames()]
+    snapshot = [bytes(f) for f in frames]
+    msg = decode(frames)
+    assert [bytes(f) for f in frames] == snapshot
+    # Writable frames give writable views: a write through the array shows in the frame.
+    arr = msg.tensors["counts"]
+    arr[0] = 123456
+    assert np.frombuffer(frames[4], dtype="<u4")[0] == 123456
+
+
+@pytest.mark.parametrize("with_expectation", [False, True])
+def test_encode_accepts_what_decode_accepts(with_expectation):
+    frames = _frames(version=5)
+    msg = decode(frames, _expectation(4) if with_expectation else None)
+    assert msg.version == 5 and msg.step == 7
+
+
+def test_empty_tensor_list_is_a_valid_message():
+    msg = decode(encode(1, 0, BASE, {}, {}))
+    assert msg.tensors == {} and msg.nbytes == 0
+
+
+# --------------------------------------------------------------------------- real sockets
+
+
+def test_push_pull_inproc_zero_copy(ctx):
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        pull.bind("inproc://weights")
+        push.connect("inproc://weights")
+        tensors = _tensors()
+        tensors["big"] = np.arange(100_000, dtype=np.float32)  # above pyzmq's copy threshold
+        send(push, encode(1, 0, BASE, CONFIG, tensors))
+        assert pull.poll(5000)
+        frames = pull.recv_multipart(copy=False)
+        assert all(isinstance(f, zmq.Frame) for f in frames)
+        msg = decode(frames, Expectation(BASE, {n: (a.shape, a.dtype.name) for n, a in tensors.items()}))
+        for frame, (name, arr) in zip(frames[1:], tensors.items()):
+            got = msg.tensors[name]
+            np.testing.assert_array_equal(got, arr)
+            assert got.flags.owndata is False
+            if arr.size:
+                assert np.shares_memory(got, np.asarray(frame.buffer))
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+
+
+def test_pub_sub_tcp_recv(ctx):
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        bf16 = _bf16_bits()
+        frames = encode(2, 1, BASE, CONFIG, [("a", "bfloat16", (3, 4), memoryview(bf16)), ("b", "int8", (0,), b"")])
+        deadline = time.monotonic() + 5
+        while not sub.poll(50):  # PUB drops messages until the subscription has propagated
+            assert time.monotonic() < deadline, "subscriber never received a message"
+            tracker = send(pub, frames, track=True)
+            assert tracker is not None
+        msg = recv(sub, Expectation(BASE, {"a": ((3, 4), "bfloat16"), "b": ((0,), "int8")}, min_version=1))
+        assert msg.version == 2 and msg.dtypes == {"a": "bfloat16", "b": "int8"}
+        np.testing.assert_array_equal(msg.tensors["a"], bf16)
+    finally:
+        pub.close(linger=0)
+        sub.close(linger=0)
+
+
+# --------------------------------------------------------------------------- malformed messages
+
+
+def test_no_frames():
+    with pytest.raises(WireError, match="no frames"):
+        decode([])
+
+
+@pytest.mark.parametrize("frames", [None, b"abc", "abc", 5])
+def test_frames_not_a_list(frames):
+    with pytest.raises(WireError):
+        decode(frames)
+
+
+def test_empty_header():
+    with pytest.raises(WireError, match="empty"):
+        decode([b""])
+
+
+def test_frame_not_bytes_like():
+    with pytest.raises(WireError, match="not a bytes-like"):
+        decode(["a string"])
+    frames = _frames()
+    with pytest.raises(WireError, match="not a bytes-like"):
+        decode([frames[0], *frames[1:-1], 42])
+
+
+def test_oversized_header_rejected_before_unpacking():
+    with pytest.raises(WireError, match="more than"):
+        decode([bytes(MAX_HEADER_BYTES + 1)])
+
+
+def test_garbage_header_bytes():
+    for seed in range(1000):
+        rng = random.Random(seed)
+        garbage = rng.randbytes(rng.randint(1, 200))
+        with pytest.raises(WireError):
+            decode([garbage, rng.randbytes(8)])
+
+
+def test_every_single_bit_flip_in_the_header_is_rejected():
+    frames = _as_bytes(encode(1, 0, BASE, {"rank": 4}, {"a": np.ones(3, np.float32)}))
+    header = bytearray(frames[0])
+    for bit in range(len(header) * 8):
+        flipped = bytearray(header)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(WireError):
+            decode([bytes(flipped), frames[1]])
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        ([1, 2, 3], "not a map"),
+        (7, "not a map"),
+        ("header", "not a map"),
+        (None, "not a map"),
+    ],
+)
+def test_header_not_a_map(payload, match):
+    with pytest.raises(WireError, match=match):
+        decode([msgpack.packb(payload)])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        msgpack.packb({1: 2}),  # non-str map key
+        msgpack.packb(msgpack.ExtType(3, b"xyz")),  # extension types are refused
+        msgpack.packb({"a": 1}) + b"\x00",  # trailing bytes
+        b"\x91" * 5000,  # nesting deeper than the unpacker's stack
+        b"\xdb\xff\xff\xff\xff",  # str32 claiming 4 GiB
+        b"\xdd\xff\xff\xff\xff",  # array32 claiming 4 billion items
+    ],
+)
+def test_header_msgpack_edge_cases(data):
+    with pytest.raises(WireError, match="not valid msgpack"):
+        decode([data])
+
+
+@pytest.mark.parametrize("key", sorted(wire.HEADER_KEYS - {"proto"}))
+def test_missing_key(key):
+    frames = _frames()
+    header = _header(frames)
+    del header[key]
+    with pytest.raises(WireError, match="missing key"):
+        decode(_with_header(frames, header, resign=False))
+
+
+def test_unknown_key():
+    frames = _frames()
+    header = _header(frames)
+    header["extra"] = 1
+    with pytest.raises(WireError, match="unknown key"):
+        decode(_with_header(frames, header))
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("version", True, "'version' must be an int"),
+        ("version", "3", "'version' must be an int"),
+        ("version", 1.0, "'version' must be an int"),
+        ("step", False, "'step' must be an int"),
+        ("step", None, "'step' must be an int"),
+        ("kind", 1, "'kind' must be a str"),
+        ("base_model_id", b"bytes", "'base_model_id' must be a str"),
+        ("adapter_config", [1, 2], "'adapter_config' must be a map"),
+        ("checksum", 5, "'checksum' must be a str"),
+        ("tensors", {"a": 1}, "'tensors' must be a list"),
+    ],
+)
+def test_wrong_types(key, value, match):
+    frames = _frames()
+    header = _header(frames)
+    header[key] = value
+    with pytest.raises(WireError, match=match):
+        decode(_with_header(frames, header, resign=False))
+
+
+@pytest.mark.parametrize("proto", [0, 2, True, "1", None])
+def test_proto_mismatch(proto):
+    frames = _frames()
+    header = _header(frames)
+    header["proto"] = proto
+    with pytest.raises(WireError, match="proto"):
+        decode(_with_header(frames, header))
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("version", 0, "version must be >= 1"),
+        ("version", -3, "version must be >= 1"),
+        ("step", -1, "step must be >= 0"),
+        ("kind", "delta", "not supported"),
+        ("kind", "weights", "not supported"),
+        ("base_model_id", "", "non-empty"),
+        ("checksum", "ABCDEF" * 5 + "AB", "lowercase hex"),
+        ("checksum", "00", "lowercase hex"),
+    ],
+)
+def test_bad_values(key, value, match):
+    frames = _frames()
+    header = _header(frames)
+    header[key] = value
+    with pytest.raises(WireError, match=match):
+        decode(_with_header(frames, header, resign=key != "checksum"))
+
+
+def _mutate_tensor(index: int, **changes) -> list:
+    frames = _frames()
+    header = _header(frames)
+    header["tensors"][index].update(changes)
+    return _with_header(frames, header)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"shape": [16, -8]}, "non-negative"),
+        ({"shape": [16, True]}, "non-negative ints"),
+        ({"shape": [16, 8.0]}, "non-negative ints"),
+        ({"shape": "16x8"}, "shape must be a list"),
+        ({"shape": [1] * 9}, "at most 8"),
+        ({"dtype": "float64"}, "unsupported dtype"),
+        ({"dtype": "complex64"}, "unsupported dtype"),
+        ({"dtype": 4}, "unsupported dtype"),
+        ({"name": ""}, "non-empty str"),
+        ({"name": 3}, "non-empty str"),
+        ({"nbytes": 511}, "declares nbytes=511"),
+        ({"nbytes": "512"}, "nbytes must be an int"),
+        ({"nbytes": True}, "nbytes must be an int"),
+        ({"extra": 1}, "exactly the keys"),
+    ],
+)
+def test_bad_tensor_entries(changes, match):
+    with pytest.raises(WireError, match=match):
+        decode(_mutate_tensor(0, **changes))
+
+
+def test_tensor_entry_not_a_map():
+    frames = _frames()
+    header = _header(frames)
+    header["tensors"][1] = ["layers.0.q.lora_b", "float16", [8, 16], 256]
+    with pytest.raises(WireError, match="exactly the keys"):
+        decode(_with_header(frames, header, resign=False))
+
+
+def test_huge_declared_shapes_do_not_allocate():
+    # nbytes that does not match the product (the product itself exceeds uint64)
+    with pytest.raises(WireError, match="declares nbytes"):
+        decode(_mutate_tensor(0, shape=[2**40, 2**40], nbytes=16))
+    # a consistent but enormous declaration hits the size limit before frames are examined
+    frames = _frames()
+    header = _header(frames)
+    header["tensors"][0].update(shape=[2**20, 2**20], nbytes=2**42)
+    with pytest.raises(WireError, match="more than the"):
+        decode(_with_header(frames, header))
+
+
+def test_configurable_size_limit():
+    frames = _frames()
+    total = decode(frames).nbytes
+    assert decode(frames, max_total_bytes=total).nbytes == total
+    with pytest.raises(WireError, match="more than the"):
+        decode(frames, max_total_bytes=total - 1)
+
+
+def test_duplicate_names():
+    frames = _frames()
+    header = _header(frames)
+    header["tensors"][1]["name"] = header["tensors"][0]["name"]
+    header["tensors"][1].update(dtype="float32", shape=[16, 8], nbytes=512)
+    frames[2] = bytes(512)
+    with pytest.raises(WireError, match="more than once"):
+        decode(_with_header(frames, header))
+
+
+def test_truncated_buffer_frame():
+    frames = _as_bytes(_frames())
+    frames[1] = frames[1][:-1]
+    with pytest.raises(WireError, match="frame has 511 bytes"):
+        decode(frames)
+
+
+def test_extra_frame():
+    frames = _frames()
+    with pytest.raises(WireError, match="buffer frame"):
+        decode([*frames, b"extra"])
+
+
+def test_missing_frame():
+    frames = _frames()
+    with pytest.raises(WireError, match="buffer frame"):
+        decode(frames[:-1])
+    with pytest.raises(WireError, match="buffer frame"):
+        decode(frames[:1])
+
+
+def test_bad_checksum_flipped_buffer_byte():
+    frames = [bytearray(f) for f in _frames()]
+    frames[2][5] ^= 0x01
+    with pytest.raises(WireError, match="checksum mismatch"):
+        decode(frames)
+
+
+def test_bad_checksum_header_field_changed():
+    frames = _frames()
+    header = _header(frames)
+    header["step"] = 8  # valid value, but not what was signed
+    with pytest.raises(WireError, match="checksum mismatch"):
+        decode(_with_header(frames, header, resign=False))
+
+
+def _nested(depth: int) -> list:
+    node: list = []
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+def _pack_deep(frames: list, depth: int) -> list:
+    """A signed message whose adapter_config nests ``depth`` arrays (packed by hand, no recursion)."""
+    header = _header(frames)
+    header["adapter_config"] = {"deep": _nested(depth)}
+    header["checksum"] = compute_checksum(header, frames[1:])
+    del header["adapter_config"]
+    cfg = msgpack.packb("adapter_config") + b"\x81" + msgpack.packb("deep") + b"\x91" * depth + b"\x90"
+    body = b"".join(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in header.items())
+    return [bytes([0x80 | (len(header) + 1)]) + body + cfg, *frames[1:]]
+
+
+def test_deep_nesting_at_the_unpacker_limit():
+    # header map -> adapter_config map -> 1021 arrays -> innermost array = 1024 levels, msgpack's stack
+    frames = _frames()
+    msg = decode(_pack_deep(frames, 1021))  # the checksum re-pack copes with anything unpackable
+    node, depth = msg.adapter_config["deep"], 0
+    while node:
+        node, depth = node[0], depth + 1
+    assert depth == 1021
+    with pytest.raises(WireError, match="not valid msgpack"):
+        decode(_pack_deep(frames, 1022))
+
+
+def test_compute_checksum_on_unpackable_values_is_a_wire_error():
+    header = _header(_frames())
+    header["adapter_config"] = {"x": object()}
+    with pytest.raises(WireError, match="do not pack"):
+        compute_checksum(header, [])
+
+
+# --------------------------------------------------------------------------- expectation
+
+
+def test_expectation_wrong_base_id():
+    exp = _expectation()
+    with pytest.raises(WireError, match="base model"):
+        decode(_frames(), Expectation("other-model", exp.shapes))
+
+
+def test_expectation_missing_tensor():
+    exp = _expectation()
+    shapes = {**exp.shapes, "layers.1.q.lora_a": ((16, 8), "float32")}
+    with pytest.raises(WireError, match=r"missing \['layers.1.q.lora_a'\]"):
+        decode(_frames(), Expectation(BASE, shapes))
+
+
+def test_expectation_extra_tensor():
+    shapes = dict(_expectation().shapes)
+    del shapes["scalar"]
+    with pytest.raises(WireError, match=r"unexpected \['scalar'\]"):
+        decode(_frames(), Expectation(BASE, shapes))
+
+
+def test_expectation_wrong_shape():
+    shapes = {**_expectation().shapes, "layers.0.q.lora_a": ((8, 16), "float32")}
+    with pytest.raises(WireError, match="has shape"):
+        decode(_frames(), Expectation(BASE, shapes))
+
+
+def test_expectation_wrong_dtype():
+    shapes = {**_expectation().shapes, "layers.0.q.lora_b": ((8, 16), "bfloat16")}
+    with pytest.raises(WireError, match="has dtype float16, expected bfloat16"):
+        decode(_frames(), Expectation(BASE, shapes))
+
+
+def test_expectation_stale_version():
+    with pytest.raises(WireError, match="not newer"):
+        decode(_frames(version=3), _expectation(min_version=3))
+    with pytest.raises(WireError, match="not newer"):
+        decode(_frames(version=3), _expectation(min_version=9))
+    assert decode(_frames(version=4), _expectation(min_version=3)).version == 4
+
+
+# --------------------------------------------------------------------------- encode validation
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"version": 0}, "version must be >= 1"),
+        ({"version": True}, "must be an int"),
+        ({"step": -1}, "step must be >= 0"),
+        ({"base_model_id": ""}, "non-empty"),
+        ({"adapter_config": {"x": object()}}, "not msgpack-serializable"),
+        ({"adapter_config": {1: "int key"}}, "not valid msgpack"),
+        ({"kind": "delta"}, "not supported"),
+        ({"tensors": {"a": np.zeros(2, np.float64)}}, "unsupported dtype"),
+        ({"tensors": {"a": np.zeros(2, bool)}}, "unsupported dtype"),
+        ({"tensors": {"a": [1.0, 2.0]}}, "numpy array"),
+        ({"tensors": {"": np.zeros(2, np.float32)}}, "non-empty str"),
+        ({"tensors": [("a", "float32", (2,), b"1234567")]}, "needs 8"),
+        ({"tensors": [("a", "float32", (2.5,), b"12345678")]}, "not a sequence of ints"),
+        ({"tensors": [("a", "float32", (-2,), b"")]}, "non-negative"),
+        ({"tensors": [("a", "float32", (2,))]}, r"\(name, dtype, shape, buffer\)"),
+        ({"tensors": [("a", "float32", (2,), "12345678")]}, "not a buffer-protocol"),
+        ({"tensors": [("a", "f32", (2,), b"12345678")]}, "unsupported dtype"),
+        ({"tensors": "abc"}, "dict of arrays or a list"),
+        ({"tensors": [("a", "float32", (1,), b"1234"), ("a", "float32", (1,), b"1234")]}, "more than once"),
+    ],
+)
+def test_encode_rejects_bad_input(kwargs, match):
+    args = {"version": 1, "step": 0, "base_model_id": BASE, "adapter_config": {}, "tensors": {}} | kwargs
+    with pytest.raises(WireError, match=match):
+        encode(**args)
+
+
+def test_encode_raw_noncontiguous_memoryview_is_copied_once():
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    strided = memoryview(base[:, ::2])
+    assert not strided.c_contiguous
+    frames = encode(1, 0, BASE, {}, [("a", "float32", (3, 2), strided)])
+    np.testing.assert_array_equal(decode(frames).tensors["a"], base[:, ::2])
+
+
+# --------------------------------------------------------------------------- control messages
+
+
+def test_control_round_trip():
+    for msg in [
+        {"type": "hello", "role": "generate", "pid": 123, "host": "mac1", "port": 8000},
+        {"type": "heartbeat", "version": 4, "load": 0.5, "ok": True, "blob": b"\x00\x01"},
+        {"type": "ack", "version": 7},
+        {"type": "status", "workers": [{"id": "w1", "ready": False}]},
+        {"type": "get_latest"},
+    ]:
+        data = pack_control(msg)
+        assert isinstance(data, bytes)
+        assert unpack_control(data) == msg
+        assert unpack_control(memoryview(data)) == msg
+        assert unpack_control(zmq.Frame(data)) == msg
+
+
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        ([1, 2], "not a map"),
+        ("hello", "not a map"),
+        ({}, "'type'"),
+        ({"type": ""}, "'type'"),
+        ({"type": 5}, "'type'"),
+        ({"type": "hello", "x": object()}, "not msgpack-serializable"),
+        ({"type": "hello", "x": {1: 2}}, "not valid msgpack"),
+        ({"type": "hello", "x": "a" * MAX_CONTROL_BYTES}, "more than"),
+    ],
+)
+def test_pack_control_rejects(msg, match):
+    with pytest.raises(WireError, match=match):
+        pack_control(msg)
+
+
+def test_unpack_control_rejects_garbage():
+    for seed in range(1000):
+        rng = random.Random(10_000 + seed)
+        with pytest.raises(WireError):
+            unpack_control(rng.randbytes(rng.randint(0, 64)))
+    for data in [
+        b"",
+        msgpack.packb([1]),
+        msgpack.packb({"kind": "hello"}),
+        msgpack.packb({"type": None}),
+        msgpack.packb({2: "x"}),
+        bytes(MAX_CONTROL_BYTES + 1),
+        "not bytes",
+        None,
+    ]:
+        with pytest.raises(WireError):
+            unpack_control(data)
+
+
+def test_control_over_router_dealer(ctx):
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(pack_control({"type": "hello", "role": "generate"}))
+        assert router.poll(5000)
+        identity, data = router.recv_multipart(copy=False)
+        assert unpack_control(data) == {"type": "hello", "role": "generate"}
+        router.send_multipart([identity, pack_control({"type": "ack", "version": 0})])
+        assert dealer.poll(5000)
+        assert unpack_control(dealer.recv()) == {"type": "ack", "version": 0}
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)

@@ -1,0 +1,417 @@
+"""The generation engine: one model thread driving mlx-lm's `BatchGenerator` (continuous batching over a
+`BatchKVCache`), fed by requests from any thread, with live LoRA adapter versions.
+
+Adapter versions and token attribution. `BatchGenerator` pipelines decoding: the tokens a `next()` call returns were
+computed by the graph launched during the *previous* call, with the parameters the model held then (MLX arrays are
+immutable, so swapping the LoRA arrays never changes a graph already built). The engine installs a new adapter only
+between `next()` calls, all tensors at once, and labels every token with the version that was live when its step
+was launched. So each decode step is computed by exactly one version, and every token after the switch reports it.
+
+The `n` completions of one prompt share its prefill: the prompt (all but its last token) is run once into a KV cache
+that the `n` sequences then start from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import apply_top_p, make_sampler
+
+from workers.lora import check_lora, set_lora
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The admission queue is full; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int = 0  # how many alternatives to report per token (0 = only the sampled token's logprob)
+
+
+@dataclass
+class Completion:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log-prob of each sampled token (model distribution, T=1)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # adapter version that produced each token
+    finish_reason: str | None = None
+    text: str = ""
+
+
+@dataclass
+class Request:
+    """One submitted prompt with its `n` completions. Events for the HTTP side arrive on `events` (an asyncio queue
+    fed thread-safely by the engine): ('token', index, token_id) when streaming, ('done', index) for each completion,
+    ('error', message) if the engine fails it."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    stream: bool
+    loop: asyncio.AbstractEventLoop | None
+    events: asyncio.Queue | None
+    completions: list[Completion] = field(default_factory=list)
+    uids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    created: float = field(default_factory=time.time)
+
+    def emit(self, *event) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest adapter version among this request's tokens: the staleness that matters to the learner."""
+        versions = [v for c in self.completions for v in c.versions]
+        return min(versions) if versions else -1
+
+
+@dataclass
+class EngineStats:
+    requests_total: int = 0
+    requests_rejected: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    decode_steps_total: int = 0
+    decode_seconds_total: float = 0.0
+    active_sequences: int = 0
+    queued_requests: int = 0
+    adapter_version: int = 0
+    adapter_switches_total: int = 0
+
+
+class Engine:
+    """Owns the model; every MLX call on it happens on the engine's own thread."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_batch: int = 32,
+        prefill_batch: int = 8,
+        max_queue: int = 256,
+        context_length: int = 2048,
+        adapter_version: int = 0,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.context_length = context_length
+        self.stats = EngineStats(adapter_version=adapter_version)
+        self.eos_ids = sorted(tokenizer.eos_token_ids)
+        self._generator = BatchGenerator(
+            model,
+            completion_batch_size=max_batch,
+            prefill_batch_size=prefill_batch,
+            stop_tokens=[[t] for t in self.eos_ids],
+        )
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._pending_adapter: tuple[int, dict, threading.Event] | None = None
+        self._adapter_lock = threading.Lock()
+        self._by_uid: dict[int, tuple[Request, int]] = {}
+        self._detok: dict[int, object] = {}
+        self._samplers: dict[tuple, Callable] = {}
+        self._launched_version = adapter_version  # version live when the in-flight step was launched
+        self._outstanding = 0  # requests accepted and not yet finished (guarded by _count_lock)
+        self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.on_version: Callable[[int], None] | None = None  # called on the engine thread after a switch
+        self.on_step: Callable[[float, int], None] | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def version(self) -> int:
+        return self.stats.adapter_version
+
+    # ----- submission (any thread) -----------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        stream: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Request:
+        """Queue a prompt for `n` completions; raises Overloaded past the admission limit, ValueError for a prompt
+        the model cannot take."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; expected at least one token")
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the model's context "
+                f"length {self.context_length}"
+            )
+        vocab = self.tokenizer.vocab_size if hasattr(self.tokenizer, "vocab_size") else None
+        if vocab and any(not (0 <= t < vocab) for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        with self._count_lock:
+            if self._outstanding >= self.max_queue:
+                self.stats.requests_rejected += 1
+                raise Overloaded(f"the server is at its limit of {self.max_queue} outstanding requests")
+            self._outstanding += 1
+        req = Request(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            n=n,
+            stream=stream,
+            loop=loop,
+            events=asyncio.Queue() if loop is not None else None,
+            completions=[Completion(index=i) for i in range(n)],
+        )
+        self.stats.requests_total += 1
+        self._inbox.put(("submit", req))
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Free the slots of a request whose client went away."""
+        if not req.cancelled:
+            req.cancelled = True
+            self._inbox.put(("cancel", req))
+            self._wake.set()
+
+    def install_adapter(self, version: int, tensors: dict[str, mx.array]) -> threading.Event:
+        """Validate a complete adapter and schedule it as `version`, applied between decode steps. Returns an event
+        set once it is live. Raises ValueError (changing nothing) for a stale version or a mismatched tensor set."""
+        with self._adapter_lock:
+            newest = self._pending_adapter[0] if self._pending_adapter else self.stats.adapter_version
+            if version <= newest:
+                raise ValueError(f"adapter version {version} is not newer than {newest}")
+            check_lora(self.model, tensors)
+            applied = threading.Event()
+            if self._pending_adapter:  # superseded before it went live: release its waiter too
+                self._pending_adapter[2].set()
+            self._pending_adapter = (version, tensors, applied)
+        self._wake.set()
+        return applied
+
+    # ----- the model thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_pending_adapter()
+                self._drain_inbox()
+                if not self._by_uid:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self._step()
+        except Exception as e:  # a bug or an MLX failure: fail every request loudly rather than hang them
+            log.exception("engine thread failed")
+            for req, _ in list(self._by_uid.values()):
+                req.emit("error", f"generation failed: {e}")
+            raise
+
+    def _apply_pending_adapter(self) -> None:
+        with self._adapter_lock:
+            pending, self._pending_adapter = self._pending_adapter, None
+        if pending:
+            version, tensors, applied = pending
+            set_lora(self.model, tensors)
+            mx.eval(self.model.parameters())
+            self.stats.adapter_version = version
+            self.stats.adapter_switches_total += 1
+            applied.set()
+            log.info("adapter version %d is live", version)
+            if self.on_version:
+                self.on_version(version)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, req = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit" and req.cancelled:
+                self._release()
+            elif kind == "submit":
+                self._insert(req)
+            elif kind == "cancel":
+                self._remove(req)
+
+    def _sampler(self, params: SamplingParams, index: int) -> Callable:
+        if params.seed is not None:
+            return _seeded_sampler(params.temperature, params.top_p, params.seed + index)
+        key = (params.temperature, params.top_p)
+        if key not in self._samplers:  # shared objects let BatchGenerator sample the whole batch in one call
+            self._samplers[key] = make_sampler(temp=params.temperature, top_p=params.top_p)
+        return self._samplers[key]
+
+    def _insert(self, req: Request) -> None:
+        prompt, n = req.prompt_ids, req.n
+        samplers = [self._sampler(req.params, i) for i in range(n)]
+        stops = [StopSequences([[t] for t in self.eos_ids])] * n
+        if n > 1 and len(prompt) > 1:
+            # Shared prefill: run the prompt once, then start n sequences from copies of its cache.
+            cache = make_prompt_cache(self.model)
+            with mx.stream(self._generator.stream):
+                self.model(mx.array(prompt[:-1])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+            caches = [[_copy_cache(c) for c in cache] for _ in range(n)]
+            uids = self._generator.insert(
+                [prompt[-1:]] * n,
+                max_tokens=[req.params.max_tokens] * n,
+                caches=caches,
+                all_tokens=[list(prompt[:-1]) for _ in range(n)],
+                samplers=samplers,
+                stop_sequences=stops,
+            )
+        else:
+            uids = self._generator.insert(
+                [prompt] * n, max_tokens=[req.params.max_tokens] * n, samplers=samplers, stop_sequences=stops
+            )
+        self.stats.prompt_tokens_total += len(prompt)
+        req.uids = uids
+        for i, uid in enumerate(uids):
+            self._by_uid[uid] = (req, i)
+            if req.params.stop:
+                self._detok[uid] = self.tokenizer.detokenizer
+        self._refresh_gauges()
+
+    def _remove(self, req: Request) -> None:
+        live = [u for u in req.uids if u in self._by_uid]
+        if live:
+            self._generator.remove(live)
+            for u in live:
+                self._finish(u, "cancelled", notify=False)
+        self._refresh_gauges()
+
+    def _step(self) -> None:
+        version = self._launched_version
+        tic = time.perf_counter()
+        responses = self._generator.next_generated()
+        self._launched_version = self.stats.adapter_version
+        if not responses:
+            return
+        tokens = [r.token for r in responses]
+        # One gather for every sampled token's log-prob instead of one device read per sequence.
+        logprob_rows = mx.stack([r.logprobs for r in responses])
+        chosen = mx.take_along_axis(logprob_rows, mx.array(tokens)[:, None], axis=1)[:, 0].tolist()
+        elapsed = time.perf_counter() - tic
+        self.stats.decode_steps_total += 1
+        self.stats.decode_seconds_total += elapsed
+        self.stats.generation_tokens_total += len(responses)
+        if self.on_step:
+            self.on_step(elapsed, len(responses))
+        for i, r in enumerate(responses):
+            entry = self._by_uid.get(r.uid)
+            if entry is None:
+                continue
+            req, index = entry
+            c = req.completions[index]
+            c.token_ids.append(r.token)
+            c.logprobs.append(chosen[i])
+            c.versions.append(version)
+            if req.params.top_logprobs:
+                c.top_logprobs.append(_top_logprobs(r.logprobs, req.params.top_logprobs))
+            finish = r.finish_reason
+            detok = self._detok.get(r.uid)
+            if detok is not None and finish is None:  # stop strings are matched on text, not tokens
+                detok.add_token(r.token)
+                if _hits_stop(detok.text, req.params.stop):
+                    finish = "stop"
+                    self._generator.remove([r.uid])
+            if req.stream:
+                req.emit("token", index, r.token)
+            if finish is not None:
+                self._finish(r.uid, finish)
+        self._refresh_gauges()
+
+    def _finish(self, uid: int, reason: str, notify: bool = True) -> None:
+        req, index = self._by_uid.pop(uid)
+        c = req.completions[index]
+        c.finish_reason = reason
+        self._detok.pop(uid, None)
+        ids = c.token_ids[:-1] if reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos_ids else c.token_ids
+        c.text = self.tokenizer.decode(ids)
+        if req.params.stop:
+            c.text = _cut_at_stop(c.text, req.params.stop)
+        if notify:
+            req.emit("done", index)
+        if all(x.finish_reason is not None for x in req.completions):
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self._outstanding -= 1
+
+    def _refresh_gauges(self) -> None:
+        self.stats.active_sequences = len(self._by_uid)
+        self.stats.queued_requests = self._inbox.qsize()
+
+
+def _copy_cache(cache):
+    """A new cache object over the same arrays: MLX arrays are values (an in-place update of a shared buffer makes a
+    copy), so the n sequences never see each other's updates."""
+    return type(cache).from_state(cache.state)
+
+
+def _seeded_sampler(temp: float, top_p: float, seed: int) -> Callable:
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        if temp == 0:
+            return mx.argmax(logprobs, axis=-1)
+        key, sub = mx.random.split(key)
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1 / temp), key=sub)
+
+    return sample
+
+
+def _top_logprobs(row: mx.array, k: int) -> dict[int, float]:
+    k = min(k, row.shape[-1])
+    ids = mx.argpartition(-row, k - 1)[:k]
+    values = row[ids]
+    return dict(zip(ids.tolist(), values.tolist()))
+
+
+def _hits_stop(text: str, stops: tuple[str, ...]) -> bool:
+    return any(s in text for s in stops)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+_ids = itertools.count()
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{int(time.time())}-{next(_ids)}"

@@ -1,0 +1,462 @@
+"""OpenAI-compatible HTTP API over the generation engine (FastAPI + uvicorn).
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /generate (the shape
+Atropos' `vllm` server type reads), GET /metrics (Prometheus text).
+
+Every response carries `policy_version` (the oldest adapter version among its tokens) and, per choice, the exact
+completion `token_ids`, their sampling `token_logprobs` and `policy_versions`, which the learner trains on.
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; the caller's mistakes are 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from workers.generation.engine import Engine, Overloaded, Request as EngineRequest, SamplingParams, new_request_id
+
+log = logging.getLogger(__name__)
+
+MAX_N = 64
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 429:
+        kind = "rate_limit_error"
+    if status == 401:
+        kind = "authentication_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[StrictStr] = None
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
+
+
+class CompletionBody(SamplingFields):
+    prompt: Union[StrictStr, list[StrictInt], list[StrictStr]]
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: StrictBool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[StrictStr, list[dict[str, Any]]]
+
+
+class ChatBody(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class PromptTokenIds(BaseModel):
+    prompt_token_ids: list[StrictInt] = Field(min_length=1)
+
+
+class GenerateBody(SamplingFields):
+    """Atropos' `vllm` server type: prompt token ids in, per-token {id: logprob} out."""
+
+    prompt: Union[PromptTokenIds, StrictStr]
+    logprobs: Optional[StrictInt] = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+def _stop_list(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not s for s in stops) or len(stops) > 16:
+        raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
+    return stops
+
+
+def _message_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, "only text content parts are supported", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def stream_delta(text: str, sent: int, stops: tuple[str, ...], final: bool) -> tuple[str, int]:
+    """The next piece of streamed text: everything new in `text` except what might still turn out to be an
+    incomplete UTF-8 character or the start of a stop string (held back until it is certain)."""
+    end = len(text)
+    if not final:
+        while end > sent and text[end - 1] == "\ufffd":
+            end -= 1
+        for s in stops:
+            for k in range(min(len(s) - 1, end - sent), 0, -1):
+                if text[end - k : end] == s[:k]:
+                    end -= k
+                    break
+    return text[sent:end], max(end, sent)
+
+
+class Server:
+    """Binds an engine to the HTTP routes."""
+
+    def __init__(self, engine: Engine, model_name: str, max_tokens_default: int = 64, max_tokens_limit: int = 4096,
+                 api_token: str = "", ready: bool = True):
+        self.engine = engine
+        self.model_name = model_name
+        self.max_tokens_default = max_tokens_default
+        self.max_tokens_limit = max_tokens_limit
+        self.api_token = api_token
+        self.ready = ready  # False while a worker catches up with the latest adapter: no traffic yet
+        self.started = time.time()
+        self.app = self._build_app()
+
+    # ----- helpers ---------------------------------------------------------------------------------------------
+    def _params(self, body: SamplingFields, max_tokens: int | None, top_logprobs: int) -> SamplingParams:
+        if body.model not in (None, "", self.model_name):
+            raise APIError(404, f"model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+        max_tokens = self.max_tokens_default if max_tokens is None else max_tokens
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
+                           param="max_tokens")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              stop=_stop_list(body.stop), seed=body.seed, top_logprobs=top_logprobs)
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, n: int, stream: bool) -> EngineRequest:
+        if not self.ready:
+            raise APIError(503, "this worker is catching up with the latest adapter; retry shortly",
+                           headers={"Retry-After": "1"})
+        try:
+            return self.engine.submit(prompt_ids, params, n=n, stream=stream, loop=asyncio.get_running_loop())
+        except Overloaded as e:
+            raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    async def _wait(self, http: Request, req: EngineRequest) -> None:
+        """Wait for every completion; a client that disconnects frees its slots."""
+        remaining = req.n
+        while remaining:
+            try:
+                event = await asyncio.wait_for(req.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    self.engine.cancel(req)
+                    raise APIError(499, "client disconnected")
+                continue
+            if event[0] == "done":
+                remaining -= 1
+            elif event[0] == "error":
+                raise APIError(500, event[1])
+
+    def _usage(self, req: EngineRequest) -> dict:
+        completion = sum(len(c.token_ids) for c in req.completions)
+        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion,
+                "total_tokens": len(req.prompt_ids) + completion}
+
+    def _token_str(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    def _choice_extras(self, c) -> dict:
+        return {"token_ids": c.token_ids, "token_logprobs": c.logprobs, "policy_versions": c.versions}
+
+    def _encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.engine.tokenizer.encode(prompt)
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return list(prompt)
+        if len(prompt) == 1:
+            return self.engine.tokenizer.encode(prompt[0])
+        raise APIError(400, "prompt must be a string, a list of token ids, or a list with one string", param="prompt")
+
+    def _chat_prompt(self, body: ChatBody) -> list[int]:
+        messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
+        try:
+            return list(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except Exception as e:  # a template can reject a conversation (e.g. roles out of order)
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+
+    # ----- streaming -------------------------------------------------------------------------------------------
+    async def _stream(self, http: Request, req: EngineRequest, chunk) -> StreamingResponse:
+        async def events():
+            texts = [""] * req.n
+            sent = [0] * req.n
+            remaining = req.n
+            try:
+                yield _sse(chunk(None, None, None, first=True)) if chunk(None, None, None, first=True) else ""
+                while remaining:
+                    event = await req.events.get()
+                    if event[0] == "error":
+                        yield _sse({"error": {"message": event[1], "type": "server_error"}})
+                        return
+                    index = event[1]
+                    c = req.completions[index]
+                    final = event[0] == "done"
+                    text = c.text if final else self.engine.tokenizer.decode(c.token_ids)
+                    delta, sent[index] = stream_delta(text, sent[index], req.params.stop, final)
+                    texts[index] = text
+                    if delta or final:
+                        yield _sse(chunk(index, delta, c.finish_reason if final else None))
+                    if final:
+                        remaining -= 1
+                yield "data: [DONE]\n\n"
+            finally:
+                if remaining:
+                    self.engine.cancel(req)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ----- routes ----------------------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="runner generation worker")
+
+        @app.exception_handler(APIError)
+        async def _api_error(_: Request, e: APIError):
+            return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+        @app.exception_handler(RequestValidationError)
+        async def _validation_error(_: Request, e: RequestValidationError):
+            first = e.errors()[0] if e.errors() else {}
+            loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+            message = first.get("msg", "invalid request")
+            if first.get("type") == "json_invalid":
+                loc, message = "", "the request body is not valid JSON"
+            elif first.get("type") == "model_attributes_type" and not loc:
+                message = "the request body must be a JSON object (Content-Type: application/json)"
+            return error_response(400, f"{loc}: {message}" if loc else message, param=loc or None)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(_: Request, e: StarletteHTTPException):
+            return error_response(e.status_code, str(e.detail))
+
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if self.api_token and request.url.path not in ("/health",):
+                if request.headers.get("authorization", "") != f"Bearer {self.api_token}":
+                    return error_response(401, "missing or wrong bearer token", code="invalid_api_key")
+            return await call_next(request)
+
+        @app.get("/health")
+        async def health():
+            body = {"status": "ok" if self.ready else "loading", "adapter_version": self.engine.version,
+                    "model": self.model_name}
+            return JSONResponse(body, status_code=200 if self.ready else 503)
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                "created": int(self.started), "owned_by": "runner",
+                                                "adapter_version": self.engine.version}]}
+
+        @app.get("/metrics")
+        async def metrics():
+            return PlainTextResponse(prometheus_text(self.engine), media_type="text/plain; version=0.0.4")
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionBody, http: Request):
+            top = body.logprobs or 0
+            params = self._params(body, body.max_tokens, top)
+            prompt_ids = self._encode_prompt(body.prompt)
+            req = self._submit(prompt_ids, params, body.n, body.stream)
+            rid, created = new_request_id("cmpl"), int(time.time())
+
+            def chunk(index, delta, finish, first=False):
+                if first:
+                    return None
+                return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                        "policy_version": self.engine.version,
+                        "choices": [{"index": index, "text": delta, "finish_reason": finish, "logprobs": None}]}
+
+            if body.stream:
+                return await self._stream(http, req, chunk)
+            await self._wait(http, req)
+            choices = []
+            for c in req.completions:
+                lp = None
+                if body.logprobs is not None:
+                    tokens = [self._token_str(t) for t in c.token_ids]
+                    offsets, pos = [], 0
+                    for t in tokens:
+                        offsets.append(pos)
+                        pos += len(t)
+                    lp = {"tokens": tokens, "token_logprobs": c.logprobs, "text_offset": offsets,
+                          "top_logprobs": [{self._token_str(k): v for k, v in d.items()} for d in c.top_logprobs]
+                          if top else None}
+                choices.append({"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": lp,
+                                **self._choice_extras(c)})
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version}
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatBody, http: Request):
+            top = body.top_logprobs or 0
+            if top and not body.logprobs:
+                raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+            params = self._params(body, body.max_completion_tokens or body.max_tokens, top)
+            req = self._submit(self._chat_prompt(body), params, body.n, body.stream)
+            rid, created = new_request_id("chatcmpl"), int(time.time())
+
+            def chunk(index, delta, finish, first=False):
+                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                        "policy_version": self.engine.version}
+                if first:
+                    return {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None} for i in range(req.n)]}
+                return {**base, "choices": [{"index": index, "delta": {"content": delta} if delta else {},
+                                             "finish_reason": finish}]}
+
+            if body.stream:
+                return await self._stream(http, req, chunk)
+            await self._wait(http, req)
+            choices = []
+            for c in req.completions:
+                lp = None
+                if body.logprobs:
+                    lp = {"content": [
+                        {"token": self._token_str(t), "logprob": l, "bytes": list(self._token_str(t).encode()),
+                         "top_logprobs": [{"token": self._token_str(k), "logprob": v,
+                                           "bytes": list(self._token_str(k).encode())}
+                                          for k, v in (c.top_logprobs[i].items() if top else ())]}
+                        for i, (t, l) in enumerate(zip(c.token_ids, c.logprobs))]}
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                "finish_reason": c.finish_reason, "logprobs": lp, **self._choice_extras(c)})
+            return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                    "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version}
+
+        @app.post("/generate")
+        async def generate(body: GenerateBody, http: Request):
+            if body.stream:
+                raise APIError(400, "/generate does not stream; use /v1/completions", param="stream")
+            params = self._params(body, body.max_tokens, body.logprobs or 0)
+            prompt_ids = (self.engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str)
+                          else body.prompt.prompt_token_ids)
+            req = self._submit(prompt_ids, params, body.n, False)
+            await self._wait(http, req)
+            logprobs = []
+            for c in req.completions:
+                per_token = []
+                for i, (t, l) in enumerate(zip(c.token_ids, c.logprobs)):
+                    entry = [{str(t): l}]  # the sampled token first, as Atropos reads item[0]
+                    if params.top_logprobs:
+                        entry.append({str(k): v for k, v in c.top_logprobs[i].items()})
+                    per_token.append(entry)
+                logprobs.append(per_token)
+            return {"text": [c.text for c in req.completions], "logprobs": logprobs,
+                    "finish_reasons": [c.finish_reason for c in req.completions],
+                    "token_ids": [c.token_ids for c in req.completions],
+                    "prompt_token_ids": prompt_ids, "policy_version": req.policy_version,
+                    "policy_versions": [c.versions for c in req.completions]}
+
+        return app
+
+
+def _sse(payload: dict | None) -> str:
+    return f"data: {json.dumps(payload)}\n\n" if payload else ""
+
+
+def prometheus_text(engine: Engine) -> str:
+    """Engine counters and gauges in Prometheus' text exposition format."""
+    s = engine.stats
+    rows = [
+        ("runner_requests_total", "counter", "Requests accepted.", s.requests_total),
+        ("runner_requests_rejected_total", "counter", "Requests refused because the queue was full.", s.requests_rejected),
+        ("runner_prompt_tokens_total", "counter", "Prompt tokens processed.", s.prompt_tokens_total),
+        ("runner_generation_tokens_total", "counter", "Tokens generated.", s.generation_tokens_total),
+        ("runner_decode_steps_total", "counter", "Batched decode steps.", s.decode_steps_total),
+        ("runner_decode_seconds_total", "counter", "Time spent in decode steps.", round(s.decode_seconds_total, 6)),
+        ("runner_active_sequences", "gauge", "Sequences in the running batch.", s.active_sequences),
+        ("runner_batch_occupancy_ratio", "gauge", "Running sequences over batch capacity.",
+         round(s.active_sequences / engine.max_batch, 4)),
+        ("runner_queue_depth", "gauge", "Requests waiting to join the batch.", s.queued_requests),
+        ("runner_adapter_version", "gauge", "Adapter version being served.", s.adapter_version),
+        ("runner_adapter_switches_total", "counter", "Adapter versions installed.", s.adapter_switches_total),
+    ]
+    lines = []
+    for name, kind, help_text, value in rows:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def load_engine(model_path: str | Path, adapter_path: str | Path | None = None, lora_spec=None, **engine_kwargs):
+    """Load a base model (quantized or float) with mlx-lm, wrap it with LoRA when an adapter or a LoRA spec is
+    given (lora_b = 0 keeps a fresh spec equal to the base), and build an engine around it."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from workers.lora import apply_lora, read_adapter, set_lora
+
+    model, tokenizer, config = load(str(model_path), return_config=True)
+    if adapter_path:
+        lora_spec, tensors = read_adapter(Path(adapter_path))
+        apply_lora(model, lora_spec)
+        set_lora(model, tensors)
+    elif lora_spec is not None:
+        apply_lora(model, lora_spec)
+    mx.eval(model.parameters())
+    model.eval()
+    context = int(config.get("max_position_embeddings") or 2048)
+    return Engine(model, tokenizer, context_length=context, **engine_kwargs)
+
+
+def run_http(server: Server, host: str, port: int, on_started=None) -> None:
+    """Run uvicorn in this thread until it is told to exit (SIGINT/SIGTERM)."""
+    import uvicorn
+
+    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    uv = uvicorn.Server(config)
+    if on_started is not None:
+        original = uv.startup
+
+        async def startup(sockets=None):
+            await original(sockets=sockets)
+            on_started(uv)
+
+        uv.startup = startup
+    uv.run()
+
+
+def serve_standalone(args) -> int:
+    """`runner serve`: one generation worker with no coordinator."""
+    engine = load_engine(args.model, args.adapter, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    server = Server(engine, Path(args.model).name, api_token=args.api_token)
+
+    def announce(uv):
+        port = uv.servers[0].sockets[0].getsockname()[1] if uv.servers else args.port
+        print(f"serving {Path(args.model).name} on http://{args.host}:{port}/v1 (adapter version "
+              f"{engine.version})", flush=True)
+
+    try:
+        run_http(server, args.host, args.port, on_started=announce)
+    finally:
+        engine.stop()
+    return 0
