@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = p.add_subparsers(dest="role", required=True, metavar="ROLE")
     w = wsub.add_parser("generate", help="attach a generation worker")
     w.add_argument("--join", required=True, metavar="tcp://HOST:PORT")
-    w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--name", default=None, help="worker name (default gen-HOSTNAME-PID)")
+    w.add_argument("--model", default=None, help="local model directory if it differs from the coordinator's path")
+    w.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    w.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")
     w.set_defaults(func=cmd_worker_generate)
 
     p = sub.add_parser("status", help="show the workers and progress of a running job")
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, NotBuilt, FileExistsError) as e:
+    except (ConfigError, NotBuilt, FileExistsError, FileNotFoundError) as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

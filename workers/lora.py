@@ -7,7 +7,6 @@ Only `lora_a`/`lora_b` are adapter tensors; the base stays frozen (quantized or 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -130,14 +129,3 @@ def read_adapter(directory: Path) -> tuple[LoraSpec, dict[str, mx.array]]:
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{directory}: unreadable adapter ({e})") from None
     return spec, tensors
-
-
-def model_id(model_path: Path) -> str:
-    """A short id of a base model: hash of its config and weight file names and sizes (cheap, and differs between
-    the models a job could mix up)."""
-    model_path = Path(model_path)
-    h = hashlib.blake2b(digest_size=8)
-    h.update((model_path / "config.json").read_bytes())
-    for f in sorted(model_path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()

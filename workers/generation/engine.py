@@ -312,7 +312,9 @@ class Engine:
     def _step(self) -> None:
         version = self._launched_version
         tic = time.perf_counter()
-        responses = self._generator.next_generated()
+        # One BatchGenerator.next() per call (not next_generated(), which loops internally): the version rule
+        # "tokens returned now were launched by the previous call" holds per next() call, idle gaps included.
+        _, responses = self._generator.next()
         self._launched_version = self.stats.adapter_version
         if not responses:
             return

@@ -1,0 +1,48 @@
+"""`runner status`: ask a running coordinator for its worker table and job progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from runner.control import ControlClient, CoordinatorGone
+
+
+def fetch_status(endpoint: str, timeout: float = 5.0) -> dict:
+    client = ControlClient(endpoint, name=f"status-{time.time_ns()}", role="cli")
+    try:
+        return client.request({"type": "status"}, ("status",), timeout=timeout)[1]
+    finally:
+        client.close()
+
+
+def format_table(status: dict) -> str:
+    job = status["job"]
+    lines = [
+        f"job: {job['state']}  step {job['step'] or 0}/{job['steps']}  reward {_num(job.get('reward_mean'), '.3f')}  "
+        f"tok/s {_num(job.get('tokens_per_s'), '.0f')}  latest version {job['latest_version']}  "
+        f"oldest serving {job['oldest_serving_version']}  uptime {job['uptime']}s",
+        "",
+        f"{'WORKER':<20} {'ROLE':<9} {'STATE':<12} {'PID':>7} {'HOST':<16} {'VERSION':>7} {'RESTARTS':>8} "
+        f"{'HEARTBEAT':>9}  URL",
+    ]
+    for w in status["workers"]:
+        age = "-" if w["heartbeat_age"] is None else f"{w['heartbeat_age']:.1f}s"
+        lines.append(f"{w['name']:<20} {w['role']:<9} {w['state']:<12} {w['pid']:>7} {w['host'][:16]:<16} "
+                     f"{w['version']:>7} {w['restarts']:>8} {age:>9}  {w['http_url']}")
+    return "\n".join(lines)
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def show_status(endpoint: str, as_json: bool = False) -> int:
+    try:
+        status = fetch_status(endpoint)
+    except CoordinatorGone:
+        print(f"runner: error: no coordinator answered at {endpoint}; is a job running?", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if as_json else format_table(status))
+    return 0

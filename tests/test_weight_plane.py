@@ -1,0 +1,212 @@
+"""The weight plane end to end: a coordinator, two real generation-worker processes, and this test process as the
+learner side publishing versions over ZeroMQ."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+import zmq
+
+from runner import wire
+from runner.config import build_config
+from runner.control import ControlClient, model_id
+from runner.coordinator import add_generation_workers, create_coordinator
+from workers.generation.server import load_engine
+from workers.generation.worker import WeightReceiver
+from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
+from workers.weights import encode_adapter
+
+SPEC = LoraSpec(rank=4, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"])
+PROMPT = [1, 282, 280, 201, 263, 262]
+
+
+def poll(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def random_adapter(layout: dict, seed: int) -> dict[str, mx.array]:
+    rng = np.random.default_rng(seed)
+    return {name: mx.array(rng.normal(0, 0.5, size=shape).astype(np.float32)) for name, (shape, _) in layout.items()}
+
+
+@pytest.fixture(scope="module")
+def job(tiny_model, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    config = build_config({
+        "model": {"path": str(tiny_model)},
+        "lora": {"rank": SPEC.rank, "scale": SPEC.scale, "keys": SPEC.keys},
+        "generation": {"workers": 2, "port": 0},
+        "checkpoint": {"dir": str(run_dir)},
+        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 30.0},
+    })
+    coord = create_coordinator(config, run_dir / "job.toml")
+    add_generation_workers(coord, 2)
+    thread = threading.Thread(target=coord.run, daemon=True)
+    thread.start()
+    client = ControlClient(coord.control_endpoint, "test-learner", role="learner")
+    client.hello()
+    try:
+        yield coord, client
+    finally:
+        client.close()
+        coord.request_stop("test over")
+        thread.join(60)
+        assert not thread.is_alive()
+        for w in coord.watchers.values():
+            assert w.exit_code() is not None, f"{w.name} still running"
+
+
+def status(client):
+    return client.request({"type": "status"}, ("status",), timeout=10)[1]
+
+
+def serving(client, version=None):
+    workers = [w for w in status(client)["workers"] if w["role"] == "generate"]
+    ok = len(workers) == 2 and all(w["state"] == "serving" and (version is None or w["version"] == version)
+                                   for w in workers)
+    return workers if ok else None
+
+
+def greedy(url: str, n_tokens: int = 8) -> tuple[list[int], int]:
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0},
+                   timeout=30)
+    r.raise_for_status()
+    body = r.json()
+    return body["choices"][0]["token_ids"], body["policy_version"]
+
+
+def reference_greedy(model, n_tokens: int = 8) -> list[int]:
+    tokens = list(PROMPT)
+    for _ in range(n_tokens):
+        tokens.append(int(mx.argmax(model(mx.array(tokens)[None])[0, -1]).item()))
+    return tokens[len(PROMPT):]
+
+
+def publish(coord, client, version, tensors):
+    client.send_weights(encode_adapter(version, version, model_id(coord.job_info["model_path"]), {}, tensors))
+    return client.wait_for(("published", "rejected"), timeout=30)[1]
+
+
+def test_versions_reach_both_workers_and_change_output(job, tiny_model):
+    coord, client = job
+    poll(lambda: serving(client), 120, "two serving workers")
+    model, _ = mlx_lm.load(str(tiny_model))
+    apply_lora(model, SPEC)
+    layout = lora_layout(model)
+    outputs = []
+    for version in range(1, 6):
+        tensors = random_adapter(layout, seed=version)
+        assert publish(coord, client, version, tensors)["type"] == "published"
+        workers = poll(lambda: serving(client, version), 60, f"both workers on version {version}")
+        set_lora(model, tensors)
+        expected = reference_greedy(model)
+        for w in workers:
+            tokens, served_version = greedy(w["http_url"])
+            assert served_version == version
+            assert tokens == expected, f"{w['name']} does not serve version {version}"
+        outputs.append(tuple(expected))
+    assert len(set(outputs)) > 1, "the adapter versions did not change the output at all"
+    job_status = status(client)["job"]
+    assert job_status["latest_version"] == 5 and job_status["oldest_serving_version"] == 5
+
+
+def test_stale_and_malformed_uploads_are_rejected_and_workers_keep_serving(job):
+    coord, client = job
+    workers = poll(lambda: serving(client), 120, "two serving workers")
+    version = status(client)["job"]["latest_version"]
+    rng = np.random.default_rng(0)
+    # A stale version, a wrong base model, then 1,000 garbage uploads: all refused, nobody crashes.
+    layout = {"x": ((2, 2), "float32")}
+    assert publish(coord, client, max(version, 1), random_adapter(layout, 0))["type"] == "rejected"
+    client.send_weights(encode_adapter(version + 1, 0, "not-this-model", {}, random_adapter(layout, 0)))
+    assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "rejected"
+    for i in range(1000):
+        frames = [rng.bytes(int(rng.integers(0, 64)))] + [rng.bytes(8) for _ in range(i % 3)]
+        client.send_weights(frames)
+    for _ in range(1000):
+        assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "rejected"
+    assert status(client)["job"]["latest_version"] == version
+    for w in workers:
+        tokens, served = greedy(w["http_url"])
+        assert served == version and len(tokens) == 8
+
+
+def test_restarted_worker_catches_up_before_serving(job):
+    coord, client = job
+    workers = poll(lambda: serving(client), 120, "two serving workers")
+    version = status(client)["job"]["latest_version"]
+    victim = coord.watchers["gen-1"]
+    old_pid = victim.proc.pid
+    victim.signal(9)
+    restarted = poll(lambda: next((w for w in status(client)["workers"]
+                                   if w["name"] == "gen-1" and w["pid"] != old_pid and w["restarts"] >= 1), None),
+                     60, "gen-1 restarted")
+    # From the moment it accepts HTTP traffic it must already serve the latest version.
+    url = poll(lambda: next((w["http_url"] for w in status(client)["workers"]
+                             if w["name"] == "gen-1" and w["http_url"] and w["pid"] == restarted["pid"]), None),
+               120, "gen-1 back on HTTP")
+    tokens, served = greedy(url)
+    assert served == version
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert health["adapter_version"] == version
+
+
+def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
+    """1,000 malformed weight messages arrive on a worker's SUB socket: each is dropped, the version stays."""
+    engine = load_engine(tiny_model, lora_spec=SPEC).start()
+    ctx = zmq.Context.instance()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        receiver = WeightReceiver(engine, "base-x")
+        layout = lora_layout(engine.model)
+        good = encode_adapter(1, 1, "base-x", {}, random_adapter(layout, 1))
+        # Wait for the subscription to be live (PUB drops messages sent before it is).
+        poll(lambda: (wire.send(pub, [b"probe"]), sub.poll(50))[1], 10, "subscription")
+        sub.recv_multipart()
+        rng = np.random.default_rng(1)
+        bad = []
+        for i in range(1000):
+            frames = [bytes(f) for f in good]
+            kind = i % 5
+            if kind == 0:
+                frames[0] = rng.bytes(len(frames[0]))  # garbage header
+            elif kind == 1:
+                frames = frames[:-1]  # missing a frame
+            elif kind == 2:
+                frames[1] = frames[1][: len(frames[1]) // 2]  # truncated buffer
+            elif kind == 3:
+                frames[1] = bytes([frames[1][0] ^ 1]) + frames[1][1:]  # corrupted: checksum fails
+            else:
+                frames = frames + [b"extra"]  # wrong frame count
+            bad.append(frames)
+        for frames in bad:
+            pub.send_multipart(frames)
+        for _ in range(1000):
+            assert sub.poll(5000)
+            assert receiver.offer(sub.recv_multipart(copy=False)) is None
+        assert receiver.rejected == 1000 and engine.version == 0
+        pub.send_multipart(good)
+        assert sub.poll(5000)
+        assert receiver.offer(sub.recv_multipart(copy=False)) == 1
+        poll(lambda: engine.version == 1, 10, "version 1 live")
+        # Replaying the same version is stale now.
+        assert receiver.offer(good) is None
+    finally:
+        pub.close()
+        sub.close()
+        engine.stop()

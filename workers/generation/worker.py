@@ -1,0 +1,185 @@
+"""A generation worker attached to a coordinator: the engine and HTTP server of `workers.generation.server`, plus the
+weight plane's receiving end.
+
+Start-up: hello → load the base model named by the coordinator (or `--model`), check its id → apply the job's LoRA
+spec → ask for the latest adapter and install it → only then start HTTP and report `serving`. Afterwards every
+version published on the weights PUB socket is validated against the model (names, shapes, dtypes, base id,
+version newer, checksum) before the engine installs it between decode steps; the worker then acks the version.
+A bad message is logged and dropped; the current version keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from runner import wire
+from runner.config import build_config
+from runner.control import ControlClient, model_id
+from workers.generation.server import Server, load_engine
+from workers.lora import LoraSpec, lora_layout
+from workers.weights import decode_to_mlx
+
+log = logging.getLogger(__name__)
+
+
+class WeightReceiver:
+    """Validates incoming weight messages against this worker's model and hands them to the engine."""
+
+    def __init__(self, engine, base_model_id: str):
+        self.engine = engine
+        self.base_model_id = base_model_id
+        self.layout = lora_layout(engine.model)
+        self.pending: list[tuple[int, threading.Event]] = []
+        self.rejected = 0
+
+    def expectation(self) -> wire.Expectation:
+        newest = max([self.engine.version] + [v for v, _ in self.pending])
+        return wire.Expectation(base_model_id=self.base_model_id, shapes=self.layout, min_version=newest)
+
+    def offer(self, frames: list) -> int | None:
+        """Validate and schedule one message; returns its version, or None if it was dropped."""
+        try:
+            message = wire.decode(frames, expected=self.expectation())
+            tensors = decode_to_mlx(message)
+            applied = self.engine.install_adapter(message.version, tensors)
+        except (wire.WireError, ValueError) as e:
+            self.rejected += 1
+            log.warning("dropped a weight message: %s", e)
+            return None
+        self.pending.append((message.version, applied))
+        return message.version
+
+    def newly_applied(self) -> list[int]:
+        done = [v for v, ev in self.pending if ev.is_set()]
+        self.pending = [(v, ev) for v, ev in self.pending if not ev.is_set()]
+        return done
+
+
+def run_worker(join: str, name: str, host: str, port: int, model_override: str | None = None) -> int:
+    client = ControlClient(join, name, role="generate")
+    welcome = client.hello()
+    if welcome["type"] != "welcome":
+        log.error("the coordinator refused %s: %s", name, welcome.get("reason"))
+        return 2
+    config = build_config(welcome["config"], where="coordinator")
+    client.heartbeat_interval = config.coordinator.heartbeat_interval
+    client.status.update(state="loading", version=0)
+    client.start_heartbeats()
+    model_path = Path(model_override or welcome["model_path"])
+    if not (model_path / "config.json").exists():
+        log.error("model directory %s does not exist on this machine; pass --model PATH", model_path)
+        return 2
+    if model_id(model_path) != welcome["base_model_id"]:
+        log.error("model %s (id %s) is not the job's base model (id %s)", model_path, model_id(model_path),
+                  welcome["base_model_id"])
+        return 2
+    lora = config.lora
+    gen = config.generation
+    engine = load_engine(model_path, lora_spec=LoraSpec(rank=lora.rank, scale=lora.scale, dropout=lora.dropout,
+                                                        keys=list(lora.keys), num_layers=lora.num_layers),
+                         max_batch=gen.max_batch, prefill_batch=gen.prefill_batch, max_queue=gen.max_queue).start()
+    receiver = WeightReceiver(engine, welcome["base_model_id"])
+    sub = client.subscribe_weights(welcome["weights_endpoint"])
+
+    # Late-joiner catch-up: subscribe first, then fetch the latest, so no version falls in between.
+    client.status["state"] = "catching_up"
+    reply = client.request({"type": "get_latest", "name": name}, ("latest", "W"), timeout=60)
+    if reply[0] == "W":
+        version = receiver.offer(reply[1])
+        if version is not None:
+            receiver.pending[-1][1].wait(60)
+    receiver.newly_applied()
+    log.info("%s caught up at adapter version %d", name, engine.version)
+
+    server = Server(engine, model_path.name, max_tokens_default=gen.max_tokens, max_tokens_limit=gen.max_tokens_limit,
+                    api_token=config.security.api_token)
+    uv = _start_http(server, host, port)
+    actual_port = uv.servers[0].sockets[0].getsockname()[1]
+    http_url = f"http://{host}:{actual_port}"
+    client.status.update(state="serving", version=engine.version, http_url=http_url)
+    client.send({"type": "ack", "name": name, "version": engine.version, "state": "serving", "http_url": http_url})
+    log.info("%s serving on %s/v1", name, http_url)
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    poller = zmq.Poller()
+    poller.register(sub, zmq.POLLIN)
+    poller.register(client.sock, zmq.POLLIN)
+    try:
+        while not stopping.is_set():
+            for sock, _ in poller.poll(50):
+                if sock is sub:
+                    receiver.offer(sub.recv_multipart(copy=False))
+                else:
+                    msg = client.receive(0)
+                    if msg and msg[0] == "C" and msg[1]["type"] == "stop":
+                        stopping.set()
+            for version in receiver.newly_applied():
+                client.status["version"] = version
+                client.send({"type": "ack", "name": name, "version": version})
+            if not uv_thread_alive(uv):
+                log.error("the HTTP server stopped unexpectedly")
+                return 1
+    finally:
+        client.status["state"] = "stopping"
+        uv.should_exit = True
+        uv._runner_thread.join(10)
+        engine.stop()
+        sub.close()
+        client.close()
+    return 0
+
+
+def _start_http(server: Server, host: str, port: int):
+    import uvicorn
+
+    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3)
+    uv = uvicorn.Server(config)
+    uv.install_signal_handlers = lambda: None  # the worker's main thread owns signals
+    thread = threading.Thread(target=uv.run, name="http", daemon=True)
+    uv._runner_thread = thread
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the HTTP server could not start on {host}:{port}")
+        time.sleep(0.02)
+    return uv
+
+
+def uv_thread_alive(uv) -> bool:
+    return uv._runner_thread.is_alive()
+
+
+def join(args: argparse.Namespace) -> int:
+    """`runner worker generate --join tcp://HOST:PORT`."""
+    import socket
+
+    name = args.name or f"gen-{socket.gethostname()}-{__import__('os').getpid()}"
+    return run_worker(args.join, name, args.host, args.port, model_override=getattr(args, "model", None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workers.generation.worker")
+    p.add_argument("--join", required=True)
+    p.add_argument("--name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--model", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return join(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

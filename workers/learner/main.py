@@ -1,0 +1,138 @@
+"""The learner process under a coordinator: trainer + rollout source + checkpoints + publishing versions.
+
+Each step: wait until the generation workers serve a recent enough version (`max_staleness`), take a batch from the
+source, do one GRPO update, publish the new adapter as version v+1 through the coordinator, append the step's
+metrics to `metrics.jsonl`, and checkpoint every `interval` steps and at exit. A restarted learner resumes from the
+newest loadable checkpoint and republishes its adapter under a version newer than anything served, so versions never
+go backwards. SIGTERM finishes the current step, writes a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from runner.config import Config, build_config
+from runner.control import ControlClient, CoordinatorGone
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Sends adapter versions to the coordinator and answers questions about what the workers serve."""
+
+    def __init__(self, client: ControlClient, base_model_id: str, adapter_config: dict):
+        self.client, self.base_model_id, self.adapter_config = client, base_model_id, adapter_config
+
+    def status(self) -> dict:
+        return self.client.request({"type": "status"}, ("status",), timeout=30)[1]
+
+    def serving_urls(self) -> list[str]:
+        return [w["http_url"] for w in self.status()["workers"]
+                if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]]
+
+    def publish(self, version: int, step: int, tensors) -> None:
+        from workers.weights import encode_adapter
+
+        frames = encode_adapter(version, step, self.base_model_id, self.adapter_config, tensors)
+        self.client.send_weights(frames)
+        reply = self.client.wait_for(("published", "rejected"), timeout=60, what=f"adapter version {version}")[1]
+        if reply["type"] == "rejected":
+            raise RuntimeError(f"the coordinator rejected adapter version {version}: {reply['reason']}")
+
+    def wait_for_workers(self, min_version: int, stopping: threading.Event, timeout: float = 600) -> dict:
+        """Block until at least one generation worker serves a version >= min_version and none serves older."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stopping.is_set():
+            job = self.status()["job"]
+            oldest = job["oldest_serving_version"]
+            if oldest is not None and oldest >= min_version:
+                return job
+            time.sleep(0.05)
+        raise TimeoutError(f"no generation worker served adapter version >= {min_version} within {timeout:.0f}s")
+
+
+def run_learner(join: str, name: str) -> int:
+    from workers.learner.checkpoint import append_metrics, find_latest, restore, save_checkpoint
+    from workers.learner.sources import make_source
+    from workers.learner.trainer import Trainer
+
+    client = ControlClient(join, name, role="learner")
+    welcome = client.hello()
+    config: Config = build_config(welcome["config"], where="coordinator")
+    client.heartbeat_interval = config.coordinator.heartbeat_interval
+    client.status.update(state="loading", version=welcome["latest_version"])
+    client.start_heartbeats()
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    run_dir = Path(config.checkpoint.dir).resolve()
+    trainer = Trainer.from_config(config, model_path=welcome["model_path"])
+    publisher = Publisher(client, welcome["base_model_id"], trainer.adapter_config())
+    source = make_source(config, publisher.serving_urls)
+    checkpoint = find_latest(run_dir)
+    if checkpoint is not None:
+        restore(trainer, source, checkpoint, run_dir)
+        log.info("resumed from %s at step %d", checkpoint, trainer.step_count)
+    # Versions never go backwards: continue above whatever the workers may already serve.
+    version = max(trainer.version, welcome["latest_version"])
+    if checkpoint is not None:
+        version += 1
+        publisher.publish(version, trainer.step_count, trainer.lora_tensors())
+    trainer.version = version
+    client.status.update(state="training", version=version)
+
+    def checkpoint_now(metrics: dict) -> None:
+        path = save_checkpoint(run_dir, trainer, source, metrics, keep_last=config.checkpoint.keep_last)
+        log.info("checkpoint %s", path)
+
+    metrics: dict = {}
+    try:
+        while trainer.step_count < config.learner.steps and not stopping.is_set():
+            publisher.wait_for_workers(trainer.version - config.learner.max_staleness, stopping)
+            if stopping.is_set():
+                break
+            batch = source.next_batch(trainer.step_count)
+            metrics = trainer.step(batch)
+            trainer.version += 1
+            publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
+            metrics.update(step=trainer.step_count, version=trainer.version,
+                           staleness=trainer.version - 1 - batch.min_policy_version, time=time.time())
+            append_metrics(run_dir, metrics)
+            client.status["version"] = trainer.version
+            client.send({"type": "progress", "name": name, "metrics": _plain(metrics)})
+            if trainer.step_count % config.checkpoint.interval == 0:
+                checkpoint_now(metrics)
+    finally:
+        client.status["state"] = "stopping"
+        checkpoint_now(metrics)
+    if not stopping.is_set():
+        client.send({"type": "done", "name": name})
+    client.close()
+    return 0
+
+
+def _plain(metrics: dict) -> dict:
+    """Metrics as msgpack-able scalars."""
+    return {k: (float(v) if isinstance(v, float) else v) for k, v in json.loads(json.dumps(metrics, default=float)).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workers.learner.main")
+    p.add_argument("--join", required=True)
+    p.add_argument("--name", default="learner")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_learner(args.join, args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
