@@ -58,6 +58,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return show_status(args.coordinator, as_json=args.json)
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from runner.keys import generate_keypair, load_keypair
+
+    public, secret = generate_keypair(Path(args.out), args.name, force=args.force)
+    print(f"public key {load_keypair(secret)[0].decode()}\n  {public}  (give to the other side's authorized keys "
+          f"directory)\n  {secret}  (secret, mode 600)")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from runner.deploy import render
+
+    for path in render(args.target, Path(args.config), Path(args.out).expanduser(), role=args.role, join=args.join,
+                       log_dir=args.log_dir and Path(args.log_dir), workdir=args.workdir and Path(args.workdir)):
+        print(path)
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     load_config(args.config, args.set or [])
     print(f"{args.config}: ok")
@@ -124,16 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help="render launchd plists or systemd units for this install")
     dsub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     for target in ("launchd", "systemd"):
-        d = dsub.add_parser(target, help=f"render {target} files (not built yet)")
+        d = dsub.add_parser(target, help=f"render {target} files with absolute paths for this install")
         d.add_argument("config")
-        d.add_argument("--out", required=True)
-        d.set_defaults(func=_not_built(f"deploy {target}", 7))
+        d.add_argument("--out", required=True, help="directory to write into (e.g. ~/Library/LaunchAgents)")
+        d.add_argument("--role", choices=["coordinator", "worker"], default="coordinator")
+        d.add_argument("--join", metavar="tcp://HOST:PORT", help="coordinator address for --role worker")
+        d.add_argument("--log-dir", default=None)
+        d.add_argument("--workdir", default=None, help="working directory (default: the current one)")
+        d.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("keys", help="manage ZeroMQ CURVE keys")
     ksub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    k = ksub.add_parser("generate", help="generate a CURVE key pair (not built yet)")
-    k.add_argument("--out", required=True)
-    k.set_defaults(func=_not_built("keys generate", 7))
+    k = ksub.add_parser("generate", help="generate a CURVE key pair")
+    k.add_argument("--out", required=True, help="directory for NAME.key and NAME.key_secret")
+    k.add_argument("--name", default="runner")
+    k.add_argument("--force", action="store_true", help="replace existing keys")
+    k.set_defaults(func=cmd_keys_generate)
 
     p = sub.add_parser("report", help="plot a run's metrics and write a summary (not built yet)")
     p.add_argument("run")

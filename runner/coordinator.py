@@ -159,6 +159,7 @@ class Coordinator:
         self.exit_code = 0
         self.signals = 0
         self.http: StatusHTTP | None = None
+        self.serving_waiters: list[tuple[bytes, int]] = []  # (identity, version) told once every worker serves it
 
     def _secure_sockets(self) -> None:
         sec = self.config.security
@@ -283,6 +284,23 @@ class Coordinator:
     def _on_status(self, identity: bytes, msg: dict) -> None:
         self._reply(identity, {"type": "status", **self.status()})
 
+    def _on_wait_serving(self, identity: bytes, msg: dict) -> None:
+        """Reply 'serving' once every serving generation worker (and at least one) has `version` or newer."""
+        self.serving_waiters.append((identity, int(msg["version"])))
+
+    def _answer_waiters(self) -> None:
+        oldest = self.oldest_serving_version()
+        if oldest is None or not self.serving_waiters:
+            return
+        done = [(i, v) for i, v in self.serving_waiters if oldest >= v]
+        self.serving_waiters = [w for w in self.serving_waiters if w not in done]
+        for identity, _ in done:
+            self._reply(identity, {"type": "serving", "version": oldest})
+
+    def oldest_serving_version(self) -> int | None:
+        serving = [w.version for w in self.workers.values() if w.role == "generate" and w.state == "serving"]
+        return min(serving) if serving else None
+
     def _on_progress(self, identity: bytes, msg: dict) -> None:
         metrics = dict(msg.get("metrics") or {})
         self.job.update({k: metrics.get(k) for k in ("step", "reward_mean", "tokens_per_s", "loss", "kl", "staleness")
@@ -307,7 +325,7 @@ class Coordinator:
             log.warning("rejected a weight message: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
-        self.latest = [bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in frames]
+        self.latest = list(frames)  # zmq.Frame objects own their memory and can be sent again, copy-free
         self.latest_version = message.version
         self.job["version"] = message.version
         self.weights.send_multipart(self.latest, copy=False)
@@ -316,10 +334,9 @@ class Coordinator:
     # ----- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict:
         now = time.time()
-        serving = [w.version for w in self.workers.values() if w.role == "generate" and w.state == "serving"]
         return {"job": {**self.job, "uptime": round(now - self.job["started"], 1),
                         "latest_version": self.latest_version,
-                        "oldest_serving_version": min(serving) if serving else None},
+                        "oldest_serving_version": self.oldest_serving_version()},
                 "workers": [w.row(now) for w in self.workers.values()]}
 
     def prometheus(self) -> str:
@@ -372,6 +389,7 @@ class Coordinator:
                     except zmq.Again:
                         break
                     self._handle(frames)
+            self._answer_waiters()
             now = time.time()
             self._check_children(now)
             learner = self.workers.get("learner")
@@ -431,8 +449,9 @@ def create_coordinator(config: Config, config_path: Path) -> Coordinator:
     """Check security, prepare the model if needed, bind the sockets."""
     from runner.keys import require_security
 
-    require_security([config.coordinator.control, config.coordinator.weights], config.security.curve_secret_key,
-                     config.security.api_token)
+    http = f"tcp://{config.generation.host}:{config.generation.port}"  # the workers' HTTP API is exposed as well
+    require_security([config.coordinator.control, config.coordinator.weights, http], config.security.curve_secret_key,
+                     config.security.api_token, authorized_keys=config.security.authorized_keys)
     run_dir = Path(config.checkpoint.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path = Path(config.model.path).resolve()

@@ -74,9 +74,8 @@ def lora_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("mlx.core.")) for k, v in lora_tensors(model).items()}
 
 
-def check_lora(model: nn.Module, tensors: dict[str, mx.array]) -> None:
-    """Raise ValueError unless `tensors` has exactly the model's adapter names, shapes and dtypes."""
-    layout = lora_layout(model)
+def check_lora(layout: dict[str, tuple[tuple[int, ...], str]], tensors: dict[str, mx.array]) -> None:
+    """Raise ValueError unless `tensors` has exactly the names, shapes and dtypes of `layout` (see `lora_layout`)."""
     if set(tensors) != set(layout):
         missing, extra = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
         raise ValueError(f"adapter tensor names do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -88,7 +87,7 @@ def check_lora(model: nn.Module, tensors: dict[str, mx.array]) -> None:
 
 def set_lora(model: nn.Module, tensors: dict[str, mx.array]) -> None:
     """Install a complete set of adapter tensors (validated first, so a bad set changes nothing)."""
-    check_lora(model, tensors)
+    check_lora(lora_layout(model), tensors)
     model.update(tree_unflatten(list(tensors.items())))
 
 

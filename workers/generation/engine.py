@@ -28,13 +28,19 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 
-from workers.lora import check_lora, set_lora
+from mlx.utils import tree_unflatten
+
+from workers.lora import check_lora, lora_layout
 
 log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
     """The admission queue is full; the caller should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The model thread is not running (stopped, or died on an MLX failure): nothing will be generated."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,9 @@ class Engine:
         self.max_queue = max_queue
         self.context_length = context_length
         self.stats = EngineStats(adapter_version=adapter_version)
+        self.lora_layout = lora_layout(model)  # what an installed adapter must match (empty without LoRA)
         self.eos_ids = sorted(tokenizer.eos_token_ids)
+        self.vocab_size = _vocab_size(model, tokenizer)
         self._generator = BatchGenerator(
             model,
             completion_batch_size=max_batch,
@@ -144,13 +152,16 @@ class Engine:
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "Engine":
-        self._thread.start()
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the model thread (safe to call twice, or on an engine that was never started)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     @property
     def version(self) -> int:
@@ -174,9 +185,10 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the model's context "
                 f"length {self.context_length}"
             )
-        vocab = self.tokenizer.vocab_size if hasattr(self.tokenizer, "vocab_size") else None
-        if vocab and any(not (0 <= t < vocab) for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not (0 <= t < self.vocab_size) for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if self._stop.is_set() or (self._thread.ident is not None and not self._thread.is_alive()):
+            raise EngineStopped("the generation engine is not running")
         with self._count_lock:
             if self._outstanding >= self.max_queue:
                 self.stats.requests_rejected += 1
@@ -210,7 +222,8 @@ class Engine:
             newest = self._pending_adapter[0] if self._pending_adapter else self.stats.adapter_version
             if version <= newest:
                 raise ValueError(f"adapter version {version} is not newer than {newest}")
-            check_lora(self.model, tensors)
+            check_lora(self.lora_layout, tensors)
+            mx.eval(list(tensors.values()))  # materialise here, so the model thread only swaps references
             applied = threading.Event()
             if self._pending_adapter:  # superseded before it went live: release its waiter too
                 self._pending_adapter[2].set()
@@ -231,17 +244,33 @@ class Engine:
                 self._step()
         except Exception as e:  # a bug or an MLX failure: fail every request loudly rather than hang them
             log.exception("engine thread failed")
-            for req, _ in list(self._by_uid.values()):
-                req.emit("error", f"generation failed: {e}")
+            self._fail_all(f"generation failed: {e}")
             raise
+        finally:
+            # MLX keeps streams and the mx.compile cache per thread; their thread-exit destructors touch Python
+            # objects, which aborts the process if they run while the interpreter finalizes (a stop() right before
+            # exit). Releasing them here, while this thread still holds a Python thread state, avoids that.
+            mx.clear_streams()
+
+    def _fail_all(self, message: str) -> None:
+        """Tell every running and queued request that it will not be answered."""
+        failed = {id(req): req for req, _ in self._by_uid.values()}
+        while True:
+            try:
+                kind, req = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                failed[id(req)] = req
+        for req in failed.values():
+            req.emit("error", message)
 
     def _apply_pending_adapter(self) -> None:
         with self._adapter_lock:
             pending, self._pending_adapter = self._pending_adapter, None
         if pending:
             version, tensors, applied = pending
-            set_lora(self.model, tensors)
-            mx.eval(self.model.parameters())
+            self.model.update(tree_unflatten(list(tensors.items())))  # validated in install_adapter
             self.stats.adapter_version = version
             self.stats.adapter_switches_total += 1
             applied.set()
@@ -373,6 +402,14 @@ class Engine:
     def _refresh_gauges(self) -> None:
         self.stats.active_sequences = len(self._by_uid)
         self.stats.queued_requests = self._inbox.qsize()
+
+
+def _vocab_size(model: nn.Module, tokenizer) -> int:
+    """Rows of the output layer: the ids the model can take and emit. The tokenizer's `vocab_size` is not it (Hugging
+    Face leaves added special tokens out of it, so chat-template ids would be refused)."""
+    args = getattr(model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    return int(size) if size else len(tokenizer)
 
 
 def _copy_cache(cache):

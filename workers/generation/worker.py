@@ -24,7 +24,7 @@ from runner import wire
 from runner.config import build_config
 from runner.control import ControlClient, model_id
 from workers.generation.server import Server, load_engine
-from workers.lora import LoraSpec, lora_layout
+from workers.lora import LoraSpec
 from workers.weights import decode_to_mlx
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class WeightReceiver:
     def __init__(self, engine, base_model_id: str):
         self.engine = engine
         self.base_model_id = base_model_id
-        self.layout = lora_layout(engine.model)
+        self.layout = engine.lora_layout
         self.pending: list[tuple[int, threading.Event]] = []
         self.rejected = 0
 
@@ -117,8 +117,10 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
     try:
         while not stopping.is_set():
             for sock, _ in poller.poll(50):
-                if sock is sub:
-                    receiver.offer(sub.recv_multipart(copy=False))
+                if sock is sub and receiver.offer(sub.recv_multipart(copy=False)) is not None:
+                    # The engine applies it between decode steps (milliseconds): wait briefly so the ack goes out
+                    # at once instead of on the next poll.
+                    receiver.pending[-1][1].wait(1.0)
                 else:
                     msg = client.receive(0)
                     if msg and msg[0] == "C" and msg[1]["type"] == "stop":

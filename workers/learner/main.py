@@ -46,15 +46,16 @@ class Publisher:
         if reply["type"] == "rejected":
             raise RuntimeError(f"the coordinator rejected adapter version {version}: {reply['reason']}")
 
-    def wait_for_workers(self, min_version: int, stopping: threading.Event, timeout: float = 600) -> dict:
-        """Block until at least one generation worker serves a version >= min_version and none serves older."""
+    def wait_for_workers(self, min_version: int, stopping: threading.Event, timeout: float = 600) -> int:
+        """Block until every serving generation worker (at least one) serves `min_version` or newer; returns the
+        oldest version served. The coordinator answers when the acks arrive, so there is no polling."""
+        self.client.send({"type": "wait_serving", "version": min_version})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not stopping.is_set():
-            job = self.status()["job"]
-            oldest = job["oldest_serving_version"]
-            if oldest is not None and oldest >= min_version:
-                return job
-            time.sleep(0.05)
+            try:
+                return self.client.wait_for(("serving",), timeout=1.0)[1]["version"]
+            except CoordinatorGone:
+                continue
         raise TimeoutError(f"no generation worker served adapter version >= {min_version} within {timeout:.0f}s")
 
 
