@@ -10,6 +10,7 @@ from pathlib import Path
 
 from runner import __version__
 from runner.config import ConfigError, load_config
+from runner.control import add_join_arguments
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="attach a worker to a running coordinator")
     wsub = p.add_subparsers(dest="role", required=True, metavar="ROLE")
     w = wsub.add_parser("generate", help="attach a generation worker")
-    w.add_argument("--join", required=True, metavar="tcp://HOST:PORT")
+    add_join_arguments(w)
     w.add_argument("--name", default=None, help="worker name (default gen-HOSTNAME-PID)")
     w.add_argument("--model", default=None, help="local model directory if it differs from the coordinator's path")
     w.add_argument("--host", default="127.0.0.1", help="HTTP bind address")

@@ -164,10 +164,20 @@ class Coordinator:
     def _secure_sockets(self) -> None:
         sec = self.config.security
         if sec.curve_secret_key:
-            from runner.keys import curve_server
+            from runner.keys import curve_server, load_keypair
 
+            own_public = load_keypair(sec.curve_secret_key)[0]  # local children connect with the coordinator's key
             for s in (self.control, self.weights):
-                curve_server(s, sec.curve_secret_key, sec.authorized_keys)
+                curve_server(s, sec.curve_secret_key, sec.authorized_keys, also_allow=[own_public])
+
+    def child_args(self) -> list[str]:
+        """Arguments every local child needs to reach this coordinator."""
+        sec = self.config.security
+        args = ["--join", self.control_endpoint]
+        if sec.curve_secret_key:
+            args += ["--key", str(Path(sec.curve_secret_key).resolve()),
+                     "--server-key", str(Path(sec.curve_public_key).resolve())]
+        return args
 
     # ----- children --------------------------------------------------------------------------------------------
     def add_watcher(self, name: str, role: str, cmd: list[str]) -> None:
@@ -423,6 +433,10 @@ class Coordinator:
             self.http.shutdown()
         self.control.close()
         self.weights.close()
+        if self.config.security.curve_secret_key:
+            from runner.keys import stop_authenticator
+
+            stop_authenticator(self.ctx)
         return self.exit_code
 
     def _drain_control(self) -> None:
@@ -470,7 +484,7 @@ def add_generation_workers(coord: Coordinator, count: int) -> None:
     gen = coord.config.generation
     for i in range(count):
         port = gen.port + i if gen.port else 0
-        coord.add_watcher(f"gen-{i}", "generate", _child_cmd("workers.generation.worker", "--join", coord.control_endpoint,
+        coord.add_watcher(f"gen-{i}", "generate", _child_cmd("workers.generation.worker", *coord.child_args(),
                                                              "--name", f"gen-{i}", "--host", gen.host, "--port", str(port)))
 
 
@@ -479,8 +493,7 @@ def launch(config: Config, config_path: Path) -> int:
     coord = create_coordinator(config, config_path)
     coord.start_http()
     add_generation_workers(coord, config.generation.workers)
-    coord.add_watcher("learner", "learner", _child_cmd("workers.learner.main", "--join", coord.control_endpoint,
-                                                       "--name", "learner"))
+    coord.add_watcher("learner", "learner", _child_cmd("workers.learner.main", *coord.child_args(), "--name", "learner"))
     print(f"job started: run dir {coord.run_dir}, control {coord.control_endpoint} (`runner status --coordinator "
           f"{coord.control_endpoint}`), status {coord.job['status_url']}, logs in {coord.run_dir / 'logs'}", flush=True)
 

@@ -149,8 +149,9 @@ class AuthorizedKeys:
     client's key file takes effect for its next connection without restarting the server. Refusals are logged at
     WARNING with the client's public key."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, also_allow: frozenset[bytes] = frozenset()):
         self.directory = Path(directory)
+        self.also_allow = also_allow  # e.g. the server's own key, which its local child processes use
 
     def keys(self) -> set[bytes]:
         found = set()
@@ -163,7 +164,7 @@ class AuthorizedKeys:
 
     def callback(self, domain: str, key: bytes) -> bool:
         try:
-            allowed = key in self.keys()
+            allowed = key in self.also_allow or key in self.keys()
         except KeyFileError as e:
             log.error("refusing every CURVE client: %s", e)
             return False
@@ -178,7 +179,7 @@ _authenticators: "weakref.WeakKeyDictionary[zmq.Context, ThreadAuthenticator]" =
 _auth_lock = threading.Lock()
 
 
-def _authenticator(context: zmq.Context, authorized_dir: Path) -> ThreadAuthenticator:
+def _authenticator(context: zmq.Context, authorized_dir: Path, also_allow: frozenset[bytes] = frozenset()) -> ThreadAuthenticator:
     """Start (once per context) the ZAP handler that admits only the public keys in `authorized_dir`."""
     with _auth_lock:
         auth = _authenticators.get(context)
@@ -192,7 +193,7 @@ def _authenticator(context: zmq.Context, authorized_dir: Path) -> ThreadAuthenti
             return auth
         auth = ThreadAuthenticator(context, log=logging.getLogger(f"{__name__}.zap"))
         auth.start()
-        provider = AuthorizedKeys(authorized_dir)
+        provider = AuthorizedKeys(authorized_dir, also_allow)
         for domain in ("*", ZAP_DOMAIN):  # '*' serves sockets of this context that set no ZAP domain
             auth.configure_curve_callback(domain=domain, credentials_provider=provider)
         _authenticators[context] = auth
@@ -218,7 +219,8 @@ def _enforce_zap(socket: zmq.Socket) -> bool:
     return True
 
 
-def curve_server(socket: zmq.Socket, secret_key_file: Path, authorized_keys_dir: Path) -> ThreadAuthenticator:
+def curve_server(socket: zmq.Socket, secret_key_file: Path, authorized_keys_dir: Path,
+                 also_allow: Iterable[bytes] = ()) -> ThreadAuthenticator:
     """Make `socket` a CURVE server that admits only clients whose public keys are in `authorized_keys_dir`.
 
     Call before `socket.bind`. Starts the context's authenticator on first use and returns it; stop it with
@@ -233,7 +235,7 @@ def curve_server(socket: zmq.Socket, secret_key_file: Path, authorized_keys_dir:
     keys = authorized_key_files(authorized_dir)
     if not keys:
         log.warning("no client public keys in %s: every client will be refused", authorized_dir)
-    auth = _authenticator(socket.context, authorized_dir)
+    auth = _authenticator(socket.context, authorized_dir, frozenset(also_allow))
     _enforce_zap(socket)
     socket.curve_secretkey = secret
     socket.curve_publickey = public

@@ -22,7 +22,7 @@ import zmq
 
 from runner import wire
 from runner.config import build_config
-from runner.control import ControlClient, model_id
+from runner.control import ControlClient, add_join_arguments, curve_from_args, model_id
 from workers.generation.server import Server, load_engine
 from workers.lora import LoraSpec
 from workers.weights import decode_to_mlx
@@ -63,8 +63,9 @@ class WeightReceiver:
         return done
 
 
-def run_worker(join: str, name: str, host: str, port: int, model_override: str | None = None) -> int:
-    client = ControlClient(join, name, role="generate")
+def run_worker(join: str, name: str, host: str, port: int, model_override: str | None = None,
+               curve: dict | None = None) -> int:
+    client = ControlClient(join, name, role="generate", curve=curve)
     welcome = client.hello()
     if welcome["type"] != "welcome":
         log.error("the coordinator refused %s: %s", name, welcome.get("reason"))
@@ -168,12 +169,12 @@ def join(args: argparse.Namespace) -> int:
     import socket
 
     name = args.name or f"gen-{socket.gethostname()}-{__import__('os').getpid()}"
-    return run_worker(args.join, name, args.host, args.port, model_override=getattr(args, "model", None))
+    return run_worker(args.join, name, args.host, args.port, model_override=args.model, curve=curve_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers.generation.worker")
-    p.add_argument("--join", required=True)
+    add_join_arguments(p)
     p.add_argument("--name", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)

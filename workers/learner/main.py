@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from runner.config import Config, build_config
-from runner.control import ControlClient, CoordinatorGone
+from runner.control import ControlClient, CoordinatorGone, add_join_arguments, curve_from_args
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,12 @@ class Publisher:
         raise TimeoutError(f"no generation worker served adapter version >= {min_version} within {timeout:.0f}s")
 
 
-def run_learner(join: str, name: str) -> int:
+def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     from workers.learner.checkpoint import append_metrics, find_latest, restore, save_checkpoint
     from workers.learner.sources import make_source
     from workers.learner.trainer import Trainer
 
-    client = ControlClient(join, name, role="learner")
+    client = ControlClient(join, name, role="learner", curve=curve)
     welcome = client.hello()
     config: Config = build_config(welcome["config"], where="coordinator")
     client.heartbeat_interval = config.coordinator.heartbeat_interval
@@ -128,11 +128,11 @@ def _plain(metrics: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers.learner.main")
-    p.add_argument("--join", required=True)
+    add_join_arguments(p)
     p.add_argument("--name", default="learner")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_learner(args.join, args.name)
+    return run_learner(args.join, args.name, curve=curve_from_args(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""A CURVE-secured coordinator: its own local workers join, a remote-style worker with an authorized key joins and
+serves, a stranger's key gets nothing (no welcome, no weights), the HTTP API wants the bearer token, and an open
+non-loopback bind is refused before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from runner.config import ConfigError, build_config
+from runner.control import ControlClient, CoordinatorGone
+from runner.coordinator import add_generation_workers, create_coordinator
+from runner.keys import generate_keypair
+
+TOKEN = "s3cret-token"
+
+
+def poll(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def keys(tmp_path):
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    server_public, server_secret = generate_keypair(tmp_path / "server", "coordinator")
+    worker_public, worker_secret = generate_keypair(tmp_path / "worker", "worker")
+    (authorized / "worker.key").write_bytes(worker_public.read_bytes())
+    _, stranger_secret = generate_keypair(tmp_path / "stranger", "stranger")
+    return {"server_public": server_public, "server_secret": server_secret, "authorized": authorized,
+            "worker_secret": worker_secret, "stranger_secret": stranger_secret}
+
+
+@pytest.fixture
+def secure_job(tiny_model, tmp_path, keys):
+    config = build_config({
+        "model": {"path": str(tiny_model)},
+        "lora": {"rank": 4},
+        "generation": {"workers": 1, "port": 0},
+        "checkpoint": {"dir": str(tmp_path / "run")},
+        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0"},
+        "security": {"curve_secret_key": str(keys["server_secret"]), "curve_public_key": str(keys["server_public"]),
+                     "authorized_keys": str(keys["authorized"]), "api_token": TOKEN},
+    })
+    coord = create_coordinator(config, tmp_path / "job.toml")
+    add_generation_workers(coord, 1)
+    thread = threading.Thread(target=coord.run, daemon=True)
+    thread.start()
+    procs = []
+    try:
+        yield coord, procs
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+        coord.request_stop("test over")
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def status(client):
+    return client.request({"type": "status"}, ("status",), timeout=10)[1]
+
+
+def test_curve_admits_known_keys_only(secure_job, keys, tiny_model, caplog):
+    coord, procs = secure_job
+    admin = ControlClient(coord.control_endpoint, "admin", "cli",
+                          curve={"secret": keys["worker_secret"], "server_public": keys["server_public"]})
+    try:
+        # The coordinator's own child (which uses the coordinator's key) joins and serves.
+        poll(lambda: any(w["name"] == "gen-0" and w["state"] == "serving" for w in status(admin)["workers"]), 120,
+             "gen-0 serving")
+        # A worker started by hand with an authorized key joins like a remote Mac would.
+        procs.append(subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", "generate", "--join",
+                                       coord.control_endpoint, "--key", str(keys["worker_secret"]),
+                                       "--server-key", str(keys["server_public"]), "--name", "remote-1",
+                                       "--port", "0"]))
+        remote = poll(lambda: next((w for w in status(admin)["workers"]
+                                    if w["name"] == "remote-1" and w["state"] == "serving"), None), 120,
+                      "remote-1 serving")
+        assert remote["local"] is False
+        # Its HTTP API requires the bearer token.
+        url = remote["http_url"]
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30).status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2
+    finally:
+        admin.close()
+
+    # A stranger's key: the handshake fails, so no welcome, no status, and no weights ever arrive.
+    stranger = ControlClient(coord.control_endpoint, "stranger", "generate",
+                             curve={"secret": keys["stranger_secret"], "server_public": keys["server_public"]})
+    sub = stranger.subscribe_weights(coord.weights_endpoint)
+    try:
+        with pytest.raises(CoordinatorGone):
+            stranger.request({"type": "hello", "name": "stranger", "role": "generate"}, ("welcome",), timeout=3)
+        assert not sub.poll(500)
+        assert "stranger" not in [w["name"] for w in coord.status()["workers"]]
+        assert "refused CURVE client" in caplog.text
+    finally:
+        sub.close()
+        stranger.close()
+    # And a client without CURVE at all is ignored too.
+    plain = ControlClient(coord.control_endpoint, "plain", "cli")
+    try:
+        with pytest.raises(CoordinatorGone):
+            plain.request({"type": "status"}, ("status",), timeout=2)
+    finally:
+        plain.close()
+
+
+def test_open_non_loopback_bind_is_refused(tiny_model, tmp_path):
+    config = build_config({
+        "model": {"path": str(tiny_model)},
+        "checkpoint": {"dir": str(tmp_path / "run")},
+        "coordinator": {"control": "tcp://0.0.0.0:0", "weights": "tcp://127.0.0.1:0"},
+    })
+    with pytest.raises(ConfigError, match="0.0.0.0"):
+        create_coordinator(config, tmp_path / "job.toml")
+    assert not (tmp_path / "run" / "logs").exists()
