@@ -15,13 +15,13 @@ from runner.control import add_join_arguments
 log = logging.getLogger(__name__)
 
 
-class NotBuilt(Exception):
-    """A documented subcommand whose implementation has not landed yet."""
+def _delegate(module: str, function: str):
+    """A handler that imports its module only when the subcommand runs (keeps `runner --help` fast)."""
 
-
-def _not_built(what: str, issue: int):
     def run(args: argparse.Namespace) -> int:
-        raise NotBuilt(f"'runner {what}' is not built yet (tracked in issue #{issue}); nothing was done")
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
 
     return run
 
@@ -135,10 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapters", help="inspect, convert and merge LoRA adapters")
     asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action in ("show", "convert", "merge"):
-        a = asub.add_parser(action, help=f"{action} adapters (not built yet)")
-        a.add_argument("args", nargs="*")
-        a.set_defaults(func=_not_built(f"adapters {action}", 8))
+    a = asub.add_parser("show", help="an adapter's rank, targets, size and dtype, or a run's checkpoints")
+    a.add_argument("path", metavar="DIR|RUN", help="adapter dir (mlx-lm or PEFT), .npz, checkpoint dir or run dir")
+    a.set_defaults(func=_delegate("runner.adapters", "cmd_show"))
+    a = asub.add_parser("convert", help="convert between mlx-lm, .npz and PEFT layouts (lossless)")
+    a.add_argument("src", help="adapter dir (mlx-lm or PEFT) or .npz")
+    a.add_argument("dst", help="output: a .npz file or a directory")
+    a.add_argument("--to", choices=["mlx", "npz", "peft"], default=None,
+                   help="output format (default: npz for *.npz, else mlx<->peft, npz->mlx)")
+    a.add_argument("--base-model", default=None, help="base_model_name_or_path for PEFT output")
+    a.add_argument("--force", action="store_true", help="replace an existing DST")
+    a.set_defaults(func=_delegate("runner.adapters", "cmd_convert"))
+    a = asub.add_parser("merge", help="fuse an adapter into its base model and write a new model directory")
+    a.add_argument("--model", required=True, help="base model directory")
+    a.add_argument("--adapter", required=True, help="adapter dir (mlx-lm or PEFT) or .npz")
+    a.add_argument("--out", required=True, help="output model directory")
+    a.add_argument("--dequantize", action="store_true", help="write float weights for a quantized base")
+    a.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    a.set_defaults(func=_delegate("runner.adapters", "cmd_merge"))
 
     p = sub.add_parser("deploy", help="render launchd plists or systemd units for this install")
     dsub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -160,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace existing keys")
     k.set_defaults(func=cmd_keys_generate)
 
-    p = sub.add_parser("report", help="plot a run's metrics and write a summary (not built yet)")
-    p.add_argument("run")
-    p.set_defaults(func=_not_built("report", 8))
+    p = sub.add_parser("report", help="plot a run's metrics and write a summary")
+    p.add_argument("run", metavar="RUN", help="run directory (with metrics.jsonl)")
+    p.add_argument("--out", default=None, help="output directory (default RUN/report)")
+    p.set_defaults(func=_delegate("runner.report", "cmd_report"))
     return parser
 
 
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, NotBuilt, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -491,6 +491,10 @@ def add_generation_workers(coord: Coordinator, count: int) -> None:
 def launch(config: Config, config_path: Path) -> int:
     """`runner launch`: prepare what is missing, start the pool, supervise it until the job ends."""
     coord = create_coordinator(config, config_path)
+    (coord.run_dir / "logs").mkdir(exist_ok=True)
+    file_log = logging.FileHandler(coord.run_dir / "logs" / "coordinator.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
     coord.start_http()
     add_generation_workers(coord, config.generation.workers)
     coord.add_watcher("learner", "learner", _child_cmd("workers.learner.main", *coord.child_args(), "--name", "learner"))

@@ -1,0 +1,321 @@
+"""`runner report RUN`: plots of a run's metrics.jsonl (PNG, matplotlib Agg) and a Markdown summary beside them.
+
+Reads only files (no MLX, no running job). Robust to what a crashed or resumed run leaves: a malformed line is reported
+with its line number and skipped, a step logged twice keeps its last record, a metric that never appears gets a note
+instead of a plot. `summary.json` holds the same numbers as `report.md` at full precision, for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    name: str  # file stem
+    key: str  # metrics.jsonl field
+    title: str
+    ylabel: str
+    band: str | None = None  # field holding a ± spread drawn around `key`
+
+
+PLOTS = (
+    PlotSpec("reward", "reward_mean", "Reward", "mean reward per batch", band="reward_std"),
+    PlotSpec("loss", "loss", "GRPO loss", "loss"),
+    PlotSpec("kl", "kl", "KL divergence to the reference policy", "KL (per token)"),
+    PlotSpec("tokens_per_s", "tokens_per_s", "Learner throughput", "tokens / s"),
+    PlotSpec("staleness", "staleness", "Policy staleness", "versions behind"),
+)
+
+
+@dataclass
+class Metrics:
+    records: list[dict]  # one per step, sorted by step
+    problems: list[str] = field(default_factory=list)  # "line N: why", for the report
+    lines: int = 0
+
+
+def number(v) -> float | None:
+    """A finite float, or None for anything else (missing, null, NaN, strings, booleans)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def read_metrics(path: Path) -> Metrics:
+    """Parse metrics.jsonl; bad lines become `problems`, duplicate steps keep the last record."""
+    path = Path(path)
+    by_step: dict[int, dict] = {}
+    problems = []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {lineno}: not valid JSON ({e.msg}, column {e.colno})")
+            continue
+        if not isinstance(rec, dict):
+            problems.append(f"line {lineno}: a JSON {type(rec).__name__}, expected an object")
+            continue
+        step = rec.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            problems.append(f"line {lineno}: 'step' is {step!r}, expected an integer")
+            continue
+        if step in by_step:
+            problems.append(f"line {lineno}: step {step} logged again; keeping this later record")
+        by_step[step] = rec
+    return Metrics([by_step[s] for s in sorted(by_step)], problems, len(lines))
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records where `key` is a finite number."""
+    steps, values = [], []
+    for r in records:
+        v = number(r.get(key))
+        if v is not None:
+            steps.append(r["step"])
+            values.append(v)
+    return steps, values
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: list[dict], window: int = 10) -> dict:
+    """The report's numbers; every value is recomputable from the records (None when the metric is absent)."""
+    s: dict = {"records": len(records)}
+    s["first_step"] = records[0]["step"] if records else None
+    s["last_step"] = records[-1]["step"] if records else None
+    steps, reward = series(records, "reward_mean")
+    s["reward_first"] = reward[0] if reward else None
+    s["reward_last"] = reward[-1] if reward else None
+    if reward:
+        best = max(range(len(reward)), key=lambda i: reward[i])  # the first step reaching the maximum
+        s["reward_best"], s["reward_best_step"] = reward[best], steps[best]
+    else:
+        s["reward_best"] = s["reward_best_step"] = None
+    s["reward_window"] = min(window, len(reward))
+    s["reward_mean_first"] = _mean(reward[:window])
+    s["reward_mean_last"] = _mean(reward[-window:])
+    s["loss_final"] = (series(records, "loss")[1] or [None])[-1]
+    s["kl_final"] = (series(records, "kl")[1] or [None])[-1]
+    s["tokens_per_s_mean"] = _mean(series(records, "tokens_per_s")[1])
+    stale = series(records, "staleness")[1]
+    s["staleness_max"] = max(stale) if stale else None
+    secs = series(records, "seconds")[1]
+    s["train_seconds"] = sum(secs) if secs else None
+    times = series(records, "time")[1]
+    s["wall_seconds"] = times[-1] - times[0] if len(times) >= 2 else None
+    versions = series(records, "version")[1]
+    s["last_version"] = int(versions[-1]) if versions else None
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _moving_average(values: list[float], w: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= w:
+            acc -= values[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def _draw(ax, records: list[dict], spec: PlotSpec) -> bool:
+    steps, values = series(records, spec.key)
+    if not steps:
+        return False
+    marker = "o" if len(steps) <= 30 else None  # dots help read short runs, clutter long ones
+    discrete = spec.key == "staleness"  # whole versions: a step line reads better than slopes between them
+    ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, color="C0", label=spec.key,
+            drawstyle="steps-mid" if discrete else "default")
+    if spec.band:
+        band = [(r["step"], number(r.get(spec.key)), number(r.get(spec.band))) for r in records]
+        band = [(st, v, sd) for st, v, sd in band if v is not None and sd is not None]
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
+                            color="C0", alpha=0.2, linewidth=0, label=f"± {spec.band}")
+    if len(values) >= 10 and not discrete:
+        w = max(3, len(values) // 10)
+        ax.plot(steps, _moving_average(values, w), color="C1", linewidth=1.8, label=f"moving average ({w} steps)")
+    if discrete:
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(min(-0.5, min(values) - 0.5), max(1.5, max(values) + 0.5))  # a flat 0 still gets whole ticks
+    if min(values) == max(values):  # say it, or a flat line at an autoscaled axis reads as noise around 0
+        ax.text(0.5, 0.5, f"constant {fmt(values[0])} at all {len(values)} steps", transform=ax.transAxes,
+                ha="center", va="bottom", color="0.35")
+    ax.set_title(spec.title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(spec.ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return True
+
+
+def _save(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_plots(records: list[dict], out: Path, run_name: str) -> tuple[list[Path], list[str]]:
+    """One PNG per metric plus overview.png; returns (written files, notes about skipped plots)."""
+    from matplotlib.figure import Figure  # Figure without pyplot: Agg canvas, no global state, no display needed
+
+    written, notes = [], []
+    present = []
+    for spec in PLOTS:
+        fig = Figure(figsize=(7, 4), layout="constrained")
+        if _draw(fig.add_subplot(), records, spec):
+            fig.suptitle(run_name, fontsize="small", color="0.4")
+            path = out / f"{spec.name}.png"
+            _save(fig, path)
+            written.append(path)
+            present.append(spec)
+            values = series(records, spec.key)[1]
+            if min(values) == max(values):
+                notes.append(f"`{spec.key}` is {fmt(values[0])} at every step")
+        else:
+            notes.append(f"`{spec.key}` has no numeric values in {METRICS_FILE}; {spec.name} plot skipped")
+    if present:
+        cols = 2 if len(present) > 1 else 1
+        rows = math.ceil(len(present) / cols)
+        fig = Figure(figsize=(6 * cols, 3.4 * rows), layout="constrained")
+        for i, spec in enumerate(present, 1):
+            _draw(fig.add_subplot(rows, cols, i), records, spec)
+        fig.suptitle(f"{run_name}: training metrics by step")
+        path = out / "overview.png"
+        _save(fig, path)
+        written.append(path)
+    return written, notes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report.md
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fmt(v, digits: int = 6) -> str:
+    """How report.md prints a number: 6 significant digits, '-' when absent."""
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}g}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{fmt(seconds)} s ({h}:{rem // 60:02d}:{rem % 60:02d})"
+
+
+def render_markdown(run: Path, m: Metrics, s: dict, plots: list[Path], notes: list[str], checkpoints: list) -> str:
+    w = s["reward_window"]
+    best = "-" if s["reward_best"] is None else f"{fmt(s['reward_best'])} (step {s['reward_best_step']})"
+    rows = [
+        ("steps", f"{s['records']} (step {fmt(s['first_step'])} to {fmt(s['last_step'])})"),
+        ("first reward", fmt(s["reward_first"])),
+        ("last reward", fmt(s["reward_last"])),
+        ("best reward", best),
+        (f"mean reward, first {w} steps", fmt(s["reward_mean_first"])),
+        (f"mean reward, last {w} steps", fmt(s["reward_mean_last"])),
+        ("final loss", fmt(s["loss_final"])),
+        ("final KL", fmt(s["kl_final"])),
+        ("mean tokens/s", fmt(s["tokens_per_s_mean"])),
+        ("max staleness", fmt(s["staleness_max"])),
+        ("train time (sum of step seconds)", _duration(s["train_seconds"])),
+        ("wall time (first to last step)", _duration(s["wall_seconds"])),
+        ("last version", fmt(s["last_version"])),
+    ]
+    out = [f"# Run report: {run.name}", "",
+           f"Run directory `{run}`; {METRICS_FILE}: {m.lines} lines, {len(m.records)} steps used, "
+           f"{len(m.problems)} problem line(s).", "", "## Summary", "", "| metric | value |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    out += ["", "## Plots", ""]
+    out += [f"![{p.stem}]({p.name})\n" for p in plots] or ["(no plots)", ""]
+    out += [f"- {n}" for n in notes]
+    out += ["", "## Checkpoints", ""]
+    if checkpoints:
+        out += ["| checkpoint | step | version | reward_mean | loss | kl | latest |", "|---|---|---|---|---|---|---|"]
+        for ck in checkpoints:
+            mm = ck.metrics
+            flag = "yes" if ck.latest else (f"broken: {ck.problem}" if ck.problem else "")
+            out.append(f"| {ck.path.name} | {fmt(ck.step)} | {fmt(ck.version)} | {fmt(number(mm.get('reward_mean')))} "
+                       f"| {fmt(number(mm.get('loss')))} | {fmt(number(mm.get('kl')))} | {flag} |")
+    else:
+        out.append("(none)")
+    if m.problems:
+        out += ["", "## Skipped or replaced lines", ""] + [f"- {p}" for p in m.problems]
+    return "\n".join(out) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(run: Path, out: Path | None = None) -> Path:
+    """Write plots, report.md and summary.json for the run into `out` (default RUN/report); returns report.md."""
+    from runner.adapters import run_checkpoints
+
+    run = Path(run)
+    path = run / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} has no {METRICS_FILE}; expected a run directory written by the learner")
+    m = read_metrics(path)
+    for p in m.problems:
+        log.warning("%s %s", path, p)
+    out = Path(out) if out else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    s = summarize(m.records)
+    try:
+        plots, notes = make_plots(m.records, out, run.resolve().name)
+    except ImportError:
+        plots, notes = [], ["matplotlib is not installed (pip install matplotlib); no plots were drawn"]
+    checkpoints = run_checkpoints(run)
+    _write_text(out / "report.md", render_markdown(run, m, s, plots, notes, checkpoints))
+    s["problems"] = m.problems
+    s["plots"] = [p.name for p in plots]
+    s["checkpoints"] = [{"name": c.path.name, "step": c.step, "version": c.version, "latest": c.latest}
+                        for c in checkpoints]
+    _write_text(out / "summary.json", json.dumps(s, indent=1) + "\n")
+    return out / "report.md"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        md = write_report(Path(args.run), Path(args.out) if args.out else None)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {md} and plots in {md.parent}")
+    return 0

@@ -1,0 +1,178 @@
+"""`runner launch` end to end, with real processes and the tiny model: the job completes, survives kill -9 of a
+generation worker and of the learner, stops within the flapping limit when a worker can never start, and exits 0
+after a final checkpoint on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlx_lm
+import pytest
+
+from runner.status import fetch_status
+
+pytestmark = pytest.mark.slow
+
+QUICK = [
+    "learner.steps=14", "checkpoint.interval=3", "coordinator.control=\"tcp://127.0.0.1:0\"",
+    "coordinator.weights=\"tcp://127.0.0.1:0\"", "coordinator.heartbeat_timeout=20.0", "generation.port=0",
+]
+
+
+class Job:
+    """A `runner launch` subprocess whose output is collected by a reader thread."""
+
+    def __init__(self, config: Path, sets: list[str], cwd: Path):
+        args = [sys.executable, "-m", "runner.cli", "launch", str(config)]
+        for s in sets:
+            args += ["--set", s]
+        self.proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.output)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} within {timeout}s; output:\n{self.output[-3000:]}")
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(30)
+        self.reader.join(10)
+        return code
+
+    def control(self) -> str:
+        return self.wait_for(r"control (tcp://\S+)", 120).group(1)
+
+
+@pytest.fixture
+def job_dir(tmp_path, tiny_model):
+    config = tmp_path / "job.toml"
+    text = (Path(__file__).parent.parent / "configs" / "quickstart.toml").read_text()
+    text = text.replace('path = "models/tiny"', f'path = "{tiny_model}"')
+    config.write_text(text)
+    return tmp_path, config
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_loadable_checkpoint(run_dir: Path, tiny_model: Path) -> int:
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    mlx_lm.load(str(tiny_model), adapter_path=str(latest))
+    return json.loads((latest / "state.json").read_text())["step"]
+
+
+def worker_pid(control: str, name: str, not_pid: int = 0) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for w in fetch_status(control)["workers"]:
+            if w["name"] == name and w["pid"] and w["pid"] != not_pid and w["state"] in ("serving", "training"):
+                return w["pid"]
+        time.sleep(0.1)
+    raise AssertionError(f"{name} never reached a running state")
+
+
+def wait_step(control: str, step: int, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (fetch_status(control)["job"]["step"] or 0) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the job never reached step {step}")
+
+
+def test_quickstart_completes_and_reward_rises(job_dir, tiny_model):
+    cwd, config = job_dir
+    job = Job(config, [s for s in QUICK if not s.startswith("learner.steps")] + ["learner.steps=40"], cwd)
+    assert job.finish(900) == 0, job.output[-3000:]
+    run_dir = cwd / "runs" / "quickstart"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first = sum(r["reward_mean"] for r in rows[:10]) / 10
+    last = sum(r["reward_mean"] for r in rows[-10:]) / 10
+    assert last > first + 0.05, f"reward did not rise: first 10 {first:.3f}, last 10 {last:.3f}"
+    assert "step 40/40" in job.output and "job finished" in job.output
+    assert assert_loadable_checkpoint(run_dir, tiny_model) == 40
+
+
+@pytest.mark.parametrize("victim", ["gen-0", "learner"])
+def test_kill_9_worker_mid_run_recovers(job_dir, tiny_model, victim):
+    cwd, config = job_dir
+    job = Job(config, QUICK, cwd)
+    try:
+        control = job.control()
+        wait_step(control, 4)
+        pid = worker_pid(control, victim)
+        os.kill(pid, signal.SIGKILL)
+        # It comes back as a new process, and the job goes on to the end.
+        worker_pid(control, victim, not_pid=pid)
+        assert job.finish(600) == 0, job.output[-3000:]
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+    run_dir = cwd / "runs" / "quickstart"
+    rows = metrics(run_dir)
+    versions = [r["version"] for r in rows]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions), versions
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert assert_loadable_checkpoint(run_dir, tiny_model) == 14
+    assert re.search(rf"{victim} exited with code -9; restarting", (run_dir / "logs" / "coordinator.log").read_text()
+                     if (run_dir / "logs" / "coordinator.log").exists() else job.output)
+
+
+def test_worker_that_always_crashes_stops_the_job(job_dir, tmp_path, tiny_model):
+    cwd, config = job_dir
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for f in tiny_model.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\0" * (tiny_model / "model.safetensors").stat().st_size)
+    job = Job(config, QUICK + [f'model.path="{broken}"', "coordinator.restart_attempts=2",
+                               "coordinator.retry_in=0.1"], cwd)
+    code = job.finish(300)
+    assert code == 1, job.output[-3000:]
+    m = re.search(r"worker (gen-0|learner) exited 3 times within 60s", job.output)
+    assert m, job.output[-3000:]
+    assert "Last lines of" in job.output and "Traceback" in job.output
+
+
+def test_sigterm_exits_0_after_final_checkpoint(job_dir, tiny_model):
+    cwd, config = job_dir
+    job = Job(config, [s for s in QUICK if not s.startswith("learner.steps")] + ["learner.steps=500"], cwd)
+    control = job.control()
+    wait_step(control, 2)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.finish(300) == 0, job.output[-3000:]
+    run_dir = cwd / "runs" / "quickstart"
+    last_step = metrics(run_dir)[-1]["step"]
+    assert 2 <= last_step < 500
+    assert assert_loadable_checkpoint(run_dir, tiny_model) == last_step  # the final checkpoint is the last step
