@@ -33,7 +33,8 @@ class CoordinatorGone(RuntimeError):
 
 
 class ControlClient:
-    """One worker's connection to the coordinator. Use from one thread (the heartbeat thread has its own socket)."""
+    """One worker's connection to the coordinator. Safe to share between threads: a lock serialises use of the
+    socket, so a request and its reply stay together (the heartbeat thread has a socket of its own)."""
 
     def __init__(self, endpoint: str, name: str, role: str, heartbeat_interval: float = 1.0, curve: dict | None = None):
         self.endpoint, self.name, self.role = endpoint, name, role
@@ -46,6 +47,7 @@ class ControlClient:
         self._stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._inbox: list[list] = []  # messages received while waiting for a specific reply
+        self._lock = threading.RLock()
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -58,37 +60,48 @@ class ControlClient:
 
     # ----- messages --------------------------------------------------------------------------------------------
     def send(self, msg: dict) -> None:
-        self.sock.send_multipart([CONTROL, wire.pack_control(msg)])
+        with self._lock:
+            self.sock.send_multipart([CONTROL, wire.pack_control(msg)])
 
     def send_weights(self, frames: list) -> None:
-        wire.send(self.sock, [WEIGHTS, *frames], copy=False)
+        with self._lock:
+            wire.send(self.sock, [WEIGHTS, *frames], copy=False)
 
     def receive(self, timeout: float) -> list | None:
         """The next message: ('C', dict) or ('W', frames); None on timeout."""
-        if self._inbox:
-            return self._inbox.pop(0)
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        return _parse(self.sock.recv_multipart(copy=False))
+        with self._lock:
+            if self._inbox:
+                return self._inbox.pop(0)
+            if not self.sock.poll(int(timeout * 1000)):
+                return None
+            return _parse(self.sock.recv_multipart(copy=False))
 
     def request(self, msg: dict, reply_types: tuple[str, ...], timeout: float = 30.0) -> list:
         """Send a control message and wait for its reply (see `wait_for`)."""
-        self.send(msg)
-        return self.wait_for(reply_types, timeout, what=repr(msg["type"]))
+        with self._lock:
+            self.send(msg)
+            return self.wait_for(reply_types, timeout, what=repr(msg["type"]))
 
     def wait_for(self, reply_types: tuple[str, ...], timeout: float = 30.0, what: str = "a reply") -> list:
         """Wait for a message of one of `reply_types` (control types, or 'W' for a weight message). Other messages
         that arrive meanwhile are kept for `receive`."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(int(left * 1000)):
-                break
-            parsed = _parse(self.sock.recv_multipart(copy=False))
-            if parsed is None:
-                continue
-            if (parsed[0] == "W" and "W" in reply_types) or (parsed[0] == "C" and parsed[1]["type"] in reply_types):
-                return parsed
-            self._inbox.append(parsed)
+        def wanted(parsed: list) -> bool:
+            return (parsed[0] == "W" and "W" in reply_types) or (parsed[0] == "C" and parsed[1]["type"] in reply_types)
+
+        with self._lock:
+            for i, parsed in enumerate(self._inbox):  # it may have arrived while we waited for something else
+                if wanted(parsed):
+                    return self._inbox.pop(i)
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not self.sock.poll(int(left * 1000)):
+                    break
+                parsed = _parse(self.sock.recv_multipart(copy=False))
+                if parsed is None:
+                    continue
+                if wanted(parsed):
+                    return parsed
+                self._inbox.append(parsed)
         raise CoordinatorGone(f"the coordinator at {self.endpoint} did not answer {what} within {timeout:.0f}s")
 
     def hello(self, **info) -> dict:
@@ -140,7 +153,7 @@ def _parse(frames: list) -> list | None:
     except wire.WireError as e:
         log.warning("dropped a malformed control message: %s", e)
         return None
-    log.warning("dropped a control message with unknown framing (%d frames)", len(frames))
+    log.warning("dropped a control message with unknown framing (%d frames, starting %r)", len(frames), kind[:40])
     return None
 
 

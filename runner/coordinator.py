@@ -476,7 +476,10 @@ def create_coordinator(config: Config, config_path: Path) -> Coordinator:
         print(f"preparing the {config.model.prepare} model in {model_path} (first run only)", flush=True)
         subprocess.run(_child_cmd("runner.cli", "models", "prepare", config.model.prepare, "--out", str(model_path)),
                        check=True)
-    job_info = {"model_path": str(model_path), "model_name": model_path.name, "config": config.to_dict()}
+    # Children get the config with absolute paths, so their working directory never matters.
+    resolved = config.to_dict()
+    resolved["model"]["path"], resolved["checkpoint"]["dir"] = str(model_path), str(run_dir)
+    job_info = {"model_path": str(model_path), "model_name": model_path.name, "config": resolved}
     return Coordinator(config, config_path, run_dir, model_id(model_path), job_info)
 
 

@@ -60,7 +60,7 @@ class Publisher:
 
 
 def run_learner(join: str, name: str, curve: dict | None = None) -> int:
-    from workers.learner.checkpoint import append_metrics, find_latest, restore, save_checkpoint
+    from workers.learner.checkpoint import append_metrics, find_latest, restore, save_checkpoint, truncate_metrics
     from workers.learner.sources import make_source
     from workers.learner.trainer import Trainer
 
@@ -75,46 +75,47 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
 
-    run_dir = Path(config.checkpoint.dir).resolve()
-    trainer = Trainer.from_config(config, model_path=welcome["model_path"])
-    publisher = Publisher(client, welcome["base_model_id"], trainer.adapter_config())
-    source = make_source(config, publisher.serving_urls)
+    run_dir = Path(config.checkpoint.dir)
+    trainer = Trainer.from_config(config)
+    publisher = Publisher(client, welcome["base_model_id"], trainer.spec.adapter_config(len(trainer.model.layers)))
     checkpoint = find_latest(run_dir)
+    start_step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, starting_step=start_step)
     if checkpoint is not None:
-        restore(trainer, source, checkpoint, run_dir)
+        restore(trainer, source, checkpoint)
         log.info("resumed from %s at step %d", checkpoint, trainer.step_count)
-    # Versions never go backwards: continue above whatever the workers may already serve.
-    version = max(trainer.version, welcome["latest_version"])
+    truncate_metrics(run_dir, trainer.step_count)  # steps after the checkpoint will be redone, not logged twice
+    # Versions never go backwards: continue above whatever the workers may already serve, and make them serve
+    # the resumed adapter before the first rollout.
+    trainer.version = max(trainer.version, welcome["latest_version"])
     if checkpoint is not None:
-        version += 1
-        publisher.publish(version, trainer.step_count, trainer.lora_tensors())
-    trainer.version = version
-    client.status.update(state="training", version=version)
+        trainer.version += 1
+        publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
+    client.status.update(state="training", version=trainer.version)
 
     def checkpoint_now(metrics: dict) -> None:
-        path = save_checkpoint(run_dir, trainer, source, metrics, keep_last=config.checkpoint.keep_last)
-        log.info("checkpoint %s", path)
+        save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last=config.checkpoint.keep_last,
+                        config=config)
 
-    metrics: dict = {}
+    saved_step = trainer.step_count if checkpoint is not None else -1
     try:
         while trainer.step_count < config.learner.steps and not stopping.is_set():
             publisher.wait_for_workers(trainer.version - config.learner.max_staleness, stopping)
             if stopping.is_set():
                 break
-            batch = source.next_batch(trainer.step_count)
-            metrics = trainer.step(batch)
-            trainer.version += 1
+            metrics = trainer.step(source.next_batch(trainer.step_count))
             publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
-            metrics.update(step=trainer.step_count, version=trainer.version,
-                           staleness=trainer.version - 1 - batch.min_policy_version, time=time.time())
             append_metrics(run_dir, metrics)
             client.status["version"] = trainer.version
             client.send({"type": "progress", "name": name, "metrics": _plain(metrics)})
             if trainer.step_count % config.checkpoint.interval == 0:
                 checkpoint_now(metrics)
+                saved_step = trainer.step_count
     finally:
         client.status["state"] = "stopping"
-        checkpoint_now(metrics)
+        if saved_step != trainer.step_count:
+            checkpoint_now(trainer.last_metrics)
+        source.close()
     if not stopping.is_set():
         client.send({"type": "done", "name": name})
     client.close()

@@ -1,0 +1,183 @@
+"""Shared fixtures: the tiny model directory, and real HTTP generation servers on loopback.
+
+`tiny_model` is session-scoped: `prepare_tiny` is deterministic, so every test in the session sees the same weights
+and tokenizer. `live_server(engine, **server_kwargs)` is a context manager (handed out by the fixture of the same
+name) that serves an `Engine` through a real uvicorn on 127.0.0.1 with an OS-chosen port and always stops both; use
+`serve` for a per-test server torn down automatically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+START_TIMEOUT = 30.0  # seconds to wait for uvicorn to bind and /health to answer
+STOP_TIMEOUT = 10.0
+HTTP_TIMEOUT = 30.0  # default per-call timeout of the `http` client
+
+ALL_PROJECTIONS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama (hidden 64, 2 layers, vocab 512, real BPE tokenizer), prepared once per session."""
+    from workers.models import prepare_tiny
+
+    return prepare_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@dataclass
+class LiveServer:
+    """A running uvicorn serving one engine; `base` is the root URL, `v1` the OpenAI base URL."""
+
+    engine: object
+    server: object
+    uvicorn: object
+    thread: threading.Thread
+    port: int
+    client: httpx.Client  # for metrics(); closed with the server
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base}/v1"
+
+    def metrics(self, client: httpx.Client | None = None) -> dict[str, float]:
+        """The /metrics samples as {name: value}."""
+        text = (client or self.client).get(f"{self.base}/metrics", timeout=10).text
+        return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
+    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _bound_port(uv) -> int | None:
+    servers = getattr(uv, "servers", None) or []
+    for s in servers:
+        for sock in s.sockets or ():
+            return sock.getsockname()[1]
+    return None
+
+
+def _healthy(client: httpx.Client, base: str, headers: dict) -> bool:
+    try:
+        return client.get(f"{base}/health", timeout=2, headers=headers).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def live_server(engine, model_name: str = "tiny", **server_kwargs) -> Iterator[LiveServer]:
+    """Start `engine` (if not started) and serve it on 127.0.0.1:<free port> until the block exits; the server
+    thread is joined and the engine stopped even when the block raises."""
+    import uvicorn
+
+    from workers.generation.server import Server
+
+    if not engine._thread.is_alive():
+        engine.start()
+    server = Server(engine, model_name, **server_kwargs)
+    # port=0: the kernel picks a free port at bind time, so parallel test runs never race for one.
+    config = uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                            lifespan="off", timeout_graceful_shutdown=2)
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    client = httpx.Client(timeout=HTTP_TIMEOUT)  # one pooled client: a new one per poll costs ~20 ms
+    try:
+        port = wait_for(lambda: _bound_port(uv) if thread.is_alive() else _raise_dead(), START_TIMEOUT,
+                        "uvicorn to bind")
+        live = LiveServer(engine, server, uv, thread, port, client)
+        headers = {"Authorization": f"Bearer {server.api_token}"} if server.api_token else {}
+        if server.ready:
+            wait_for(lambda: _healthy(client, live.base, headers), START_TIMEOUT, "/health")
+        yield live
+    finally:
+        client.close()
+        uv.should_exit = True
+        thread.join(STOP_TIMEOUT)
+        engine.stop()
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def _raise_dead():
+    raise RuntimeError("the uvicorn thread died during startup")
+
+
+@pytest.fixture(name="live_server", scope="session")
+def live_server_fixture():
+    """The `live_server` context manager, for module-scoped fixtures that need their own server."""
+    return live_server
+
+
+@pytest.fixture
+def serve():
+    """Factory: `serve(engine, **server_kwargs) -> LiveServer`, stopped at the end of the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda engine, **kw: stack.enter_context(live_server(engine, **kw))
+
+
+@pytest.fixture(scope="session")
+def http() -> Iterator[httpx.Client]:
+    """One pooled HTTP client for the session: creating a client per call costs more (TLS context setup) than a
+    tiny-model request, and is CPU the server under test would otherwise get."""
+    with httpx.Client(timeout=HTTP_TIMEOUT, limits=httpx.Limits(max_connections=128)) as client:
+        yield client
+
+
+@pytest.fixture
+def tiny_engine(tiny_model: Path):
+    """An unstarted engine over the plain tiny model (stopped at teardown even if never served)."""
+    from workers.generation.server import load_engine
+
+    engine = load_engine(tiny_model)
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def lora_engine(tiny_model: Path):
+    """An unstarted engine over the tiny model with rank-4 LoRA (lora_b = 0) on every attention and MLP
+    projection, ready for `install_adapter`."""
+    from workers.generation.server import load_engine
+    from workers.lora import LoraSpec
+
+    engine = load_engine(tiny_model, lora_spec=LoraSpec(rank=4, keys=list(ALL_PROJECTIONS)))
+    yield engine
+    engine.stop()

@@ -1,0 +1,250 @@
+"""Checkpoints and the metrics log of a run directory.
+
+    RUN_DIR/checkpoints/step_000010/adapters.safetensors    mlx-lm format: mlx_lm.load(model, adapter_path=<dir>)
+    RUN_DIR/checkpoints/step_000010/adapter_config.json
+    RUN_DIR/checkpoints/step_000010/optimizer.safetensors   tree_flatten(optimizer.state)
+    RUN_DIR/checkpoints/step_000010/ref_ema.safetensors     only when learner.ref_ema < 1
+    RUN_DIR/checkpoints/step_000010/state.json              step, version, rng, source, metrics, config, base_model_id, time
+    RUN_DIR/checkpoints/latest                              names the newest complete checkpoint dir
+    RUN_DIR/metrics.jsonl                                   one JSON object per step
+
+A checkpoint directory is written whole in a temp dir and renamed into place, then `latest` is replaced atomically,
+so a crash leaves either the previous or the new checkpoint, never a half one. Still, `find_latest` validates what it
+picks (a disk can fill, someone can copy a dir by hand) and falls back to the newest loadable checkpoint. It only
+reads: a broken checkpoint is reported and left for a person to inspect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from workers.lora import save_adapter
+
+if TYPE_CHECKING:
+    from workers.learner.sources import Source
+    from workers.learner.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+METRICS = "metrics.jsonl"
+STATE = "state.json"
+REQUIRED = ("adapters.safetensors", "adapter_config.json", "optimizer.safetensors", STATE)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _bytes_safetensors(tensors: dict[str, mx.array]) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "t.safetensors")
+        mx.save_safetensors(path, tensors)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | Path, trainer: "Trainer", source_state: dict, metrics: dict, keep_last: int = 3,
+                    config=None) -> Path:
+    """Write RUN_DIR/checkpoints/step_NNNNNN atomically, point `latest` at it, prune to the last `keep_last`."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": trainer.step_count,
+        "version": trainer.version,
+        "rng": trainer.rng_state(),
+        "source": source_state,
+        "metrics": metrics,
+        "config": config.to_dict() if hasattr(config, "to_dict") else config,
+        "base_model_id": trainer.base_model_id,
+        "time": time.time(),
+    }
+    extra = {
+        "optimizer.safetensors": _bytes_safetensors(trainer.optimizer_state()),
+        STATE: json.dumps(state, indent=1).encode(),
+    }
+    if trainer.ema is not None:
+        extra["ref_ema.safetensors"] = _bytes_safetensors(trainer.ema)
+    target = root / checkpoint_name(trainer.step_count)
+    _remove_leftovers(root)
+    save_adapter(target, trainer.model, trainer.spec, extra_files=extra)
+    _write_atomic(root / LATEST, target.name + "\n")
+    _prune(root, keep_last, keep=target)
+    log.info("checkpoint %s written", target)
+    return target
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temp dirs of a save that was killed midway ('.step_000010.abc123', '.step_000010.old'): only this learner
+    writes here, so any that exist now are garbage."""
+    for p in root.iterdir():
+        if p.name.startswith(".step_") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    dirs = _step_dirs(root)
+    for _, p in dirs[: max(0, len(dirs) - keep_last)]:
+        if p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Header parses and the file is as long as the header says (catches truncation without reading the data)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end <= size
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def check_checkpoint(path: str | Path) -> str | None:
+    """None if `path` is a complete, loadable checkpoint dir; otherwise why not."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            return f"missing {name}"
+    try:
+        state = json.loads((path / STATE).read_text())
+        json.loads((path / "adapter_config.json").read_text())
+        int(state["step"]), int(state["version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable metadata ({e.__class__.__name__}: {e})"
+    for name in ("adapters.safetensors", "optimizer.safetensors"):
+        if not _safetensors_complete(path / name):
+            return f"{name} is truncated or corrupt"
+    if (path / "ref_ema.safetensors").exists() and not _safetensors_complete(path / "ref_ema.safetensors"):
+        return "ref_ema.safetensors is truncated or corrupt"
+    return None
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names if it is complete, else the newest loadable one (by
+    step number). Broken checkpoints are skipped with a warning and left in place."""
+    root = Path(run_dir) / CHECKPOINTS
+    try:
+        named = (root / LATEST).read_text().strip()
+    except OSError:
+        named = ""
+    if named:
+        # Preferred over a scan: after a resume from an older checkpoint, newer dirs of the abandoned run may exist.
+        problem = check_checkpoint(root / named) if _STEP_DIR.match(named) else "not a checkpoint name"
+        if problem is None:
+            return root / named
+        log.warning("%s names %s, which is unusable (%s); looking for the newest good checkpoint",
+                    root / LATEST, named, problem)
+    for _, path in reversed(_step_dirs(root)):
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint dir: {"state": state.json, "adapter": tensors, "optimizer": flat state, "ema": tensors|None}."""
+    path = Path(path)
+    problem = check_checkpoint(path)
+    if problem:
+        raise ValueError(f"{path} is not a usable checkpoint: {problem}")
+    ema_path = path / "ref_ema.safetensors"
+    return {
+        "state": json.loads((path / STATE).read_text()),
+        "adapter": mx.load(str(path / "adapters.safetensors")),
+        "optimizer": mx.load(str(path / "optimizer.safetensors")),
+        "ema": mx.load(str(ema_path)) if ema_path.exists() else None,
+    }
+
+
+def restore(trainer: "Trainer", source: "Source | None", path: str | Path) -> dict:
+    """Put the trainer (adapter, optimizer, step, version, RNG) and the source position back to a checkpoint.
+    Returns its state.json."""
+    ck = load_checkpoint(path)
+    state = ck["state"]
+    if state.get("base_model_id") and trainer.base_model_id and state["base_model_id"] != trainer.base_model_id:
+        raise ValueError(f"{path} was trained on base model {state['base_model_id']}, not {trainer.base_model_id}")
+    trainer.load_state(ck["adapter"], ck["optimizer"], state["step"], state["version"], state.get("rng"), ck["ema"])
+    trainer.last_metrics = state.get("metrics") or {}
+    if source is not None and state.get("source"):
+        source.load_state(state["source"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ----------------------------------------------------------------------------------------------------------
+
+
+def append_metrics(run_dir: str | Path, metrics: dict) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = dict(metrics, time=time.time())
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash
+    return out
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Keep only the lines of steps <= `step` (called when resuming from that step, so replayed steps are not
+    logged twice). Malformed lines (cut by a crash) go too."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return
+    keep = [json.dumps(m) for m in read_metrics(run_dir) if isinstance(m.get("step"), int) and m["step"] <= step]
+    _write_atomic(path, "".join(line + "\n" for line in keep))

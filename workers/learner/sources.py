@@ -1,0 +1,410 @@
+"""Where the learner's scored groups come from, behind one small interface.
+
+    source.next_batch(step) -> Batch     # blocks until the batch for optimizer step `step` (1-based) is ready
+    source.state() -> dict               # JSON-able position, saved in every checkpoint
+    source.load_state(d)                 # resume at that position
+    source.close()
+
+A `Batch` is a list of groups; a group is the completions of one prompt (GRPO compares within a group). Every
+`Sample` carries the whole sequence (`tokens` = prompt + completion) with a per-token `mask` (1 = trained), so
+built-in rollouts and Atropos' multi-turn masks look the same to the trainer. `logprobs` are the sampling
+log-probs per token, aligned with `tokens` (0 where unknown/untrained).
+
+Implementations:
+- `BuiltinSource`: sends the task's prompts to the generation workers (`POST /v1/completions`, n = group size),
+  scores the completions, optionally records every batch to JSONL.
+- `AtroposSource`: registers with an Atropos API server and polls `GET /batch`.
+- `ReplaySource`: replays batches recorded as JSONL (one batch per line) -- for exact-resume tests and debugging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import httpx
+import numpy as np
+import tenacity
+
+from workers.learner.grpo import ATROPOS_PROMPT
+from workers.learner.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    tokens: list[int]  # prompt + completion
+    mask: list[int]  # same length as tokens; 1 where the token is trained (the completion), 0 for the prompt
+    reward: float
+    logprobs: list[float] | None = None  # sampling log-prob of each token, aligned with tokens; None = unknown
+    advantage: float | None = None  # supplied by the source (Atropos); None = computed from the group's rewards
+    version: int | None = None  # adapter version that generated it (oldest, if it spans versions); None = unknown
+
+    def __post_init__(self) -> None:
+        if len(self.mask) != len(self.tokens):
+            raise ValueError(f"mask has {len(self.mask)} entries for {len(self.tokens)} tokens")
+        if self.logprobs is not None and len(self.logprobs) != len(self.tokens):
+            raise ValueError(f"logprobs has {len(self.logprobs)} entries for {len(self.tokens)} tokens")
+
+    @classmethod
+    def from_completion(cls, prompt_ids: list[int], completion_ids: list[int], reward: float,
+                        logprobs: list[float] | None = None, version: int | None = None) -> "Sample":
+        p, c = list(prompt_ids), list(completion_ids)
+        lp = None if logprobs is None else [0.0] * len(p) + [float(x) for x in logprobs]
+        return cls(tokens=p + c, mask=[0] * len(p) + [1] * len(c), reward=float(reward), logprobs=lp, version=version)
+
+
+@dataclass
+class Batch:
+    groups: list[list[Sample]]
+    info: dict = field(default_factory=dict)  # source-specific notes (e.g. prompt indices), not used in training
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for g in self.groups for s in g]
+
+    def to_json(self) -> str:
+        return json.dumps({"groups": [[asdict(s) for s in g] for g in self.groups], "info": self.info})
+
+    @classmethod
+    def from_json(cls, line: str) -> "Batch":
+        d = json.loads(line)
+        return cls(groups=[[Sample(**s) for s in g] for g in d["groups"]], info=d.get("info", {}))
+
+
+class Source(Protocol):
+    def next_batch(self, step: int) -> Batch: ...
+
+    def state(self) -> dict: ...
+
+    def load_state(self, d: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BatchRecorder:
+    """Append batches to a JSONL file (flushed per line, so a killed run leaves whole lines)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, batch: Batch) -> None:
+        with open(self.path, "a") as f:
+            f.write(batch.to_json() + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ReplaySource:
+    """Batches from a JSONL file, one per line, in order; the position is the next line."""
+
+    def __init__(self, path: str | Path, loop: bool = False):
+        self.path = Path(path)
+        self.loop = loop
+        self._lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        if not self._lines:
+            raise ValueError(f"{self.path} has no batches")
+        self.position = 0
+
+    def next_batch(self, step: int) -> Batch:
+        if self.position >= len(self._lines) and not self.loop:
+            raise EOFError(f"{self.path} has only {len(self._lines)} batches")
+        batch = Batch.from_json(self._lines[self.position % len(self._lines)])
+        self.position += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"type": "replay", "position": self.position}
+
+    def load_state(self, d: dict) -> None:
+        self.position = int(d.get("position", 0))
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in task over the generation workers
+# ----------------------------------------------------------------------------------------------------------
+
+RETRY_STATUS = {429, 502, 503, 504}
+
+
+class _Retryable(Exception):
+    pass
+
+
+class BuiltinSource:
+    """Rollouts from the generation workers for a built-in task.
+
+    Each prompt of a batch is one `POST /v1/completions` with `n = group_size`; prompts are spread round-robin over
+    the worker URLs (re-read from `urls()` on every attempt, so a restarted or re-addressed worker is picked up) and
+    sent concurrently. Connection errors and 429/5xx answers are retried with backoff up to `retry_seconds`.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        urls: Callable[[], list[str]],
+        group_size: int,
+        batch_size: int,
+        max_tokens: int,
+        temperature: float = 1.0,
+        seed: int = 0,
+        record: str | Path | None = None,
+        timeout: float = 600.0,
+        retry_seconds: float = 120.0,
+        seeded: bool = False,
+    ):
+        self.task = task
+        self.urls = urls
+        self.group_size = group_size
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.position = 0  # index of the next prompt
+        self.recorder = BatchRecorder(record) if record else None
+        self.retry_seconds = retry_seconds
+        # Seeded sampling makes rollouts reproducible (prompt i always gets the same draws for the same weights), but
+        # the engine then samples those sequences one by one instead of batched: for tests and debugging.
+        self.seeded = seeded
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(batch_size, 32)), thread_name_prefix="rollout")
+        self._rr = 0
+        self._lock = threading.Lock()
+
+    def _pick_url(self, slot: int, attempt: int) -> str:
+        urls = [u.rstrip("/") for u in self.urls()]
+        if not urls:
+            raise _Retryable("no generation worker is available yet")
+        return urls[(slot + attempt) % len(urls)]
+
+    def _complete(self, prompt_ids: list[int], slot: int, prompt_index: int) -> dict:
+        attempt = {"n": 0}
+
+        @tenacity.retry(
+            retry=tenacity.retry_if_exception_type((_Retryable, httpx.TransportError)),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
+            stop=tenacity.stop_after_delay(self.retry_seconds),
+            before_sleep=lambda rs: log.warning("rollout request failed (%s); retrying", rs.outcome.exception()),
+            reraise=True,
+        )
+        def call() -> dict:
+            url = self._pick_url(slot, attempt["n"])
+            attempt["n"] += 1
+            body = {"prompt": prompt_ids, "n": self.group_size, "max_tokens": self.max_tokens,
+                    "temperature": self.temperature}
+            if self.seeded:  # completion j of the request draws from seed + j
+                body["seed"] = (self.seed * 7919 + prompt_index * self.group_size) % 2**31
+            r = self._client.post(f"{url}/v1/completions", json=body)
+            if r.status_code in RETRY_STATUS:
+                raise _Retryable(f"{url} answered {r.status_code}")
+            r.raise_for_status()
+            return r.json()
+
+        return call()
+
+    def next_batch(self, step: int) -> Batch:
+        start = self.position
+        prompts = [self.task.prompt(start + i) for i in range(self.batch_size)]
+        with self._lock:
+            base, self._rr = self._rr, self._rr + len(prompts)
+        futures = [self._pool.submit(self._complete, p.ids, base + i, p.index) for i, p in enumerate(prompts)]
+        groups = []
+        for p, fut in zip(prompts, futures):
+            resp = fut.result()
+            group = []
+            for choice in sorted(resp["choices"], key=lambda c: c["index"]):
+                ids = choice["token_ids"]
+                reward = self.task.reward(p, ids, choice.get("text", ""))
+                pv = choice.get("policy_versions") or []
+                version = min(pv) if pv else resp.get("policy_version")
+                group.append(Sample.from_completion(p.ids, ids, reward, choice.get("token_logprobs"), version))
+            groups.append(group)
+        self.position = start + self.batch_size
+        batch = Batch(groups=groups, info={"source": "builtin", "task": self.task.name, "prompt_index": start})
+        if self.recorder:
+            self.recorder.write(batch)
+        return batch
+
+    def state(self) -> dict:
+        return {"type": "builtin", "task": self.task.name, "position": self.position}
+
+    def load_state(self, d: dict) -> None:
+        self.position = int(d.get("position", 0))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atropos
+# ----------------------------------------------------------------------------------------------------------
+
+
+def scored_data_to_group(item: dict) -> list[Sample]:
+    """One Atropos ScoredData (a group) -> samples.
+
+    masks: -100 at prompt positions, the token id where trained. inference_logprobs: 1.0 placeholders at prompt
+    positions (the trainer ignores any value > 0). advantages are per token in Atropos; GRPO here takes one advantage
+    per sequence, so it is the mean over the trained positions (environments normally send it constant).
+    """
+    tokens, masks, scores = item["tokens"], item["masks"], item["scores"]
+    if not (len(tokens) == len(masks) == len(scores)):
+        raise ValueError("ScoredData tokens, masks and scores differ in length")
+    advs = item.get("advantages")
+    lps = item.get("inference_logprobs")
+    group = []
+    for i, (toks, m, score) in enumerate(zip(tokens, masks, scores)):
+        mask = [0 if v == ATROPOS_PROMPT else 1 for v in m]
+        adv = None
+        if advs is not None and advs[i] is not None:
+            a = np.asarray(advs[i], dtype=np.float64)
+            if a.size == 1:
+                adv = float(a.reshape(-1)[0])
+            else:
+                trained = np.asarray(mask[: a.size], dtype=bool)
+                vals = a[: len(mask)][trained] if trained.any() else a
+                if vals.size and np.ptp(vals) > 1e-6:
+                    log.warning("per-token advantages vary within a sequence; using their mean")
+                adv = float(vals.mean()) if vals.size else 0.0
+        lp = None
+        if lps is not None and i < len(lps) and lps[i] is not None and len(lps[i]) == len(toks):
+            lp = [float(x) for x in lps[i]]
+        group.append(Sample(tokens=list(toks), mask=mask, reward=float(score), logprobs=lp, advantage=adv))
+    return group
+
+
+class AtroposSource:
+    """Batches from an Atropos API server (`run-api`): `POST /register`, then `GET /batch` until it is not null.
+
+    Atropos counts `batch_size` in sequences (not groups). A trainer that resumes registers with
+    `starting_step` = the step it resumes at, so environments see the right step.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        batch_size: int,
+        max_token_len: int = 2048,
+        starting_step: int = 0,
+        num_steps: int = 1000,
+        checkpoint_dir: str = "",
+        save_checkpoint_interval: int = 0,
+        wandb_group: str = "runner",
+        wandb_project: str = "runner",
+        poll_interval: float = 0.1,
+        max_poll_interval: float = 2.0,
+        wait_timeout: float | None = None,
+        record: str | Path | None = None,
+        stop: threading.Event | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.registration = {
+            "wandb_group": wandb_group, "wandb_project": wandb_project, "batch_size": int(batch_size),
+            "max_token_len": int(max_token_len), "checkpoint_dir": str(checkpoint_dir),
+            "save_checkpoint_interval": int(save_checkpoint_interval), "starting_step": int(starting_step),
+            "num_steps": int(num_steps),
+        }
+        self.poll_interval, self.max_poll_interval = poll_interval, max_poll_interval
+        self.wait_timeout = wait_timeout
+        self.stop = stop or threading.Event()
+        self.steps_done = int(starting_step)
+        self.recorder = BatchRecorder(record) if record else None
+        self._client = httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0))
+        self._registered = False
+
+    @tenacity.retry(
+        retry=tenacity.retry_if_exception_type(httpx.TransportError),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
+        stop=tenacity.stop_after_delay(120),
+        reraise=True,
+    )
+    def _request(self, method: str, path: str, **kw) -> Any:
+        r = self._client.request(method, f"{self.url}{path}", **kw)
+        r.raise_for_status()
+        return r.json()
+
+    def register(self) -> None:
+        body = dict(self.registration, starting_step=self.steps_done)
+        uuid = self._request("POST", "/register", json=body).get("uuid")
+        self._registered = True
+        log.info("registered with Atropos at %s (trainer %s, starting step %d)", self.url, uuid, self.steps_done)
+
+    def next_batch(self, step: int) -> Batch:
+        if not self._registered:
+            self.register()
+        delay = self.poll_interval
+        deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
+        while True:
+            data = self._request("GET", "/batch")
+            if data.get("status") == "error":  # the API restarted and forgot us
+                log.warning("Atropos: %s; registering again", data.get("message"))
+                self.register()
+            elif data.get("batch") is not None:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"no batch from Atropos at {self.url} within {self.wait_timeout} s")
+            if self.stop.wait(delay):
+                raise InterruptedError("stopped while waiting for an Atropos batch")
+            delay = min(delay * 1.5, self.max_poll_interval)
+        groups = [scored_data_to_group(item) for item in data["batch"]]
+        self.steps_done += 1
+        batch = Batch(groups=groups, info={"source": "atropos", "env_ids": [i.get("env_id") for i in data["batch"]]})
+        if self.recorder:
+            self.recorder.write(batch)
+        return batch
+
+    def state(self) -> dict:
+        return {"type": "atropos", "steps_done": self.steps_done}
+
+    def load_state(self, d: dict) -> None:
+        self.steps_done = int(d.get("steps_done", self.steps_done))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_source(config, urls: Callable[[], list[str]] | None = None, tokenizer=None, starting_step: int = 0,
+                record: str | Path | None = None) -> Source:
+    """The source a job config asks for. `urls` returns the generation workers' base URLs (builtin source);
+    `tokenizer` is needed for built-in tasks (the trainer's)."""
+    from workers.learner.tasks import make_task
+
+    lc, sc = config.learner, config.source
+    if sc.type == "builtin":
+        if urls is None or tokenizer is None:
+            raise ValueError("the builtin source needs the generation workers' URLs and the tokenizer")
+        task = make_task(sc.task, tokenizer, lc.max_tokens, seed=lc.seed)
+        return BuiltinSource(task, urls, lc.group_size, lc.batch_size, lc.max_tokens, lc.temperature, lc.seed,
+                             record=record)
+    if sc.type == "atropos":
+        if not sc.url:
+            raise ValueError("source.url must name the Atropos API server (e.g. http://127.0.0.1:8000)")
+        return AtroposSource(sc.url, batch_size=lc.batch_size * lc.group_size, starting_step=starting_step,
+                             num_steps=lc.steps, checkpoint_dir=str(Path(config.checkpoint.dir) / "checkpoints"),
+                             save_checkpoint_interval=config.checkpoint.interval, record=record)
+    raise ValueError(f"unknown source type {sc.type!r}")
