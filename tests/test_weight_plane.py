@@ -3,6 +3,9 @@ learner side publishing versions over ZeroMQ."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -52,6 +55,7 @@ def job(tiny_model, tmp_path_factory):
         "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 30.0},
     })
     coord = create_coordinator(config, run_dir / "job.toml")
+    coord.start_http()
     add_generation_workers(coord, 2)
     thread = threading.Thread(target=coord.run, daemon=True)
     thread.start()
@@ -210,3 +214,27 @@ def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
         pub.close()
         sub.close()
         engine.stop()
+
+
+def test_status_cli_and_http(job):
+    coord, client = job
+    poll(lambda: serving(client), 120, "two serving workers")
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint, "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    rows = {w["name"]: w for w in status["workers"]}
+    assert {"gen-0", "gen-1"} <= set(rows)
+    for name in ("gen-0", "gen-1"):
+        assert rows[name]["state"] == "serving" and rows[name]["pid"] > 0 and rows[name]["heartbeat_age"] is not None
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "gen-0" in r.stdout and "serving" in r.stdout and "HEARTBEAT" in r.stdout
+    url = coord.job["status_url"]
+    assert httpx.get(url, timeout=10).json()["job"]["latest_version"] == status["job"]["latest_version"]
+    metrics = httpx.get(url.replace("/status", "/metrics"), timeout=10).text
+    assert 'runner_worker_version{worker="gen-0"}' in metrics and "runner_latest_adapter_version" in metrics
+    # No coordinator at that address: a clear error, not a hang.
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", "tcp://127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no coordinator answered" in r.stderr

@@ -153,10 +153,15 @@ class _Retryable(Exception):
 class BuiltinSource:
     """Rollouts from the generation workers for a built-in task.
 
-    Each prompt of a batch is one `POST /v1/completions` with `n = group_size`; prompts are spread round-robin over
-    the worker URLs (re-read from `urls()` on every attempt, so a restarted or re-addressed worker is picked up) and
-    sent concurrently. Connection errors and 429/5xx answers are retried with backoff up to `retry_seconds`.
+    Each prompt of a batch is one `POST /v1/completions` with `n = group_size`, sent concurrently. Each attempt goes
+    to the worker URL with the fewest requests in flight from this source (least outstanding requests: a group's
+    cost varies with its completions' lengths, so this balances better than round-robin), re-reading `urls()` every
+    time so a restarted, re-addressed or newly joined worker is picked up. A URL that just failed is skipped by the
+    retry (and avoided by other requests for `FAILED_COOLDOWN` seconds) unless it is the only one. Connection errors
+    and 429/5xx answers are retried with backoff up to `retry_seconds`.
     """
+
+    FAILED_COOLDOWN = 5.0
 
     def __init__(
         self,
@@ -171,6 +176,7 @@ class BuiltinSource:
         timeout: float = 600.0,
         retry_seconds: float = 120.0,
         seeded: bool = False,
+        api_token: str = "",
     ):
         self.task = task
         self.urls = urls
@@ -185,19 +191,40 @@ class BuiltinSource:
         # Seeded sampling makes rollouts reproducible (prompt i always gets the same draws for the same weights), but
         # the engine then samples those sequences one by one instead of batched: for tests and debugging.
         self.seeded = seeded
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0))
+        headers = {"Authorization": f"Bearer {api_token}"} if api_token else None
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), headers=headers)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(batch_size, 32)), thread_name_prefix="rollout")
-        self._rr = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the three dicts below; rollout threads pick URLs concurrently
+        self._inflight: dict[str, int] = {}
+        self._picks: dict[str, int] = {}  # tie-break: among equally loaded URLs, the least used so far
+        self._failed_at: dict[str, float] = {}
 
-    def _pick_url(self, slot: int, attempt: int) -> str:
+    def _acquire_url(self, last_failed: str | None) -> str:
+        """Choose the least loaded worker URL and count a request against it (release with `_release_url`)."""
         urls = [u.rstrip("/") for u in self.urls()]
         if not urls:
             raise _Retryable("no generation worker is available yet")
-        return urls[(slot + attempt) % len(urls)]
+        with self._lock:
+            now = time.monotonic()
+            candidates = [u for u in urls if u != last_failed] or urls
+            healthy = [u for u in candidates if now - self._failed_at.get(u, -1e9) > self.FAILED_COOLDOWN]
+            url = min(healthy or candidates, key=lambda u: (self._inflight.get(u, 0), self._picks.get(u, 0)))
+            self._inflight[url] = self._inflight.get(url, 0) + 1
+            self._picks[url] = self._picks.get(url, 0) + 1
+        return url
 
-    def _complete(self, prompt_ids: list[int], slot: int, prompt_index: int) -> dict:
-        attempt = {"n": 0}
+    def _release_url(self, url: str, failed: bool) -> None:
+        with self._lock:
+            left = self._inflight.get(url, 0) - 1
+            if left > 0:
+                self._inflight[url] = left
+            else:
+                self._inflight.pop(url, None)
+            if failed:
+                self._failed_at[url] = time.monotonic()
+
+    def _complete(self, prompt_ids: list[int], prompt_index: int) -> dict:
+        last_failed: dict[str, str | None] = {"url": None}
 
         @tenacity.retry(
             retry=tenacity.retry_if_exception_type((_Retryable, httpx.TransportError)),
@@ -207,15 +234,20 @@ class BuiltinSource:
             reraise=True,
         )
         def call() -> dict:
-            url = self._pick_url(slot, attempt["n"])
-            attempt["n"] += 1
+            url = self._acquire_url(last_failed["url"])
             body = {"prompt": prompt_ids, "n": self.group_size, "max_tokens": self.max_tokens,
                     "temperature": self.temperature}
             if self.seeded:  # completion j of the request draws from seed + j
                 body["seed"] = (self.seed * 7919 + prompt_index * self.group_size) % 2**31
-            r = self._client.post(f"{url}/v1/completions", json=body)
-            if r.status_code in RETRY_STATUS:
-                raise _Retryable(f"{url} answered {r.status_code}")
+            ok = False
+            try:
+                r = self._client.post(f"{url}/v1/completions", json=body)
+                if r.status_code in RETRY_STATUS:
+                    raise _Retryable(f"{url} answered {r.status_code}")
+                ok = True  # a 4xx is our request's fault, not the worker's: no cooldown for it
+            finally:
+                self._release_url(url, failed=not ok)
+                last_failed["url"] = None if ok else url
             r.raise_for_status()
             return r.json()
 
@@ -224,9 +256,7 @@ class BuiltinSource:
     def next_batch(self, step: int) -> Batch:
         start = self.position
         prompts = [self.task.prompt(start + i) for i in range(self.batch_size)]
-        with self._lock:
-            base, self._rr = self._rr, self._rr + len(prompts)
-        futures = [self._pool.submit(self._complete, p.ids, base + i, p.index) for i, p in enumerate(prompts)]
+        futures = [self._pool.submit(self._complete, p.ids, p.index) for p in prompts]
         groups = []
         for p, fut in zip(prompts, futures):
             resp = fut.result()
@@ -400,7 +430,7 @@ def make_source(config, urls: Callable[[], list[str]] | None = None, tokenizer=N
             raise ValueError("the builtin source needs the generation workers' URLs and the tokenizer")
         task = make_task(sc.task, tokenizer, lc.max_tokens, seed=lc.seed)
         return BuiltinSource(task, urls, lc.group_size, lc.batch_size, lc.max_tokens, lc.temperature, lc.seed,
-                             record=record)
+                             record=record, api_token=config.security.api_token)
     if sc.type == "atropos":
         if not sc.url:
             raise ValueError("source.url must name the Atropos API server (e.g. http://127.0.0.1:8000)")

@@ -35,6 +35,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from runner.config import Config, LearnerConfig
+from runner.control import model_id
+from workers.learner import distributed as dist
 from workers.learner.grpo import GRPOParams, group_advantages, grpo_token_loss
 from workers.learner.sources import Batch, Source
 from workers.lora import LoraSpec, apply_lora, lora_tensors, read_adapter, set_lora
@@ -135,17 +137,12 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
             m.scale = s
 
 
-def base_model_id(model_path: str | Path) -> str:
-    """A short id of a base model directory (config + weight file names and sizes), recorded in checkpoints so a
-    resume onto a different base is refused."""
-    import hashlib
-
-    model_path = Path(model_path)
-    h = hashlib.blake2b(digest_size=8)
-    h.update((model_path / "config.json").read_bytes())
-    for f in sorted(model_path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()
+def _counts(arr: dict[str, np.ndarray] | None) -> tuple[float, float]:
+    """Trained tokens and sequences with at least one trained token (the two loss normalisers)."""
+    if arr is None:
+        return 0.0, 0.0
+    mask = arr["mask"]
+    return float(mask.sum()), float((mask.sum(axis=1) > 0).sum())
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -166,12 +163,16 @@ class Trainer:
         learner: LearnerConfig = LearnerConfig(),
         base_model_id: str = "",
         initial_adapter: dict[str, mx.array] | None = None,
+        group: "mx.distributed.Group | None" = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.cfg = learner
         self.base_model_id = base_model_id
+        # Data-parallel ranks (mx.distributed); None or a group of 1 = train alone.
+        self.group = group
+        self.rank, self.world_size = dist.rank_of(group), dist.size_of(group)
         self.params = GRPOParams(
             clip_low=learner.clip_low, clip_high=learner.clip_high, kl_coef=learner.kl_coef,
             kl_estimator=learner.kl_estimator, entropy_coef=learner.entropy_coef, loss_agg=learner.loss_agg,
@@ -195,16 +196,16 @@ class Trainer:
 
     # ----- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: Config) -> "Trainer":
+    def from_config(cls, config: Config, group: "mx.distributed.Group | None" = None) -> "Trainer":
         """Load `config.model.path` with mlx-lm and wrap it with LoRA from `config.lora` (or from the adapter in
-        `config.model.adapter`, whose own spec then wins)."""
+        `config.model.adapter`, whose own spec then wins). `group`: train data-parallel with its ranks."""
         spec = LoraSpec(rank=config.lora.rank, scale=config.lora.scale, dropout=config.lora.dropout,
                         keys=list(config.lora.keys), num_layers=config.lora.num_layers)
-        return cls.load(config.model.path, config.learner, spec, adapter=config.model.adapter or None)
+        return cls.load(config.model.path, config.learner, spec, adapter=config.model.adapter or None, group=group)
 
     @classmethod
     def load(cls, model_path: str | Path, learner: LearnerConfig = LearnerConfig(), spec: LoraSpec = LoraSpec(),
-             adapter: str | Path | None = None) -> "Trainer":
+             adapter: str | Path | None = None, group: "mx.distributed.Group | None" = None) -> "Trainer":
         from mlx_lm import load
 
         model, tokenizer = load(str(model_path))
@@ -214,7 +215,8 @@ class Trainer:
             if adapter_spec != spec:
                 log.info("starting from adapter %s: its LoRA settings %s replace the config's", adapter, adapter_spec)
             spec = adapter_spec
-        return cls(model, tokenizer, spec, learner, base_model_id=base_model_id(model_path), initial_adapter=tensors)
+        return cls(model, tokenizer, spec, learner, base_model_id=model_id(model_path), initial_adapter=tensors,
+                   group=group)
 
     # ----- the update ------------------------------------------------------------------------------------------
     def _loss(self, model, tokens, mask, adv, sampler, sampler_valid, ref, norm):
@@ -263,7 +265,11 @@ class Trainer:
         return Batch(groups=keep, info=batch.info), len(batch.groups) - len(keep)
 
     def step(self, batch: Batch) -> dict:
-        """One GRPO update on `batch`; returns the step's metrics (also kept as `last_metrics`)."""
+        """One GRPO update on `batch`; returns the step's metrics (also kept as `last_metrics`).
+
+        In a group of several ranks (see workers.learner.distributed) every rank is given the same whole batch and
+        trains its share of the groups; gradients and metrics are summed over the ranks, so every rank makes the
+        update one process would make on the whole batch."""
         tic = time.perf_counter()
         cfg = self.cfg
         batch, dropped = self._drop_stale(batch)
@@ -271,44 +277,25 @@ class Trainer:
             log.warning("dropped %d group(s) older than %d version(s)", dropped, cfg.max_staleness)
         if not batch.groups:
             raise StaleBatch(f"every group of the batch is more than {cfg.max_staleness} version(s) old")
-        arr = prepare_batch(batch, cfg.scale_rewards, self.params.eps)
-        B = arr["tokens"].shape[0]
-        mb = cfg.micro_batch_size or B
-        mask_np = arr["mask"]
-        n_tokens = float(mask_np.sum())
-        n_seqs = float((mask_np.sum(axis=1) > 0).sum())
+        local = batch if self.world_size == 1 else dist.shard_batch(batch, self.rank, self.world_size)
+        # A rank whose shard is empty (fewer groups than ranks) still takes part in every collective below.
+        arr = prepare_batch(local, cfg.scale_rewards, self.params.eps) if local.groups else None
+        n_tokens, n_seqs = _counts(arr)
+        if self.world_size > 1:  # the loss is normalised by the whole batch's count, not the shard's
+            n_tokens, n_seqs = dist.all_sum_scalars([n_tokens, n_seqs], self.group)
         norm = n_tokens if cfg.loss_agg == "token" else n_seqs
-        has_sampler = bool(arr["sampler_valid"].any())
-        mx.random.seed(_step_seed(cfg.seed, self.step_count + 1))
+        # Rank r > 0 draws its own dropout masks; rank 0 (and a single process) draws exactly as before.
+        mx.random.seed(_step_seed(cfg.seed, self.step_count + 1) + self.rank)
 
-        grads = None
-        loss_sum = 0.0
-        weighted = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}
-        diff_sum, diff_w = 0.0, 0.0
-        for lo in range(0, B, mb):
-            rows = slice(lo, min(lo + mb, B))
-            width = int(arr["lengths"][rows].max())  # trim this micro-batch's padding
-            tokens = mx.array(arr["tokens"][rows, :width])
-            mask = mx.array(mask_np[rows, : width - 1])
-            adv = mx.array(arr["advantages"][rows])
-            sampler = valid = None
-            if has_sampler:
-                sampler = mx.array(arr["sampler"][rows, : width - 1])
-                valid = mx.array(arr["sampler_valid"][rows, : width - 1])
-            ref = self._ref_logprobs(tokens) if cfg.kl_coef > 0 else None
-            (loss, (kl, ent, clip, diff)), g = self._value_and_grad(
-                self.model, tokens, mask, adv, sampler, valid, ref, norm)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, loss, kl, ent, clip, diff)
-            w = float(mask_np[rows].sum())
-            loss_sum += loss.item()
-            weighted["kl"] += kl.item() * w
-            weighted["entropy"] += ent.item() * w
-            weighted["clip_frac"] += clip.item() * w
-            if has_sampler:
-                vw = float((arr["sampler_valid"][rows] * mask_np[rows]).sum())
-                diff_sum += diff.item() * vw
-                diff_w += vw
+        grads, acc = self._accumulate(arr, norm)
+        if self.world_size > 1:
+            # A sum, not a mean: with the global normaliser each shard's gradient is already its share.
+            grads = dist.all_sum_tree(grads, self.group)
+            acc = dict(zip(acc, dist.all_sum_scalars(list(acc.values()), self.group)))
+        B = len(batch.samples)
+        loss_sum = acc["loss"]
+        weighted = {k: acc[k] for k in ("kl", "entropy", "clip_frac")}
+        diff_sum, diff_w = acc["diff_sum"], acc["diff_w"]
 
         if cfg.max_grad_norm > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -324,8 +311,8 @@ class Trainer:
         self.version += 1
         seconds = time.perf_counter() - tic
         versions = [s.version for s in batch.samples if s.version is not None]
-        tokens_total = int(arr["lengths"].sum())
-        rewards = arr["rewards"]
+        tokens_total = sum(len(s.tokens) for s in batch.samples)  # the whole batch's, on every rank
+        rewards = np.array([s.reward for s in batch.samples], dtype=np.float64).astype(np.float32)
         denom = max(n_tokens, 1.0)
         self.last_metrics = {
             "step": self.step_count,
@@ -348,7 +335,47 @@ class Trainer:
             "dropped_groups": dropped,
             "seconds": seconds,
         }
+        if self.world_size > 1:
+            self.last_metrics["ranks"] = self.world_size
         return self.last_metrics
+
+    def _accumulate(self, arr: dict[str, np.ndarray] | None, norm: float) -> tuple[dict, dict[str, float]]:
+        """Gradients of this process's rows (summed over micro-batches) and the sums the metrics are made of.
+        No rows (an empty shard): zero gradients and sums."""
+        cfg = self.cfg
+        acc = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "diff_sum": 0.0, "diff_w": 0.0}
+        if arr is None:
+            return tree_map(mx.zeros_like, self.model.trainable_parameters()), acc
+        B = arr["tokens"].shape[0]
+        mb = cfg.micro_batch_size or B
+        mask_np = arr["mask"]
+        has_sampler = bool(arr["sampler_valid"].any())
+        grads = None
+        for lo in range(0, B, mb):
+            rows = slice(lo, min(lo + mb, B))
+            width = int(arr["lengths"][rows].max())  # trim this micro-batch's padding
+            tokens = mx.array(arr["tokens"][rows, :width])
+            mask = mx.array(mask_np[rows, : width - 1])
+            adv = mx.array(arr["advantages"][rows])
+            sampler = valid = None
+            if has_sampler:
+                sampler = mx.array(arr["sampler"][rows, : width - 1])
+                valid = mx.array(arr["sampler_valid"][rows, : width - 1])
+            ref = self._ref_logprobs(tokens) if cfg.kl_coef > 0 else None
+            (loss, (kl, ent, clip, diff)), g = self._value_and_grad(
+                self.model, tokens, mask, adv, sampler, valid, ref, norm)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(grads, loss, kl, ent, clip, diff)
+            w = float(mask_np[rows].sum())
+            acc["loss"] += loss.item()
+            acc["kl"] += kl.item() * w
+            acc["entropy"] += ent.item() * w
+            acc["clip_frac"] += clip.item() * w
+            if has_sampler:
+                vw = float((arr["sampler_valid"][rows] * mask_np[rows]).sum())
+                acc["diff_sum"] += diff.item() * vw
+                acc["diff_w"] += vw
+        return grads, acc
 
     # ----- state (for publishing and checkpoints) --------------------------------------------------------------
     def lora_tensors(self) -> dict[str, mx.array]:
