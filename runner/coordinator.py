@@ -30,7 +30,7 @@ import tenacity
 import zmq
 
 from runner import wire
-from runner.config import Config
+from runner.config import Config, ConfigError
 from runner.control import CONTROL, WEIGHTS, model_id
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ class Coordinator:
         self.exit_code = 0
         self.signals = 0
         self.http: StatusHTTP | None = None
+        self.router = None  # uvicorn.Server of the [generation] front_port router, if any
+        self.router_thread: threading.Thread | None = None
         self.serving_waiters: list[tuple[bytes, int]] = []  # (identity, version) told once every worker serves it
 
     def _secure_sockets(self) -> None:
@@ -375,6 +377,28 @@ class Coordinator:
               f"loss {fmt('loss', '.4f')}  kl {fmt('kl', '.4f')}  tok/s {fmt('tokens_per_s', '.0f')}  "
               f"v{m.get('version', '?')}  staleness {m.get('staleness', '-')}  [{gens}]", flush=True)
 
+    def start_router(self) -> None:
+        """[generation] front_port: one OpenAI endpoint that routes to every serving generation worker."""
+        from runner.router import create_router, start_router
+
+        gen = self.config.generation
+        # list() of a dict view is atomic under the GIL; rows are built from that snapshot.
+        app = create_router(lambda: [w.row(time.time()) for w in list(self.workers.values())],
+                            api_token=self.config.security.api_token)
+        self.router, self.router_thread, port = start_router(app, gen.host, gen.front_port)
+        self.job["router_url"] = f"http://{gen.host}:{port}/v1"
+
+    def _drop_lost_remotes(self, now: float) -> None:
+        """Remote workers have no process to watch: one whose heartbeats stop leaves routing and wait_serving
+        (it is not restarted; its next heartbeat or hello brings it back)."""
+        timeout = self.config.coordinator.heartbeat_timeout
+        for rec in list(self.workers.values()):
+            if not rec.local and rec.state in LIVE_STATES and rec.last_heartbeat and \
+                    now - rec.last_heartbeat > timeout:
+                log.warning("remote worker %s missed heartbeats for %.0fs; dropping it", rec.name,
+                            now - rec.last_heartbeat)
+                rec.state, rec.http_url = "lost", ""
+
     def start_http(self) -> None:
         port = self.config.coordinator.status_port
         host = self.config.generation.host
@@ -402,6 +426,7 @@ class Coordinator:
             self._answer_waiters()
             now = time.time()
             self._check_children(now)
+            self._drop_lost_remotes(now)
             learner = self.workers.get("learner")
             if learner is not None and learner.state == "done" and self.watchers["learner"].exit_code() is not None:
                 self.request_stop("the job is complete")
@@ -429,6 +454,9 @@ class Coordinator:
         for rec in self.workers.values():
             if not rec.local and rec.identity:
                 self._reply(rec.identity, {"type": "stop"})
+        if self.router is not None:  # last, so clients get 503 + Retry-After while the workers stop
+            self.router.should_exit = True
+            self.router_thread.join(10)
         if self.http:
             self.http.shutdown()
         self.control.close()
@@ -463,7 +491,11 @@ def create_coordinator(config: Config, config_path: Path) -> Coordinator:
     """Check security, prepare the model if needed, bind the sockets."""
     from runner.keys import require_security
 
-    http = f"tcp://{config.generation.host}:{config.generation.port}"  # the workers' HTTP API is exposed as well
+    gen = config.generation
+    if gen.front_port and gen.port and gen.port <= gen.front_port < gen.port + gen.workers:
+        raise ConfigError(f"generation.front_port {gen.front_port} is one of the workers' ports "
+                          f"{gen.port}..{gen.port + gen.workers - 1}; pick another")
+    http = f"tcp://{gen.host}:{gen.port}"  # the workers' HTTP API (and the front router) is exposed as well
     require_security([config.coordinator.control, config.coordinator.weights, http], config.security.curve_secret_key,
                      config.security.api_token, authorized_keys=config.security.authorized_keys)
     run_dir = Path(config.checkpoint.dir).resolve()
@@ -499,6 +531,9 @@ def launch(config: Config, config_path: Path) -> int:
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     coord.start_http()
+    if config.generation.front_port:
+        coord.start_router()
+        print(f"OpenAI endpoint for all generation workers: {coord.job['router_url']}", flush=True)
     add_generation_workers(coord, config.generation.workers)
     coord.add_watcher("learner", "learner", _child_cmd("workers.learner.main", *coord.child_args(), "--name", "learner"))
     print(f"job started: run dir {coord.run_dir}, control {coord.control_endpoint} (`runner status --coordinator "

@@ -49,7 +49,7 @@ def secure_job(tiny_model, tmp_path, keys):
         "lora": {"rank": 4},
         "generation": {"workers": 1, "port": 0},
         "checkpoint": {"dir": str(tmp_path / "run")},
-        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0"},
+        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 3.0},
         "security": {"curve_secret_key": str(keys["server_secret"]), "curve_public_key": str(keys["server_public"]),
                      "authorized_keys": str(keys["authorized"]), "api_token": TOKEN},
     })
@@ -96,6 +96,13 @@ def test_curve_admits_known_keys_only(secure_job, keys, tiny_model, caplog):
         ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2
+        # A remote worker that dies is not restarted (nobody watches its process) but leaves routing.
+        procs[-1].kill()
+        procs[-1].wait(30)
+        lost = poll(lambda: next((w for w in status(admin)["workers"]
+                                  if w["name"] == "remote-1" and w["state"] == "lost"), None), 30, "remote-1 lost")
+        assert lost["http_url"] == ""
+        assert coord.oldest_serving_version() is not None  # gen-0 still serves; the job goes on
     finally:
         admin.close()
 

@@ -194,9 +194,10 @@ class BuiltinSource:
         headers = {"Authorization": f"Bearer {api_token}"} if api_token else None
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), headers=headers)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(batch_size, 32)), thread_name_prefix="rollout")
-        self._lock = threading.Lock()  # guards the three dicts below; rollout threads pick URLs concurrently
+        self._lock = threading.Lock()  # guards the routing state below; rollout threads pick URLs concurrently
         self._inflight: dict[str, int] = {}
-        self._picks: dict[str, int] = {}  # tie-break: among equally loaded URLs, the least used so far
+        self._last_pick: dict[str, int] = {}  # tie-break among equally loaded URLs: least recently picked
+        self._sequence = 0
         self._failed_at: dict[str, float] = {}
 
     def _acquire_url(self, last_failed: str | None) -> str:
@@ -208,9 +209,10 @@ class BuiltinSource:
             now = time.monotonic()
             candidates = [u for u in urls if u != last_failed] or urls
             healthy = [u for u in candidates if now - self._failed_at.get(u, -1e9) > self.FAILED_COOLDOWN]
-            url = min(healthy or candidates, key=lambda u: (self._inflight.get(u, 0), self._picks.get(u, 0)))
+            url = min(healthy or candidates, key=lambda u: (self._inflight.get(u, 0), self._last_pick.get(u, 0)))
             self._inflight[url] = self._inflight.get(url, 0) + 1
-            self._picks[url] = self._picks.get(url, 0) + 1
+            self._sequence += 1
+            self._last_pick[url] = self._sequence
         return url
 
     def _release_url(self, url: str, failed: bool) -> None:
