@@ -22,20 +22,11 @@ from workers.learner.sources import AtroposSource, scored_data_to_group
 from workers.learner.trainer import Trainer, prepare_batch
 from workers.lora import LoraSpec
 
+from helpers import poll
+
 GROUP = 4
 GROUPS_PER_BATCH = 2
 SPEC = LoraSpec(rank=4, keys=["self_attn.q_proj", "self_attn.v_proj"])
-
-
-def poll(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -23,6 +23,8 @@ from workers.learner.trainer import StaleBatch, Trainer, prepare_batch, token_lo
 from workers.learner.grpo import sequence_logprobs
 from workers.lora import LoraSpec
 
+from helpers import poll
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The quickstart settings: they take target_tokens on the tiny model from ~0.15 to ~0.9 in 30 steps (~15-20 s on
@@ -31,17 +33,6 @@ ALL_PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 QUICK_SPEC = LoraSpec(rank=8, scale=20.0, keys=ALL_PROJECTIONS)
 QUICK = LearnerConfig(learning_rate=5e-4, group_size=8, batch_size=4, max_tokens=16, temperature=1.0, seed=0)
-
-
-def poll(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def synthetic_batches(n: int, groups: int = 2, group_size: int = 4, seed: int = 0, vocab: int = 512,

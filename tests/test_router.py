@@ -16,19 +16,11 @@ from runner.config import build_config
 from runner.coordinator import add_generation_workers, create_coordinator
 from runner.router import create_router, start_router
 
+from helpers import poll
+
 TOKEN = "router-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUT = 60.0
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class RunningRouter:

@@ -17,17 +17,9 @@ from runner.control import ControlClient, CoordinatorGone
 from runner.coordinator import add_generation_workers, create_coordinator
 from runner.keys import generate_keypair
 
+from helpers import poll
+
 TOKEN = "s3cret-token"
-
-
-def poll(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

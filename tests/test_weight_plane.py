@@ -25,18 +25,10 @@ from workers.generation.worker import WeightReceiver
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
 from workers.weights import encode_adapter
 
+from helpers import poll
+
 SPEC = LoraSpec(rank=4, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"])
 PROMPT = [1, 282, 280, 201, 263, 262]
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def random_adapter(layout: dict, seed: int) -> dict[str, mx.array]:
