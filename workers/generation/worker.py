@@ -22,7 +22,8 @@ import zmq
 
 from runner import wire
 from runner.config import build_config
-from runner.control import ControlClient, add_join_arguments, curve_from_args, model_id
+from runner.cli import add_join_arguments, curve_from_args
+from runner.control import ControlClient, model_id
 from workers.generation.server import Server, load_engine
 from workers.lora import LoraSpec
 from workers.weights import decode_to_mlx

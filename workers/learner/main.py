@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from runner.config import Config, build_config
-from runner.control import ControlClient, CoordinatorGone, add_join_arguments, curve_from_args
+from runner.cli import add_join_arguments, curve_from_args
+from runner.control import ControlClient, CoordinatorGone
 
 log = logging.getLogger(__name__)
 
