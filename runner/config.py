@@ -109,6 +109,12 @@ class LearnerConfig:
     max_grad_norm: float = field(default=1.0, metadata=_non_negative())  # 0 = no clipping
     max_staleness: int = field(default=1, metadata=_non_negative("integer"))
     seed: int = 0
+    # Data-parallel learner ranks (mx.distributed ring, started with mlx.launch): one rank per entry, rank 0 first
+    # and on this machine. An entry is an ssh host, optionally `host=ip` for the ring's interface; "localhost"
+    # starts a rank here without ssh (["localhost", "localhost"] = two local ranks). Empty = one learner process.
+    hosts: list[str] = field(default_factory=list)
+    # Rank i of the ring listens on ring_port + i (open these between the Macs).
+    ring_port: int = field(default=32323, metadata=_check(lambda v: 1024 <= v <= 65000, "a TCP port in 1024..65000"))
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,12 @@ class Watcher:
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:
-                self.proc.send_signal(sig)
+                if sig == signal.SIGKILL:
+                    # The child's whole session (it has its own): a multi-rank learner's launcher would otherwise
+                    # leave its ranks running. Other signals go to the child alone, which stops its children itself.
+                    os.killpg(self.proc.pid, sig)
+                else:
+                    self.proc.send_signal(sig)
             except ProcessLookupError:
                 pass
 
@@ -523,6 +528,18 @@ def add_generation_workers(coord: Coordinator, count: int) -> None:
                                                              "--name", f"gen-{i}", "--host", gen.host, "--port", str(port)))
 
 
+def learner_command(coord: Coordinator) -> list[str]:
+    """The learner process. With `[learner] hosts`, a wrapper (`workers.learner.distributed launch`) starts one rank
+    per host (mlx.launch over ssh for other machines) and forwards SIGTERM to rank 0, the only rank that talks to
+    this coordinator. It imports MLX, not us."""
+    cmd = _child_cmd("workers.learner.main", *coord.child_args(), "--name", "learner")
+    lc = coord.config.learner
+    if not lc.hosts:
+        return cmd
+    return _child_cmd("workers.learner.distributed", "launch", "--hosts", ",".join(lc.hosts),
+                      "--port", str(lc.ring_port), "--workdir", str(coord.run_dir / "ring"), "--", *cmd)
+
+
 def launch(config: Config, config_path: Path) -> int:
     """`runner launch`: prepare what is missing, start the pool, supervise it until the job ends."""
     coord = create_coordinator(config, config_path)
@@ -535,7 +552,7 @@ def launch(config: Config, config_path: Path) -> int:
         coord.start_router()
         print(f"OpenAI endpoint for all generation workers: {coord.job['router_url']}", flush=True)
     add_generation_workers(coord, config.generation.workers)
-    coord.add_watcher("learner", "learner", _child_cmd("workers.learner.main", *coord.child_args(), "--name", "learner"))
+    coord.add_watcher("learner", "learner", learner_command(coord))
     print(f"job started: run dir {coord.run_dir}, control {coord.control_endpoint} (`runner status --coordinator "
           f"{coord.control_endpoint}`), status {coord.job['status_url']}, logs in {coord.run_dir / 'logs'}", flush=True)
 

@@ -177,3 +177,41 @@ def test_sigterm_exits_0_after_final_checkpoint(job_dir, tiny_model):
     last_step = metrics(run_dir)[-1]["step"]
     assert 2 <= last_step < 500
     assert assert_loadable_checkpoint(run_dir, tiny_model) == last_step  # the final checkpoint is the last step
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (ring rank i listens on ring_port + i)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_two_learner_ranks_train_and_stop_on_sigterm(job_dir, tiny_model):
+    """`[learner] hosts` with two local ranks: the job trains (metrics reduced over both ranks, rank 0 alone
+    writing), and SIGTERM stops both ranks after a final checkpoint."""
+    cwd, config = job_dir
+    sets = QUICK + ['learner.hosts=["localhost", "localhost"]', f"learner.ring_port={_free_port_pair()}"]
+    job = Job(config, sets, cwd)
+    try:
+        wait_step(job.control(), 3)
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.finish(180) == 0, job.output[-3000:]
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+    run_dir = cwd / "runs" / "quickstart"
+    rows = metrics(run_dir)
+    assert len(rows) >= 3 and all(r["ranks"] == 2 for r in rows)
+    log = (run_dir / "logs" / "learner.log").read_text()
+    assert "forwarding signal 15 to rank 0" in log and "rank 1: stopped at step" in log, log[-3000:]
+    assert assert_loadable_checkpoint(run_dir, tiny_model) == rows[-1]["step"]

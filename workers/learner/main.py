@@ -61,13 +61,18 @@ class Publisher:
 
 
 def run_learner(join: str, name: str, curve: dict | None = None) -> int:
+    from workers.learner import distributed as dist
     from workers.learner.checkpoint import append_metrics, find_latest, restore, save_checkpoint, truncate_metrics
     from workers.learner.sources import make_source
     from workers.learner.trainer import Trainer
 
+    group = dist.init()  # started by mlx.launch: one rank of a data-parallel ring; otherwise alone
+    if not dist.is_writer(group):
+        return run_follower(group)
     client = ControlClient(join, name, role="learner", curve=curve)
     welcome = client.hello()
     config: Config = build_config(welcome["config"], where="coordinator")
+    dist.broadcast_json(welcome["config"], group)  # the other ranks build the same trainer (they never say hello)
     client.heartbeat_interval = config.coordinator.heartbeat_interval
     client.status.update(state="loading", version=welcome["latest_version"])
     client.start_heartbeats()
@@ -75,9 +80,10 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    dist.announce_rank0(group)  # now `distributed launch` may forward the coordinator's SIGTERM here
 
     run_dir = Path(config.checkpoint.dir)
-    trainer = Trainer.from_config(config)
+    trainer = Trainer.from_config(config, group=group)
     publisher = Publisher(client, welcome["base_model_id"], trainer.spec.adapter_config(len(trainer.model.layers)))
     checkpoint = find_latest(run_dir)
     start_step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
@@ -92,6 +98,9 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     if checkpoint is not None:
         trainer.version += 1
         publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
+    dist.sync_trainer(trainer, group)  # the other ranks start from rank 0's (resumed) state
+    if dist.size_of(group) > 1:
+        source = dist.BroadcastSource(source, group)  # rank 0 gets the rollouts; every rank trains its share
     client.status.update(state="training", version=trainer.version)
 
     def checkpoint_now(metrics: dict) -> None:
@@ -112,6 +121,8 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
             if trainer.step_count % config.checkpoint.interval == 0:
                 checkpoint_now(metrics)
                 saved_step = trainer.step_count
+        if isinstance(source, dist.BroadcastSource):
+            source.stop()  # done or stopping between steps: release the other ranks
     finally:
         client.status["state"] = "stopping"
         if saved_step != trainer.step_count:
@@ -120,6 +131,28 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     if not stopping.is_set():
         client.send({"type": "done", "name": name})
     client.close()
+    return 0
+
+
+def run_follower(group) -> int:
+    """Rank > 0 of a data-parallel learner: trains its share of every batch rank 0 sends, until rank 0 says stop.
+    It never talks to the coordinator; rank 0 publishes, checkpoints and reports for all ranks."""
+    from workers.learner import distributed as dist
+    from workers.learner.trainer import Trainer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every local rank: rank 0 decides, then says stop
+    config = build_config(dist.broadcast_json(None, group), where="rank 0")
+    trainer = Trainer.from_config(config, group=group)
+    dist.sync_trainer(trainer, group)
+    source = dist.BroadcastSource(None, group)
+    log.info("rank %d of %d: following rank 0 from step %d", group.rank(), group.size(), trainer.step_count)
+    while True:
+        try:
+            batch = source.next_batch(trainer.step_count)
+        except dist.StopTraining:
+            break
+        trainer.step(batch)
+    log.info("rank %d: stopped at step %d", group.rank(), trainer.step_count)
     return 0
 
 
