@@ -1,9 +1,12 @@
 """Shared fixtures: the tiny model directory, and real HTTP generation servers on loopback.
 
-`tiny_model` is session-scoped: `prepare_tiny` is deterministic, so every test in the session sees the same weights
-and tokenizer. `live_server(engine, **server_kwargs)` is a context manager (handed out by the fixture of the same
-name) that serves an `Engine` through a real uvicorn on 127.0.0.1 with an OS-chosen port and always stops both; use
-`serve` for a per-test server torn down automatically.
+- `tiny_model` (session): `prepare_tiny` run once; deterministic, so every test sees the same weights and tokenizer.
+- `tiny_engine` / `lora_engine`: unstarted `Engine`s over it (the latter with rank-4 LoRA on every attention and MLP
+  projection), stopped at teardown.
+- `serve(engine, **server_kwargs) -> LiveServer`: a real uvicorn on 127.0.0.1 with a kernel-chosen port, stopped
+  (server thread joined, engine stopped) at the end of the test. `live_server` is the same as a context manager,
+  for module-scoped fixtures.
+- `http` (session): one pooled httpx client; `wait_for(predicate, timeout, what)`: poll with a deadline.
 """
 
 from __future__ import annotations
@@ -110,8 +113,7 @@ def live_server(engine, model_name: str = "tiny", **server_kwargs) -> Iterator[L
 
     from workers.generation.server import Server
 
-    if not engine._thread.is_alive():
-        engine.start()
+    engine.start()  # a no-op if it already runs
     server = Server(engine, model_name, **server_kwargs)
     # port=0: the kernel picks a free port at bind time, so parallel test runs never race for one.
     config = uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
@@ -133,7 +135,8 @@ def live_server(engine, model_name: str = "tiny", **server_kwargs) -> Iterator[L
         uv.should_exit = True
         thread.join(STOP_TIMEOUT)
         engine.stop()
-        assert not thread.is_alive(), "uvicorn did not stop"
+    # Only reached when the block succeeded: a hung shutdown must not mask the block's own failure.
+    assert not thread.is_alive(), f"uvicorn did not stop within {STOP_TIMEOUT}s"
 
 
 def _raise_dead():

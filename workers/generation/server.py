@@ -11,8 +11,11 @@ Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; the
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -23,7 +26,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workers.generation.engine import Engine, Overloaded, Request as EngineRequest, SamplingParams, new_request_id
+from workers.generation.engine import (
+    Engine,
+    EngineStopped,
+    Overloaded,
+    Request as EngineRequest,
+    SamplingParams,
+    new_request_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,24 +169,30 @@ class Server:
             return self.engine.submit(prompt_ids, params, n=n, stream=stream, loop=asyncio.get_running_loop())
         except Overloaded as e:
             raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e)) from None
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
 
     async def _wait(self, http: Request, req: EngineRequest) -> None:
-        """Wait for every completion; a client that disconnects frees its slots."""
+        """Wait for every completion; a client that disconnects frees its slots at once."""
+        gone = asyncio.ensure_future(_client_gone(http))
         remaining = req.n
-        while remaining:
-            try:
-                event = await asyncio.wait_for(req.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
+        try:
+            while remaining:
+                event = asyncio.ensure_future(req.events.get())
+                await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
                     self.engine.cancel(req)
                     raise APIError(499, "client disconnected")
-                continue
-            if event[0] == "done":
-                remaining -= 1
-            elif event[0] == "error":
-                raise APIError(500, event[1])
+                kind = event.result()[0]
+                if kind == "done":
+                    remaining -= 1
+                elif kind == "error":
+                    raise APIError(500, event.result()[1])
+        finally:
+            gone.cancel()
 
     def _usage(self, req: EngineRequest) -> dict:
         completion = sum(len(c.token_ids) for c in req.completions)
@@ -208,32 +224,41 @@ class Server:
     # ----- streaming -------------------------------------------------------------------------------------------
     async def _stream(self, http: Request, req: EngineRequest, chunk) -> StreamingResponse:
         async def events():
-            texts = [""] * req.n
             sent = [0] * req.n
             remaining = req.n
             try:
-                yield _sse(chunk(None, None, None, first=True)) if chunk(None, None, None, first=True) else ""
+                first = chunk(None, None, None, first=True)
+                if first:
+                    yield _sse(first)
                 while remaining:
-                    event = await req.events.get()
-                    if event[0] == "error":
-                        yield _sse({"error": {"message": event[1], "type": "server_error"}})
+                    batch = await _next_events(req.events)
+                    errors = [e for e in batch if e[0] == "error"]
+                    if errors:
+                        yield _sse({"error": {"message": errors[0][1], "type": "server_error"}})
                         return
-                    index = event[1]
-                    c = req.completions[index]
-                    final = event[0] == "done"
-                    text = c.text if final else self.engine.tokenizer.decode(c.token_ids)
-                    delta, sent[index] = stream_delta(text, sent[index], req.params.stop, final)
-                    texts[index] = text
-                    if delta or final:
-                        yield _sse(chunk(index, delta, c.finish_reason if final else None))
-                    if final:
-                        remaining -= 1
+                    finished = {e[1] for e in batch if e[0] == "done"}
+                    for index in dict.fromkeys(e[1] for e in batch):  # each touched choice once, in event order
+                        c = req.completions[index]
+                        final = index in finished
+                        text = c.text if final else self._partial_text(c.token_ids)
+                        delta, sent[index] = stream_delta(text, sent[index], req.params.stop, final)
+                        if delta or final:
+                            yield _sse(chunk(index, delta, c.finish_reason if final else None))
+                    remaining -= len(finished)
                 yield "data: [DONE]\n\n"
             finally:
                 if remaining:
                     self.engine.cancel(req)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _partial_text(self, token_ids: list[int]) -> str:
+        """Text of a completion still being generated, decoded the way its final text will be (an EOS that ends
+        it is not text)."""
+        ids = list(token_ids)  # a snapshot: the engine thread appends concurrently
+        if ids and ids[-1] in self.engine.eos_ids:
+            ids.pop()
+        return self.engine.tokenizer.decode(ids)
 
     # ----- routes ----------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
@@ -258,12 +283,8 @@ class Server:
         async def _http_error(_: Request, e: StarletteHTTPException):
             return error_response(e.status_code, str(e.detail))
 
-        @app.middleware("http")
-        async def _auth(request: Request, call_next):
-            if self.api_token and request.url.path not in ("/health",):
-                if request.headers.get("authorization", "") != f"Bearer {self.api_token}":
-                    return error_response(401, "missing or wrong bearer token", code="invalid_api_key")
-            return await call_next(request)
+        if self.api_token:
+            app.add_middleware(BearerAuth, token=self.api_token, open_paths=("/health",))
 
         @app.get("/health")
         async def health():
@@ -313,8 +334,8 @@ class Server:
                           if top else None}
                 choices.append({"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": lp,
                                 **self._choice_extras(c)})
-            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version}
+            return _json({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                          "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version})
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatBody, http: Request):
@@ -349,8 +370,8 @@ class Server:
                         for i, (t, l) in enumerate(zip(c.token_ids, c.logprobs))]}
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                                 "finish_reason": c.finish_reason, "logprobs": lp, **self._choice_extras(c)})
-            return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                    "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version}
+            return _json({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                          "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version})
 
         @app.post("/generate")
         async def generate(body: GenerateBody, http: Request):
@@ -370,13 +391,55 @@ class Server:
                         entry.append({str(k): v for k, v in c.top_logprobs[i].items()})
                     per_token.append(entry)
                 logprobs.append(per_token)
-            return {"text": [c.text for c in req.completions], "logprobs": logprobs,
-                    "finish_reasons": [c.finish_reason for c in req.completions],
-                    "token_ids": [c.token_ids for c in req.completions],
-                    "prompt_token_ids": prompt_ids, "policy_version": req.policy_version,
-                    "policy_versions": [c.versions for c in req.completions]}
+            return _json({"text": [c.text for c in req.completions], "logprobs": logprobs,
+                          "finish_reasons": [c.finish_reason for c in req.completions],
+                          "token_ids": [c.token_ids for c in req.completions],
+                          "prompt_token_ids": prompt_ids, "policy_version": req.policy_version,
+                          "policy_versions": [c.versions for c in req.completions]})
 
         return app
+
+
+async def _next_events(events: asyncio.Queue) -> list[tuple]:
+    """Wait for one engine event, then take every other one already queued: a client that falls behind gets one
+    chunk per choice for all its new tokens instead of one decode per token."""
+    batch = [await events.get()]
+    while not events.empty():
+        batch.append(events.get_nowait())
+    return batch
+
+
+async def _client_gone(http: Request) -> None:
+    """Return once the client has closed its connection. The body is already read, so the next ASGI message can
+    only be `http.disconnect` (uvicorn delivers it as soon as the socket closes)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class BearerAuth:
+    """Pure ASGI middleware requiring `Authorization: Bearer <token>` (except on `open_paths`). Unlike
+    `@app.middleware("http")` it does not wrap `receive`, so routes still see a client's disconnect, and it adds
+    no per-request task group."""
+
+    def __init__(self, app, token: str, open_paths: tuple[str, ...] = ()):
+        self.app, self.expected, self.open_paths = app, f"Bearer {token}".encode(), open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(401, "missing or wrong bearer token", code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _json(content: dict) -> JSONResponse:
+    """A response of plain JSON types. Returning the dict itself would make FastAPI walk every nested token id and
+    log-prob through `jsonable_encoder` first: a fifth of the server's GIL time under load, time the engine thread
+    then waits for."""
+    return JSONResponse(content)
 
 
 def _sse(payload: dict | None) -> str:
@@ -445,9 +508,23 @@ def run_http(server: Server, host: str, port: int, on_started=None) -> None:
     uv.run()
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM a clean exit (code 0, after our `finally` blocks). uvicorn shuts down gracefully on SIGTERM and
+    then re-raises the signal to the previous handler; with the default one the process dies by the signal (exit
+    -15) before the engine is stopped. Raising SystemExit(0) instead unwinds normally, also when SIGTERM arrives
+    before uvicorn has installed its own handler."""
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def serve_standalone(args) -> int:
     """`runner serve`: one generation worker with no coordinator."""
     engine = load_engine(args.model, args.adapter, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    _exit_cleanly_on_sigterm()
     server = Server(engine, Path(args.model).name, api_token=args.api_token)
 
     def announce(uv):
