@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -263,22 +262,9 @@ def create_router(get_workers: Callable[[], list[dict]], api_token: str = "", **
 
 
 def start_router(app: FastAPI, host: str, port: int, start_timeout: float = 30.0):
-    """Serve `app` with uvicorn in a daemon thread; returns (server, thread, actual_port) once it accepts
-    connections. Port 0 picks a free port. Stop it with `server.should_exit = True; thread.join()`."""
-    import uvicorn
+    """Serve `app` in a daemon thread; returns (server, thread, actual_port) once it accepts connections."""
+    from runner.webserver import start_in_thread
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=3)
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # the coordinator's main thread owns signals
-    thread = threading.Thread(target=server.run, name="router-http", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the routing front end could not start on {host}:{port}")
-        time.sleep(0.02)
-    actual_port = server.servers[0].sockets[0].getsockname()[1]
+    server, thread, actual_port = start_in_thread(app, host, port, name="router", start_timeout=start_timeout)
     log.info("routing front end on http://%s:%d/v1", host, actual_port)
     return server, thread, actual_port

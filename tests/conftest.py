@@ -90,14 +90,6 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
         time.sleep(interval)
 
 
-def _bound_port(uv) -> int | None:
-    servers = getattr(uv, "servers", None) or []
-    for s in servers:
-        for sock in s.sockets or ():
-            return sock.getsockname()[1]
-    return None
-
-
 def _healthy(client: httpx.Client, base: str, headers: dict) -> bool:
     try:
         return client.get(f"{base}/health", timeout=2, headers=headers).status_code == 200
@@ -109,22 +101,15 @@ def _healthy(client: httpx.Client, base: str, headers: dict) -> bool:
 def live_server(engine, model_name: str = "tiny", **server_kwargs) -> Iterator[LiveServer]:
     """Start `engine` (if not started) and serve it on 127.0.0.1:<free port> until the block exits; the server
     thread is joined and the engine stopped even when the block raises."""
-    import uvicorn
-
+    from runner.webserver import start_in_thread
     from workers.generation.server import Server
 
     engine.start()  # a no-op if it already runs
     server = Server(engine, model_name, **server_kwargs)
     # port=0: the kernel picks a free port at bind time, so parallel test runs never race for one.
-    config = uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=2)
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, name="uvicorn-test", daemon=True)
-    thread.start()
+    uv, thread, port = start_in_thread(server.app, "127.0.0.1", 0, name="uvicorn-test", start_timeout=START_TIMEOUT)
     client = httpx.Client(timeout=HTTP_TIMEOUT)  # one pooled client: a new one per poll costs ~20 ms
     try:
-        port = wait_for(lambda: _bound_port(uv) if thread.is_alive() else _raise_dead(), START_TIMEOUT,
-                        "uvicorn to bind")
         live = LiveServer(engine, server, uv, thread, port, client)
         headers = {"Authorization": f"Bearer {server.api_token}"} if server.api_token else {}
         if server.ready:
@@ -137,10 +122,6 @@ def live_server(engine, model_name: str = "tiny", **server_kwargs) -> Iterator[L
         engine.stop()
     # Only reached when the block succeeded: a hung shutdown must not mask the block's own failure.
     assert not thread.is_alive(), f"uvicorn did not stop within {STOP_TIMEOUT}s"
-
-
-def _raise_dead():
-    raise RuntimeError("the uvicorn thread died during startup")
 
 
 @pytest.fixture(name="live_server", scope="session")

@@ -1,9 +1,7 @@
 """The `runner` console script: help lists every documented subcommand; unbuilt ones fail plainly."""
 
 import subprocess
-import sys
 
-import pytest
 
 import runner
 

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import mlx.core as mx
@@ -141,7 +140,7 @@ def test_stale_and_malformed_uploads_are_rejected_and_workers_keep_serving(job):
 
 def test_restarted_worker_catches_up_before_serving(job):
     coord, client = job
-    workers = poll(lambda: serving(client), 120, "two serving workers")
+    poll(lambda: serving(client), 120, "two serving workers")
     version = status(client)["job"]["latest_version"]
     victim = coord.watchers["gen-1"]
     old_pid = victim.proc.pid

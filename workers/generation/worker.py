@@ -15,7 +15,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import zmq
@@ -24,6 +23,7 @@ from runner import wire
 from runner.config import build_config
 from runner.cli import add_join_arguments, curve_from_args
 from runner.control import ControlClient, model_id
+from runner.webserver import start_in_thread
 from workers.generation.server import Server, load_engine
 from workers.lora import LoraSpec
 from workers.weights import decode_to_mlx
@@ -103,8 +103,7 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
 
     server = Server(engine, model_path.name, max_tokens_default=gen.max_tokens, max_tokens_limit=gen.max_tokens_limit,
                     api_token=config.security.api_token)
-    uv = _start_http(server, host, port)
-    actual_port = uv.servers[0].sockets[0].getsockname()[1]
+    uv, http_thread, actual_port = start_in_thread(server.app, host, port)
     http_url = f"http://{host}:{actual_port}"
     client.status.update(state="serving", version=engine.version, http_url=http_url)
     client.send({"type": "ack", "name": name, "version": engine.version, "state": "serving", "http_url": http_url})
@@ -130,39 +129,17 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
             for version in receiver.newly_applied():
                 client.status["version"] = version
                 client.send({"type": "ack", "name": name, "version": version})
-            if not uv_thread_alive(uv):
+            if not http_thread.is_alive():
                 log.error("the HTTP server stopped unexpectedly")
                 return 1
     finally:
         client.status["state"] = "stopping"
         uv.should_exit = True
-        uv._runner_thread.join(10)
+        http_thread.join(10)
         engine.stop()
         sub.close()
         client.close()
     return 0
-
-
-def _start_http(server: Server, host: str, port: int):
-    import uvicorn
-
-    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=3)
-    uv = uvicorn.Server(config)
-    uv.install_signal_handlers = lambda: None  # the worker's main thread owns signals
-    thread = threading.Thread(target=uv.run, name="http", daemon=True)
-    uv._runner_thread = thread
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the HTTP server could not start on {host}:{port}")
-        time.sleep(0.02)
-    return uv
-
-
-def uv_thread_alive(uv) -> bool:
-    return uv._runner_thread.is_alive()
 
 
 def join(args: argparse.Namespace) -> int:
