@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -53,7 +54,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set or [])
+    sets = list(args.set or [])
+    if args.resume:
+        sets.append(f"checkpoint.resume={json.dumps(str(Path(args.resume).resolve()))}")
+    config = load_config(args.config, sets)
     from runner.coordinator import launch
 
     return launch(config, config_path=Path(args.config))
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="run a job from a TOML config (coordinator + workers)")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", metavar="CHECKPOINT_DIR",
+                   help="resume from this checkpoint (default: the newest loadable one in the run directory)")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("check", help="validate a config file and exit")

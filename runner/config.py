@@ -129,6 +129,7 @@ class CheckpointConfig:
     dir: str = "runs/job"  # the run directory: checkpoints/, logs/, metrics.jsonl
     interval: int = field(default=10, metadata=_positive("integer"))
     keep_last: int = field(default=3, metadata=_positive("integer"))
+    resume: str = ""  # a checkpoint directory to resume from; "" = the newest loadable one in `dir`, if any
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -50,6 +50,7 @@ class WorkerRecord:
     restarts: int = 0
     last_heartbeat: float = 0.0
     local: bool = True
+    capabilities: dict = field(default_factory=dict)
     identity: bytes = b""
 
     def row(self, now: float) -> dict:
@@ -266,10 +267,13 @@ class Coordinator:
     def _on_hello(self, identity: bytes, msg: dict) -> None:
         rec = self._record(msg)
         rec.identity, rec.pid, rec.host = identity, int(msg.get("pid", 0)), str(msg.get("host", ""))
+        rec.capabilities = dict(msg.get("capabilities") or {})
         rec.state, rec.last_heartbeat = "loading", time.time()
         log.info("%s (%s) said hello from %s pid %d", rec.name, rec.role, rec.host, rec.pid)
         self._reply(identity, {"type": "welcome", "latest_version": self.latest_version,
                                "base_model_id": self.base_model_id, **self.job_info})
+        if rec.role == "learner":  # --resume applies to the first start; a restarted learner takes the newest
+            self.job_info["config"]["checkpoint"]["resume"] = ""
 
     def _on_heartbeat(self, identity: bytes, msg: dict) -> None:
         rec = self.workers.get(str(msg["name"]))
@@ -516,6 +520,12 @@ def create_coordinator(config: Config, config_path: Path) -> Coordinator:
     # Children get the config with absolute paths, so their working directory never matters.
     resolved = config.to_dict()
     resolved["model"]["path"], resolved["checkpoint"]["dir"] = str(model_path), str(run_dir)
+    if config.checkpoint.resume:
+        resume = Path(config.checkpoint.resume).resolve()
+        if not (resume / "state.json").is_file() or not (resume / "adapters.safetensors").is_file():
+            raise ConfigError(f"checkpoint.resume = {str(resume)!r} is not a checkpoint directory; expected one with "
+                              f"state.json and adapters.safetensors (e.g. {run_dir}/checkpoints/step_000010)")
+        resolved["checkpoint"]["resume"] = str(resume)
     job_info = {"model_path": str(model_path), "model_name": model_path.name, "config": resolved}
     return Coordinator(config, config_path, run_dir, model_id(model_path), job_info)
 

@@ -30,8 +30,8 @@ QUICK = [
 class Job:
     """A `runner launch` subprocess whose output is collected by a reader thread."""
 
-    def __init__(self, config: Path, sets: list[str], cwd: Path):
-        args = [sys.executable, "-m", "runner.cli", "launch", str(config)]
+    def __init__(self, config: Path, sets: list[str], cwd: Path, extra: list[str] = ()):
+        args = [sys.executable, "-m", "runner.cli", "launch", str(config), *extra]
         for s in sets:
             args += ["--set", s]
         self.proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -215,3 +215,20 @@ def test_two_learner_ranks_train_and_stop_on_sigterm(job_dir, tiny_model):
     log = (run_dir / "logs" / "learner.log").read_text()
     assert "forwarding signal 15 to rank 0" in log and "rank 1: stopped at step" in log, log[-3000:]
     assert assert_loadable_checkpoint(run_dir, tiny_model) == rows[-1]["step"]
+
+
+def test_resume_from_a_named_checkpoint(job_dir, tiny_model):
+    """`--resume DIR` continues from that checkpoint: the steps after it are redone and logged once."""
+    cwd, config = job_dir
+    sets = [s for s in QUICK if not s.startswith(("learner.steps", "checkpoint.interval"))]
+    sets += ["checkpoint.interval=2", "checkpoint.keep_last=5"]
+    assert Job(config, sets + ["learner.steps=4"], cwd).finish(300) == 0
+    run_dir = cwd / "runs" / "quickstart"
+    step2 = run_dir / "checkpoints" / "step_000002"
+    job = Job(config, sets + ["learner.steps=5"], cwd, extra=["--resume", str(step2)])
+    assert job.finish(300) == 0, job.output[-3000:]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5]
+    assert f"resumed from {step2} at step 2" in (run_dir / "logs" / "learner.log").read_text()
+    assert assert_loadable_checkpoint(run_dir, tiny_model) == 5
+    bad = Job(config, sets, cwd, extra=["--resume", str(run_dir)])  # a run dir, not a checkpoint
+    assert bad.finish(60) == 2 and "is not a checkpoint directory" in bad.output

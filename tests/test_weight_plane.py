@@ -218,6 +218,7 @@ def test_status_cli_and_http(job):
     assert {"gen-0", "gen-1"} <= set(rows)
     for name in ("gen-0", "gen-1"):
         assert rows[name]["state"] == "serving" and rows[name]["pid"] > 0 and rows[name]["heartbeat_age"] is not None
+        assert "openai" in rows[name]["capabilities"]["api"] and rows[name]["capabilities"]["device"]
     r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "gen-0" in r.stdout and "serving" in r.stdout and "HEARTBEAT" in r.stdout

@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+import mlx.core as mx
 import zmq
 
 from runner import wire
@@ -67,7 +68,8 @@ class WeightReceiver:
 def run_worker(join: str, name: str, host: str, port: int, model_override: str | None = None,
                curve: dict | None = None) -> int:
     client = ControlClient(join, name, role="generate", curve=curve)
-    welcome = client.hello()
+    welcome = client.hello(capabilities={"api": ["openai", "atropos-vllm"], "device": str(mx.default_device()),
+                                         "model_override": bool(model_override)})
     if welcome["type"] != "welcome":
         log.error("the coordinator refused %s: %s", name, welcome.get("reason"))
         return 2

@@ -70,7 +70,7 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     if not dist.is_writer(group):
         return run_follower(group)
     client = ControlClient(join, name, role="learner", curve=curve)
-    welcome = client.hello()
+    welcome = client.hello(capabilities={"algorithm": "grpo", "ranks": dist.size_of(group)})
     config: Config = build_config(welcome["config"], where="coordinator")
     dist.broadcast_json(welcome["config"], group)  # the other ranks build the same trainer (they never say hello)
     client.heartbeat_interval = config.coordinator.heartbeat_interval
@@ -85,7 +85,7 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     run_dir = Path(config.checkpoint.dir)
     trainer = Trainer.from_config(config, group=group)
     publisher = Publisher(client, welcome["base_model_id"], trainer.spec.adapter_config(len(trainer.model.layers)))
-    checkpoint = find_latest(run_dir)
+    checkpoint = Path(config.checkpoint.resume) if config.checkpoint.resume else find_latest(run_dir)
     start_step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
     source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, starting_step=start_step)
     if checkpoint is not None:
