@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from runner.files import replace_path
 
 log = logging.getLogger(__name__)
 
@@ -365,18 +366,6 @@ def _claim(dst: Path, force: bool) -> None:
             raise AdapterError(f"{dst} exists as a {'directory' if dst.is_dir() else 'file'}; refusing to replace it with the other kind")
 
 
-def _swap_into_place(tmp: Path, dst: Path) -> None:
-    """Rename a finished temp file/dir onto `dst`; an existing dir is moved aside first, never left half-replaced."""
-    if dst.is_dir():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
-
-
 def _default_mode(directory: bool) -> int:
     """What a plain open()/mkdir() would give: mkstemp/mkdtemp create private (0600/0700) paths."""
     umask = os.umask(0)
@@ -402,7 +391,7 @@ def write_adapter(adapter: Adapter, dst: Path, fmt: str, force: bool = False) ->
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
-            _swap_into_place(tmp, dst)
+            replace_path(tmp, dst)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -417,7 +406,7 @@ def write_adapter(adapter: Adapter, dst: Path, fmt: str, force: bool = False) ->
             config, tensors, meta = to_peft(adapter)
             write_safetensors(tmp / PEFT_WEIGHTS, tensors, meta)
             (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        _swap_into_place(tmp, dst)
+        replace_path(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

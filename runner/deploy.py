@@ -25,11 +25,11 @@ import plistlib
 import re
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.files import write_atomic
 from runner.config import ConfigError, load_config
 from runner.keys import endpoint_host
 
@@ -260,21 +260,6 @@ def service_file(target: str, service: Service) -> tuple[str, bytes]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render(

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from runner.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -277,12 +278,6 @@ def render_markdown(run: Path, m: Metrics, s: dict, plots: list[Path], notes: li
     return "\n".join(out) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(run: Path, out: Path | None = None) -> Path:
     """Write plots, report.md and summary.json for the run into `out` (default RUN/report); returns report.md."""
     from runner.adapters import run_checkpoints
@@ -302,12 +297,12 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     except ImportError:
         plots, notes = [], ["matplotlib is not installed (pip install matplotlib); no plots were drawn"]
     checkpoints = run_checkpoints(run)
-    _write_text(out / "report.md", render_markdown(run, m, s, plots, notes, checkpoints))
+    write_atomic(out / "report.md", render_markdown(run, m, s, plots, notes, checkpoints))
     s["problems"] = m.problems
     s["plots"] = [p.name for p in plots]
     s["checkpoints"] = [{"name": c.path.name, "step": c.step, "version": c.version, "latest": c.latest}
                         for c in checkpoints]
-    _write_text(out / "summary.json", json.dumps(s, indent=1) + "\n")
+    write_atomic(out / "summary.json", json.dumps(s, indent=1) + "\n")
     return out / "report.md"
 
 

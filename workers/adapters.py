@@ -33,7 +33,7 @@ def merge(model_path: Path, adapter_path: Path, out: Path, dequantize: bool = Fa
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, load, save_config, save_model
 
-    from workers.lora import replace_dir
+    from runner.files import replace_path
 
     model_path, adapter_path, out = Path(model_path), Path(adapter_path), Path(out)
     if not (model_path / "config.json").is_file():
@@ -71,7 +71,7 @@ def merge(model_path: Path, adapter_path: Path, out: Path, dequantize: bool = Fa
         for f in model_path.iterdir():
             if f.is_file() and f.name not in _NOT_COPIED_NAMES and not f.name.endswith(_NOT_COPIED_SUFFIXES):
                 shutil.copy2(f, target / f.name)
-        replace_dir(target, out)
+        replace_path(target, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("merged %s into %s -> %s (%d layers fused%s)", adapter_path, model_path, out, len(fused),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from runner.files import replace_path
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def convert_gguf_to_mlx(gguf_path: Path, out_dir: Path, *, force: bool = False) 
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         _write_tokenizer(meta, tmp)
-        _move_into_place(tmp, out_dir)
+        replace_path(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -293,16 +294,3 @@ def _write_tokenizer(meta: dict, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    # rename() replaces an empty directory atomically; a non-empty one (force=True) is moved aside first so
-    # out_dir is never observed half-written, only briefly absent.
-    if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()):
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.replace(out_dir, old / "old")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    elif out_dir.exists() and not out_dir.is_dir():
-        out_dir.unlink()
-        os.replace(tmp, out_dir)
-    else:
-        os.replace(tmp, out_dir)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from runner.files import replace_path
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +100,8 @@ def save_adapter(directory: Path, model: nn.Module, spec: LoraSpec, extra_files:
     (tmp / "adapter_config.json").write_text(json.dumps(spec.adapter_config(len(model.layers)), indent=2))
     for name, data in (extra_files or {}).items():
         (tmp / name).write_bytes(data)
-    replace_dir(tmp, directory)
+    replace_path(tmp, directory)
     return directory
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing `dst` is swapped out, never left half-replaced."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def read_adapter(directory: Path) -> tuple[LoraSpec, dict[str, mx.array]]:

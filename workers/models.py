@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from workers.lora import replace_dir
+from runner.files import replace_path
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def write_model_dir(out_dir: Path, build, force: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         build(tmp)
-        replace_dir(tmp, out_dir)
+        replace_path(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from runner.files import write_atomic
 from workers.lora import save_adapter
 
 if TYPE_CHECKING:
@@ -57,15 +58,6 @@ def _bytes_safetensors(tensors: dict[str, mx.array]) -> bytes:
             return f.read()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: str | Path, trainer: "Trainer", source_state: dict, metrics: dict, keep_last: int = 3,
                     config=None) -> Path:
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically, point `latest` at it, prune to the last `keep_last`."""
@@ -91,7 +83,7 @@ def save_checkpoint(run_dir: str | Path, trainer: "Trainer", source_state: dict,
     target = root / checkpoint_name(trainer.step_count)
     _remove_leftovers(root)
     save_adapter(target, trainer.model, trainer.spec, extra_files=extra)
-    _write_atomic(root / LATEST, target.name + "\n")
+    write_atomic(root / LATEST, target.name + "\n")
     _prune(root, keep_last, keep=target)
     log.info("checkpoint %s written", target)
     return target
@@ -247,4 +239,4 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.exists():
         return
     keep = [json.dumps(m) for m in read_metrics(run_dir) if isinstance(m.get("step"), int) and m["step"] <= step]
-    _write_atomic(path, "".join(line + "\n" for line in keep))
+    write_atomic(path, "".join(line + "\n" for line in keep))
