@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
+
+from helpers import poll as wait_for  # noqa: E402  (tests/ is on sys.path)
 
 START_TIMEOUT = 30.0  # seconds to wait for uvicorn to bind and /health to answer
 STOP_TIMEOUT = 10.0
@@ -76,18 +77,6 @@ def parse_metrics(text: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
-    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _healthy(client: httpx.Client, base: str, headers: dict) -> bool:
