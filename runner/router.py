@@ -20,12 +20,13 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 from typing import Any, AsyncIterator, Callable
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from runner.routing import LeastLoaded
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +59,13 @@ def no_worker_response(message: str = "no generation worker is serving right now
 
 
 class WorkerPool:
-    """Which worker gets the next request: serving generation workers, fewest in flight first.
-
-    Everything runs on the router's event loop, so the counters need no lock. A worker that just failed is avoided
-    by other requests for `cooldown` seconds (the coordinator may take a heartbeat timeout to notice a dead remote
-    worker), unless nothing else is serving.
-    """
+    """Serving generation workers from the coordinator's table, chosen by `runner.routing.LeastLoaded`. A worker
+    that just failed is avoided by other requests for `cooldown` seconds (the coordinator may take a heartbeat
+    timeout to notice a dead remote worker), unless nothing else is serving."""
 
     def __init__(self, get_workers: Callable[[], list[dict]], cooldown: float = 5.0):
         self.get_workers = get_workers
-        self.cooldown = cooldown
-        self.inflight: dict[str, int] = {}
-        # Tie-break among equally loaded workers: the least recently picked, i.e. round-robin. (Fewest picks so far
-        # would send every sequential request to a worker that just restarted on a new URL until it caught up.)
-        self.last_pick: dict[str, int] = {}
-        self.sequence = 0
-        self.failed_at: dict[str, float] = {}
+        self.policy = LeastLoaded(cooldown)
 
     def serving_urls(self) -> list[str]:
         return [str(w["http_url"]).rstrip("/") for w in self._rows()
@@ -92,25 +84,10 @@ class WorkerPool:
     def acquire(self, exclude: set[str] = frozenset()) -> str | None:
         """Choose a worker and count the request against it; None when no worker is serving."""
         urls = [u for u in self.serving_urls() if u not in exclude]
-        if not urls:
-            return None
-        now = time.monotonic()
-        healthy = [u for u in urls if now - self.failed_at.get(u, -1e9) > self.cooldown]
-        url = min(healthy or urls, key=lambda u: (self.inflight.get(u, 0), self.last_pick.get(u, 0)))
-        self.inflight[url] = self.inflight.get(url, 0) + 1
-        self.sequence += 1
-        self.last_pick[url] = self.sequence
-        return url
+        return self.policy.acquire(urls) if urls else None
 
-    def release(self, url: str) -> None:
-        left = self.inflight.get(url, 0) - 1
-        if left > 0:
-            self.inflight[url] = left
-        else:
-            self.inflight.pop(url, None)
-
-    def failed(self, url: str) -> None:
-        self.failed_at[url] = time.monotonic()
+    def release(self, url: str, failed: bool = False) -> None:
+        self.policy.release(url, failed)
 
 
 class _ProxiedStream(StreamingResponse):
@@ -163,8 +140,7 @@ class Router:
             try:
                 upstream = await self._send_unless_client_leaves(request, upstream_request)
             except DEAD_WORKER_ERRORS as e:
-                self.pool.release(url)
-                self.pool.failed(url)
+                self.pool.release(url, failed=True)
                 log.warning("generation worker %s failed (%s: %s); trying another", url, type(e).__name__, e)
                 continue
             except httpx.TimeoutException:

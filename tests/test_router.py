@@ -225,8 +225,7 @@ def test_least_outstanding_choice_in_router_pool_and_learner_source():
     assert sorted(picked) == urls and pool.acquire() == "http://a"  # a now has 2 in flight
     pool.release("http://b")
     assert pool.acquire() == "http://b"
-    pool.release("http://c")
-    pool.failed("http://c")
+    pool.release("http://c", failed=True)
     assert pool.acquire() != "http://c" and pool.acquire(exclude={"http://a", "http://b"}) == "http://c"
 
     # Sequential traffic goes round-robin, and a worker that joins (or restarts on a new URL) takes its turn

@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 import tenacity
 
+from runner.routing import LeastLoaded
 from workers.learner.grpo import ATROPOS_PROMPT
 from workers.learner.tasks import Task
 
@@ -194,36 +195,18 @@ class BuiltinSource:
         headers = {"Authorization": f"Bearer {api_token}"} if api_token else None
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), headers=headers)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(batch_size, 32)), thread_name_prefix="rollout")
-        self._lock = threading.Lock()  # guards the routing state below; rollout threads pick URLs concurrently
-        self._inflight: dict[str, int] = {}
-        self._last_pick: dict[str, int] = {}  # tie-break among equally loaded URLs: least recently picked
-        self._sequence = 0
-        self._failed_at: dict[str, float] = {}
+        self._routing = LeastLoaded(self.FAILED_COOLDOWN)  # the front router's policy; thread-safe
 
     def _acquire_url(self, last_failed: str | None) -> str:
-        """Choose the least loaded worker URL and count a request against it (release with `_release_url`)."""
+        """Choose the least loaded worker URL, other than the one that just failed unless it is the only one, and
+        count a request against it (release with `_release_url`)."""
         urls = [u.rstrip("/") for u in self.urls()]
         if not urls:
             raise _Retryable("no generation worker is available yet")
-        with self._lock:
-            now = time.monotonic()
-            candidates = [u for u in urls if u != last_failed] or urls
-            healthy = [u for u in candidates if now - self._failed_at.get(u, -1e9) > self.FAILED_COOLDOWN]
-            url = min(healthy or candidates, key=lambda u: (self._inflight.get(u, 0), self._last_pick.get(u, 0)))
-            self._inflight[url] = self._inflight.get(url, 0) + 1
-            self._sequence += 1
-            self._last_pick[url] = self._sequence
-        return url
+        return self._routing.acquire([u for u in urls if u != last_failed] or urls)
 
     def _release_url(self, url: str, failed: bool) -> None:
-        with self._lock:
-            left = self._inflight.get(url, 0) - 1
-            if left > 0:
-                self._inflight[url] = left
-            else:
-                self._inflight.pop(url, None)
-            if failed:
-                self._failed_at[url] = time.monotonic()
+        self._routing.release(url, failed)
 
     def _complete(self, prompt_ids: list[int], prompt_index: int) -> dict:
         last_failed: dict[str, str | None] = {"url": None}
