@@ -154,3 +154,18 @@ def lora_engine(tiny_model: Path):
     engine = load_engine(tiny_model, lora_spec=LoraSpec(rank=4, keys=list(ALL_PROJECTIONS)))
     yield engine
     engine.stop()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict:
+    """CURVE key pairs for a coordinator, an authorized worker and a stranger, plus the authorized-keys directory."""
+    from runner.keys import generate_keypair
+
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    server_public, server_secret = generate_keypair(tmp_path / "keys", "coordinator")
+    worker_public, worker_secret = generate_keypair(tmp_path / "keys", "worker")
+    (authorized / "worker.key").write_bytes(worker_public.read_bytes())
+    _, stranger_secret = generate_keypair(tmp_path / "keys", "stranger")
+    return {"server_public": server_public, "server_secret": server_secret, "authorized": authorized,
+            "worker_secret": worker_secret, "stranger_secret": stranger_secret}

@@ -162,20 +162,6 @@ def netns():
         net.destroy()
 
 
-@pytest.fixture
-def keys(tmp_path):
-    from runner.keys import generate_keypair
-
-    authorized = tmp_path / "authorized"
-    authorized.mkdir()
-    server_public, server_secret = generate_keypair(tmp_path / "keys", "coordinator")
-    worker_public, worker_secret = generate_keypair(tmp_path / "keys", "worker")
-    (authorized / "worker.key").write_bytes(worker_public.read_bytes())
-    _, stranger_secret = generate_keypair(tmp_path / "keys", "stranger")
-    return {"server_public": server_public, "server_secret": server_secret, "authorized": authorized,
-            "worker_secret": worker_secret, "stranger_secret": stranger_secret}
-
-
 def job_config(model: Path, run_dir: Path, keys: dict, **learner) -> dict:
     return {
         "model": {"path": str(model)},

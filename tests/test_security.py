@@ -14,23 +14,10 @@ import pytest
 from runner.config import ConfigError, build_config
 from runner.control import ControlClient, CoordinatorGone
 from runner.coordinator import add_generation_workers, create_coordinator
-from runner.keys import generate_keypair
 
 from helpers import poll
 
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture
-def keys(tmp_path):
-    authorized = tmp_path / "authorized"
-    authorized.mkdir()
-    server_public, server_secret = generate_keypair(tmp_path / "server", "coordinator")
-    worker_public, worker_secret = generate_keypair(tmp_path / "worker", "worker")
-    (authorized / "worker.key").write_bytes(worker_public.read_bytes())
-    _, stranger_secret = generate_keypair(tmp_path / "stranger", "stranger")
-    return {"server_public": server_public, "server_secret": server_secret, "authorized": authorized,
-            "worker_secret": worker_secret, "stranger_secret": stranger_secret}
 
 
 @pytest.fixture
