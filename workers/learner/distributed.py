@@ -372,51 +372,6 @@ def _read_pid(path: Path) -> int | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train(trainer, source: Source, steps: int, group: Group | None, run_dir: Path | None = None,
-          interval: int = 10, keep_last: int = 3, config=None, stopping: threading.Event | None = None,
-          step_delay: float = 0.0) -> dict:
-    """Train until `trainer.step_count == steps` on every rank, or until rank 0's `stopping` is set (rank 0 then
-    stops the others through the BroadcastSource). Rank 0 resumes from and writes checkpoints and metrics in
-    `run_dir` (if given) and prints progress; the state it resumes is broadcast to the others."""
-    from workers.learner import checkpoint as ck
-    from workers.learner.trainer import progress_line
-
-    writer = is_writer(group)
-    if run_dir is not None and writer:
-        latest = ck.find_latest(run_dir)
-        if latest is not None:
-            ck.restore(trainer, source, latest)
-            log.info("resumed from %s at step %d", latest, trainer.step_count)
-        ck.truncate_metrics(run_dir, trainer.step_count)
-    sync_trainer(trainer, group)
-    source.load_state(broadcast_json(source.state(), group))
-    saved = trainer.step_count
-    try:
-        while trainer.step_count < steps:
-            if writer and stopping is not None and stopping.is_set():
-                if isinstance(source, BroadcastSource):
-                    source.stop()
-                break
-            try:
-                batch = source.next_batch(trainer.step_count + 1)
-            except StopTraining:
-                break
-            metrics = trainer.step(batch)
-            if writer:
-                print(progress_line(metrics, steps), flush=True)
-                if run_dir is not None:
-                    ck.append_metrics(run_dir, metrics)
-                    if trainer.step_count % interval == 0 or trainer.step_count == steps:
-                        ck.save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last, config=config)
-                        saved = trainer.step_count
-            if step_delay:
-                time.sleep(step_delay)  # test hook: lets a test stop the job between steps
-    finally:
-        if writer and run_dir is not None and trainer.step_count > saved:  # stopped between checkpoints
-            ck.save_checkpoint(run_dir, trainer, source.state(), trainer.last_metrics, keep_last, config=config)
-    return trainer.last_metrics
-
-
 def _config(args: argparse.Namespace):
     from runner.config import build_config, load_config, parse_override
 
@@ -435,7 +390,7 @@ def _config(args: argparse.Namespace):
 def train_main(args: argparse.Namespace) -> int:
     """Train on recorded batches with every rank of the ring; rank 0 writes the adapter."""
     from workers.learner.sources import ReplaySource
-    from workers.learner.trainer import Trainer
+    from workers.learner.trainer import Trainer, fit
     from workers.lora import save_adapter
 
     group = init()
@@ -453,8 +408,8 @@ def train_main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, lambda *_: stopping.set())
     else:  # Ctrl-C in a terminal reaches every local rank: the others wait for rank 0's stop instead
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    train(trainer, source, steps, group, run_dir, config.checkpoint.interval, config.checkpoint.keep_last,
-          config=config, stopping=stopping, step_delay=args.step_delay)
+    fit(trainer, source, run_dir, steps, config.checkpoint.interval, config.checkpoint.keep_last, config=config,
+        step_delay=args.step_delay, group=group, stopping=stopping)
     if trainer.step_count < steps:
         log.info("stopped at step %d of %d", trainer.step_count, steps)
         return 0
@@ -501,4 +456,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module, not this `__main__` copy: the trainer checks BroadcastSource and StopTraining
+    # against `workers.learner.distributed`, and two copies of those classes would not match.
+    from workers.learner.distributed import main as _main
+
+    raise SystemExit(_main())

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -439,7 +440,7 @@ def progress_line(m: dict, total_steps: int) -> str:
 def fit(
     trainer: Trainer,
     source: Source,
-    run_dir: str | Path,
+    run_dir: str | Path | None,
     steps: int,
     interval: int = 10,
     keep_last: int = 3,
@@ -447,34 +448,52 @@ def fit(
     resume: bool | str | Path = True,
     on_step: Callable[[Trainer, dict], None] | None = None,
     step_delay: float = 0.0,
+    group: "mx.distributed.Group | None" = None,
+    stopping: threading.Event | None = None,
 ) -> dict:
-    """Train until `trainer.step_count == steps`: resume from the latest checkpoint in `run_dir` (or the given
-    checkpoint dir), append one metrics line per step, checkpoint every `interval` steps and at exit."""
+    """Train until `trainer.step_count == steps` (or `stopping` is set): resume from the latest checkpoint in
+    `run_dir` (or the given checkpoint dir), append one metrics line per step, checkpoint every `interval` steps
+    and at exit. With a data-parallel `group`, rank 0 alone reads and writes `run_dir` and prints; the state it
+    resumes is sent to the other ranks, and it stops them through its `BroadcastSource`."""
     from workers.learner import checkpoint as ck
 
-    run_dir = Path(run_dir)
-    if resume:
-        ckpt = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else ck.find_latest(run_dir)
-        if ckpt is not None:
-            ck.restore(trainer, source, ckpt)
-            log.info("resumed from %s at step %d (version %d)", ckpt, trainer.step_count, trainer.version)
-    ck.truncate_metrics(run_dir, trainer.step_count)
+    writer = dist.is_writer(group)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if writer and run_dir is not None:
+        if resume:
+            ckpt = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else ck.find_latest(run_dir)
+            if ckpt is not None:
+                ck.restore(trainer, source, ckpt)
+                log.info("resumed from %s at step %d (version %d)", ckpt, trainer.step_count, trainer.version)
+        ck.truncate_metrics(run_dir, trainer.step_count)
+    if dist.size_of(group) > 1:
+        dist.sync_trainer(trainer, group)
+        source.load_state(dist.broadcast_json(source.state(), group))
     saved_at = trainer.step_count
     try:
         while trainer.step_count < steps:
-            batch = source.next_batch(trainer.step_count + 1)
+            if writer and stopping is not None and stopping.is_set():
+                if isinstance(source, dist.BroadcastSource):
+                    source.stop()
+                break
+            try:
+                batch = source.next_batch(trainer.step_count + 1)
+            except dist.StopTraining:  # rank 0 told this rank to stop
+                break
             metrics = trainer.step(batch)
-            ck.append_metrics(run_dir, metrics)
-            print(progress_line(metrics, steps), flush=True)
-            if on_step is not None:
-                on_step(trainer, metrics)
-            if trainer.step_count % interval == 0 or trainer.step_count == steps:
-                ck.save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last, config=config)
-                saved_at = trainer.step_count
+            if writer:
+                print(progress_line(metrics, steps), flush=True)
+                if run_dir is not None:
+                    ck.append_metrics(run_dir, metrics)
+                if on_step is not None:
+                    on_step(trainer, metrics)
+                if run_dir is not None and (trainer.step_count % interval == 0 or trainer.step_count == steps):
+                    ck.save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last, config=config)
+                    saved_at = trainer.step_count
             if step_delay:
-                time.sleep(step_delay)  # test hook: lets a test kill the process between steps
+                time.sleep(step_delay)  # test hook: lets a test stop the process between steps
     finally:
-        if trainer.step_count > saved_at:  # interrupted between checkpoints: keep what was done
+        if writer and run_dir is not None and trainer.step_count > saved_at:  # stopped between checkpoints
             ck.save_checkpoint(run_dir, trainer, source.state(), trainer.last_metrics, keep_last, config=config)
     return trainer.last_metrics
 
