@@ -4,9 +4,11 @@ Two adapter shapes, each pushed >= 50 times through a real coordinator to real w
   - smollm2: rank 16, q/v on all 30 layers of SmolLM2-135M (hidden 576, 3 kv heads of 64)  ~3.7 MB
   - 14b:     rank 16, q/v on 8 layers of a 14B-shaped model (hidden 5120, 8 kv heads of 128) ~8.4 MB
 Workers load a model directory with exactly those projection shapes (random/zero weights, tiny vocab and MLP), since
-only the LoRA layout matters here. The floor is copying the same bytes once in one process (numpy memcpy).
+only the LoRA layout matters here. The floor is copying the same bytes once in one process (numpy memcpy), measured
+right before every push. Each shape runs over both transports: "shm" (same-host shared-memory slots, what local
+processes use) and "socket" (frames over ZeroMQ, what a learner or worker on another host uses, here on loopback).
 
-    python bench/weights.py [--pushes 50] [--workers 1]
+    python bench/weights.py [--pushes 50] [--workers 1] [--shapes smollm2 14b] [--transports shm socket]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +28,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from runner.config import build_config
-from runner.control import ControlClient, model_id
+from runner.control import ControlClient
 from workers.lora import LoraSpec, apply_lora, lora_tensors
-from workers.weights import encode_adapter
+from workers.learner.main import Publisher
 
 COORDINATOR = """
 import json, signal, sys
@@ -75,24 +78,26 @@ def adapter_for(model_dir: Path, spec: LoraSpec) -> dict[str, mx.array]:
     return {k: mx.random.normal(v.shape) * 0.01 for k, v in lora_tensors(model).items()}
 
 
-def run_shape(name: str, pushes: int, workers: int, tmp: Path) -> dict:
+def run_shape(name: str, transport: str, pushes: int, workers: int, tmp: Path) -> dict:
     hidden, heads, kv, layers, lora_layers = SHAPES[name]
-    model_dir = make_model_dir(tmp / name, hidden, heads, kv, layers)
+    model_dir = tmp / name
+    if not model_dir.exists():
+        make_model_dir(model_dir, hidden, heads, kv, layers)
     spec = LoraSpec(rank=16, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"], num_layers=lora_layers)
     config = build_config({
         "model": {"path": str(model_dir)},
         "lora": {"rank": 16, "keys": spec.keys, "num_layers": lora_layers},
         "generation": {"workers": workers, "port": 0},
-        "checkpoint": {"dir": str(tmp / f"run-{name}")},
-        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 60.0},
+        "checkpoint": {"dir": str(tmp / f"run-{name}-{transport}")},
+        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 60.0,
+                        "shared_memory": transport == "shm"},
     })
     # The coordinator runs in its own process, as under `runner launch`, so it doesn't share this one's GIL.
     coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR, json.dumps(config.to_dict()), str(tmp)],
                                    stdout=subprocess.PIPE, text=True)
     endpoint = coordinator.stdout.readline().strip()
     client = ControlClient(endpoint, "bench-learner", role="learner")
-    client.hello()
-    base_id = model_id(model_dir)
+    publisher = Publisher(client, client.hello(), {})  # the learner's own publishing path
     tensors = adapter_for(model_dir, spec)
     nbytes = sum(t.nbytes for t in tensors.values())
 
@@ -106,14 +111,18 @@ def run_shape(name: str, pushes: int, workers: int, tmp: Path) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not become ready")
             time.sleep(0.1)
-        times, accepted = [], []
+        host = [np.asarray(t) for t in tensors.values()]
+        dst = [np.empty_like(h) for h in host]
+        times, accepted, floor = [], [], []
         for v in range(1, pushes + 6):
+            t0 = time.perf_counter()  # the floor, measured beside every push: this VM's speed drifts
+            for h, d in zip(host, dst):
+                np.copyto(d, h)
+            floor.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            client.send_weights(encode_adapter(v, v, base_id, {}, tensors))  # publish()
-            client.send({"type": "wait_serving", "version": v})
-            client.wait_for(("published",), timeout=60)
+            publisher.publish(v, v, tensors)
             t_pub = time.perf_counter() - t0
-            client.wait_for(("serving",), timeout=60)
+            publisher.wait_for_workers(v, threading.Event(), timeout=60)
             if v > 5:  # first pushes warm up allocations and sockets
                 times.append(time.perf_counter() - t0)
                 accepted.append(t_pub)
@@ -121,38 +130,33 @@ def run_shape(name: str, pushes: int, workers: int, tmp: Path) -> dict:
         client.close()
         coordinator.send_signal(signal.SIGTERM)
         coordinator.wait(60)
-
-    host = [np.asarray(t) for t in tensors.values()]
-    dst = [np.empty_like(h) for h in host]
-    floor = []
-    for _ in range(pushes):
-        t0 = time.perf_counter()
-        for h, d in zip(host, dst):
-            np.copyto(d, h)
-        floor.append(time.perf_counter() - t0)
     ms = np.array(times) * 1e3
-    return {"shape": name, "tensors": len(tensors), "mbytes": nbytes / 1e6, "p50": float(np.percentile(ms, 50)),
-            "accepted_p50": float(np.median(accepted) * 1e3),
-            "p95": float(np.percentile(ms, 95)), "floor": float(np.median(floor) * 1e3)}
+    return {"shape": name, "transport": transport, "tensors": len(tensors), "mbytes": nbytes / 1e6,
+            "p50": float(np.percentile(ms, 50)), "accepted_p50": float(np.median(accepted) * 1e3),
+            "p95": float(np.percentile(ms, 95)), "floor": float(np.median(floor[5:]) * 1e3)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pushes", type=int, default=50)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--transports", nargs="*", default=["shm", "socket"], choices=["shm", "socket"],
+                   help="shm: same-host shared-memory slots (the default for local processes); socket: frames over "
+                        "ZeroMQ, as for a learner or worker on another host")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes:
-            rows.append(run_shape(name, args.pushes, args.workers, Path(tmp)))
+            for transport in args.transports:
+                rows.append(run_shape(name, transport, args.pushes, args.workers, Path(tmp)))
     print(f"\nweight fan-out, {args.workers} local worker(s), {args.pushes} pushes each")
     print("(accepted = the coordinator validated and fanned it out; serving = every worker acked it)")
-    print(f"{'adapter':<9} {'tensors':>7} {'MB':>6} {'accepted p50':>12} {'serving p50':>11} {'p95':>8} "
-          f"{'floor ms':>9} {'p50/floor':>9}")
+    print(f"{'adapter':<9} {'transport':<9} {'tensors':>7} {'MB':>6} {'accepted p50':>12} {'serving p50':>11} "
+          f"{'p95':>8} {'floor ms':>9} {'p50/floor':>9}")
     for r in rows:
-        print(f"{r['shape']:<9} {r['tensors']:>7} {r['mbytes']:>6.1f} {r['accepted_p50']:>12.2f} {r['p50']:>11.2f} "
-              f"{r['p95']:>8.2f} {r['floor']:>9.3f} {r['p50'] / r['floor']:>9.1f}")
+        print(f"{r['shape']:<9} {r['transport']:<9} {r['tensors']:>7} {r['mbytes']:>6.1f} {r['accepted_p50']:>12.2f} "
+              f"{r['p50']:>11.2f} {r['p95']:>8.2f} {r['floor']:>9.3f} {r['p50'] / r['floor']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 import tenacity
 import zmq
 
-from runner import wire
+from runner import slots, wire
 from runner.config import Config, ConfigError
 from runner.control import CONTROL, WEIGHTS, model_id
 
@@ -52,6 +53,7 @@ class WorkerRecord:
     local: bool = True
     capabilities: dict = field(default_factory=dict)
     identity: bytes = b""
+    weights_via: str = ""  # "slots" (same-host shared memory) or "pub" (the weights PUB socket)
 
     def row(self, now: float) -> dict:
         d = asdict(self)
@@ -155,6 +157,9 @@ class Coordinator:
         self.control_endpoint = _bind(self.control, config.coordinator.control)
         self.weights_endpoint = _bind(self.weights, config.coordinator.weights)
         self.job_info["weights_endpoint"] = self.weights_endpoint
+        self.slots_dir = slots.create_dir() if config.coordinator.shared_memory else None
+        self.slots = slots.SlotReader(self.slots_dir) if self.slots_dir else None
+        self.job_info["weights_slots"] = slots.advertise(self.slots_dir)
         self.workers: dict[str, WorkerRecord] = {}
         self.watchers: dict[str, Watcher] = {}
         self.latest: list | None = None  # frames of the newest weight message
@@ -297,6 +302,9 @@ class Coordinator:
         rec.last_heartbeat = time.time()
 
     def _on_get_latest(self, identity: bytes, msg: dict) -> None:
+        if "name" in msg:  # a worker subscribing: it says how it takes new versions
+            rec = self._record(msg)
+            rec.identity, rec.weights_via = identity, "slots" if msg.get("slots") else "pub"
         if self.latest is None:
             self._reply(identity, {"type": "latest", "version": 0})
         else:
@@ -334,22 +342,53 @@ class Coordinator:
         self.job["state"] = "done"
         log.info("the learner finished the job")
 
+    def _check_new(self, message: wire.WeightMessage) -> None:
+        if message.base_model_id != self.base_model_id:
+            raise wire.WireError(f"base model id {message.base_model_id!r} is not this job's {self.base_model_id!r}")
+        if message.version <= self.latest_version:
+            raise wire.WireError(f"version {message.version} is not newer than {self.latest_version}")
+
+    def _slot_workers(self) -> list[WorkerRecord]:
+        return [w for w in self.workers.values() if w.weights_via == "slots" and w.identity]
+
     def _handle_weights(self, identity: bytes, frames: list) -> None:
+        """A version uploaded as frames (a learner on another host)."""
         try:
             message = wire.decode(frames)
-            if message.base_model_id != self.base_model_id:
-                raise wire.WireError(f"base model id {message.base_model_id!r} is not this job's "
-                                     f"{self.base_model_id!r}")
-            if message.version <= self.latest_version:
-                raise wire.WireError(f"version {message.version} is not newer than {self.latest_version}")
+            self._check_new(message)
         except wire.WireError as e:
             log.warning("rejected a weight message: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
-        self.latest = list(frames)  # zmq.Frame objects own their memory and can be sent again, copy-free
+        for w in self._slot_workers():  # same-host workers do not subscribe to the PUB socket
+            self.control.send_multipart([w.identity, WEIGHTS, *frames], copy=False)
+        self._publish(identity, message, list(frames))  # zmq.Frame objects own their memory: resent copy-free
+
+    def _on_weights_slot(self, identity: bytes, msg: dict) -> None:
+        """A version the learner wrote into a shared-memory slot: pass the notice on to the same-host workers first
+        (they verify their own copies), then keep a verified copy as the latest."""
+        try:
+            if self.slots is None:
+                raise wire.WireError("this coordinator does not use shared-memory slots")
+            segment = self.slots.segment(msg)
+            self._check_new(slots.check_notice(msg, wire.decode(wire.segment_frames(segment), verify=False)))
+            notice = wire.pack_control(msg)
+            for w in self._slot_workers():
+                self.control.send_multipart([w.identity, CONTROL, notice])
+            copy = wire.segment_frames(bytearray(segment))
+            message = wire.decode(copy)
+            self._check_new(slots.check_notice(msg, message))
+        except wire.WireError as e:
+            log.warning("rejected a weight slot notice: %s", e)
+            self._reply(identity, {"type": "rejected", "reason": str(e)})
+            return
+        self._publish(identity, message, copy)
+
+    def _publish(self, identity: bytes, message: wire.WeightMessage, frames: list) -> None:
+        self.latest = frames
         self.latest_version = message.version
         self.job["version"] = message.version
-        self.weights.send_multipart(self.latest, copy=False)
+        self.weights.send_multipart(frames, copy=False)
         self._reply(identity, {"type": "published", "version": message.version})
 
     # ----- status ----------------------------------------------------------------------------------------------
@@ -470,6 +509,8 @@ class Coordinator:
             self.http.shutdown()
         self.control.close()
         self.weights.close()
+        if self.slots_dir:
+            shutil.rmtree(self.slots_dir, ignore_errors=True)
         if self.config.security.curve_secret_key:
             from runner.keys import stop_authenticator
 

@@ -13,23 +13,37 @@ import numpy as np
 from runner import wire
 
 
+def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
+    """(name, wire dtype, shape, bytes) of evaluated MLX arrays, as views of their own memory (no copies)."""
+    out = []
+    for name, t in tensors.items():
+        if t.dtype == mx.bfloat16:
+            out.append((name, "bfloat16", tuple(t.shape), memoryview(np.asarray(t.view(mx.uint16)))))
+        else:
+            out.append((name, str(t.dtype).removeprefix("mlx.core."), tuple(t.shape), memoryview(np.asarray(t))))
+    return out
+
+
 def encode_adapter(version: int, step: int, base_model_id: str, adapter_config: dict,
                    tensors: dict[str, mx.array]) -> list:
     """Frames of one weight message; keep `tensors` alive until ZeroMQ has sent them."""
     mx.eval(list(tensors.values()))
-    entries = []
-    for name, t in tensors.items():
-        if t.dtype == mx.bfloat16:
-            entries.append((name, "bfloat16", tuple(t.shape), memoryview(np.asarray(t.view(mx.uint16)))))
-        else:
-            entries.append((name, str(t.dtype).removeprefix("mlx.core."), tuple(t.shape), memoryview(np.asarray(t))))
-    return wire.encode(version, step, base_model_id, adapter_config, entries)
+    return wire.encode(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
 
 def decode_to_mlx(message: wire.WeightMessage) -> dict[str, mx.array]:
-    """MLX arrays from a validated message (one copy into MLX-owned memory)."""
+    """MLX arrays from a message (one copy into MLX-owned memory), evaluated."""
     out = {}
     for name, arr in message.tensors.items():
         a = mx.array(arr)
         out[name] = a.view(mx.bfloat16) if message.dtypes[name] == "bfloat16" else a
+    mx.eval(list(out.values()))
     return out
+
+
+def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
+    """`decode_to_mlx`, then the checksum checked on the copy: what gets installed is exactly what was verified,
+    even if the source (a shared-memory slot) is rewritten meanwhile. Raises WireError on a mismatch."""
+    tensors = decode_to_mlx(message)
+    wire.verify(message, [buf for *_, buf in host_buffers(tensors)])
+    return tensors

@@ -20,14 +20,14 @@ from pathlib import Path
 import mlx.core as mx
 import zmq
 
-from runner import wire
+from runner import slots, wire
 from runner.config import build_config
 from runner.cli import add_join_arguments, curve_from_args
 from runner.control import ControlClient, model_id
 from runner.webserver import start_in_thread
 from workers.generation.server import Server, load_engine
 from workers.lora import LoraSpec
-from workers.weights import decode_to_mlx
+from workers.weights import verified_copy
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +35,32 @@ log = logging.getLogger(__name__)
 class WeightReceiver:
     """Validates incoming weight messages against this worker's model and hands them to the engine."""
 
-    def __init__(self, engine, base_model_id: str):
+    def __init__(self, engine, base_model_id: str, slot_reader: slots.SlotReader | None = None):
         self.engine = engine
         self.base_model_id = base_model_id
         self.layout = engine.lora_layout
+        self.slot_reader = slot_reader
         self.pending: list[tuple[int, threading.Event]] = []
         self.rejected = 0
 
     def expectation(self) -> wire.Expectation:
-        newest = max([self.engine.version] + [v for v, _ in self.pending])
-        return wire.Expectation(base_model_id=self.base_model_id, shapes=self.layout, min_version=newest)
+        return wire.Expectation(base_model_id=self.base_model_id, shapes=self.layout, min_version=self.newest())
 
-    def offer(self, frames: list) -> int | None:
-        """Validate and schedule one message; returns its version, or None if it was dropped."""
+    def newest(self) -> int:
+        return max([self.engine.version] + [v for v, _ in self.pending])
+
+    def offer(self, frames: list | None = None, notice: dict | None = None) -> int | None:
+        """Validate and schedule one message (frames, or a shared-memory slot notice); returns its version, or None
+        if it was dropped."""
         try:
-            message = wire.decode(frames, expected=self.expectation())
-            tensors = decode_to_mlx(message)
-            applied = self.engine.install_adapter(message.version, tensors)
+            if notice is not None:
+                if self.slot_reader is None:
+                    raise wire.WireError("a slot notice reached a worker that does not use slots")
+                frames = self.slot_reader.frames(notice)
+            message = wire.decode(frames, expected=self.expectation(), verify=False)
+            if notice is not None:
+                slots.check_notice(notice, message)
+            applied = self.engine.install_adapter(message.version, verified_copy(message))
         except (wire.WireError, ValueError) as e:
             self.rejected += 1
             log.warning("dropped a weight message: %s", e)
@@ -90,18 +99,23 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
     engine = load_engine(model_path, lora_spec=LoraSpec(rank=lora.rank, scale=lora.scale, dropout=lora.dropout,
                                                         keys=list(lora.keys), num_layers=lora.num_layers),
                          max_batch=gen.max_batch, prefill_batch=gen.prefill_batch, max_queue=gen.max_queue).start()
-    receiver = WeightReceiver(engine, welcome["base_model_id"])
-    sub = client.subscribe_weights(welcome["weights_endpoint"])
+    # Same host as the coordinator: versions come as shared-memory slot notices on the control socket (and as frames
+    # there when uploaded from elsewhere); otherwise on the weights PUB socket.
+    slot_dir = slots.usable_dir(welcome.get("weights_slots"))
+    receiver = WeightReceiver(engine, welcome["base_model_id"], slots.SlotReader(slot_dir) if slot_dir else None)
+    sub = None if slot_dir else client.subscribe_weights(welcome["weights_endpoint"])
+    get_latest = {"type": "get_latest", "name": name, "slots": slot_dir is not None}
 
     # Late-joiner catch-up: subscribe first, then fetch the latest, so no version falls in between.
     client.status["state"] = "catching_up"
-    reply = client.request({"type": "get_latest", "name": name}, ("latest", "W"), timeout=60)
+    reply = client.request(get_latest, ("latest", "W"), timeout=60)
     if reply[0] == "W":
         version = receiver.offer(reply[1])
         if version is not None:
             receiver.pending[-1][1].wait(60)
     receiver.newly_applied()
-    log.info("%s caught up at adapter version %d", name, engine.version)
+    log.info("%s caught up at adapter version %d (new versions by %s)", name, engine.version,
+             "shared memory" if slot_dir else "PUB socket")
 
     server = Server(engine, model_path.name, max_tokens_default=gen.max_tokens, max_tokens_limit=gen.max_tokens_limit,
                     api_token=config.security.api_token)
@@ -115,19 +129,33 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     poller = zmq.Poller()
-    poller.register(sub, zmq.POLLIN)
+    if sub is not None:
+        poller.register(sub, zmq.POLLIN)
     poller.register(client.sock, zmq.POLLIN)
+
+    def take(version: int | None) -> None:
+        if version is not None:
+            # The engine applies it between decode steps (milliseconds): wait briefly so the ack goes out at once
+            # instead of on the next poll.
+            receiver.pending[-1][1].wait(1.0)
+
     try:
         while not stopping.is_set():
             for sock, _ in poller.poll(50):
-                if sock is sub and receiver.offer(sub.recv_multipart(copy=False)) is not None:
-                    # The engine applies it between decode steps (milliseconds): wait briefly so the ack goes out
-                    # at once instead of on the next poll.
-                    receiver.pending[-1][1].wait(1.0)
-                else:
-                    msg = client.receive(0)
-                    if msg and msg[0] == "C" and msg[1]["type"] == "stop":
+                if sock is sub:
+                    take(receiver.offer(sub.recv_multipart(copy=False)))
+                    continue
+                while (msg := client.receive(0)) is not None:
+                    if msg[0] == "W":
+                        take(receiver.offer(msg[1]))
+                    elif msg[1]["type"] == "stop":
                         stopping.set()
+                    elif msg[1]["type"] == slots.NOTICE:
+                        version = receiver.offer(notice=msg[1])
+                        take(version)
+                        announced = msg[1].get("version")
+                        if version is None and isinstance(announced, int) and receiver.newest() < announced:
+                            client.send(get_latest)  # the slot was unreadable or rewritten: ask for the frames
             for version in receiver.newly_applied():
                 client.status["version"] = version
                 client.send({"type": "ack", "name": name, "version": version})
@@ -139,7 +167,8 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
         uv.should_exit = True
         http_thread.join(10)
         engine.stop()
-        sub.close()
+        if sub is not None:
+            sub.close()
         client.close()
     return 0
 

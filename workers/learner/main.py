@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from runner import slots
 from runner.config import Config, build_config
 from runner.cli import add_join_arguments, curve_from_args
 from runner.control import ControlClient, CoordinatorGone
@@ -26,10 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    """Sends adapter versions to the coordinator and answers questions about what the workers serve."""
+    """Sends adapter versions to the coordinator and answers questions about what the workers serve. On the
+    coordinator's host a version is written into a shared-memory slot and only a notice is sent (`runner.slots`);
+    from elsewhere it is uploaded as frames."""
 
-    def __init__(self, client: ControlClient, base_model_id: str, adapter_config: dict):
-        self.client, self.base_model_id, self.adapter_config = client, base_model_id, adapter_config
+    def __init__(self, client: ControlClient, welcome: dict, adapter_config: dict):
+        self.client, self.base_model_id, self.adapter_config = client, welcome["base_model_id"], adapter_config
+        slot_dir = slots.usable_dir(welcome.get("weights_slots"))
+        self.slot_writer = slots.SlotWriter(slot_dir) if slot_dir else None
 
     def status(self) -> dict:
         return self.client.request({"type": "status"}, ("status",), timeout=30)[1]
@@ -42,7 +47,10 @@ class Publisher:
         from workers.weights import encode_adapter
 
         frames = encode_adapter(version, step, self.base_model_id, self.adapter_config, tensors)
-        self.client.send_weights(frames)
+        if self.slot_writer:
+            self.client.send(self.slot_writer.write(version, frames))
+        else:
+            self.client.send_weights(frames)
         reply = self.client.wait_for(("published", "rejected"), timeout=60, what=f"adapter version {version}")[1]
         if reply["type"] == "rejected":
             raise RuntimeError(f"the coordinator rejected adapter version {version}: {reply['reason']}")
@@ -84,7 +92,7 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
 
     run_dir = Path(config.checkpoint.dir)
     trainer = Trainer.from_config(config, group=group)
-    publisher = Publisher(client, welcome["base_model_id"], trainer.spec.adapter_config(len(trainer.model.layers)))
+    publisher = Publisher(client, welcome, trainer.spec.adapter_config(len(trainer.model.layers)))
     checkpoint = Path(config.checkpoint.resume) if config.checkpoint.resume else find_latest(run_dir)
     start_step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
     source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, starting_step=start_step)
