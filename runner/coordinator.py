@@ -36,6 +36,7 @@ from runner.control import CONTROL, WEIGHTS, model_id
 
 log = logging.getLogger(__name__)
 
+SLOT_COPY_DELAY = 1.0  # seconds the coordinator waits for the same-host workers before copying a slot version
 LIVE_STATES = ("starting", "loading", "catching_up", "serving", "training")
 
 
@@ -162,8 +163,10 @@ class Coordinator:
         self.job_info["weights_slots"] = slots.advertise(self.slots_dir)
         self.workers: dict[str, WorkerRecord] = {}
         self.watchers: dict[str, Watcher] = {}
-        self.latest: list | None = None  # frames of the newest weight message
+        self.latest: list | None = None  # frames of the newest verified weight message, for late joiners
         self.latest_version = 0
+        self.accepted_version = 0  # newest version fanned out (a slot version is verified and kept just after)
+        self.unkept_slot: tuple[bytes, dict, memoryview, float] | None = None
         self.job = {"step": 0, "steps": config.learner.steps, "reward_mean": None, "tokens_per_s": None,
                     "version": 0, "started": time.time(), "state": "running"}
         self.stop_reason: str | None = None
@@ -275,7 +278,7 @@ class Coordinator:
         rec.capabilities = dict(msg.get("capabilities") or {})
         rec.state, rec.last_heartbeat = "loading", time.time()
         log.info("%s (%s) said hello from %s pid %d", rec.name, rec.role, rec.host, rec.pid)
-        self._reply(identity, {"type": "welcome", "latest_version": self.latest_version,
+        self._reply(identity, {"type": "welcome", "latest_version": self.accepted_version,
                                "base_model_id": self.base_model_id, **self.job_info})
         if rec.role == "learner":  # --resume applies to the first start; a restarted learner takes the newest
             self.job_info["config"]["checkpoint"]["resume"] = ""
@@ -305,6 +308,7 @@ class Coordinator:
         if "name" in msg:  # a worker subscribing: it says how it takes new versions
             rec = self._record(msg)
             rec.identity, rec.weights_via = identity, "slots" if msg.get("slots") else "pub"
+        self._keep_slot_copy()  # a version fanned out before this worker subscribed must reach it now
         if self.latest is None:
             self._reply(identity, {"type": "latest", "version": 0})
         else:
@@ -345,8 +349,8 @@ class Coordinator:
     def _check_new(self, message: wire.WeightMessage) -> None:
         if message.base_model_id != self.base_model_id:
             raise wire.WireError(f"base model id {message.base_model_id!r} is not this job's {self.base_model_id!r}")
-        if message.version <= self.latest_version:
-            raise wire.WireError(f"version {message.version} is not newer than {self.latest_version}")
+        if message.version <= self.accepted_version:
+            raise wire.WireError(f"version {message.version} is not newer than {self.accepted_version}")
 
     def _slot_workers(self) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.weights_via == "slots" and w.identity]
@@ -362,40 +366,65 @@ class Coordinator:
             return
         for w in self._slot_workers():  # same-host workers do not subscribe to the PUB socket
             self.control.send_multipart([w.identity, WEIGHTS, *frames], copy=False)
-        self._publish(identity, message, list(frames))  # zmq.Frame objects own their memory: resent copy-free
+        self._accept(identity, message.version)
+        self.unkept_slot = None  # superseded
+        self._store(message)
 
     def _on_weights_slot(self, identity: bytes, msg: dict) -> None:
-        """A version the learner wrote into a shared-memory slot: pass the notice on to the same-host workers first
-        (they verify their own copies), then keep a verified copy as the latest."""
+        """A version the learner wrote into a shared-memory slot. The header is checked and the notice passed on to
+        the same-host workers at once (each verifies its own copy); the coordinator's own verified copy, kept as the
+        latest, is made later (`_keep_slot_copy`), so it does not compete with them for the CPU."""
         try:
             if self.slots is None:
                 raise wire.WireError("this coordinator does not use shared-memory slots")
             segment = self.slots.segment(msg)
-            self._check_new(slots.check_notice(msg, wire.decode(wire.segment_frames(segment), verify=False)))
-            notice = wire.pack_control(msg)
-            for w in self._slot_workers():
-                self.control.send_multipart([w.identity, CONTROL, notice])
-            copy = wire.segment_frames(bytearray(segment))
-            message = wire.decode(copy)
-            self._check_new(slots.check_notice(msg, message))
+            self._check_new(slots.check_notice(msg, wire.decode_segment(segment, verify=False)))
         except wire.WireError as e:
             log.warning("rejected a weight slot notice: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
-        self._publish(identity, message, copy)
+        notice = wire.pack_control(msg)
+        for w in self._slot_workers():
+            self.control.send_multipart([w.identity, CONTROL, notice])
+        self._accept(identity, msg["version"])
+        # An older version not yet copied is superseded: only the newest is kept, but no later than its due time.
+        due = self.unkept_slot[3] if self.unkept_slot else time.monotonic() + SLOT_COPY_DELAY
+        self.unkept_slot = (identity, msg, segment, due)
 
-    def _publish(self, identity: bytes, message: wire.WeightMessage, frames: list) -> None:
-        self.latest = frames
+    def _keep_slot_copy(self, force: bool = True) -> None:
+        """Copy and verify the newest accepted slot version and store it as the latest: when the coordinator is idle
+        (not while the workers are taking the version), when it is due, or at once when a worker asks for the
+        latest. The learner only rewrites a slot SLOTS versions later, and the newest version is never that old."""
+        if self.unkept_slot is None:
+            return
+        identity, notice, segment, due = self.unkept_slot
+        if not force and time.monotonic() < due:
+            return
+        self.unkept_slot = None
+        try:
+            message = slots.check_notice(notice, wire.decode_segment(bytearray(segment)))
+        except wire.WireError as e:
+            log.error("adapter version %s failed the coordinator's check of its slot copy; the latest stays "
+                      "version %d: %s", notice["version"], self.latest_version, e)
+            self._reply(identity, {"type": "rejected", "reason": f"version {notice['version']}: {e}"})
+            return
+        self._store(message)
+
+    def _accept(self, identity: bytes, version: int) -> None:
+        self.accepted_version = version
+        self.job["version"] = version
+        self._reply(identity, {"type": "published", "version": version})
+
+    def _store(self, message: wire.WeightMessage) -> None:
+        self.latest = message.frames  # zmq.Frames or views of a private copy: sent again and again without copies
         self.latest_version = message.version
-        self.job["version"] = message.version
-        self.weights.send_multipart(frames, copy=False)
-        self._reply(identity, {"type": "published", "version": message.version})
+        self.weights.send_multipart(self.latest, copy=False)
 
     # ----- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict:
         now = time.time()
         return {"job": {**self.job, "uptime": round(now - self.job["started"], 1),
-                        "latest_version": self.latest_version,
+                        "latest_version": self.accepted_version,
                         "oldest_serving_version": self.oldest_serving_version()},
                 "workers": [w.row(now) for w in self.workers.values()]}
 
@@ -405,7 +434,7 @@ class Coordinator:
             "# HELP runner_job_step Learner optimizer steps done.", "# TYPE runner_job_step gauge",
             f"runner_job_step {s['job']['step'] or 0}",
             "# HELP runner_latest_adapter_version Newest adapter version published.",
-            "# TYPE runner_latest_adapter_version gauge", f"runner_latest_adapter_version {self.latest_version}",
+            "# TYPE runner_latest_adapter_version gauge", f"runner_latest_adapter_version {self.accepted_version}",
             "# HELP runner_worker_restarts_total Restarts per worker.", "# TYPE runner_worker_restarts_total counter",
         ]
         lines += [f'runner_worker_restarts_total{{worker="{w["name"]}"}} {w["restarts"]}' for w in s["workers"]]
@@ -464,7 +493,8 @@ class Coordinator:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         while True:
-            for sock, _ in poller.poll(100):
+            events = poller.poll(10 if self.unkept_slot else 100)
+            for sock, _ in events:
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -472,6 +502,7 @@ class Coordinator:
                         break
                     self._handle(frames)
             self._answer_waiters()
+            self._keep_slot_copy(force=not events)  # idle now, or due
             now = time.time()
             self._check_children(now)
             self._drop_lost_remotes(now)

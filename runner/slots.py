@@ -134,10 +134,6 @@ class SlotReader:
             raise wire.WireError(f"slot {slot} holds {key[1]} bytes, the notice says {nbytes} (it was rewritten)")
         return memoryview(cached[1])
 
-    def frames(self, notice: dict[str, Any]) -> list:
-        """The frames of the message a notice points at (views of the slot: copy before trusting them)."""
-        return wire.segment_frames(self.segment(notice))
-
 
 def check_notice(notice: dict[str, Any], message: wire.WeightMessage) -> wire.WeightMessage:
     """The message read from a slot is the version its notice announced (not one written over it since)."""

@@ -73,8 +73,8 @@ instead of socket frames (see ``runner.slots``): one segment holds
     then each buffer frame in order, each starting at the next multiple of
     ``SEGMENT_ALIGN`` bytes (zero padding between)
 
-and nothing after the last buffer. ``segment_frames`` turns a segment back
-into the frame list (views, no copies) that ``decode`` validates as usual.
+and nothing after the last buffer. ``decode_segment`` validates a segment
+exactly as ``decode`` validates frames (the tensors stay views, no copies).
 
 Receivers (``decode``) validate, before returning anything: the frame list is
 non-empty; the header frame is at most ``MAX_HEADER_BYTES`` and unpacks (with
@@ -198,6 +198,7 @@ class WeightMessage:
     nbytes: int
     checksum: str = field(default="", repr=False)
     header: dict[str, Any] = field(default_factory=dict, repr=False)  # as received, for a later ``verify``
+    frames: list[Any] = field(default_factory=list, repr=False)  # header + buffer views, e.g. to send it on
 
 
 class _Spec(NamedTuple):
@@ -267,7 +268,10 @@ def compute_checksum(header: Mapping[str, Any], buffers: Sequence[Any]) -> str:
     digest = xxhash.xxh3_64(packed)
     for buf in buffers:
         # xxhash takes the buffer protocol directly, so large tensors are not copied.
-        digest.update(_bytes_view(buf, "buffer"))
+        try:
+            digest.update(buf)
+        except (TypeError, BufferError, ValueError):
+            digest.update(_bytes_view(buf, "buffer"))  # e.g. a non-contiguous view: the clear error comes from here
     return digest.hexdigest()
 
 
@@ -299,15 +303,15 @@ def _buffer_bytes(buf: Any, name: str) -> memoryview:
 
 
 def _check_spec(name: Any, dtype: Any, shape: Any) -> tuple[int, ...]:
-    if not isinstance(name, str) or not name:
+    if type(name) is not str or not name:
         raise WireError(f"tensor name {name!r} must be a non-empty str")
     if dtype not in DTYPES:
         raise WireError(f"tensor {name!r} has unsupported dtype {dtype!r}")
     try:
-        dims = tuple(operator.index(d) for d in shape)  # index() refuses floats, unlike int()
+        dims = tuple(map(operator.index, shape))  # index() refuses floats, unlike int()
     except TypeError:
         raise WireError(f"tensor {name!r} shape {shape!r} is not a sequence of ints") from None
-    if any(isinstance(d, bool) for d in shape) or len(dims) > MAX_NDIM or any(d < 0 for d in dims):
+    if len(dims) > MAX_NDIM or (dims and min(dims) < 0) or bool in map(type, shape):
         raise WireError(f"tensor {name!r} shape {list(dims)} must have <= {MAX_NDIM} non-negative int dims")
     return dims
 
@@ -374,8 +378,9 @@ def encode(
         header_bytes = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError(f"header is not msgpack-serializable ({exc})") from None
-    # Run the receiver's header checks so we never send what a receiver would reject.
-    _parse_header(_unpack_header(_bytes_view(header_bytes, "header frame")))
+    # Run the receiver's header checks (the tensor table was checked above) so we never send what a receiver would
+    # reject, e.g. an adapter_config with non-str map keys.
+    _parse_fields(_unpack_header(_bytes_view(header_bytes, "header frame")))
     return [header_bytes, *buffers]
 
 
@@ -410,18 +415,20 @@ def _require(header: dict[str, Any], key: str, kind: type, what: str) -> Any:
 
 
 def _parse_tensor(index: int, entry: Any) -> _Spec:
-    if not isinstance(entry, dict) or set(entry) != TENSOR_KEYS:
+    # Runs for every tensor of every message on the publish-to-serving path: exact type() tests (msgpack yields
+    # plain dict/str/int/list, and bool is not int here) rather than isinstance chains.
+    if type(entry) is not dict or entry.keys() != TENSOR_KEYS:
         raise WireError(f"tensors[{index}] must be a map with exactly the keys {sorted(TENSOR_KEYS)}")
     name, dtype, shape, nbytes = entry["name"], entry["dtype"], entry["shape"], entry["nbytes"]
-    if not isinstance(name, str) or not name:
+    if type(name) is not str or not name:
         raise WireError(f"tensors[{index}] name must be a non-empty str")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if type(dtype) is not str or dtype not in DTYPES:
         raise WireError(f"tensor {name!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+    if type(shape) is not list or len(shape) > MAX_NDIM:
         raise WireError(f"tensor {name!r} shape must be a list of at most {MAX_NDIM} dims")
-    if not all(_is_int(d) and d >= 0 for d in shape):
+    if shape and (set(map(type, shape)) != {int} or min(shape) < 0):
         raise WireError(f"tensor {name!r} shape {shape!r} must hold non-negative ints")
-    if not _is_int(nbytes):
+    if type(nbytes) is not int:
         raise WireError(f"tensor {name!r} nbytes must be an int, got {_type_name(nbytes)}")
     # Python ints do not overflow, so absurd shapes are caught here without allocating.
     expected = math.prod(shape) * _itemsize(dtype)
@@ -442,6 +449,12 @@ def _parse_tensors(value: Any) -> list[_Spec]:
 
 
 def _parse_header(header: dict[str, Any]) -> list[_Spec]:
+    _parse_fields(header)
+    return _parse_tensors(header["tensors"])
+
+
+def _parse_fields(header: dict[str, Any]) -> None:
+    """Every header key but the tensor table."""
     # proto first: a future protocol may change every other key, and this is the useful message.
     proto = header.get("proto")
     if not _is_int(proto) or proto != PROTOCOL:
@@ -465,7 +478,6 @@ def _parse_header(header: dict[str, Any]) -> list[_Spec]:
     checksum = _require(header, "checksum", str, "a str")
     if len(checksum) != CHECKSUM_CHARS or any(c not in "0123456789abcdef" for c in checksum):
         raise WireError(f"header checksum must be {CHECKSUM_CHARS} lowercase hex characters")
-    return _parse_tensors(header["tensors"])
 
 
 def _check_sizes(specs: Sequence[_Spec], buffers: Sequence[memoryview], max_total_bytes: int) -> int:
@@ -529,6 +541,11 @@ def decode(
     header = _unpack_header(_bytes_view(frames[0], "header frame"))
     specs = _parse_header(header)
     buffers = [_bytes_view(f, f"frame {i}") for i, f in enumerate(frames[1:], start=1)]
+    return _message(frames[0], header, specs, buffers, expected, max_total_bytes, verify)
+
+
+def _message(header_frame: Any, header: dict[str, Any], specs: list[_Spec], buffers: list[memoryview],
+             expected: Expectation | None, max_total_bytes: int, verify: bool) -> WeightMessage:
     total = _check_sizes(specs, buffers, max_total_bytes)
     if expected is not None:
         # Cheap semantic checks before hashing possibly hundreds of MB.
@@ -546,6 +563,7 @@ def decode(
         nbytes=total,
         checksum=header["checksum"],
         header=header,
+        frames=[header_frame, *buffers],
     )
 
 
@@ -591,21 +609,28 @@ def write_segment(dest: Any, frames: Sequence[Any]) -> int:
     return size
 
 
-def segment_frames(segment: Any) -> list[Any]:
-    """The frames of a message in segment form: the header copied out (a writer may be changing the segment), the
-    buffers as views. Structure only: ``decode`` the result to validate the message."""
+def decode_segment(
+    segment: Any,
+    expected: Expectation | None = None,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    verify: bool = True,
+) -> WeightMessage:
+    """``decode`` for a message in segment form. The header is copied out first (a writer may be changing the
+    segment); the tensors stay views of it."""
     view = _bytes_view(segment, "segment")
     if view.nbytes < 8:
         raise WireError(f"segment is {view.nbytes} bytes, too short for a header length")
     header_len = int.from_bytes(view[:8], "little")
     if not 0 < header_len <= min(MAX_HEADER_BYTES, view.nbytes - 8):
         raise WireError(f"segment declares a {header_len}-byte header in {view.nbytes} bytes")
-    header_bytes = bytes(view[8:8 + header_len])
-    specs = _parse_header(_unpack_header(memoryview(header_bytes)))
+    header_frame = bytes(view[8:8 + header_len])
+    header = _unpack_header(memoryview(header_frame))
+    specs = _parse_header(header)
     offsets, size = _segment_offsets(header_len, [s.nbytes for s in specs])
     if size != view.nbytes:
         raise WireError(f"segment is {view.nbytes} bytes but its header lays out {size}")
-    return [header_bytes, *(view[o:o + s.nbytes] for o, s in zip(offsets, specs))]
+    buffers = [view[o:o + s.nbytes] for o, s in zip(offsets, specs)]
+    return _message(header_frame, header, specs, buffers, expected, max_total_bytes, verify)
 
 
 def recv(

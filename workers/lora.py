@@ -85,6 +85,13 @@ def check_lora(layout: dict[str, tuple[tuple[int, ...], str]], tensors: dict[str
             raise ValueError(f"adapter tensor {name} is {t.dtype}{tuple(t.shape)}; expected {dtype}{shape}")
 
 
+def lora_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """name -> (module, attribute) of every adapter tensor, so a new adapter can be swapped in by reference without
+    `model.update`'s walk of the whole parameter tree (milliseconds for 120 tensors)."""
+    modules = dict(model.named_modules())
+    return {name: (modules[name.rpartition(".")[0]], name.rpartition(".")[2]) for name in lora_tensors(model)}
+
+
 def set_lora(model: nn.Module, tensors: dict[str, mx.array]) -> None:
     """Install a complete set of adapter tensors (validated first, so a bad set changes nothing)."""
     check_lora(lora_layout(model), tensors)

@@ -31,9 +31,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlx.utils import tree_unflatten
 
-from workers.lora import check_lora, lora_layout
+from workers.lora import check_lora, lora_layout, lora_owners
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +133,7 @@ class Engine:
         self.context_length = context_length
         self.stats = EngineStats(adapter_version=adapter_version)
         self.lora_layout = lora_layout(model)  # what an installed adapter must match (empty without LoRA)
+        self._lora_owners = lora_owners(model)
         self.eos_ids = sorted(tokenizer.eos_token_ids)
         self.vocab_size = _vocab_size(model, tokenizer)
         self._generator = BatchGenerator(
@@ -280,7 +280,9 @@ class Engine:
             pending, self._pending_adapter = self._pending_adapter, None
         if pending:
             version, tensors, applied = pending
-            self.model.update(tree_unflatten(list(tensors.items())))  # validated in install_adapter
+            for name, tensor in tensors.items():  # validated in install_adapter
+                module, attribute = self._lora_owners[name]
+                module[attribute] = tensor
             self.stats.adapter_version = version
             self.stats.adapter_switches_total += 1
             applied.set()

@@ -56,10 +56,10 @@ class WeightReceiver:
             if notice is not None:
                 if self.slot_reader is None:
                     raise wire.WireError("a slot notice reached a worker that does not use slots")
-                frames = self.slot_reader.frames(notice)
-            message = wire.decode(frames, expected=self.expectation(), verify=False)
-            if notice is not None:
+                message = wire.decode_segment(self.slot_reader.segment(notice), self.expectation(), verify=False)
                 slots.check_notice(notice, message)
+            else:
+                message = wire.decode(frames, expected=self.expectation(), verify=False)
             applied = self.engine.install_adapter(message.version, verified_copy(message))
         except (wire.WireError, ValueError) as e:
             self.rejected += 1
