@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -48,6 +48,7 @@ class ControlClient:
         self._hb_thread: threading.Thread | None = None
         self._inbox: list[list] = []  # messages received while waiting for a specific reply
         self._lock = threading.RLock()
+        self._extra_sockets: list[zmq.Socket] = []
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -127,10 +128,28 @@ class ControlClient:
         finally:
             hb.close()
 
+    def acker(self) -> Callable[[int], None]:
+        """A function that acks an adapter version on a socket of its own: for the one thread that calls it."""
+        sock = self._socket(zmq.DEALER)
+        sock.connect(self.endpoint)
+        self._extra_sockets.append(sock)
+
+        def ack(version: int) -> None:
+            self.status["version"] = version  # heartbeats carry it too, should this ack be lost
+            try:
+                sock.send_multipart([CONTROL, wire.pack_control({"type": "ack", "name": self.name, "version": version})],
+                                    flags=zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("could not ack adapter version %d now; the next heartbeat reports it", version)
+
+        return ack
+
     def close(self) -> None:
         self._stop.set()
         if self._hb_thread:
             self._hb_thread.join(5)
+        for s in self._extra_sockets:
+            s.close()
         self.sock.close()
 
     def subscribe_weights(self, endpoint: str) -> zmq.Socket:

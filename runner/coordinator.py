@@ -346,11 +346,11 @@ class Coordinator:
         self.job["state"] = "done"
         log.info("the learner finished the job")
 
-    def _check_new(self, message: wire.WeightMessage) -> None:
-        if message.base_model_id != self.base_model_id:
-            raise wire.WireError(f"base model id {message.base_model_id!r} is not this job's {self.base_model_id!r}")
-        if message.version <= self.accepted_version:
-            raise wire.WireError(f"version {message.version} is not newer than {self.accepted_version}")
+    def _check_new(self, version: int, base_model_id: str) -> None:
+        if base_model_id != self.base_model_id:
+            raise wire.WireError(f"base model id {base_model_id!r} is not this job's {self.base_model_id!r}")
+        if version <= self.accepted_version:
+            raise wire.WireError(f"version {version} is not newer than {self.accepted_version}")
 
     def _slot_workers(self) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.weights_via == "slots" and w.identity]
@@ -359,7 +359,7 @@ class Coordinator:
         """A version uploaded as frames (a learner on another host)."""
         try:
             message = wire.decode(frames)
-            self._check_new(message)
+            self._check_new(message.version, message.base_model_id)
         except wire.WireError as e:
             log.warning("rejected a weight message: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
@@ -378,7 +378,11 @@ class Coordinator:
             if self.slots is None:
                 raise wire.WireError("this coordinator does not use shared-memory slots")
             segment = self.slots.segment(msg)
-            self._check_new(slots.check_notice(msg, wire.decode_segment(segment, verify=False)))
+            # Header fields only: enough to route it. Each worker decodes and verifies the whole message itself, and
+            # so does `_keep_slot_copy` before this version becomes the latest.
+            header = wire.segment_header(segment)
+            slots.check_notice(msg, header["version"])
+            self._check_new(header["version"], header["base_model_id"])
         except wire.WireError as e:
             log.warning("rejected a weight slot notice: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
@@ -402,7 +406,8 @@ class Coordinator:
             return
         self.unkept_slot = None
         try:
-            message = slots.check_notice(notice, wire.decode_segment(bytearray(segment)))
+            message = wire.decode_segment(bytearray(segment))
+            slots.check_notice(notice, message.version)
         except wire.WireError as e:
             log.error("adapter version %s failed the coordinator's check of its slot copy; the latest stays "
                       "version %d: %s", notice["version"], self.latest_version, e)

@@ -87,10 +87,14 @@ class SlotWriter:
         self.directory = directory
         self._maps: dict[int, mmap.mmap] = {}
 
-    def write(self, version: int, frames: list) -> dict[str, Any]:
-        """Copy one encoded message into its slot; returns the notice for the coordinator."""
+    def write(self, version: int, step: int, base_model_id: str, adapter_config: dict, tensors: Any) -> dict[str, Any]:
+        """Encode one version into its slot (see `wire.encode_into`); returns the notice for the coordinator."""
         slot = version % SLOTS
-        size = wire.segment_size(frames)
+        size = wire.encode_into(lambda n: self._mapping(slot, n), version, step, base_model_id, adapter_config,
+                                tensors)
+        return {"type": NOTICE, "slot": slot, "version": version, "nbytes": size}
+
+    def _mapping(self, slot: int, size: int) -> mmap.mmap:
         mapped = self._maps.get(slot)
         if mapped is None or len(mapped) != size:
             # A new file (renamed into place) rather than a resize: readers keep their old mapping valid.
@@ -103,8 +107,7 @@ class SlotWriter:
                 os.close(fd)
             os.replace(tmp, self.directory / f"slot-{slot}")
             self._maps[slot] = mapped
-        wire.write_segment(mapped, frames)
-        return {"type": NOTICE, "slot": slot, "version": version, "nbytes": size}
+        return mapped
 
 
 class SlotReader:
@@ -135,9 +138,8 @@ class SlotReader:
         return memoryview(cached[1])
 
 
-def check_notice(notice: dict[str, Any], message: wire.WeightMessage) -> wire.WeightMessage:
-    """The message read from a slot is the version its notice announced (not one written over it since)."""
-    if message.version != notice.get("version"):
-        raise wire.WireError(f"slot {notice.get('slot')} holds version {message.version}, "
+def check_notice(notice: dict[str, Any], version: int) -> None:
+    """The version read from a slot is the one its notice announced (not one written over it since)."""
+    if version != notice.get("version"):
+        raise wire.WireError(f"slot {notice.get('slot')} holds version {version}, "
                              f"the notice announced {notice.get('version')!r}")
-    return message

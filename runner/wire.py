@@ -116,7 +116,7 @@ import hmac
 import logging
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -246,7 +246,7 @@ def _table(specs: Sequence[_Spec]) -> list[dict[str, Any]]:
     return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "nbytes": s.nbytes} for s in specs]
 
 
-def compute_checksum(header: Mapping[str, Any], buffers: Sequence[Any]) -> str:
+def compute_checksum(header: Mapping[str, Any], buffers: Iterable[Any]) -> str:
     """The header "checksum" value for ``header`` (its other fields) and the buffer frames."""
     tensors = header["tensors"]
     table = [[t["name"], t["dtype"], list(t["shape"]), t["nbytes"]] for t in tensors]
@@ -361,9 +361,44 @@ def encode(
     exactly ``prod(shape) * itemsize(dtype)`` little-endian bytes -- e.g. bfloat16 passed as
     ``("w", "bfloat16", shape, memoryview(uint16_array))``.
     """
+    header, buffers = _unsigned_header(version, step, base_model_id, adapter_config, tensors, kind)
+    header["checksum"] = compute_checksum(header, buffers)
+    return [_pack_header(header), *buffers]
+
+
+def encode_into(
+    allocate: Callable[[int], Any],
+    version: int,
+    step: int,
+    base_model_id: str,
+    adapter_config: dict[str, Any],
+    tensors: Mapping[str, np.ndarray] | Sequence[tuple[str, str, Sequence[int], Any]],
+    kind: str = KIND_ADAPTER,
+) -> int:
+    """``encode`` straight into segment form: ``allocate(size)`` returns a writable buffer of at least ``size``
+    bytes. Each tensor is copied in once and hashed from its copy while that is still in cache. Returns the size."""
+    header, buffers = _unsigned_header(version, step, base_model_id, adapter_config, tensors, kind)
+    header["checksum"] = "0" * CHECKSUM_CHARS  # packs to the same length as the real checksum
+    header_len = len(_pack_header(header))
+    offsets, size = _segment_offsets(header_len, [b.nbytes for b in buffers])
+    out = memoryview(allocate(size)).cast("B")
+    if out.nbytes < size:
+        raise WireError(f"segment buffer has {out.nbytes} bytes, the message needs {size}")
+
+    def copies():
+        for offset, buf in zip(offsets, buffers):
+            out[offset:offset + buf.nbytes] = buf
+            yield out[offset:offset + buf.nbytes]
+
+    header["checksum"] = compute_checksum(header, copies())
+    out[:8] = header_len.to_bytes(8, "little")
+    out[8:8 + header_len] = _pack_header(header)
+    return size
+
+
+def _unsigned_header(version: int, step: int, base_model_id: str, adapter_config: dict[str, Any], tensors: Any,
+                     kind: str) -> tuple[dict[str, Any], list[memoryview]]:
     entries = _entries(tensors)
-    specs = [spec for spec, _ in entries]
-    buffers = [view for _, view in entries]
     header: dict[str, Any] = {
         "proto": PROTOCOL,
         "kind": kind,
@@ -371,17 +406,20 @@ def encode(
         "step": step,
         "base_model_id": base_model_id,
         "adapter_config": adapter_config,
-        "tensors": _table(specs),
+        "tensors": _table([spec for spec, _ in entries]),
     }
+    return header, [view for _, view in entries]
+
+
+def _pack_header(header: dict[str, Any]) -> bytes:
     try:
-        header["checksum"] = compute_checksum(header, buffers)
         header_bytes = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError(f"header is not msgpack-serializable ({exc})") from None
-    # Run the receiver's header checks (the tensor table was checked above) so we never send what a receiver would
-    # reject, e.g. an adapter_config with non-str map keys.
+    # Run the receiver's header checks (the tensor table was checked when it was built) so we never send what a
+    # receiver would reject, e.g. an adapter_config with non-str map keys.
     _parse_fields(_unpack_header(_bytes_view(header_bytes, "header frame")))
-    return [header_bytes, *buffers]
+    return header_bytes
 
 
 def send(socket: zmq.Socket, frames: Sequence[Any], copy: bool = False, track: bool = False) -> Any:
@@ -512,7 +550,7 @@ def _check_expected(header: dict[str, Any], specs: Sequence[_Spec], expected: Ex
             raise WireError(f"tensor {name!r} has dtype {spec.dtype}, expected {dtype}")
 
 
-def _check_checksum(header: dict[str, Any], buffers: Sequence[memoryview]) -> None:
+def _check_checksum(header: dict[str, Any], buffers: Iterable[Any]) -> None:
     actual = compute_checksum(header, buffers)
     if not hmac.compare_digest(actual, header["checksum"]):
         raise WireError(f"checksum mismatch (header {header['checksum']}, computed {actual})")
@@ -567,9 +605,10 @@ def _message(header_frame: Any, header: dict[str, Any], specs: list[_Spec], buff
     )
 
 
-def verify(message: WeightMessage, buffers: Sequence[Any]) -> None:
-    """Check ``message``'s checksum against ``buffers``: the receiver's own copies of its tensors, in header order."""
-    _check_checksum(message.header, [_bytes_view(b, "buffer") for b in buffers])
+def verify(message: WeightMessage, buffers: Iterable[Any]) -> None:
+    """Check ``message``'s checksum against ``buffers``: the receiver's own copies of its tensors, in header order
+    (an iterator works: each buffer is hashed as it comes)."""
+    _check_checksum(message.header, buffers)
 
 
 # --------------------------------------------------------------------------- segment form
@@ -589,24 +628,22 @@ def _segment_offsets(header_len: int, sizes: Sequence[int]) -> tuple[list[int], 
     return offsets, end
 
 
-def segment_size(frames: Sequence[Any]) -> int:
-    """Bytes a segment needs for these encoded frames."""
-    views = [_bytes_view(f, f"frame {i}") for i, f in enumerate(frames)]
-    return _segment_offsets(views[0].nbytes, [v.nbytes for v in views[1:]])[1]
+def _segment_header(view: memoryview) -> tuple[bytes, dict[str, Any]]:
+    if view.nbytes < 8:
+        raise WireError(f"segment is {view.nbytes} bytes, too short for a header length")
+    header_len = int.from_bytes(view[:8], "little")
+    if not 0 < header_len <= min(MAX_HEADER_BYTES, view.nbytes - 8):
+        raise WireError(f"segment declares a {header_len}-byte header in {view.nbytes} bytes")
+    header_frame = bytes(view[8:8 + header_len])  # copied: a writer may be changing the segment
+    header = _unpack_header(memoryview(header_frame))
+    _parse_fields(header)
+    return header_frame, header
 
 
-def write_segment(dest: Any, frames: Sequence[Any]) -> int:
-    """Lay encoded frames out in the writable buffer ``dest`` (one copy of each); returns the bytes used."""
-    views = [_bytes_view(f, f"frame {i}") for i, f in enumerate(frames)]
-    offsets, size = _segment_offsets(views[0].nbytes, [v.nbytes for v in views[1:]])
-    out = memoryview(dest).cast("B")
-    if out.nbytes < size:
-        raise WireError(f"segment buffer has {out.nbytes} bytes, the message needs {size}")
-    out[:8] = views[0].nbytes.to_bytes(8, "little")
-    out[8:8 + views[0].nbytes] = views[0]
-    for offset, view in zip(offsets, views[1:]):
-        out[offset:offset + view.nbytes] = view
-    return size
+def segment_header(segment: Any) -> dict[str, Any]:
+    """A segment's header with every field but the tensor table checked: enough to route it. Receivers of the
+    tensors ``decode_segment`` it."""
+    return _segment_header(_bytes_view(segment, "segment"))[1]
 
 
 def decode_segment(
@@ -618,15 +655,9 @@ def decode_segment(
     """``decode`` for a message in segment form. The header is copied out first (a writer may be changing the
     segment); the tensors stay views of it."""
     view = _bytes_view(segment, "segment")
-    if view.nbytes < 8:
-        raise WireError(f"segment is {view.nbytes} bytes, too short for a header length")
-    header_len = int.from_bytes(view[:8], "little")
-    if not 0 < header_len <= min(MAX_HEADER_BYTES, view.nbytes - 8):
-        raise WireError(f"segment declares a {header_len}-byte header in {view.nbytes} bytes")
-    header_frame = bytes(view[8:8 + header_len])
-    header = _unpack_header(memoryview(header_frame))
-    specs = _parse_header(header)
-    offsets, size = _segment_offsets(header_len, [s.nbytes for s in specs])
+    header_frame, header = _segment_header(view)
+    specs = _parse_tensors(header["tensors"])
+    offsets, size = _segment_offsets(len(header_frame), [s.nbytes for s in specs])
     if size != view.nbytes:
         raise WireError(f"segment is {view.nbytes} bytes but its header lays out {size}")
     buffers = [view[o:o + s.nbytes] for o, s in zip(offsets, specs)]

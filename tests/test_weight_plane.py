@@ -197,8 +197,8 @@ def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
         assert receiver.rejected == 1000 and engine.version == 0
         pub.send_multipart(good)
         assert sub.poll(5000)
-        assert receiver.offer(sub.recv_multipart(copy=False)) == 1
-        poll(lambda: engine.version == 1, 10, "version 1 live")
+        applied = receiver.offer(sub.recv_multipart(copy=False))
+        assert applied is not None and applied.wait(10) and engine.version == 1
         # Replaying the same version is stale now.
         assert receiver.offer(good) is None
     finally:

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from runner import wire
+from runner.slots import SlotWriter
 
 
 def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
@@ -31,19 +32,25 @@ def encode_adapter(version: int, step: int, base_model_id: str, adapter_config: 
     return wire.encode(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
 
-def decode_to_mlx(message: wire.WeightMessage) -> dict[str, mx.array]:
-    """MLX arrays from a message (one copy into MLX-owned memory), evaluated."""
-    out = {}
-    for name, arr in message.tensors.items():
-        a = mx.array(arr)
-        out[name] = a.view(mx.bfloat16) if message.dtypes[name] == "bfloat16" else a
-    mx.eval(list(out.values()))
-    return out
+def write_adapter(slot_writer: SlotWriter, version: int, step: int, base_model_id: str, adapter_config: dict,
+                  tensors: dict[str, mx.array]) -> dict:
+    """Write one weight message into a shared-memory slot (one copy); returns the notice for the coordinator."""
+    mx.eval(list(tensors.values()))
+    return slot_writer.write(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
 
 def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
-    """`decode_to_mlx`, then the checksum checked on the copy: what gets installed is exactly what was verified,
-    even if the source (a shared-memory slot) is rewritten meanwhile. Raises WireError on a mismatch."""
-    tensors = decode_to_mlx(message)
-    wire.verify(message, [buf for *_, buf in host_buffers(tensors)])
-    return tensors
+    """MLX arrays from a message (one copy into MLX-owned memory), then the checksum checked on that copy: what gets
+    installed is exactly what was verified, even if the source (a shared-memory slot) is rewritten meanwhile. Each
+    tensor is hashed right after it is copied, while it is still in cache. Raises WireError on a mismatch."""
+    out = {}
+
+    def copies():
+        for name, arr in message.tensors.items():
+            a = mx.array(arr)
+            out[name] = a.view(mx.bfloat16) if message.dtypes[name] == "bfloat16" else a
+            yield np.asarray(a)
+
+    wire.verify(message, copies())
+    mx.eval(list(out.values()))
+    return out

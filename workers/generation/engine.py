@@ -145,7 +145,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._pending_adapter: tuple[int, dict, threading.Event] | None = None
-        self._adapter_lock = threading.Lock()
+        self._adapter_lock = threading.RLock()
         self._by_uid: dict[int, tuple[Request, int]] = {}
         self._waiting: deque[tuple[Request, int]] = deque()  # (request, step it arrived at), not yet admitted
         self._steps = 0  # next() calls so far, the clock of admission waits
@@ -224,11 +224,17 @@ class Engine:
             self._inbox.put(("cancel", req))
             self._wake.set()
 
+    @property
+    def newest_version(self) -> int:
+        """The newest adapter version installed: live, or pending until the next decode step."""
+        with self._adapter_lock:
+            return self._pending_adapter[0] if self._pending_adapter else self.stats.adapter_version
+
     def install_adapter(self, version: int, tensors: dict[str, mx.array]) -> threading.Event:
         """Validate a complete adapter and schedule it as `version`, applied between decode steps. Returns an event
         set once it is live. Raises ValueError (changing nothing) for a stale version or a mismatched tensor set."""
         with self._adapter_lock:
-            newest = self._pending_adapter[0] if self._pending_adapter else self.stats.adapter_version
+            newest = self.newest_version
             if version <= newest:
                 raise ValueError(f"adapter version {version} is not newer than {newest}")
             check_lora(self.lora_layout, tensors)
@@ -276,19 +282,20 @@ class Engine:
             req.emit("error", message)
 
     def _apply_pending_adapter(self) -> None:
-        with self._adapter_lock:
+        with self._adapter_lock:  # held through the swap, so `newest_version` never goes back
             pending, self._pending_adapter = self._pending_adapter, None
-        if pending:
+            if not pending:
+                return
             version, tensors, applied = pending
             for name, tensor in tensors.items():  # validated in install_adapter
                 module, attribute = self._lora_owners[name]
                 module[attribute] = tensor
             self.stats.adapter_version = version
             self.stats.adapter_switches_total += 1
-            applied.set()
-            log.info("adapter version %d is live", version)
-            if self.on_version:
-                self.on_version(version)
+        if self.on_version:
+            self.on_version(version)
+        applied.set()
+        log.info("adapter version %d is live", version)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -40,24 +40,21 @@ class WeightReceiver:
         self.base_model_id = base_model_id
         self.layout = engine.lora_layout
         self.slot_reader = slot_reader
-        self.pending: list[tuple[int, threading.Event]] = []
         self.rejected = 0
 
     def expectation(self) -> wire.Expectation:
-        return wire.Expectation(base_model_id=self.base_model_id, shapes=self.layout, min_version=self.newest())
+        return wire.Expectation(base_model_id=self.base_model_id, shapes=self.layout,
+                                min_version=self.engine.newest_version)
 
-    def newest(self) -> int:
-        return max([self.engine.version] + [v for v, _ in self.pending])
-
-    def offer(self, frames: list | None = None, notice: dict | None = None) -> int | None:
-        """Validate and schedule one message (frames, or a shared-memory slot notice); returns its version, or None
-        if it was dropped."""
+    def offer(self, frames: list | None = None, notice: dict | None = None) -> threading.Event | None:
+        """Validate and schedule one message (frames, or a shared-memory slot notice); returns an event set once it
+        is live, or None if it was dropped."""
         try:
             if notice is not None:
                 if self.slot_reader is None:
                     raise wire.WireError("a slot notice reached a worker that does not use slots")
                 message = wire.decode_segment(self.slot_reader.segment(notice), self.expectation(), verify=False)
-                slots.check_notice(notice, message)
+                slots.check_notice(notice, message.version)
             else:
                 message = wire.decode(frames, expected=self.expectation(), verify=False)
             applied = self.engine.install_adapter(message.version, verified_copy(message))
@@ -65,13 +62,7 @@ class WeightReceiver:
             self.rejected += 1
             log.warning("dropped a weight message: %s", e)
             return None
-        self.pending.append((message.version, applied))
-        return message.version
-
-    def newly_applied(self) -> list[int]:
-        done = [v for v, ev in self.pending if ev.is_set()]
-        self.pending = [(v, ev) for v, ev in self.pending if not ev.is_set()]
-        return done
+        return applied
 
 
 def run_worker(join: str, name: str, host: str, port: int, model_override: str | None = None,
@@ -109,11 +100,8 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
     # Late-joiner catch-up: subscribe first, then fetch the latest, so no version falls in between.
     client.status["state"] = "catching_up"
     reply = client.request(get_latest, ("latest", "W"), timeout=60)
-    if reply[0] == "W":
-        version = receiver.offer(reply[1])
-        if version is not None:
-            receiver.pending[-1][1].wait(60)
-    receiver.newly_applied()
+    if reply[0] == "W" and (applied := receiver.offer(reply[1])) is not None:
+        applied.wait(60)
     log.info("%s caught up at adapter version %d (new versions by %s)", name, engine.version,
              "shared memory" if slot_dir else "PUB socket")
 
@@ -128,37 +116,29 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    # The engine thread acks each version the moment it is live, on a socket of its own (a zmq socket belongs to
+    # one thread), so the ack does not wait for this thread to be scheduled.
+    engine.on_version = client.acker()
     poller = zmq.Poller()
     if sub is not None:
         poller.register(sub, zmq.POLLIN)
     poller.register(client.sock, zmq.POLLIN)
-
-    def take(version: int | None) -> None:
-        if version is not None:
-            # The engine applies it between decode steps (milliseconds): wait briefly so the ack goes out at once
-            # instead of on the next poll.
-            receiver.pending[-1][1].wait(1.0)
-
     try:
         while not stopping.is_set():
             for sock, _ in poller.poll(50):
                 if sock is sub:
-                    take(receiver.offer(sub.recv_multipart(copy=False)))
+                    receiver.offer(sub.recv_multipart(copy=False))
                     continue
                 while (msg := client.receive(0)) is not None:
                     if msg[0] == "W":
-                        take(receiver.offer(msg[1]))
+                        receiver.offer(msg[1])
                     elif msg[1]["type"] == "stop":
                         stopping.set()
                     elif msg[1]["type"] == slots.NOTICE:
-                        version = receiver.offer(notice=msg[1])
-                        take(version)
                         announced = msg[1].get("version")
-                        if version is None and isinstance(announced, int) and receiver.newest() < announced:
+                        if receiver.offer(notice=msg[1]) is None and isinstance(announced, int) and \
+                                engine.newest_version < announced:
                             client.send(get_latest)  # the slot was unreadable or rewritten: ask for the frames
-            for version in receiver.newly_applied():
-                client.status["version"] = version
-                client.send({"type": "ack", "name": name, "version": version})
             if not http_thread.is_alive():
                 log.error("the HTTP server stopped unexpectedly")
                 return 1

@@ -44,13 +44,13 @@ class Publisher:
                 if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]]
 
     def publish(self, version: int, step: int, tensors) -> None:
-        from workers.weights import encode_adapter
+        from workers.weights import encode_adapter, write_adapter
 
-        frames = encode_adapter(version, step, self.base_model_id, self.adapter_config, tensors)
         if self.slot_writer:
-            self.client.send(self.slot_writer.write(version, frames))
+            self.client.send(write_adapter(self.slot_writer, version, step, self.base_model_id, self.adapter_config,
+                                           tensors))
         else:
-            self.client.send_weights(frames)
+            self.client.send_weights(encode_adapter(version, step, self.base_model_id, self.adapter_config, tensors))
         reply = self.client.wait_for(("published", "rejected"), timeout=60, what=f"adapter version {version}")[1]
         if reply["type"] == "rejected":
             raise RuntimeError(f"the coordinator rejected adapter version {version}: {reply['reason']}")
