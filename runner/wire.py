@@ -71,7 +71,7 @@ instead of socket frames (see ``runner.slots``): one segment holds
     bytes 0..8   header length L, unsigned little-endian
     bytes 8..8+L the header frame
     then each buffer frame in order, each starting at the next multiple of
-    ``SEGMENT_ALIGN`` bytes (zero padding between)
+    ``SEGMENT_ALIGN`` bytes (the padding between is ignored and not hashed)
 
 and nothing after the last buffer. ``decode_segment`` validates a segment
 exactly as ``decode`` validates frames (the tensors stay views, no copies).
@@ -264,7 +264,7 @@ def compute_checksum(header: Mapping[str, Any], buffers: Iterable[Any]) -> str:
     except (TypeError, ValueError, OverflowError) as exc:
         # encode-side only (e.g. an object() in adapter_config): anything msgpack could
         # unpack it can re-pack, since its pack depth limit exceeds its unpack stack.
-        raise WireError(f"header fields cannot be hashed because they do not pack ({exc})") from None
+        raise WireError(f"header is not msgpack-serializable: its fields do not pack ({exc})") from None
     digest = xxhash.xxh3_64(packed)
     for buf in buffers:
         # xxhash takes the buffer protocol directly, so large tensors are not copied.
@@ -399,6 +399,7 @@ def encode_into(
 def _unsigned_header(version: int, step: int, base_model_id: str, adapter_config: dict[str, Any], tensors: Any,
                      kind: str) -> tuple[dict[str, Any], list[memoryview]]:
     entries = _entries(tensors)
+    _check_unique([spec.name for spec, _ in entries])
     header: dict[str, Any] = {
         "proto": PROTOCOL,
         "kind": kind,
@@ -479,11 +480,13 @@ def _parse_tensors(value: Any) -> list[_Spec]:
     if not isinstance(value, list):
         raise WireError(f"header field 'tensors' must be a list, got {_type_name(value)}")
     specs = [_parse_tensor(i, entry) for i, entry in enumerate(value)]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise WireError(f"tensor name {dup!r} appears more than once")
+    _check_unique([s.name for s in specs])
     return specs
+
+
+def _check_unique(names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        raise WireError(f"tensor name {next(n for n in names if names.count(n) > 1)!r} appears more than once")
 
 
 def _parse_header(header: dict[str, Any]) -> list[_Spec]:

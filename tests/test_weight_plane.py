@@ -1,9 +1,11 @@
 """The weight plane end to end: a coordinator, two real generation-worker processes, and this test process as the
-learner side publishing versions over ZeroMQ."""
+learner side publishing versions, over both transports: same-host shared-memory slots (the default) and frames over
+ZeroMQ (what a learner and workers on other hosts use)."""
 
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 import threading
@@ -15,14 +17,15 @@ import numpy as np
 import pytest
 import zmq
 
-from runner import wire
+from runner import slots, wire
 from runner.config import build_config
-from runner.control import ControlClient, model_id
+from runner.control import ControlClient
 from runner.coordinator import add_generation_workers, create_coordinator
 from workers.generation.server import load_engine
 from workers.generation.worker import WeightReceiver
+from workers.learner.main import Publisher
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
-from workers.weights import encode_adapter
+from workers.weights import encode_adapter, write_adapter
 
 from helpers import poll
 
@@ -35,15 +38,16 @@ def random_adapter(layout: dict, seed: int) -> dict[str, mx.array]:
     return {name: mx.array(rng.normal(0, 0.5, size=shape).astype(np.float32)) for name, (shape, _) in layout.items()}
 
 
-@pytest.fixture(scope="module")
-def job(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["shm", "socket"])
+def job(request, tiny_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     config = build_config({
         "model": {"path": str(tiny_model)},
         "lora": {"rank": SPEC.rank, "scale": SPEC.scale, "keys": SPEC.keys},
         "generation": {"workers": 2, "port": 0},
         "checkpoint": {"dir": str(run_dir)},
-        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 30.0},
+        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 30.0,
+                        "shared_memory": request.param == "shm"},
     })
     coord = create_coordinator(config, run_dir / "job.toml")
     coord.start_http()
@@ -51,9 +55,10 @@ def job(tiny_model, tmp_path_factory):
     thread = threading.Thread(target=coord.run, daemon=True)
     thread.start()
     client = ControlClient(coord.control_endpoint, "test-learner", role="learner")
-    client.hello()
+    publisher = Publisher(client, client.hello(), {})  # the learner's own publishing path
+    assert (publisher.slot_writer is not None) == (request.param == "shm")
     try:
-        yield coord, client
+        yield coord, client, publisher
     finally:
         client.close()
         coord.request_stop("test over")
@@ -89,13 +94,16 @@ def reference_greedy(model, n_tokens: int = 8) -> list[int]:
     return tokens[len(PROMPT):]
 
 
-def publish(coord, client, version, tensors):
-    client.send_weights(encode_adapter(version, version, model_id(coord.job_info["model_path"]), {}, tensors))
-    return client.wait_for(("published", "rejected"), timeout=30)[1]
+def publish(job, version, tensors) -> str:
+    try:
+        job[2].publish(version, version, tensors)
+    except RuntimeError:
+        return "rejected"
+    return "published"
 
 
 def test_versions_reach_both_workers_and_change_output(job, tiny_model):
-    coord, client = job
+    coord, client, _ = job
     poll(lambda: serving(client), 120, "two serving workers")
     model, _ = mlx_lm.load(str(tiny_model))
     apply_lora(model, SPEC)
@@ -103,7 +111,7 @@ def test_versions_reach_both_workers_and_change_output(job, tiny_model):
     outputs = []
     for version in range(1, 6):
         tensors = random_adapter(layout, seed=version)
-        assert publish(coord, client, version, tensors)["type"] == "published"
+        assert publish(job, version, tensors) == "published"
         workers = poll(lambda: serving(client, version), 60, f"both workers on version {version}")
         set_lora(model, tensors)
         expected = reference_greedy(model)
@@ -118,13 +126,13 @@ def test_versions_reach_both_workers_and_change_output(job, tiny_model):
 
 
 def test_stale_and_malformed_uploads_are_rejected_and_workers_keep_serving(job):
-    coord, client = job
+    coord, client, _ = job
     workers = poll(lambda: serving(client), 120, "two serving workers")
     version = status(client)["job"]["latest_version"]
     rng = np.random.default_rng(0)
     # A stale version, a wrong base model, then 1,000 garbage uploads: all refused, nobody crashes.
     layout = {"x": ((2, 2), "float32")}
-    assert publish(coord, client, max(version, 1), random_adapter(layout, 0))["type"] == "rejected"
+    assert publish(job, max(version, 1), random_adapter(layout, 0)) == "rejected"
     client.send_weights(encode_adapter(version + 1, 0, "not-this-model", {}, random_adapter(layout, 0)))
     assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "rejected"
     for i in range(1000):
@@ -139,7 +147,7 @@ def test_stale_and_malformed_uploads_are_rejected_and_workers_keep_serving(job):
 
 
 def test_restarted_worker_catches_up_before_serving(job):
-    coord, client = job
+    coord, client, _ = job
     poll(lambda: serving(client), 120, "two serving workers")
     version = status(client)["job"]["latest_version"]
     victim = coord.watchers["gen-1"]
@@ -156,6 +164,115 @@ def test_restarted_worker_catches_up_before_serving(job):
     assert served == version
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert health["adapter_version"] == version
+
+
+def shm_only(job):
+    if job[2].slot_writer is None:
+        pytest.skip("shared-memory transport only")
+
+
+def tiny_layout(tiny_model) -> dict:
+    model, _ = mlx_lm.load(str(tiny_model))
+    apply_lora(model, SPEC)
+    return lora_layout(model)
+
+
+def flip_first_tensor_byte(path) -> None:
+    """Corrupt a slot in place (same file, as a torn write would): its header still routes, its checksum fails."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        view = memoryview(mapped)
+        first = wire.decode_segment(view, verify=False).frames[1]
+        np.frombuffer(first, np.uint8)[0] ^= 1
+        del first
+        view.release()
+
+
+def test_corrupt_slot_is_dropped_by_workers_and_the_coordinator(job, tiny_model):
+    """A slot whose tensors do not match its checksum: both workers drop it (their own copy fails the check), ask
+    for the latest instead and keep serving; the coordinator does not keep it as the latest and tells the learner."""
+    shm_only(job)
+    coord, client, publisher = job
+    workers = poll(lambda: serving(client), 120, "two serving workers")
+    version = status(client)["job"]["latest_version"]
+    layout = tiny_layout(tiny_model)
+    notice = write_adapter(publisher.slot_writer, version + 1, 0, publisher.base_model_id, {},
+                           random_adapter(layout, 99))
+    flip_first_tensor_byte(coord.slots_dir / f"slot-{notice['slot']}")
+    client.send(notice)
+    assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "published"  # routed on its header
+    assert "checksum mismatch" in client.wait_for(("rejected",), timeout=30)[1]["reason"]  # the coordinator's copy
+    logs = [coord.run_dir / "logs" / f"{w['name']}.log" for w in workers]
+    poll(lambda: all("checksum mismatch" in log.read_text() for log in logs), 30, "both workers dropped it")
+    for w in workers:
+        assert greedy(w["http_url"])[1] == version
+    assert status(client)["job"]["oldest_serving_version"] == version
+    # The next good version goes through as usual.
+    assert publish(job, version + 2, random_adapter(layout, 100)) == "published"
+    poll(lambda: serving(client, version + 2), 60, f"both workers on version {version + 2}")
+
+
+def test_malformed_slot_notices_are_rejected_and_workers_keep_serving(job, tiny_model):
+    shm_only(job)
+    coord, client, publisher = job
+    workers = poll(lambda: serving(client), 120, "two serving workers")
+    version = status(client)["job"]["latest_version"]
+    good = write_adapter(publisher.slot_writer, version + 1, 0, publisher.base_model_id, {},
+                         random_adapter(tiny_layout(tiny_model), 5))
+    path = coord.slots_dir / f"slot-{good['slot']}"
+    rng = np.random.default_rng(2)
+    for i in range(1000):
+        notice, kind = dict(good), i % 8
+        if kind == 0:
+            notice["slot"] = int(rng.integers(-5, 50)) if i % 16 else "0"
+        elif kind == 1:
+            notice["nbytes"] += int(rng.integers(1, 100))
+        elif kind == 2:
+            notice["version"] = version  # not newer
+        elif kind == 3:
+            notice["version"] = version + 2  # not what the slot holds
+        elif kind == 4:
+            del notice["nbytes"]
+        elif kind == 5:
+            notice["nbytes"] = 0.5
+        elif kind == 6:  # garbage over the slot's first bytes (its header length and header)
+            with open(path, "r+b") as f:
+                f.write(rng.bytes(int(rng.integers(1, 64))))
+        else:
+            notice["version"] = True
+        client.send(notice)
+        assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "rejected", notice
+    assert status(client)["job"]["latest_version"] == version
+    for w in workers:
+        tokens, served = greedy(w["http_url"])
+        assert served == version and len(tokens) == 8
+
+
+def test_receiver_drops_malformed_slot_segments(tiny_model, tmp_path):
+    """1,000 malformed segments announced to a worker's receiver: each is dropped, the version stays."""
+    engine = load_engine(tiny_model, lora_spec=SPEC).start()
+    try:
+        writer, receiver = slots.SlotWriter(tmp_path), WeightReceiver(engine, "base-x", slots.SlotReader(tmp_path))
+        good = random_adapter(lora_layout(engine.model), 1)
+        rng = np.random.default_rng(4)
+        for i in range(1000):
+            kind = i % 4
+            notice = write_adapter(writer, 1, 1, "base-x" if kind != 3 else "base-y", {}, good)
+            path = tmp_path / f"slot-{notice['slot']}"
+            if kind == 0:  # a byte of the tensors flipped
+                flip_first_tensor_byte(path)
+            elif kind == 1:  # garbage header length
+                with open(path, "r+b") as f:
+                    f.write(rng.bytes(8))
+            elif kind == 2:
+                notice["nbytes"] -= 1
+            assert receiver.offer(notice=notice) is None
+        assert receiver.rejected == 1000 and engine.newest_version == 0
+        notice = write_adapter(writer, 2, 2, "base-x", {}, good)
+        applied = receiver.offer(notice=notice)
+        assert applied is not None and applied.wait(10) and engine.version == 2
+        assert receiver.offer(notice=notice) is None  # stale now
+    finally:
+        engine.stop()
 
 
 def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
@@ -208,7 +325,7 @@ def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
 
 
 def test_status_cli_and_http(job):
-    coord, client = job
+    coord, client, _ = job
     poll(lambda: serving(client), 120, "two serving workers")
     r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint, "--json"],
                        capture_output=True, text=True, timeout=60)
@@ -219,6 +336,7 @@ def test_status_cli_and_http(job):
     for name in ("gen-0", "gen-1"):
         assert rows[name]["state"] == "serving" and rows[name]["pid"] > 0 and rows[name]["heartbeat_age"] is not None
         assert "openai" in rows[name]["capabilities"]["api"] and rows[name]["capabilities"]["device"]
+        assert rows[name]["weights_via"] == ("slots" if coord.slots_dir else "pub")
     r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "gen-0" in r.stdout and "serving" in r.stdout and "HEARTBEAT" in r.stdout

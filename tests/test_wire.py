@@ -115,9 +115,9 @@ def test_dict_form_round_trip_and_header_contents():
     frames = _frames()
     header = _header(frames)
     assert set(header) == wire.HEADER_KEYS
-    assert header["proto"] == PROTOCOL == 1 and header["kind"] == "adapter"
+    assert header["proto"] == PROTOCOL == 2 and header["kind"] == "adapter"
     assert header["tensors"][0] == {"name": "layers.0.q.lora_a", "dtype": "float32", "shape": [16, 8], "nbytes": 512}
-    assert len(header["checksum"]) == 8
+    assert len(header["checksum"]) == 16
     msg = decode(frames, _expectation())
     for name, arr in _tensors().items():
         np.testing.assert_array_equal(msg.tensors[name], arr)
@@ -345,7 +345,7 @@ def test_wrong_types(key, value, match):
         decode(_with_header(frames, header, resign=False))
 
 
-@pytest.mark.parametrize("proto", [0, 2, True, "1", None])
+@pytest.mark.parametrize("proto", [0, 1, 3, True, "2", None])
 def test_proto_mismatch(proto):
     frames = _frames()
     header = _header(frames)
@@ -363,7 +363,7 @@ def test_proto_mismatch(proto):
         ("kind", "delta", "not supported"),
         ("kind", "weights", "not supported"),
         ("base_model_id", "", "non-empty"),
-        ("checksum", "ABCDEF01", "lowercase hex"),
+        ("checksum", "ABCDEF0123456789", "lowercase hex"),
         ("checksum", "00", "lowercase hex"),
     ],
 )
@@ -671,3 +671,102 @@ def test_control_over_router_dealer(ctx):
     finally:
         router.close(linger=0)
         dealer.close(linger=0)
+
+
+# --------------------------------------------------------------------------- segment form
+
+
+def _segment(version: int = 1) -> bytearray:
+    holder = {}
+
+    def allocate(size: int) -> bytearray:
+        holder["buf"] = bytearray(size)
+        return holder["buf"]
+
+    size = wire.encode_into(allocate, version, 7, BASE, CONFIG, _tensors())
+    assert size == len(holder["buf"])
+    return holder["buf"]
+
+
+def _covered(segment) -> list[int]:
+    """Offsets of the segment's bytes that carry the message (length, header, tensors), not alignment padding."""
+    msg = wire.decode_segment(segment, verify=False)
+    base = np.frombuffer(segment, np.uint8).ctypes.data
+    covered = list(range(8 + len(msg.frames[0])))
+    for buf in msg.frames[1:]:
+        start = np.frombuffer(buf, np.uint8).ctypes.data - base if len(buf) else 0
+        covered += range(start, start + len(buf))
+    return covered
+
+
+def test_segment_round_trip_matches_frames():
+    segment = _segment()
+    msg, ref = wire.decode_segment(segment, _expectation()), decode(_frames(), _expectation())
+    assert msg.checksum == ref.checksum and msg.version == 1 and msg.step == 7 and msg.adapter_config == CONFIG
+    for name, arr in _tensors().items():
+        np.testing.assert_array_equal(msg.tensors[name], arr)
+    # The buffers start on SEGMENT_ALIGN boundaries and are views of the segment, not copies.
+    base = np.frombuffer(segment, np.uint8).ctypes.data
+    for buf in msg.frames[1:]:
+        assert (np.frombuffer(buf, np.uint8).ctypes.data - base) % wire.SEGMENT_ALIGN == 0 or len(buf) == 0
+    segment[_covered(segment)[-1]] ^= 0xFF  # the last tensor byte: visible through the views
+    assert msg.tensors["scalar"] != _tensors()["scalar"]
+
+
+def test_segment_header_checks_fields_only():
+    header = wire.segment_header(_segment(version=3))
+    assert header["version"] == 3 and header["base_model_id"] == BASE
+    with pytest.raises(WireError, match="too short"):
+        wire.segment_header(b"\x01\x00")
+
+
+def test_decode_segment_verifies_the_checksum_unless_told_not_to():
+    segment = _segment()
+    last = _covered(segment)[-1]
+    segment[last] ^= 1
+    with pytest.raises(WireError, match="checksum mismatch"):
+        wire.decode_segment(segment)
+    msg = wire.decode_segment(segment, verify=False)
+    with pytest.raises(WireError, match="checksum mismatch"):
+        wire.verify(msg, [bytes(b) for b in msg.frames[1:]])
+    segment[last] ^= 1
+    wire.verify(msg, iter([bytes(b) for b in msg.frames[1:]]))  # an iterator works: hashed as it comes
+
+
+def test_every_truncation_and_extension_of_a_segment_is_rejected():
+    segment = bytes(_segment())
+    for n in range(len(segment)):
+        with pytest.raises(WireError):
+            wire.decode_segment(segment[:n])
+    with pytest.raises(WireError, match="lays out"):
+        wire.decode_segment(segment + b"\0")
+
+
+@pytest.mark.parametrize("header_len", [0, 2**62, MAX_HEADER_BYTES + 1])
+def test_segment_header_length_out_of_bounds(header_len):
+    segment = bytearray(_segment())
+    segment[:8] = header_len.to_bytes(8, "little")
+    with pytest.raises(WireError, match="header in"):
+        wire.decode_segment(segment)
+
+
+def test_random_segments_raise_only_wire_errors():
+    rng = np.random.default_rng(3)
+    good = bytes(_segment())
+    covered = np.array(_covered(good))  # padding between tensors is not part of the message
+    for i in range(1000):
+        if i % 2:  # random bytes
+            data = rng.bytes(int(rng.integers(0, 256)))
+        else:  # a valid segment with a few of its message bytes overwritten
+            data = bytearray(good)
+            for pos in rng.choice(covered, size=int(rng.integers(1, 4))):
+                data[pos] = int(rng.integers(0, 256))
+            if bytes(data) == good:
+                continue
+        with pytest.raises(WireError):
+            wire.decode_segment(data)
+
+
+def test_encode_into_a_buffer_too_small():
+    with pytest.raises(WireError, match="needs"):
+        wire.encode_into(lambda size: bytearray(size - 1), 1, 0, BASE, {}, _tensors())
