@@ -6,9 +6,11 @@ file and restart policy (exponential backoff, and a flapping limit of `restart_a
 seconds past which the job stops with the reason). Remote generation workers (`runner worker generate --join`)
 appear in the same worker table without a watcher: if they die they are dropped, not restarted.
 
-Sockets: control ROUTER (hello, heartbeat, ack, status, get_latest, progress, done; weight uploads from the
-learner) and weights PUB (fan-out of every new version). The coordinator keeps the latest weight message so a
-worker that starts, restarts or joins late gets it (`get_latest`) before it reports ready.
+Sockets: control ROUTER (hello, heartbeat, ack, status, get_latest, progress, done; weight versions from the learner,
+as frames or as shared-memory slot notices) and weights PUB (fan-out of every new version to workers on other hosts;
+same-host workers get slot notices, or frames, on the control socket: see `runner.slots`). The coordinator keeps the
+latest weight message so a worker that starts, restarts or joins late gets it (`get_latest`) before it reports
+ready.
 """
 
 from __future__ import annotations

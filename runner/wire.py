@@ -108,6 +108,7 @@ through for the coordinator to reject):
 - ``ack``        -- a worker confirms it applied an adapter version.
 - ``status``     -- request/reply for the coordinator's worker table.
 - ``get_latest`` -- a (late or restarted) worker asks for the latest adapter.
+- ``weights_slot`` -- a version in a same-host shared-memory slot (``runner.slots``).
 """
 
 from __future__ import annotations
@@ -138,7 +139,6 @@ MAX_HEADER_BYTES = 16 * 2**20
 MAX_TOTAL_BYTES = 8 * 2**30
 MAX_NDIM = 8
 MAX_CONTROL_BYTES = 2**20
-CONTROL_TYPES = ("hello", "heartbeat", "ack", "status", "get_latest")
 
 # Wire dtype name -> little-endian numpy dtype used to view the buffer.
 # bfloat16 is viewed as its raw uint16 bit patterns (numpy has no bfloat16).
