@@ -199,6 +199,9 @@ class WeightMessage:
     checksum: str = field(default="", repr=False)
     header: dict[str, Any] = field(default_factory=dict, repr=False)  # as received, for a later ``verify``
     frames: list[Any] = field(default_factory=list, repr=False)  # header + buffer views, e.g. to send it on
+    # Segment form only: one view spanning every buffer (and the padding between) and each buffer's offset in it,
+    # so a receiver can copy all the tensors in one go.
+    region: tuple[memoryview, list[int]] | None = field(default=None, repr=False)
 
 
 class _Spec(NamedTuple):
@@ -297,6 +300,8 @@ def _buffer_bytes(buf: Any, name: str) -> memoryview:
         view = memoryview(buf)
     except TypeError:
         raise WireError(f"tensor {name!r} buffer is a {_type_name(buf)}, not a buffer-protocol object") from None
+    if view.nbytes == 0:
+        return memoryview(b"")  # memoryview cannot cast a shape with zeros in it
     if not view.c_contiguous:
         view = memoryview(view.tobytes())  # tobytes() yields C order
     return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
@@ -586,7 +591,8 @@ def decode(
 
 
 def _message(header_frame: Any, header: dict[str, Any], specs: list[_Spec], buffers: list[memoryview],
-             expected: Expectation | None, max_total_bytes: int, verify: bool) -> WeightMessage:
+             expected: Expectation | None, max_total_bytes: int, verify: bool,
+             region: tuple[memoryview, list[int]] | None = None) -> WeightMessage:
     total = _check_sizes(specs, buffers, max_total_bytes)
     if expected is not None:
         # Cheap semantic checks before hashing possibly hundreds of MB.
@@ -605,6 +611,7 @@ def _message(header_frame: Any, header: dict[str, Any], specs: list[_Spec], buff
         checksum=header["checksum"],
         header=header,
         frames=[header_frame, *buffers],
+        region=region,
     )
 
 
@@ -664,7 +671,9 @@ def decode_segment(
     if size != view.nbytes:
         raise WireError(f"segment is {view.nbytes} bytes but its header lays out {size}")
     buffers = [view[o:o + s.nbytes] for o, s in zip(offsets, specs)]
-    return _message(header_frame, header, specs, buffers, expected, max_total_bytes, verify)
+    start = offsets[0] if offsets else size
+    region = (view[start:size], [o - start for o in offsets])
+    return _message(header_frame, header, specs, buffers, expected, max_total_bytes, verify, region)
 
 
 def recv(

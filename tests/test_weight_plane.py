@@ -25,7 +25,7 @@ from workers.generation.server import load_engine
 from workers.generation.worker import WeightReceiver
 from workers.learner.main import Publisher
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
-from workers.weights import encode_adapter, write_adapter
+from workers.weights import encode_adapter, verified_copy, write_adapter
 
 from helpers import poll
 
@@ -348,3 +348,25 @@ def test_status_cli_and_http(job):
     r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", "tcp://127.0.0.1:9"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no coordinator answered" in r.stderr
+
+
+def test_verified_copy_of_a_segment_equals_that_of_frames(tmp_path):
+    """The one-copy path for shared-memory segments gives the same arrays, dtypes and shapes as the per-frame path,
+    for every wire dtype, a scalar and an empty tensor; a flipped byte fails either way."""
+    rng = np.random.default_rng(6)
+    tensors = {"f32": mx.array(rng.standard_normal((7, 5)).astype(np.float32)),
+               "f16": mx.array(rng.standard_normal((3, 9)).astype(np.float16)),
+               "bf16": mx.array(rng.standard_normal((4, 4)).astype(np.float32)).astype(mx.bfloat16),
+               "i8": mx.array(rng.integers(-128, 127, size=13).astype(np.int8)),
+               "u32": mx.array(np.arange(6, dtype=np.uint32).reshape(2, 3)),
+               "scalar": mx.array(np.float32(2.5)), "empty": mx.zeros((0, 4))}
+    writer, reader = slots.SlotWriter(tmp_path), slots.SlotReader(tmp_path)
+    notice = write_adapter(writer, 1, 1, "base-x", {}, tensors)
+    from_segment = verified_copy(wire.decode_segment(reader.segment(notice), verify=False))
+    from_frames = verified_copy(wire.decode(encode_adapter(1, 1, "base-x", {}, tensors), verify=False))
+    for name, t in tensors.items():
+        for copy in (from_segment[name], from_frames[name]):
+            assert copy.dtype == t.dtype and copy.shape == t.shape and mx.array_equal(copy, t).item(), name
+    flip_first_tensor_byte(tmp_path / f"slot-{notice['slot']}")
+    with pytest.raises(wire.WireError, match="checksum mismatch"):
+        verified_copy(wire.decode_segment(reader.segment(notice), verify=False))
