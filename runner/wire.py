@@ -199,9 +199,6 @@ class WeightMessage:
     checksum: str = field(default="", repr=False)
     header: dict[str, Any] = field(default_factory=dict, repr=False)  # as received, for a later ``verify``
     frames: list[Any] = field(default_factory=list, repr=False)  # header + buffer views, e.g. to send it on
-    # Segment form only: one view spanning every buffer (and the padding between) and each buffer's offset in it,
-    # so a receiver can copy all the tensors in one go.
-    region: tuple[memoryview, list[int]] | None = field(default=None, repr=False)
 
 
 class _Spec(NamedTuple):
@@ -591,8 +588,7 @@ def decode(
 
 
 def _message(header_frame: Any, header: dict[str, Any], specs: list[_Spec], buffers: list[memoryview],
-             expected: Expectation | None, max_total_bytes: int, verify: bool,
-             region: tuple[memoryview, list[int]] | None = None) -> WeightMessage:
+             expected: Expectation | None, max_total_bytes: int, verify: bool) -> WeightMessage:
     total = _check_sizes(specs, buffers, max_total_bytes)
     if expected is not None:
         # Cheap semantic checks before hashing possibly hundreds of MB.
@@ -611,7 +607,6 @@ def _message(header_frame: Any, header: dict[str, Any], specs: list[_Spec], buff
         checksum=header["checksum"],
         header=header,
         frames=[header_frame, *buffers],
-        region=region,
     )
 
 
@@ -671,9 +666,7 @@ def decode_segment(
     if size != view.nbytes:
         raise WireError(f"segment is {view.nbytes} bytes but its header lays out {size}")
     buffers = [view[o:o + s.nbytes] for o, s in zip(offsets, specs)]
-    start = offsets[0] if offsets else size
-    region = (view[start:size], [o - start for o in offsets])
-    return _message(header_frame, header, specs, buffers, expected, max_total_bytes, verify, region)
+    return _message(header_frame, header, specs, buffers, expected, max_total_bytes, verify)
 
 
 def recv(

@@ -351,8 +351,8 @@ def test_status_cli_and_http(job):
 
 
 def test_verified_copy_of_a_segment_equals_that_of_frames(tmp_path):
-    """The one-copy path for shared-memory segments gives the same arrays, dtypes and shapes as the per-frame path,
-    for every wire dtype, a scalar and an empty tensor; a flipped byte fails either way."""
+    """A version through a shared-memory segment and through frames gives the same MLX arrays, dtypes and shapes,
+    for every wire dtype, a scalar and an empty tensor; a flipped byte fails the check of the copy."""
     rng = np.random.default_rng(6)
     tensors = {"f32": mx.array(rng.standard_normal((7, 5)).astype(np.float32)),
                "f16": mx.array(rng.standard_normal((3, 9)).astype(np.float16)),
