@@ -38,7 +38,7 @@ from runner.control import CONTROL, WEIGHTS, model_id
 
 log = logging.getLogger(__name__)
 
-SLOT_COPY_DELAY = 1.0  # seconds the coordinator waits for the same-host workers before copying a slot version
+SLOT_COPY_DELAY = 1.0  # at most this many seconds before the coordinator copies a slot version, idle or not
 LIVE_STATES = ("starting", "loading", "catching_up", "serving", "training")
 
 

@@ -15,7 +15,8 @@ from runner.slots import SlotWriter
 
 
 def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
-    """(name, wire dtype, shape, bytes) of evaluated MLX arrays, as views of their own memory (no copies)."""
+    """(name, wire dtype, shape, bytes) of MLX arrays (evaluated first), as views of their own memory (no copies)."""
+    mx.eval(list(tensors.values()))
     out = []
     for name, t in tensors.items():
         if t.dtype == mx.bfloat16:
@@ -28,14 +29,12 @@ def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int
 def encode_adapter(version: int, step: int, base_model_id: str, adapter_config: dict,
                    tensors: dict[str, mx.array]) -> list:
     """Frames of one weight message; keep `tensors` alive until ZeroMQ has sent them."""
-    mx.eval(list(tensors.values()))
     return wire.encode(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
 
 def write_adapter(slot_writer: SlotWriter, version: int, step: int, base_model_id: str, adapter_config: dict,
                   tensors: dict[str, mx.array]) -> dict:
     """Write one weight message into a shared-memory slot (one copy); returns the notice for the coordinator."""
-    mx.eval(list(tensors.values()))
     return slot_writer.write(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
 

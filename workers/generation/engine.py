@@ -31,7 +31,6 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.tuner.lora import LoRALinear
 
-
 from workers.lora import check_lora, lora_layout, lora_owners
 
 log = logging.getLogger(__name__)
