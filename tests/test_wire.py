@@ -115,7 +115,7 @@ def test_dict_form_round_trip_and_header_contents():
     frames = _frames()
     header = _header(frames)
     assert set(header) == wire.HEADER_KEYS
-    assert header["proto"] == PROTOCOL == 2 and header["kind"] == "adapter"
+    assert header["proto"] == PROTOCOL == 3 and header["kind"] == "adapter"
     assert header["tensors"][0] == {"name": "layers.0.q.lora_a", "dtype": "float32", "shape": [16, 8], "nbytes": 512}
     assert len(header["checksum"]) == 16
     msg = decode(frames, _expectation())
@@ -345,7 +345,7 @@ def test_wrong_types(key, value, match):
         decode(_with_header(frames, header, resign=False))
 
 
-@pytest.mark.parametrize("proto", [0, 1, 3, True, "2", None])
+@pytest.mark.parametrize("proto", [0, 1, 2, 4, True, "3", None])
 def test_proto_mismatch(proto):
     frames = _frames()
     header = _header(frames)
@@ -711,6 +711,29 @@ def test_segment_round_trip_matches_frames():
         assert (np.frombuffer(buf, np.uint8).ctypes.data - base) % wire.SEGMENT_ALIGN == 0 or len(buf) == 0
     segment[_covered(segment)[-1]] ^= 0xFF  # the last tensor byte: visible through the views
     assert msg.tensors["scalar"] != _tensors()["scalar"]
+
+
+def test_checksum_is_the_documented_tree_of_xxh3_digests():
+    """The module docstring's definition, computed here independently, for frames and for a segment big enough
+    (with uneven tensors) that encode_into copies it with two threads."""
+    import xxhash
+
+    rng = np.random.default_rng(1)
+    tensors = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate([7, 300_000, 1, 90_000, 0])}
+    assert sum(t.nbytes for t in tensors.values()) > wire.PARALLEL_COPY_BYTES
+    fields = [PROTOCOL, "adapter", 4, 2, BASE, CONFIG,
+              [[name, "float32", list(t.shape), t.nbytes] for name, t in tensors.items()]]
+    h = xxhash.xxh3_64(msgpack.packb(fields, use_bin_type=True))
+    for t in tensors.values():
+        h.update(xxhash.xxh3_64_digest(t.tobytes()))
+    frames = encode(4, 2, BASE, CONFIG, tensors)
+    assert _header(frames)["checksum"] == h.hexdigest()
+    holder = {}
+    size = wire.encode_into(lambda n: holder.setdefault("buf", bytearray(n)), 4, 2, BASE, CONFIG, tensors)
+    msg = wire.decode_segment(holder["buf"])  # verifies the checksum
+    assert msg.checksum == h.hexdigest() and size == len(holder["buf"])
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(msg.tensors[name], t)
 
 
 def test_segment_header_checks_fields_only():
