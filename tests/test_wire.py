@@ -552,6 +552,21 @@ def test_expectation_wrong_dtype():
         decode(_frames(), Expectation(BASE, shapes))
 
 
+def test_remembered_match_is_per_table_and_per_expectation():
+    """A receiver remembers the last (table, expected shapes) pair that agreed; another expectation, or another
+    table, is compared in full again."""
+    good = _expectation()
+    assert decode(_frames(), good).version == 1
+    assert decode(_frames(version=2), good).version == 2  # the remembered pair
+    wrong = Expectation(BASE, {**good.shapes, "layers.0.q.lora_a": ((8, 16), "float32")})
+    with pytest.raises(WireError, match="has shape"):
+        decode(_frames(), wrong)
+    other = {**_tensors(), "layers.0.q.lora_a": np.zeros((8, 16), np.float32)}
+    with pytest.raises(WireError, match="has shape"):
+        decode(encode(3, 0, BASE, CONFIG, other), good)
+    assert decode(_frames(version=4), good).version == 4
+
+
 def test_expectation_stale_version():
     with pytest.raises(WireError, match="not newer"):
         decode(_frames(version=3), _expectation(min_version=3))

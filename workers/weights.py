@@ -14,15 +14,17 @@ from runner import wire
 from runner.slots import SlotWriter
 
 
+_WIRE_DTYPES = {getattr(mx, name): name for name in wire.DTYPES}  # a dict lookup: str(mx.Dtype) is slow
+
+
 def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
     """(name, wire dtype, shape, bytes) of MLX arrays (evaluated first), as views of their own memory (no copies)."""
     mx.eval(list(tensors.values()))
     out = []
     for name, t in tensors.items():
-        if t.dtype == mx.bfloat16:
-            out.append((name, "bfloat16", tuple(t.shape), memoryview(np.asarray(t.view(mx.uint16)))))
-        else:
-            out.append((name, str(t.dtype).removeprefix("mlx.core."), tuple(t.shape), memoryview(np.asarray(t))))
+        dtype = _WIRE_DTYPES.get(t.dtype) or str(t.dtype).removeprefix("mlx.core.")  # the encoder rejects others
+        host = t.view(mx.uint16) if dtype == "bfloat16" else t  # numpy has no bfloat16: its 16-bit patterns travel
+        out.append((name, dtype, tuple(t.shape), memoryview(np.asarray(host))))
     return out
 
 
