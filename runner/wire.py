@@ -433,8 +433,13 @@ def encode_into(
     return size
 
 
-@functools.cache
 def _copy_thread() -> ThreadPoolExecutor:
+    return _copy_thread_of(os.getpid())
+
+
+@functools.cache
+def _copy_thread_of(pid: int) -> ThreadPoolExecutor:
+    # Per process: a child forked after a copy has the executor but not its thread.
     return ThreadPoolExecutor(1, thread_name_prefix="wire-copy")
 
 

@@ -751,6 +751,22 @@ def test_checksum_is_the_documented_tree_of_xxh3_digests():
         np.testing.assert_array_equal(msg.tensors[name], t)
 
 
+def test_encode_into_in_a_forked_child():
+    """The copy thread belongs to the process that started it: a child forked afterwards gets its own."""
+    import multiprocessing
+
+    big = {"a": np.ones(300_000, np.float32), "b": np.ones(300_000, np.float32)}
+    wire.encode_into(bytearray, 1, 0, BASE, CONFIG, big)  # starts this process's copy thread
+    child = multiprocessing.get_context("fork").Process(
+        target=wire.encode_into, args=(bytearray, 1, 0, BASE, CONFIG, big))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+
+
 def test_segment_header_checks_fields_only():
     header = wire.segment_header(_segment(version=3))
     assert header["version"] == 3 and header["base_model_id"] == BASE
