@@ -399,8 +399,10 @@ def encode_into(
     bytes. Each tensor is copied in once and hashed from its copy while that is still in cache; a large message is
     copied by two threads, each taking half of the bytes. Returns the size."""
     header, buffers = _unsigned_header(version, step, base_model_id, adapter_config, tensors, kind)
-    header["checksum"] = "0" * CHECKSUM_CHARS  # packs to the same length as the real checksum
-    header_len = len(_pack_header(header, check=False))
+    # A placeholder packs to the same length as the real checksum; it is checked as the real header would be, so a
+    # bad header fails before anything is written.
+    header["checksum"] = "0" * CHECKSUM_CHARS
+    header_len = len(_pack_header(header))
     offsets, size = _segment_offsets(header_len, [b.nbytes for b in buffers])
     out = memoryview(allocate(size)).cast("B")
     if out.nbytes < size:
@@ -429,7 +431,7 @@ def encode_into(
         copy_and_hash(range(len(buffers)))
     header["checksum"] = _checksum(header, digests)
     out[:8] = header_len.to_bytes(8, "little")
-    out[8:8 + header_len] = _pack_header(header)
+    out[8:8 + header_len] = _pack_header(header, check=False)
     return size
 
 

@@ -824,3 +824,11 @@ def test_random_segments_raise_only_wire_errors():
 def test_encode_into_a_buffer_too_small():
     with pytest.raises(WireError, match="needs"):
         wire.encode_into(lambda size: bytearray(size - 1), 1, 0, BASE, {}, _tensors())
+
+
+def test_encode_into_checks_the_header_before_writing():
+    allocated = []
+    with pytest.raises(WireError, match="header"):
+        wire.encode_into(lambda size: allocated.append(size) or bytearray(size), 1, 0, BASE, {1: "int key"},
+                         _tensors())
+    assert allocated == []  # a bad header fails before the slot is touched
