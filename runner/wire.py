@@ -207,6 +207,7 @@ class WeightMessage:
     nbytes: int
     checksum: str = field(default="", repr=False)
     header: dict[str, Any] = field(default_factory=dict, repr=False)  # as received, for a later ``verify``
+    specs: tuple = field(default=(), repr=False)  # the parsed tensor table, for a later ``verify``
     frames: list[Any] = field(default_factory=list, repr=False)  # header + buffer views, e.g. to send it on
 
 
@@ -256,14 +257,16 @@ def _table(specs: Sequence[_Spec]) -> list[dict[str, Any]]:
 
 
 def compute_checksum(header: Mapping[str, Any], buffers: Iterable[Any]) -> str:
-    """The header "checksum" value for ``header`` (its other fields) and the buffer frames."""
-    return _checksum(header, map(_buffer_digest, buffers))
+    """The header "checksum" value for ``header`` (its other fields, "tensors" a list of maps) and the buffer
+    frames."""
+    specs = [_Spec(t["name"], t["dtype"], t["shape"], t["nbytes"]) for t in header["tensors"]]
+    return _checksum(header, specs, map(_buffer_digest, buffers))
 
 
-def _checksum(header: Mapping[str, Any], digests: Iterable[bytes]) -> str:
-    """The checksum from the buffers' own XXH3-64 digests (see the module docstring)."""
-    tensors = header["tensors"]
-    table = [[t["name"], t["dtype"], list(t["shape"]), t["nbytes"]] for t in tensors]
+def _checksum(header: Mapping[str, Any], specs: Sequence[_Spec], digests: Iterable[bytes]) -> str:
+    """The checksum from the header fields, the tensor table and the buffers' own XXH3-64 digests (see the module
+    docstring)."""
+    table = [[s.name, s.dtype, list(s.shape), s.nbytes] for s in specs]
     fields = [
         header["proto"],
         header["kind"],
@@ -381,8 +384,8 @@ def encode(
     exactly ``prod(shape) * itemsize(dtype)`` little-endian bytes -- e.g. bfloat16 passed as
     ``("w", "bfloat16", shape, memoryview(uint16_array))``.
     """
-    header, buffers = _unsigned_header(version, step, base_model_id, adapter_config, tensors, kind)
-    header["checksum"] = compute_checksum(header, buffers)
+    header, specs, buffers = _unsigned_header(version, step, base_model_id, adapter_config, tensors, kind)
+    header["checksum"] = _checksum(header, specs, map(_buffer_digest, buffers))
     return [_pack_header(header), *buffers]
 
 
@@ -398,7 +401,7 @@ def encode_into(
     """``encode`` straight into segment form: ``allocate(size)`` returns a writable buffer of at least ``size``
     bytes. Each tensor is copied in once and hashed from its copy while that is still in cache; a large message is
     copied by two threads, each taking half of the bytes. Returns the size."""
-    header, buffers = _unsigned_header(version, step, base_model_id, adapter_config, tensors, kind)
+    header, specs, buffers = _unsigned_header(version, step, base_model_id, adapter_config, tensors, kind)
     # A placeholder packs to the same length as the real checksum; it is checked as the real header would be, so a
     # bad header fails before anything is written.
     header["checksum"] = "0" * CHECKSUM_CHARS
@@ -429,7 +432,7 @@ def encode_into(
             second.result()
     else:
         copy_and_hash(range(len(buffers)))
-    header["checksum"] = _checksum(header, digests)
+    header["checksum"] = _checksum(header, specs, digests)
     out[:8] = header_len.to_bytes(8, "little")
     out[8:8 + header_len] = _pack_header(header, check=False)
     return size
@@ -446,7 +449,7 @@ def _copy_thread_of(pid: int) -> ThreadPoolExecutor:
 
 
 def _unsigned_header(version: int, step: int, base_model_id: str, adapter_config: dict[str, Any], tensors: Any,
-                     kind: str) -> tuple[dict[str, Any], list[memoryview]]:
+                     kind: str) -> tuple[dict[str, Any], list[_Spec], list[memoryview]]:
     entries = _entries(tensors)
     _check_unique([spec.name for spec, _ in entries])
     header: dict[str, Any] = {
@@ -458,7 +461,7 @@ def _unsigned_header(version: int, step: int, base_model_id: str, adapter_config
         "adapter_config": adapter_config,
         "tensors": _table([spec for spec, _ in entries]),
     }
-    return header, [view for _, view in entries]
+    return header, [spec for spec, _ in entries], [view for _, view in entries]
 
 
 def _pack_header(header: dict[str, Any], check: bool = True) -> bytes:
@@ -482,17 +485,43 @@ def send(socket: zmq.Socket, frames: Sequence[Any], copy: bool = False, track: b
 
 
 def _unpack_header(view: memoryview) -> dict[str, Any]:
+    """The header map, except that the value of "tensors" stays msgpack bytes for `_parse_tensors` (which skips
+    tables it has seen: a run sends the same one with every version, and building it costs more than the rest)."""
     if view.nbytes == 0:
         raise WireError("header frame is empty")
     if view.nbytes > MAX_HEADER_BYTES:
         raise WireError(f"header frame is {view.nbytes} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=view.nbytes, **_HEADER_UNPACK_LIMITS)
+    unpacker.feed(view)
+    header: dict[str, Any] = {}
     try:
-        header = msgpack.unpackb(view, raw=False, strict_map_key=True, **_HEADER_UNPACK_LIMITS)
+        keys = unpacker.read_map_header()
+    except ValueError:  # not a map, or not msgpack: unpacking it whole tells which
+        value = _unpack_value(view, _HEADER_UNPACK_LIMITS, "header frame")
+        raise WireError(f"header is a msgpack {_type_name(value)}, not a map") from None
+    try:
+        for _ in range(keys):
+            key = unpacker.unpack()
+            if type(key) is not str:
+                raise ValueError("non-str map key")
+            if key == "tensors":
+                start = unpacker.tell()
+                unpacker.skip()
+                header[key] = view[start:unpacker.tell()].tobytes()
+            else:
+                header[key] = unpacker.unpack()
+        if unpacker.tell() != view.nbytes:
+            raise ValueError("trailing bytes")
     except Exception as exc:  # msgpack raises many types on garbage; all mean the same here
         raise WireError(f"header frame is not valid msgpack ({_type_name(exc)})") from None
-    if not isinstance(header, dict):
-        raise WireError(f"header is a msgpack {_type_name(header)}, not a map")
     return header
+
+
+def _unpack_value(view: memoryview, limits: dict[str, int], what: str) -> Any:
+    try:
+        return msgpack.unpackb(view, raw=False, strict_map_key=True, **limits)
+    except Exception as exc:  # msgpack raises many types on garbage; all mean the same here
+        raise WireError(f"{what} is not valid msgpack ({_type_name(exc)})") from None
 
 
 def _require(header: dict[str, Any], key: str, kind: type, what: str) -> Any:
@@ -531,17 +560,18 @@ def _parse_tensor(index: int, entry: Any) -> _Spec:
 _last_table: tuple[bytes, tuple[_Spec, ...]] = (b"", ())
 
 
-def _parse_tensors(value: Any) -> tuple[_Spec, ...]:
+def _parse_tensors(table: bytes) -> tuple[_Spec, ...]:
+    """The tensor table from its msgpack bytes (as `_unpack_header` leaves it)."""
     global _last_table
+    last = _last_table  # one read: another thread may replace it
+    if table == last[0]:
+        return last[1]
+    value = _unpack_value(memoryview(table), _HEADER_UNPACK_LIMITS, "header field 'tensors'")
     if not isinstance(value, list):
         raise WireError(f"header field 'tensors' must be a list, got {_type_name(value)}")
-    key = msgpack.packb(value, use_bin_type=True)  # bytes, not ==: 1 == True == 1.0 but their packings differ
-    last = _last_table  # one read: another thread may replace it
-    if key == last[0]:
-        return last[1]
     specs = tuple(_parse_tensor(i, entry) for i, entry in enumerate(value))
     _check_unique([s.name for s in specs])
-    _last_table = (key, specs)
+    _last_table = (table, specs)
     return specs
 
 
@@ -624,8 +654,8 @@ def _check_expected(header: dict[str, Any], specs: Sequence[_Spec], expected: Ex
     _last_match = (specs, expected.shapes)
 
 
-def _check_checksum(header: dict[str, Any], buffers: Iterable[Any]) -> None:
-    actual = compute_checksum(header, buffers)
+def _check_checksum(header: dict[str, Any], specs: Sequence[_Spec], buffers: Iterable[Any]) -> None:
+    actual = _checksum(header, specs, map(_buffer_digest, buffers))
     if not hmac.compare_digest(actual, header["checksum"]):
         raise WireError(f"checksum mismatch (header {header['checksum']}, computed {actual})")
 
@@ -661,7 +691,7 @@ def _message(header_frame: Any, header: dict[str, Any], specs: Sequence[_Spec], 
         # Cheap semantic checks before hashing possibly hundreds of MB.
         _check_expected(header, specs, expected)
     if verify:
-        _check_checksum(header, buffers)
+        _check_checksum(header, specs, buffers)
     return WeightMessage(
         version=header["version"],
         step=header["step"],
@@ -673,6 +703,7 @@ def _message(header_frame: Any, header: dict[str, Any], specs: Sequence[_Spec], 
         nbytes=total,
         checksum=header["checksum"],
         header=header,
+        specs=tuple(specs),
         frames=[header_frame, *buffers],
     )
 
@@ -680,7 +711,7 @@ def _message(header_frame: Any, header: dict[str, Any], specs: Sequence[_Spec], 
 def verify(message: WeightMessage, buffers: Iterable[Any]) -> None:
     """Check ``message``'s checksum against ``buffers``: the receiver's own copies of its tensors, in header order
     (an iterator works: each buffer is hashed as it comes)."""
-    _check_checksum(message.header, buffers)
+    _check_checksum(message.header, message.specs, buffers)
 
 
 # --------------------------------------------------------------------------- segment form
@@ -773,11 +804,7 @@ def _check_control(msg: Any) -> dict[str, Any]:
 def _unpack_control_view(view: memoryview) -> dict[str, Any]:
     if view.nbytes > MAX_CONTROL_BYTES:
         raise WireError(f"control message is {view.nbytes} bytes, more than the {MAX_CONTROL_BYTES} allowed")
-    try:
-        msg = msgpack.unpackb(view, raw=False, strict_map_key=True, **_CONTROL_UNPACK_LIMITS)
-    except Exception as exc:  # any msgpack failure is garbage from our point of view
-        raise WireError(f"control message is not valid msgpack ({_type_name(exc)})") from None
-    return _check_control(msg)
+    return _check_control(_unpack_value(view, _CONTROL_UNPACK_LIMITS, "control message"))
 
 
 def pack_control(msg: dict[str, Any]) -> bytes:
