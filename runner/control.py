@@ -129,7 +129,8 @@ class ControlClient:
             hb.close()
 
     def acker(self) -> Callable[[int], None]:
-        """A function that acks an adapter version on a socket of its own: for the one thread that calls it."""
+        """A function that acks an adapter version on a socket of its own: for one thread at a time (a zmq socket
+        may change threads only across a lock or similar full memory barrier)."""
         sock = self._socket(zmq.DEALER)
         sock.connect(self.endpoint)
         self._extra_sockets.append(sock)

@@ -145,6 +145,9 @@ class Engine:
         self._wake = threading.Event()
         self._pending_adapter: tuple[int, dict, threading.Event] | None = None
         self._adapter_lock = threading.RLock()
+        # Held by the model thread while it uses the model; whoever holds it may swap the adapter. An installer that
+        # finds it free (an idle engine) swaps at once instead of waking the model thread.
+        self._model_lock = threading.Lock()
         self._by_uid: dict[int, tuple[Request, int]] = {}
         self._waiting: deque[tuple[Request, int]] = deque()  # (request, step it arrived at), not yet admitted
         self._steps = 0  # next() calls so far, the clock of admission waits
@@ -155,7 +158,9 @@ class Engine:
         self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.on_version: Callable[[int], None] | None = None  # called on the engine thread after a switch
+        # Called after a switch, under the model lock (so never by two threads at once): on the model thread, or on
+        # the installing thread when the engine was idle.
+        self.on_version: Callable[[int], None] | None = None
         self.on_step: Callable[[float, int], None] | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
@@ -242,21 +247,29 @@ class Engine:
             if self._pending_adapter:  # superseded before it went live: release its waiter too
                 self._pending_adapter[2].set()
             self._pending_adapter = (version, tensors, applied)
-        self._wake.set()
+        if self._model_lock.acquire(blocking=False):  # idle (or between two steps): swap here, no hand-off
+            try:
+                self._apply_pending_adapter()
+            finally:
+                self._model_lock.release()
+        else:
+            self._wake.set()
         return applied
 
     # ----- the model thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._apply_pending_adapter()
-                self._drain_inbox()
-                self._admit()
-                if not self._by_uid:
+                with self._model_lock:
+                    self._apply_pending_adapter()
+                    self._drain_inbox()
+                    self._admit()
+                    idle = not self._by_uid
+                    if not idle:
+                        self._step()
+                if idle:
                     self._wake.wait(0.5)
                     self._wake.clear()
-                    continue
-                self._step()
         except Exception as e:  # a bug or an MLX failure: fail every request loudly rather than hang them
             log.exception("engine thread failed")
             self._fail_all(f"generation failed: {e}")

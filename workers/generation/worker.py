@@ -117,8 +117,9 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    # The engine thread acks each version the moment it is live, on a socket of its own (a zmq socket belongs to
-    # one thread), so the ack does not wait for this thread to be scheduled.
+    # Each version is acked the moment it is live, by the thread that swapped it in (the engine thread between two
+    # steps, or this one when the engine is idle), on a socket of its own used under the engine's model lock: never
+    # by two threads at once, so the ack does not wait for this thread's socket.
     engine.on_version = client.acker()
     poller = zmq.Poller()
     if sub is not None:
