@@ -354,11 +354,16 @@ def _raw_entry(entry: Any) -> tuple[_Spec, memoryview]:
     except (TypeError, ValueError):
         raise WireError("each tensor in the list form must be (name, dtype, shape, buffer)") from None
     dims = _check_spec(name, dtype, shape)
-    view = _buffer_bytes(buf, name)
-    expected = math.prod(dims) * _itemsize(dtype)
-    if view.nbytes != expected:
-        raise WireError(f"tensor {name!r} buffer has {view.nbytes} bytes but {dtype}{list(dims)} needs {expected}")
-    return _Spec(name, dtype, dims, view.nbytes), view
+    spec = _Spec(name, dtype, dims, math.prod(dims) * _itemsize(dtype))
+    return spec, _sized_buffer(spec, buf)
+
+
+def _sized_buffer(spec: _Spec, buf: Any) -> memoryview:
+    view = _buffer_bytes(buf, spec.name)
+    if view.nbytes != spec.nbytes:
+        raise WireError(f"tensor {spec.name!r} buffer has {view.nbytes} bytes but {spec.dtype}{list(spec.shape)} "
+                        f"needs {spec.nbytes}")
+    return view
 
 
 def _entries(tensors: Any) -> list[tuple[_Spec, memoryview]]:
@@ -448,10 +453,29 @@ def _copy_thread_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="wire-copy")
 
 
+# The last list-form layout encoded, [(name, dtype, shape)] as given, with its checked specs and header table: a
+# learner encodes the same layout every version, and checking it again costs more than the rest of the header.
+_last_layout: tuple[list, list[_Spec], list[dict[str, Any]]] = ([], [], [])
+
+
 def _unsigned_header(version: int, step: int, base_model_id: str, adapter_config: dict[str, Any], tensors: Any,
                      kind: str) -> tuple[dict[str, Any], list[_Spec], list[memoryview]]:
-    entries = _entries(tensors)
-    _check_unique([spec.name for spec, _ in entries])
+    global _last_layout
+    try:
+        layout = [(name, dtype, shape) for name, dtype, shape, _ in tensors] if isinstance(tensors, list) else None
+    except (TypeError, ValueError):
+        layout = None  # malformed: the full check below says how
+    last = _last_layout  # one read: another thread may replace it
+    if layout is not None and layout == last[0]:  # equal layouts encode to the same table
+        specs, table = last[1], last[2]
+        buffers = [_sized_buffer(spec, entry[3]) for spec, entry in zip(specs, tensors)]
+    else:
+        entries = _entries(tensors)
+        specs, buffers = [spec for spec, _ in entries], [view for _, view in entries]
+        _check_unique([spec.name for spec in specs])
+        table = _table(specs)
+        if layout is not None:
+            _last_layout = (layout, specs, table)
     header: dict[str, Any] = {
         "proto": PROTOCOL,
         "kind": kind,
@@ -459,9 +483,9 @@ def _unsigned_header(version: int, step: int, base_model_id: str, adapter_config
         "step": step,
         "base_model_id": base_model_id,
         "adapter_config": adapter_config,
-        "tensors": _table([spec for spec, _ in entries]),
+        "tensors": table,
     }
-    return header, [spec for spec, _ in entries], [view for _, view in entries]
+    return header, specs, buffers
 
 
 def _pack_header(header: dict[str, Any], check: bool = True) -> bytes:

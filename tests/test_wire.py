@@ -610,6 +610,24 @@ def test_encode_rejects_bad_input(kwargs, match):
         encode(**args)
 
 
+def test_encode_remembers_the_last_layout_and_still_checks_every_buffer():
+    """A learner encodes the same list-form layout every version: the second time its table is reused, but each
+    buffer is still checked against it, and any other layout is checked in full."""
+    a, b = np.arange(6, dtype=np.float32), np.arange(4, dtype=np.int8)
+    layout = [("a", "float32", (2, 3), memoryview(a)), ("b", "int8", (4,), memoryview(b))]
+    first, second = encode(1, 0, BASE, {}, layout), encode(1, 0, BASE, {}, list(layout))
+    assert [bytes(f) for f in first] == [bytes(f) for f in second]
+    with pytest.raises(WireError, match="needs 24"):  # same layout, a buffer of the wrong size
+        encode(2, 0, BASE, {}, [layout[0][:3] + (memoryview(a[:5]),), layout[1]])
+    with pytest.raises(WireError, match="needs 20"):  # another shape: checked in full
+        encode(2, 0, BASE, {}, [("a", "float32", (5,), memoryview(a)), layout[1]])
+    with pytest.raises(WireError, match=r"\(name, dtype, shape, buffer\)"):
+        encode(2, 0, BASE, {}, [layout[0] + ("extra",), layout[1]])
+    with pytest.raises(WireError, match="shape"):
+        encode(2, 0, BASE, {}, [("a", "float32", (2, -3), memoryview(a)), layout[1]])
+    assert decode(encode(3, 0, BASE, {}, layout)).version == 3
+
+
 def test_encode_raw_noncontiguous_memoryview_is_copied_once():
     base = np.arange(12, dtype=np.float32).reshape(3, 4)
     strided = memoryview(base[:, ::2])
