@@ -588,3 +588,29 @@ def test_runner_serve_with_saved_adapter_matches_mlx_lm(tiny_model: Path, tmp_pa
             proc.wait(10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_install_adapter_checks_before_it_changes_anything(lora_engine) -> None:
+    """A bad adapter (stale version, wrong dtype or shape, missing tensor) raises and changes nothing; a good one
+    goes live and is acked once."""
+    from workers.lora import lora_tensors
+
+    engine = lora_engine.start()
+    acked = []
+    engine.on_version = acked.append
+    good = {k: mx.zeros(v.shape, v.dtype) for k, v in lora_tensors(engine.model).items()}
+    name = next(iter(good))
+    bad_sets = [
+        {**good, name: good[name].astype(mx.float16)},
+        {**good, name: mx.zeros((1, *good[name].shape), good[name].dtype)},
+        {k: v for k, v in good.items() if k != name},
+    ]
+    for bad in bad_sets:
+        with pytest.raises(ValueError, match="adapter tensor"):
+            engine.install_adapter(1, bad)
+    assert engine.version == engine.newest_version == 0 and acked == []
+    applied = engine.install_adapter(1, good)
+    assert applied.wait(TIMEOUT) and engine.version == 1 and acked == [1]
+    with pytest.raises(ValueError, match="not newer"):
+        engine.install_adapter(1, good)
+    assert engine.version == 1 and acked == [1]

@@ -81,7 +81,7 @@ def check_lora(layout: dict[str, tuple[tuple[int, ...], str]], tensors: dict[str
         raise ValueError(f"adapter tensor names do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
     for name, (shape, dtype) in layout.items():
         t = tensors[name]
-        if tuple(t.shape) != shape or str(t.dtype).removeprefix("mlx.core.") != dtype:
+        if tuple(t.shape) != shape or t.dtype != getattr(mx, dtype):  # not str(t.dtype): slow, on a per-version path
             raise ValueError(f"adapter tensor {name} is {t.dtype}{tuple(t.shape)}; expected {dtype}{shape}")
 
 
