@@ -41,7 +41,7 @@ config = build_config(json.loads(sys.argv[1]))
 coord = create_coordinator(config, Path(sys.argv[2]) / "job.toml")
 add_generation_workers(coord, config.generation.workers)
 signal.signal(signal.SIGTERM, lambda *_: coord.request_stop("benchmark over"))
-print(coord.control_endpoint, flush=True)
+print(coord.local_endpoint or coord.control_endpoint, flush=True)  # what its local children join
 sys.exit(coord.run())
 """
 

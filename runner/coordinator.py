@@ -163,6 +163,9 @@ class Coordinator:
         self.slots_dir = slots.create_dir() if config.coordinator.shared_memory else None
         self.slots = slots.SlotReader(self.slots_dir) if self.slots_dir else None
         self.job_info["weights_slots"] = slots.advertise(self.slots_dir)
+        # Children (on this host by construction) join over a Unix socket in the same directory: every version
+        # crosses the control socket four times, and this is ~0.2 ms a version faster than TCP loopback.
+        self.local_endpoint = self._bind_local()
         self.workers: dict[str, WorkerRecord] = {}
         self.watchers: dict[str, Watcher] = {}
         self.latest: list | None = None  # frames of the newest verified weight message, for late joiners
@@ -188,10 +191,19 @@ class Coordinator:
             for s in (self.control, self.weights):
                 curve_server(s, sec.curve_secret_key, sec.authorized_keys, also_allow=[own_public])
 
+    def _bind_local(self) -> str | None:
+        if self.slots_dir is None:
+            return None
+        try:
+            return _bind(self.control, f"ipc://{self.slots_dir / 'control'}")
+        except zmq.ZMQError as e:  # e.g. a path longer than a Unix socket address allows
+            log.warning("local children will join over TCP: cannot bind a Unix socket in %s (%s)", self.slots_dir, e)
+            return None
+
     def child_args(self) -> list[str]:
         """Arguments every local child needs to reach this coordinator."""
         sec = self.config.security
-        args = ["--join", self.control_endpoint]
+        args = ["--join", self.local_endpoint or self.control_endpoint]
         if sec.curve_secret_key:
             args += ["--key", str(Path(sec.curve_secret_key).resolve()),
                      "--server-key", str(Path(sec.curve_public_key).resolve())]

@@ -54,7 +54,11 @@ def job(request, tiny_model, tmp_path_factory):
     add_generation_workers(coord, 2)
     thread = threading.Thread(target=coord.run, daemon=True)
     thread.start()
-    client = ControlClient(coord.control_endpoint, "test-learner", role="learner")
+    # Same host: the workers (and this learner, as a child would) join over a Unix socket when slots are used.
+    joined = coord.local_endpoint or coord.control_endpoint
+    assert joined.startswith("ipc://" if request.param == "shm" else "tcp://")
+    assert all(w.cmd[w.cmd.index("--join") + 1] == joined for w in coord.watchers.values())
+    client = ControlClient(joined, "test-learner", role="learner")
     publisher = Publisher(client, client.hello(), {})  # the learner's own publishing path
     assert (publisher.slot_writer is not None) == (request.param == "shm")
     try:
