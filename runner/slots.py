@@ -14,8 +14,9 @@ PUB socket) and verifies its checksum. Each worker copies the tensors into MLX a
 Slots are reused round-robin (version % SLOTS) and mapped once per process, so a steady run writes and reads
 memory that is already mapped. A reader more than SLOTS - 1 versions behind can read a slot while it is being
 rewritten: the checksum of its copy then fails, and the worker drops that version and asks the coordinator for the
-latest over the control socket. The directory is private to the user (0700) and removed by the coordinator at
-shutdown; one left behind by a killed coordinator is removed by the next one started on the host.
+latest over the control socket. The directory is private to the user (0700) and also holds the Unix socket the
+coordinator's children join its control socket on; the coordinator removes it at shutdown, and one left behind by a
+killed coordinator is removed by the next one started on the host.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 Adapter versions and token attribution. `BatchGenerator` pipelines decoding: the tokens a `next()` call returns were
 computed by the graph launched during the *previous* call, with the parameters the model held then (MLX arrays are
 immutable, so swapping the LoRA arrays never changes a graph already built). The engine installs a new adapter only
-between `next()` calls, all tensors at once, and labels every token with the version that was live when its step
+between `next()` calls (under the model lock: the model thread holds it while it works, and an installer that finds
+it free swaps at once), all tensors at once, and labels every token with the version that was live when its step
 was launched. So each decode step is computed by exactly one version, and every token after the switch reports it.
 
 The `n` completions of one prompt share its prefill: the prompt (all but its last token) is run once into a KV cache

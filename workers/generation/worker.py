@@ -5,8 +5,8 @@ Start-up: hello → load the base model named by the coordinator (or `--model`),
 spec → ask for the latest adapter and install it → only then start HTTP and report `serving`. Afterwards every new
 version (a shared-memory slot notice or frames on the control socket when on the coordinator's host, frames on the
 weights PUB socket otherwise) is validated against the model (names, shapes, dtypes, base id, version newer), copied
-into MLX, and installed between decode steps only if the copy's checksum matches; the engine thread acks it the
-moment it is live. A bad message is logged and dropped; the current version keeps serving.
+into MLX, and installed between decode steps only if the copy's checksum matches (at once when the engine is idle);
+it is acked the moment it is live. A bad message is logged and dropped; the current version keeps serving.
 """
 
 from __future__ import annotations
