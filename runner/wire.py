@@ -779,8 +779,8 @@ def _segment_header(view: memoryview) -> tuple[bytes, dict[str, Any]]:
 
 
 def segment_header(segment: Any) -> dict[str, Any]:
-    """A segment's header with every field but the tensor table checked: enough to route it. Receivers of the
-    tensors ``decode_segment`` it."""
+    """A segment's header with every field but the tensor table checked (its "tensors" value is left as msgpack
+    bytes): enough to route it. Receivers of the tensors ``decode_segment`` it."""
     return _segment_header(_bytes_view(segment, "segment"))[1]
 
 
