@@ -523,6 +523,8 @@ def _unpack_header(view: memoryview) -> dict[str, Any]:
     except ValueError:  # not a map, or not msgpack: unpacking it whole tells which
         value = _unpack_value(view, _HEADER_UNPACK_LIMITS, "header frame")
         raise WireError(f"header is a msgpack {_type_name(value)}, not a map") from None
+    if keys > 4 * len(HEADER_KEYS):  # unpacked key by key below: refuse a huge map at once
+        raise WireError(f"header map has {keys} keys; a protocol {PROTOCOL} header has {len(HEADER_KEYS)}")
     try:
         for _ in range(keys):
             key = unpacker.unpack()

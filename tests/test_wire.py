@@ -305,6 +305,12 @@ def test_header_msgpack_edge_cases(data):
         decode([data])
 
 
+def test_header_with_a_huge_map_is_refused_from_its_length():
+    # The message names the count read from the map's header: refused before any of the 100,000 keys is read.
+    with pytest.raises(WireError, match="header map has 100000 keys"):
+        decode([msgpack.packb({f"k{i}": 0 for i in range(100_000)})])
+
+
 @pytest.mark.parametrize("key", sorted(wire.HEADER_KEYS - {"proto"}))
 def test_missing_key(key):
     frames = _frames()
