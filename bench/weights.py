@@ -5,8 +5,9 @@ Two adapter shapes, each pushed >= 50 times through a real coordinator to real w
   - 14b:     rank 16, q/v on 8 layers of a 14B-shaped model (hidden 5120, 8 kv heads of 128) ~8.4 MB
 Workers load a model directory with exactly those projection shapes (random/zero weights, tiny vocab and MLP), since
 only the LoRA layout matters here. The floor is copying the same bytes once in one process (numpy memcpy), measured
-right before every push. Each shape runs over both transports: "shm" (same-host shared-memory slots, what local
-processes use) and "socket" (frames over ZeroMQ, what a learner or worker on another host uses, here on loopback).
+right before every push. Each shape runs over both transports: "shm" (same-host shared-memory slots and the Unix
+control socket, what the coordinator's own children use) and "socket" (frames over ZeroMQ on TCP, what a learner or
+worker on another host uses, here on loopback).
 
     python bench/weights.py [--pushes 50] [--workers 1] [--shapes smollm2 14b] [--transports shm socket]
 """
