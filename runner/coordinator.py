@@ -382,7 +382,7 @@ class Coordinator:
             self.control.send_multipart([w.identity, WEIGHTS, *frames], copy=False)
         self._accept(identity, message.version)
         self.unkept_slot = None  # superseded
-        self._store(message)
+        self._store(message.version, list(frames))
 
     def _on_weights_slot(self, identity: bytes, msg: dict) -> None:
         """A version the learner wrote into a shared-memory slot. The header is checked and the notice passed on to
@@ -427,16 +427,18 @@ class Coordinator:
                       "version %d: %s", notice["version"], self.latest_version, e)
             self._reply(identity, {"type": "rejected", "reason": f"version {notice['version']}: {e}"})
             return
-        self._store(message)
+        self._store(message.version, [zmq.Frame(f) for f in message.frames])  # views of this private copy
 
     def _accept(self, identity: bytes, version: int) -> None:
         self.accepted_version = version
         self.job["version"] = version
         self._reply(identity, {"type": "published", "version": version})
 
-    def _store(self, message: wire.WeightMessage) -> None:
-        self.latest = message.frames  # zmq.Frames or views of a private copy: sent again and again without copies
-        self.latest_version = message.version
+    def _store(self, version: int, frames: list[zmq.Frame]) -> None:
+        # zmq.Frames, sent again and again by reference: a buffer would be wrapped anew at every send (~10x slower
+        # for a 120-tensor message).
+        self.latest = frames
+        self.latest_version = version
         self.weights.send_multipart(self.latest, copy=False)
 
     # ----- status ----------------------------------------------------------------------------------------------
