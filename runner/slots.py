@@ -9,7 +9,8 @@ in the wire format's segment form, and sends the coordinator a small notice:
 
 The coordinator validates the header and passes the notice on to its same-host workers at once; later (when idle, or
 within a second) it copies the segment for itself (the latest version for late joiners and for remote workers on the
-PUB socket) and verifies its checksum. Each worker copies the tensors into MLX and verifies the checksum of its copy before installing it.
+PUB socket) and verifies its checksum. Each worker copies the tensors into MLX and verifies the checksum of its copy
+before installing it.
 
 Slots are reused round-robin (version % SLOTS) and mapped once per process, so a steady run writes and reads
 memory that is already mapped. A reader more than SLOTS - 1 versions behind can read a slot while it is being
