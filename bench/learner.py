@@ -70,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         model_path = prepare_tiny(Path(tmp.name) / "tiny")
 
     spec = LoraSpec(rank=args.rank, keys=args.keys.split(","))
-    cfg = LearnerConfig(learning_rate=1e-5, kl_coef=args.kl_coef, micro_batch_size=args.micro_batch,
-                        group_size=args.group_size, batch_size=args.groups)
+    cfg = LearnerConfig(
+        learning_rate=1e-5,
+        kl_coef=args.kl_coef,
+        micro_batch_size=args.micro_batch,
+        group_size=args.group_size,
+        batch_size=args.groups,
+    )
     trainer = Trainer.load(model_path, cfg, spec)
     model = trainer.model
     vocab = model.args.vocab_size if hasattr(model, "args") else 512
@@ -103,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     def grpo_step():
         trainer.step(batch)
 
-    runs = {"mlx-lm LoRA step (eager)": plain_step, "mlx-lm LoRA step (mx.compile)": compiled_step,
-            "GRPO step (Trainer.step)": grpo_step}
+    runs = {
+        "mlx-lm LoRA step (eager)": plain_step,
+        "mlx-lm LoRA step (mx.compile)": compiled_step,
+        "GRPO step (Trainer.step)": grpo_step,
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.warmup + args.steps):
         for name, fn in runs.items():
@@ -115,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(dt)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model {model_path}  batch {B} x {T} tokens ({args.groups} groups of {args.group_size}, prompt "
-          f"{args.prompt} + completion {args.completion})  LoRA rank {args.rank} on {args.keys}  kl_coef "
-          f"{args.kl_coef}  micro_batch {args.micro_batch or 'all'}  median of {args.steps} after {args.warmup} warmup")
+    print(
+        f"model {model_path}  batch {B} x {T} tokens ({args.groups} groups of {args.group_size}, prompt "
+        f"{args.prompt} + completion {args.completion})  LoRA rank {args.rank} on {args.keys}  kl_coef "
+        f"{args.kl_coef}  micro_batch {args.micro_batch or 'all'}  median of {args.steps} after {args.warmup} warmup"
+    )
     print(f"{'step':34s} {'s/step':>9s} {'tok/s':>9s} {'vs eager':>9s} {'vs compiled':>12s}")
     base_e, base_c = med["mlx-lm LoRA step (eager)"], med["mlx-lm LoRA step (mx.compile)"]
     for name, t in med.items():

@@ -41,14 +41,18 @@ def measure(shape: str, transport: str, counts: list[int], pushes: int) -> list[
 
 def table(rows: list[dict], shape: str, pushes: int) -> str:
     first = rows[0]
-    head = (f"weight fan-out over {first['transport']}, {shape} adapter ({first['tensors']} tensors, "
-            f"{first['mbytes']:.1f} MB), {pushes} pushes "
-            f"per row, {os.cpu_count()} cores\n(publish -> coordinator accepted and fanned out; publish -> every "
-            f"worker acked, via wait_serving)\n")
+    head = (
+        f"weight fan-out over {first['transport']}, {shape} adapter ({first['tensors']} tensors, "
+        f"{first['mbytes']:.1f} MB), {pushes} pushes "
+        f"per row, {os.cpu_count()} cores\n(publish -> coordinator accepted and fanned out; publish -> every "
+        f"worker acked, via wait_serving)\n"
+    )
     lines = [f"{'workers':>7} {'accepted p50':>12} {'serving p50 ms':>14} {'p95 ms':>8} {'p50 x1':>7} {'p95 x1':>7}"]
     for r in rows:
-        lines.append(f"{r['workers']:>7} {r['accepted_p50']:>12.2f} {r['p50']:>14.2f} {r['p95']:>8.2f} "
-                     f"{r['p50'] / first['p50']:>7.2f} {r['p95'] / first['p95']:>7.2f}")
+        lines.append(
+            f"{r['workers']:>7} {r['accepted_p50']:>12.2f} {r['p50']:>14.2f} {r['p95']:>8.2f} "
+            f"{r['p50'] / first['p50']:>7.2f} {r['p95'] / first['p95']:>7.2f}"
+        )
     return head + "\n".join(lines)
 
 

@@ -26,9 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -116,8 +116,20 @@ def runner_server(model: Path, adapter: Path | None = None) -> Iterator[str]:
 def mlx_lm_server(model: Path, max_tokens: int) -> Iterator[str]:
     """`python -m mlx_lm server` with its defaults (decode concurrency 32, prompt concurrency 8, like ours)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(port),
-           "--max-tokens", str(max_tokens), "--log-level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--max-tokens",
+        str(max_tokens),
+        "--log-level",
+        "WARNING",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         root = f"http://127.0.0.1:{port}"
@@ -128,11 +140,17 @@ def mlx_lm_server(model: Path, max_tokens: int) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------------------------- load
-async def _client(http: httpx.AsyncClient, url: str, worker: int, requests: int, max_tokens: int,
-                  temperature: float, totals: list[int]) -> None:
+async def _client(
+    http: httpx.AsyncClient,
+    url: str,
+    worker: int,
+    requests: int,
+    max_tokens: int,
+    temperature: float,
+    totals: list[int],
+) -> None:
     for i in range(requests):
-        body = {"prompt": PROMPTS[(worker + i) % len(PROMPTS)], "max_tokens": max_tokens,
-                "temperature": temperature}
+        body = {"prompt": PROMPTS[(worker + i) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": temperature}
         for _attempt in range(10):
             # mlx_lm.server (http.server, listen backlog 5) resets some of 32 simultaneous connects: retry those.
             try:
@@ -154,8 +172,9 @@ async def _load(root: str, clients: int, requests_per_client: int, max_tokens: i
         totals = [0, 0]
         url = f"{root}/v1/completions"
         tic = time.perf_counter()
-        await asyncio.gather(*(_client(http, url, w, requests_per_client, max_tokens, temperature, totals)
-                               for w in range(clients)))
+        await asyncio.gather(
+            *(_client(http, url, w, requests_per_client, max_tokens, temperature, totals) for w in range(clients))
+        )
         elapsed = time.perf_counter() - tic
     return Result(totals[0], elapsed, clients * requests_per_client, totals[1])
 
@@ -185,13 +204,15 @@ class BareEngine:
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
 
-        gen = BatchGenerator(self.model, completion_batch_size=max(clients, 1), prefill_batch_size=8,
-                             sampler=self.sampler)
+        gen = BatchGenerator(
+            self.model, completion_batch_size=max(clients, 1), prefill_batch_size=8, sampler=self.sampler
+        )
         tokens = 0
         tic = time.perf_counter()
         for r in range(requests_per_client):
-            gen.insert([self.prompts[(w + r) % len(self.prompts)] for w in range(clients)],
-                       max_tokens=[max_tokens] * clients)
+            gen.insert(
+                [self.prompts[(w + r) % len(self.prompts)] for w in range(clients)], max_tokens=[max_tokens] * clients
+            )
             live = clients
             while live:
                 for resp in gen.next_generated():
@@ -224,8 +245,9 @@ def write_adapter(model_dir: Path, out: Path, rank: int = 8) -> Path:
     spec = LoraSpec(rank=rank, keys=["self_attn.q_proj", "self_attn.v_proj"])
     apply_lora(model, spec)
     rng = np.random.default_rng(0)
-    set_lora(model, {k: mx.array(rng.normal(size=v.shape).astype(np.float32) * 0.02)
-                     for k, v in lora_tensors(model).items()})
+    set_lora(
+        model, {k: mx.array(rng.normal(size=v.shape).astype(np.float32) * 0.02) for k, v in lora_tensors(model).items()}
+    )
     return save_adapter(out, model, spec)
 
 
@@ -282,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     print("Best run of each cell (the least-disturbed runs on a shared machine):")
     print(table(runs, levels, stat=best_tok_s))
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {m: {c: [vars(r) | {"tok_s": r.tok_s} for r in rs] for c, rs in v.items()} for m, v in runs.items()},
-            indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {m: {c: [vars(r) | {"tok_s": r.tok_s} for r in rs] for c, rs in v.items()} for m, v in runs.items()},
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -304,8 +329,11 @@ def paired_ratio(a: list[Result], b: list[Result]) -> float:
 
 
 def report(name: str, clients: int, r: Result) -> None:
-    print(f"{name:<12} {clients:>3} clients: {r.tok_s:8.1f} tok/s  ({r.tokens} tokens, {r.requests} requests, "
-          f"{r.seconds:.2f} s, {r.errors} retried)", flush=True)
+    print(
+        f"{name:<12} {clients:>3} clients: {r.tok_s:8.1f} tok/s  ({r.tokens} tokens, {r.requests} requests, "
+        f"{r.seconds:.2f} s, {r.errors} retried)",
+        flush=True,
+    )
 
 
 def table(runs: dict[str, dict[int, list[Result]]], levels: list[int], stat=None) -> str:
@@ -323,16 +351,21 @@ def table(runs: dict[str, dict[int, list[Result]]], levels: list[int], stat=None
             return paired_ratio(a, b)
         return value(a) / value(b) if a and b and value(b) else 0.0
 
-    lines = ["| clients | runner tok/s | mlx_lm.server tok/s | bare tok/s | runner/mlx_lm | runner/bare |",
-             "|--------:|-------------:|--------------------:|-----------:|--------------:|------------:|"]
+    lines = [
+        "| clients | runner tok/s | mlx_lm.server tok/s | bare tok/s | runner/mlx_lm | runner/bare |",
+        "|--------:|-------------:|--------------------:|-----------:|--------------:|------------:|",
+    ]
     for c in levels:
         ours, theirs, bare = runs["runner"][c], runs.get("mlx_lm", {}).get(c, []), runs["bare"][c]
-        lines.append(f"| {c} | {cell(value(ours))} | {cell(value(theirs) if theirs else 0)} | {cell(value(bare))} | "
-                     f"{cell(ratio(ours, theirs), '.2f', 'x')} | {cell(ratio(ours, bare), '.0%')} |")
+        lines.append(
+            f"| {c} | {cell(value(ours))} | {cell(value(theirs) if theirs else 0)} | {cell(value(bare))} | "
+            f"{cell(ratio(ours, theirs), '.2f', 'x')} | {cell(ratio(ours, bare), '.0%')} |"
+        )
     for c in levels if "runner_lora" in runs else ():
         lora, off = runs["runner_lora"][c], runs["runner"][c]
-        lines.append(f"| {c}, LoRA r8 q+v on | {cell(value(lora))} | - | - | - | "
-                     f"LoRA on/off {cell(ratio(lora, off), '.0%')} |")
+        lines.append(
+            f"| {c}, LoRA r8 q+v on | {cell(value(lora))} | - | - | - | LoRA on/off {cell(ratio(lora, off), '.0%')} |"
+        )
     return "\n".join(lines)
 
 

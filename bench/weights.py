@@ -30,8 +30,8 @@ from mlx.utils import tree_flatten
 
 from runner.config import build_config
 from runner.control import ControlClient
-from workers.lora import LoraSpec, apply_lora, lora_tensors
 from workers.learner.main import Publisher
+from workers.lora import LoraSpec, apply_lora, lora_tensors
 
 COORDINATOR = """
 import json, signal, sys
@@ -59,9 +59,18 @@ def make_model_dir(out: Path, hidden: int, heads: int, kv_heads: int, layers: in
 
     from workers.models import build_tiny_tokenizer
 
-    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 64,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5,
-              "vocab_size": 512, "tie_word_embeddings": True, "max_position_embeddings": 2048}
+    config = {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": 64,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 2048,
+    }
     out.mkdir(parents=True)
     build_tiny_tokenizer().save_pretrained(out)
     model = llama.Model(llama.ModelArgs.from_dict(config))
@@ -85,17 +94,24 @@ def run_shape(name: str, transport: str, pushes: int, workers: int, tmp: Path) -
     if not model_dir.exists():
         make_model_dir(model_dir, hidden, heads, kv, layers)
     spec = LoraSpec(rank=16, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"], num_layers=lora_layers)
-    config = build_config({
-        "model": {"path": str(model_dir)},
-        "lora": {"rank": 16, "keys": spec.keys, "num_layers": lora_layers},
-        "generation": {"workers": workers, "port": 0},
-        "checkpoint": {"dir": str(tmp / f"run-{name}-{transport}")},
-        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 60.0,
-                        "shared_memory": transport == "shm"},
-    })
+    config = build_config(
+        {
+            "model": {"path": str(model_dir)},
+            "lora": {"rank": 16, "keys": spec.keys, "num_layers": lora_layers},
+            "generation": {"workers": workers, "port": 0},
+            "checkpoint": {"dir": str(tmp / f"run-{name}-{transport}")},
+            "coordinator": {
+                "control": "tcp://127.0.0.1:0",
+                "weights": "tcp://127.0.0.1:0",
+                "heartbeat_timeout": 60.0,
+                "shared_memory": transport == "shm",
+            },
+        }
+    )
     # The coordinator runs in its own process, as under `runner launch`, so it doesn't share this one's GIL.
-    coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR, json.dumps(config.to_dict()), str(tmp)],
-                                   stdout=subprocess.PIPE, text=True)
+    coordinator = subprocess.Popen(
+        [sys.executable, "-c", COORDINATOR, json.dumps(config.to_dict()), str(tmp)], stdout=subprocess.PIPE, text=True
+    )
     endpoint = coordinator.stdout.readline().strip()
     client = ControlClient(endpoint, "bench-learner", role="learner")
     publisher = Publisher(client, client.hello(), {})  # the learner's own publishing path
@@ -132,9 +148,16 @@ def run_shape(name: str, transport: str, pushes: int, workers: int, tmp: Path) -
         coordinator.send_signal(signal.SIGTERM)
         coordinator.wait(60)
     ms = np.array(times) * 1e3
-    return {"shape": name, "transport": transport, "tensors": len(tensors), "mbytes": nbytes / 1e6,
-            "p50": float(np.percentile(ms, 50)), "accepted_p50": float(np.median(accepted) * 1e3),
-            "p95": float(np.percentile(ms, 95)), "floor": float(np.median(floor[5:]) * 1e3)}
+    return {
+        "shape": name,
+        "transport": transport,
+        "tensors": len(tensors),
+        "mbytes": nbytes / 1e6,
+        "p50": float(np.percentile(ms, 50)),
+        "accepted_p50": float(np.median(accepted) * 1e3),
+        "p95": float(np.percentile(ms, 95)),
+        "floor": float(np.median(floor[5:]) * 1e3),
+    }
 
 
 def main() -> None:
@@ -142,9 +165,14 @@ def main() -> None:
     p.add_argument("--pushes", type=int, default=50)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--transports", nargs="*", default=["shm", "socket"], choices=["shm", "socket"],
-                   help="shm: same-host shared-memory slots (the default for local processes); socket: frames over "
-                        "ZeroMQ, as for a learner or worker on another host")
+    p.add_argument(
+        "--transports",
+        nargs="*",
+        default=["shm", "socket"],
+        choices=["shm", "socket"],
+        help="shm: same-host shared-memory slots (the default for local processes); socket: frames over "
+        "ZeroMQ, as for a learner or worker on another host",
+    )
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,11 +181,15 @@ def main() -> None:
                 rows.append(run_shape(name, transport, args.pushes, args.workers, Path(tmp)))
     print(f"\nweight fan-out, {args.workers} local worker(s), {args.pushes} pushes each")
     print("(accepted = the coordinator validated and fanned it out; serving = every worker acked it)")
-    print(f"{'adapter':<9} {'transport':<9} {'tensors':>7} {'MB':>6} {'accepted p50':>12} {'serving p50':>11} "
-          f"{'p95':>8} {'floor ms':>9} {'p50/floor':>9}")
+    print(
+        f"{'adapter':<9} {'transport':<9} {'tensors':>7} {'MB':>6} {'accepted p50':>12} {'serving p50':>11} "
+        f"{'p95':>8} {'floor ms':>9} {'p50/floor':>9}"
+    )
     for r in rows:
-        print(f"{r['shape']:<9} {r['transport']:<9} {r['tensors']:>7} {r['mbytes']:>6.1f} {r['accepted_p50']:>12.2f} "
-              f"{r['p50']:>11.2f} {r['p95']:>8.2f} {r['floor']:>9.3f} {r['p50'] / r['floor']:>9.1f}")
+        print(
+            f"{r['shape']:<9} {r['transport']:<9} {r['tensors']:>7} {r['mbytes']:>6.1f} {r['accepted_p50']:>12.2f} "
+            f"{r['p50']:>11.2f} {r['p95']:>8.2f} {r['floor']:>9.3f} {r['p50'] / r['floor']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from runner.files import replace_path
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,18 @@ PEFT_META_KEY = "runner.mlx_adapter_config"  # the exact mlx-lm config, for loss
 BF16 = np.dtype("V2")  # bfloat16 kept as raw 2-byte values: numpy cannot compute with it, and we never need to
 
 _ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16,
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": BF16,
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -90,7 +100,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     for name, e in entries.items():
         dtype = _ST_DTYPES.get(e.get("dtype"))
         if dtype is None:
-            raise AdapterError(f"{path}: tensor {name} has dtype {e.get('dtype')!r}; expected one of {sorted(_ST_DTYPES)}")
+            raise AdapterError(
+                f"{path}: tensor {name} has dtype {e.get('dtype')!r}; expected one of {sorted(_ST_DTYPES)}"
+            )
         begin, end = e["data_offsets"]
         shape = tuple(e["shape"])
         if end - begin != math.prod(shape) * dtype.itemsize or base + end > len(data):
@@ -184,8 +196,10 @@ def detect_format(path: Path) -> str:
             return "peft"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    raise AdapterError(f"{path} is not an adapter; expected a directory with {MLX_WEIGHTS} or {PEFT_WEIGHTS} "
-                       f"plus {MLX_CONFIG}, or a .npz file")
+    raise AdapterError(
+        f"{path} is not an adapter; expected a directory with {MLX_WEIGHTS} or {PEFT_WEIGHTS} "
+        f"plus {MLX_CONFIG}, or a .npz file"
+    )
 
 
 def _check_lora_config(config: dict, where: Path) -> dict:
@@ -203,7 +217,9 @@ def _check_lora_config(config: dict, where: Path) -> dict:
 def _check_tensors(tensors: dict[str, np.ndarray], where: Path) -> None:
     for name in tensors:
         if not _LAYER.match(name):
-            raise AdapterError(f"{where}: tensor {name!r} is not a LoRA tensor; expected '<...>.layers.N.<module>.lora_a|lora_b'")
+            raise AdapterError(
+                f"{where}: tensor {name!r} is not a LoRA tensor; expected '<...>.layers.N.<module>.lora_a|lora_b'"
+            )
 
 
 def _read_json(path: Path) -> dict:
@@ -269,8 +285,10 @@ def _peft_name(mlx_name: str) -> str:
 def _mlx_name(peft_name: str, where: Path) -> str:
     m = re.match(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$", peft_name)
     if not m:
-        raise AdapterError(f"{where}: tensor {peft_name!r} is not a PEFT LoRA weight; expected "
-                           f"'base_model.model.<module>.lora_A.weight' or '.lora_B.weight'")
+        raise AdapterError(
+            f"{where}: tensor {peft_name!r} is not a PEFT LoRA weight; expected "
+            f"'base_model.model.<module>.lora_A.weight' or '.lora_B.weight'"
+        )
     return f"{m.group('module')}.lora_{m.group('ab').lower()}"
 
 
@@ -319,7 +337,9 @@ def peft_config_to_mlx(config: dict, names: list[str], metadata: dict, where: Pa
         raise AdapterError(f"{where}: peft_type is {config.get('peft_type')!r}; only 'LORA' is supported")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
-            raise AdapterError(f"{where}: per-module {key} is set; mlx-lm adapters need one rank and scale for all modules")
+            raise AdapterError(
+                f"{where}: per-module {key} is set; mlx-lm adapters need one rank and scale for all modules"
+            )
     if config.get("use_dora"):
         raise AdapterError(f"{where}: use_dora is true; only plain LoRA is supported")
     if metadata.get(PEFT_META_KEY):
@@ -330,14 +350,26 @@ def peft_config_to_mlx(config: dict, names: list[str], metadata: dict, where: Pa
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     layers = layer_indices(names)
     if layers and layers != list(range(layers[0], layers[-1] + 1)):
-        raise AdapterError(f"{where}: LoRA covers layers {layers}; mlx-lm adapters must cover a contiguous last-N range")
-    log.debug("%s: PEFT config mapped to mlx-lm (rank %d, scale %g, last %d layers; assumes layer %s is the "
-              "model's last)", where, r, scale, len(layers), layers[-1] if layers else None)
+        raise AdapterError(
+            f"{where}: LoRA covers layers {layers}; mlx-lm adapters must cover a contiguous last-N range"
+        )
+    log.debug(
+        "%s: PEFT config mapped to mlx-lm (rank %d, scale %g, last %d layers; assumes layer %s is the model's last)",
+        where,
+        r,
+        scale,
+        len(layers),
+        layers[-1] if layers else None,
+    )
     return {
         "fine_tune_type": "lora",
         "num_layers": len(layers),
-        "lora_parameters": {"rank": r, "scale": scale, "dropout": float(config.get("lora_dropout", 0.0)),
-                            "keys": module_paths(names)},
+        "lora_parameters": {
+            "rank": r,
+            "scale": scale,
+            "dropout": float(config.get("lora_dropout", 0.0)),
+            "keys": module_paths(names),
+        },
     }
 
 
@@ -363,7 +395,10 @@ def _claim(dst: Path, force: bool) -> None:
         if not force:
             raise FileExistsError(f"{dst} already exists; pass --force to replace it")
         if dst.is_dir() != (dst.suffix != ".npz"):
-            raise AdapterError(f"{dst} exists as a {'directory' if dst.is_dir() else 'file'}; refusing to replace it with the other kind")
+            raise AdapterError(
+                f"{dst} exists as a {'directory' if dst.is_dir() else 'file'}; "
+                "refusing to replace it with the other kind"
+            )
 
 
 def _default_mode(directory: bool) -> int:
@@ -429,7 +464,9 @@ def target_format(src_fmt: str, dst: Path, to: str | None = None) -> str:
     return "peft" if src_fmt == "mlx" else "mlx"
 
 
-def convert(src: Path, dst: Path, to: str | None = None, force: bool = False, base_model: str | None = None) -> tuple[str, str]:
+def convert(
+    src: Path, dst: Path, to: str | None = None, force: bool = False, base_model: str | None = None
+) -> tuple[str, str]:
     """Convert the adapter at `src` into `dst`; returns (source format, target format)."""
     src, dst = Path(src), Path(dst)
     src_fmt = detect_format(src)
@@ -494,16 +531,25 @@ def adapter_info(path: Path) -> AdapterInfo:
         else:
             names = [_mlx_name(k, path) for k in entries]
             config = peft_config_to_mlx(_read_json(path / PEFT_CONFIG), names, meta, path)
-        shapes = {n: (tuple(e["shape"]), dtype_label(e["dtype"]), e["data_offsets"][1] - e["data_offsets"][0])
-                  for n, e in zip(names, entries.values())}
+        shapes = {
+            n: (tuple(e["shape"]), dtype_label(e["dtype"]), e["data_offsets"][1] - e["data_offsets"][0])
+            for n, e in zip(names, entries.values())
+        }
         # only the adapter's own files: a checkpoint dir also holds optimizer state
         file_bytes = weights.stat().st_size + (path / MLX_CONFIG).stat().st_size
     p = config["lora_parameters"]
     return AdapterInfo(
-        path=path, format=fmt, rank=int(p["rank"]), scale=float(p["scale"]), dropout=float(p.get("dropout", 0.0)),
-        keys=list(p.get("keys") or module_paths(shapes)), num_layers=int(config["num_layers"]),
+        path=path,
+        format=fmt,
+        rank=int(p["rank"]),
+        scale=float(p["scale"]),
+        dropout=float(p.get("dropout", 0.0)),
+        keys=list(p.get("keys") or module_paths(shapes)),
+        num_layers=int(config["num_layers"]),
         layers=layer_indices(shapes),
-        tensors=len(shapes), tensor_bytes=sum(s[2] for s in shapes.values()), file_bytes=file_bytes,
+        tensors=len(shapes),
+        tensor_bytes=sum(s[2] for s in shapes.values()),
+        file_bytes=file_bytes,
         dtypes=sorted({s[1] for s in shapes.values()}),
     )
 
@@ -622,13 +668,19 @@ def format_run(run: Path, checkpoints: list[CheckpointInfo]) -> str:
     rows = []
     for ck in checkpoints:
         a = ck.adapter
-        rows.append([
-            str(ck.step), str(ck.version) if ck.version is not None else "-",
-            str(a.rank) if a else "-", ",".join(k.rsplit(".", 1)[-1] for k in a.keys) if a else "-",
-            human_size(a.file_bytes) if a else "-",
-            _num(ck.metrics.get("reward_mean")), _num(ck.metrics.get("loss")), _num(ck.metrics.get("kl")),
-            "*" if ck.latest else ("BROKEN: " + ck.problem if ck.problem else ""),
-        ])
+        rows.append(
+            [
+                str(ck.step),
+                str(ck.version) if ck.version is not None else "-",
+                str(a.rank) if a else "-",
+                ",".join(k.rsplit(".", 1)[-1] for k in a.keys) if a else "-",
+                human_size(a.file_bytes) if a else "-",
+                _num(ck.metrics.get("reward_mean")),
+                _num(ck.metrics.get("loss")),
+                _num(ck.metrics.get("kl")),
+                "*" if ck.latest else ("BROKEN: " + ck.problem if ck.problem else ""),
+            ]
+        )
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = [f"run {run}: {len(checkpoints)} checkpoint(s)"]
     if rows:
@@ -659,15 +711,19 @@ def show(path: Path) -> str:
             try:
                 s = json.loads(state.read_text())
                 m = s.get("metrics") or {}
-                text += (f"\ncheckpoint    step {s.get('step')}, version {s.get('version')}, reward_mean "
-                         f"{_num(m.get('reward_mean'))}, loss {_num(m.get('loss'))}, kl {_num(m.get('kl'))}")
+                text += (
+                    f"\ncheckpoint    step {s.get('step')}, version {s.get('version')}, reward_mean "
+                    f"{_num(m.get('reward_mean'))}, loss {_num(m.get('loss'))}, kl {_num(m.get('kl'))}"
+                )
             except (OSError, ValueError):
                 pass
         return text
     if is_run_dir(path):
         return format_run(path, run_checkpoints(path))
-    raise AdapterError(f"{path} is neither an adapter (adapters.safetensors or adapter_model.safetensors with "
-                       f"adapter_config.json, or a .npz) nor a run directory (with checkpoints/ or metrics.jsonl)")
+    raise AdapterError(
+        f"{path} is neither an adapter (adapters.safetensors or adapter_model.safetensors with "
+        f"adapter_config.json, or a .npz) nor a run directory (with checkpoints/ or metrics.jsonl)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

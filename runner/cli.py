@@ -29,7 +29,9 @@ def _delegate(module: str, function: str):
 def add_join_arguments(parser) -> None:
     """The options a worker process needs to reach a coordinator (shared by every worker entry point)."""
     parser.add_argument("--join", required=True, metavar="tcp://HOST:PORT", help="the coordinator's control address")
-    parser.add_argument("--key", default=None, help="this worker's CURVE secret key file (when the coordinator uses CURVE)")
+    parser.add_argument(
+        "--key", default=None, help="this worker's CURVE secret key file (when the coordinator uses CURVE)"
+    )
     parser.add_argument("--server-key", default=None, help="the coordinator's CURVE public key file")
 
 
@@ -79,16 +81,25 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     from runner.keys import generate_keypair, load_keypair
 
     public, secret = generate_keypair(Path(args.out), args.name, force=args.force)
-    print(f"public key {load_keypair(secret)[0].decode()}\n  {public}  (give to the other side's authorized keys "
-          f"directory)\n  {secret}  (secret, mode 600)")
+    print(
+        f"public key {load_keypair(secret)[0].decode()}\n  {public}  (give to the other side's authorized keys "
+        f"directory)\n  {secret}  (secret, mode 600)"
+    )
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from runner.deploy import render
 
-    for path in render(args.target, Path(args.config), Path(args.out).expanduser(), role=args.role, join=args.join,
-                       log_dir=args.log_dir and Path(args.log_dir), workdir=args.workdir and Path(args.workdir)):
+    for path in render(
+        args.target,
+        Path(args.config),
+        Path(args.out).expanduser(),
+        role=args.role,
+        join=args.join,
+        log_dir=args.log_dir and Path(args.log_dir),
+        workdir=args.workdir and Path(args.workdir),
+    ):
         print(path)
     return 0
 
@@ -108,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="run a job from a TOML config (coordinator + workers)")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--resume", metavar="CHECKPOINT_DIR",
-                   help="resume from this checkpoint (default: the newest loadable one in the run directory)")
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT_DIR",
+        help="resume from this checkpoint (default: the newest loadable one in the run directory)",
+    )
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("check", help="validate a config file and exit")
@@ -159,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("convert", help="convert between mlx-lm, .npz and PEFT layouts (lossless)")
     a.add_argument("src", help="adapter dir (mlx-lm or PEFT) or .npz")
     a.add_argument("dst", help="output: a .npz file or a directory")
-    a.add_argument("--to", choices=["mlx", "npz", "peft"], default=None,
-                   help="output format (default: npz for *.npz, else mlx<->peft, npz->mlx)")
+    a.add_argument(
+        "--to",
+        choices=["mlx", "npz", "peft"],
+        default=None,
+        help="output format (default: npz for *.npz, else mlx<->peft, npz->mlx)",
+    )
     a.add_argument("--base-model", default=None, help="base_model_name_or_path for PEFT output")
     a.add_argument("--force", action="store_true", help="replace an existing DST")
     a.set_defaults(func=_delegate("runner.adapters", "cmd_convert"))

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +51,9 @@ def _port() -> dict:
 
 
 def _zmq_endpoint() -> dict:
-    return _check(lambda v: v.startswith("tcp://") and v.rsplit(":", 1)[-1].isdigit(), "an address like tcp://HOST:PORT")
+    return _check(
+        lambda v: v.startswith("tcp://") and v.rsplit(":", 1)[-1].isdigit(), "an address like tcp://HOST:PORT"
+    )
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,9 @@ class LoraConfig:
     dropout: float = field(default=0.0, metadata=_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"))
     keys: list[str] = field(default_factory=lambda: ["self_attn.q_proj", "self_attn.v_proj"])
     # Number of transformer blocks, counted from the last, that get LoRA; -1 = all of them.
-    num_layers: int = field(default=-1, metadata=_check(lambda v: v == -1 or v > 0, "-1 (all layers) or a positive integer"))
+    num_layers: int = field(
+        default=-1, metadata=_check(lambda v: v == -1 or v > 0, "-1 (all layers) or a positive integer")
+    )
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,9 @@ class LearnerConfig:
     algorithm: str = field(default="grpo", metadata=_one_of("grpo"))
     learning_rate: float = field(default=1e-4, metadata=_positive())
     steps: int = field(default=50, metadata=_positive("integer"))
-    group_size: int = field(default=8, metadata=_check(lambda v: v >= 2, "an integer >= 2 (GRPO compares completions within a group)"))
+    group_size: int = field(
+        default=8, metadata=_check(lambda v: v >= 2, "an integer >= 2 (GRPO compares completions within a group)")
+    )
     batch_size: int = field(default=4, metadata=_positive("integer"))  # prompts (groups) per step
     micro_batch_size: int = field(default=0, metadata=_non_negative("integer"))  # sequences per micro-batch, 0 = all
     max_tokens: int = field(default=16, metadata=_positive("integer"))  # completion length for the built-in task

@@ -15,8 +15,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
@@ -86,6 +87,7 @@ class ControlClient:
     def wait_for(self, reply_types: tuple[str, ...], timeout: float = 30.0, what: str = "a reply") -> list:
         """Wait for a message of one of `reply_types` (control types, or 'W' for a weight message). Other messages
         that arrive meanwhile are kept for `receive`."""
+
         def wanted(parsed: list) -> bool:
             return (parsed[0] == "W" and "W" in reply_types) or (parsed[0] == "C" and parsed[1]["type"] in reply_types)
 
@@ -106,8 +108,14 @@ class ControlClient:
         raise CoordinatorGone(f"the coordinator at {self.endpoint} did not answer {what} within {timeout:.0f}s")
 
     def hello(self, **info) -> dict:
-        info = {"type": "hello", "name": self.name, "role": self.role, "pid": os.getpid(),
-                "host": socket.gethostname(), **info}
+        info = {
+            "type": "hello",
+            "name": self.name,
+            "role": self.role,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            **info,
+        }
         return self.request(info, ("welcome", "refused"), timeout=60.0)[1]
 
     # ----- heartbeats ------------------------------------------------------------------------------------------
@@ -138,8 +146,10 @@ class ControlClient:
         def ack(version: int) -> None:
             self.status["version"] = version  # heartbeats carry it too, should this ack be lost
             try:
-                sock.send_multipart([CONTROL, wire.pack_control({"type": "ack", "name": self.name, "version": version})],
-                                    flags=zmq.NOBLOCK)
+                sock.send_multipart(
+                    [CONTROL, wire.pack_control({"type": "ack", "name": self.name, "version": version})],
+                    flags=zmq.NOBLOCK,
+                )
             except zmq.Again:
                 log.warning("could not ack adapter version %d now; the next heartbeat reports it", version)
 

@@ -123,7 +123,7 @@ class StatusHTTP(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def _status_handler(coordinator: "Coordinator"):
+def _status_handler(coordinator: Coordinator):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/status":
@@ -172,8 +172,15 @@ class Coordinator:
         self.latest_version = 0
         self.accepted_version = 0  # newest version fanned out (a slot version is verified and kept just after)
         self.unkept_slot: tuple[bytes, dict, memoryview, float] | None = None
-        self.job = {"step": 0, "steps": config.learner.steps, "reward_mean": None, "tokens_per_s": None,
-                    "version": 0, "started": time.time(), "state": "running"}
+        self.job = {
+            "step": 0,
+            "steps": config.learner.steps,
+            "reward_mean": None,
+            "tokens_per_s": None,
+            "version": 0,
+            "started": time.time(),
+            "state": "running",
+        }
         self.stop_reason: str | None = None
         self.exit_code = 0
         self.signals = 0
@@ -205,8 +212,12 @@ class Coordinator:
         sec = self.config.security
         args = ["--join", self.local_endpoint or self.control_endpoint]
         if sec.curve_secret_key:
-            args += ["--key", str(Path(sec.curve_secret_key).resolve()),
-                     "--server-key", str(Path(sec.curve_public_key).resolve())]
+            args += [
+                "--key",
+                str(Path(sec.curve_secret_key).resolve()),
+                "--server-key",
+                str(Path(sec.curve_public_key).resolve()),
+            ]
         return args
 
     # ----- children --------------------------------------------------------------------------------------------
@@ -229,8 +240,11 @@ class Coordinator:
                 continue
             code = w.exit_code()
             if code is None:
-                if rec.state in LIVE_STATES and rec.last_heartbeat and \
-                        now - rec.last_heartbeat > self.config.coordinator.heartbeat_timeout:
+                if (
+                    rec.state in LIVE_STATES
+                    and rec.last_heartbeat
+                    and now - rec.last_heartbeat > self.config.coordinator.heartbeat_timeout
+                ):
                     log.warning("%s missed heartbeats for %.0fs; killing it", name, now - rec.last_heartbeat)
                     w.signal(signal.SIGKILL)
                 continue
@@ -243,11 +257,19 @@ class Coordinator:
                 continue
             rec.state, rec.http_url = "failed", ""
             if w.schedule_restart(now):
-                log.warning("%s exited with code %s; restarting in %.1fs (restart %d within %.0fs)", name, code,
-                            w.restart_at - now, len(w.restart_times), w.window)
+                log.warning(
+                    "%s exited with code %s; restarting in %.1fs (restart %d within %.0fs)",
+                    name,
+                    code,
+                    w.restart_at - now,
+                    len(w.restart_times),
+                    w.window,
+                )
             else:
-                self.fail(f"worker {name} exited {len(w.restart_times) + 1} times within {w.window:.0f}s "
-                          f"(last exit code {code}); stopping the job. Last lines of {w.log_path}:\n{w.last_lines()}")
+                self.fail(
+                    f"worker {name} exited {len(w.restart_times) + 1} times within {w.window:.0f}s "
+                    f"(last exit code {code}); stopping the job. Last lines of {w.log_path}:\n{w.last_lines()}"
+                )
 
     def fail(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -292,8 +314,15 @@ class Coordinator:
         rec.capabilities = dict(msg.get("capabilities") or {})
         rec.state, rec.last_heartbeat = "loading", time.time()
         log.info("%s (%s) said hello from %s pid %d", rec.name, rec.role, rec.host, rec.pid)
-        self._reply(identity, {"type": "welcome", "latest_version": self.accepted_version,
-                               "base_model_id": self.base_model_id, **self.job_info})
+        self._reply(
+            identity,
+            {
+                "type": "welcome",
+                "latest_version": self.accepted_version,
+                "base_model_id": self.base_model_id,
+                **self.job_info,
+            },
+        )
         if rec.role == "learner":  # --resume applies to the first start; a restarted learner takes the newest
             self.job_info["config"]["checkpoint"]["resume"] = ""
 
@@ -350,8 +379,13 @@ class Coordinator:
 
     def _on_progress(self, identity: bytes, msg: dict) -> None:
         metrics = dict(msg.get("metrics") or {})
-        self.job.update({k: metrics.get(k) for k in ("step", "reward_mean", "tokens_per_s", "loss", "kl", "staleness")
-                         if k in metrics})
+        self.job.update(
+            {
+                k: metrics.get(k)
+                for k in ("step", "reward_mean", "tokens_per_s", "loss", "kl", "staleness")
+                if k in metrics
+            }
+        )
         self._print_progress(metrics)
 
     def _on_done(self, identity: bytes, msg: dict) -> None:
@@ -423,8 +457,12 @@ class Coordinator:
             message = wire.decode_segment(bytearray(segment))
             slots.check_notice(notice, message.version)
         except wire.WireError as e:
-            log.error("adapter version %s failed the coordinator's check of its slot copy; the latest stays "
-                      "version %d: %s", notice["version"], self.latest_version, e)
+            log.error(
+                "adapter version %s failed the coordinator's check of its slot copy; the latest stays version %d: %s",
+                notice["version"],
+                self.latest_version,
+                e,
+            )
             self._reply(identity, {"type": "rejected", "reason": f"version {notice['version']}: {e}"})
             return
         self._store(message.version, [zmq.Frame(f) for f in message.frames])  # views of this private copy
@@ -444,36 +482,54 @@ class Coordinator:
     # ----- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict:
         now = time.time()
-        return {"job": {**self.job, "uptime": round(now - self.job["started"], 1),
-                        "latest_version": self.accepted_version,
-                        "oldest_serving_version": self.oldest_serving_version()},
-                "workers": [w.row(now) for w in self.workers.values()]}
+        return {
+            "job": {
+                **self.job,
+                "uptime": round(now - self.job["started"], 1),
+                "latest_version": self.accepted_version,
+                "oldest_serving_version": self.oldest_serving_version(),
+            },
+            "workers": [w.row(now) for w in self.workers.values()],
+        }
 
     def prometheus(self) -> str:
         s = self.status()
         lines = [
-            "# HELP runner_job_step Learner optimizer steps done.", "# TYPE runner_job_step gauge",
+            "# HELP runner_job_step Learner optimizer steps done.",
+            "# TYPE runner_job_step gauge",
             f"runner_job_step {s['job']['step'] or 0}",
             "# HELP runner_latest_adapter_version Newest adapter version published.",
-            "# TYPE runner_latest_adapter_version gauge", f"runner_latest_adapter_version {self.accepted_version}",
-            "# HELP runner_worker_restarts_total Restarts per worker.", "# TYPE runner_worker_restarts_total counter",
+            "# TYPE runner_latest_adapter_version gauge",
+            f"runner_latest_adapter_version {self.accepted_version}",
+            "# HELP runner_worker_restarts_total Restarts per worker.",
+            "# TYPE runner_worker_restarts_total counter",
         ]
         lines += [f'runner_worker_restarts_total{{worker="{w["name"]}"}} {w["restarts"]}' for w in s["workers"]]
-        lines += ["# HELP runner_worker_version Adapter version each worker serves.",
-                  "# TYPE runner_worker_version gauge"]
+        lines += [
+            "# HELP runner_worker_version Adapter version each worker serves.",
+            "# TYPE runner_worker_version gauge",
+        ]
         lines += [f'runner_worker_version{{worker="{w["name"]}"}} {w["version"]}' for w in s["workers"]]
         if s["job"]["reward_mean"] is not None:
-            lines += ["# HELP runner_reward_mean Mean reward of the last step.", "# TYPE runner_reward_mean gauge",
-                      f"runner_reward_mean {s['job']['reward_mean']}"]
+            lines += [
+                "# HELP runner_reward_mean Mean reward of the last step.",
+                "# TYPE runner_reward_mean gauge",
+                f"runner_reward_mean {s['job']['reward_mean']}",
+            ]
         return "\n".join(lines) + "\n"
 
     def _print_progress(self, m: dict) -> None:
         gens = " ".join(f"{w.name}:v{w.version}" for w in self.workers.values() if w.role == "generate")
+
         def fmt(key, spec):
             return "-" if m.get(key) is None else format(m[key], spec)
-        print(f"step {m.get('step', '?')}/{self.config.learner.steps}  reward {fmt('reward_mean', '.3f')}  "
-              f"loss {fmt('loss', '.4f')}  kl {fmt('kl', '.4f')}  tok/s {fmt('tokens_per_s', '.0f')}  "
-              f"v{m.get('version', '?')}  staleness {m.get('staleness', '-')}  [{gens}]", flush=True)
+
+        print(
+            f"step {m.get('step', '?')}/{self.config.learner.steps}  reward {fmt('reward_mean', '.3f')}  "
+            f"loss {fmt('loss', '.4f')}  kl {fmt('kl', '.4f')}  tok/s {fmt('tokens_per_s', '.0f')}  "
+            f"v{m.get('version', '?')}  staleness {m.get('staleness', '-')}  [{gens}]",
+            flush=True,
+        )
 
     def start_router(self) -> None:
         """[generation] front_port: one OpenAI endpoint that routes to every serving generation worker."""
@@ -481,8 +537,9 @@ class Coordinator:
 
         gen = self.config.generation
         # list() of a dict view is atomic under the GIL; rows are built from that snapshot.
-        app = create_router(lambda: [w.row(time.time()) for w in list(self.workers.values())],
-                            api_token=self.config.security.api_token)
+        app = create_router(
+            lambda: [w.row(time.time()) for w in list(self.workers.values())], api_token=self.config.security.api_token
+        )
         self.router, self.router_thread, port = start_router(app, gen.host, gen.front_port)
         self.job["router_url"] = f"http://{gen.host}:{port}/v1"
 
@@ -491,10 +548,10 @@ class Coordinator:
         (it is not restarted; its next heartbeat or hello brings it back)."""
         timeout = self.config.coordinator.heartbeat_timeout
         for rec in list(self.workers.values()):
-            if not rec.local and rec.state in LIVE_STATES and rec.last_heartbeat and \
-                    now - rec.last_heartbeat > timeout:
-                log.warning("remote worker %s missed heartbeats for %.0fs; dropping it", rec.name,
-                            now - rec.last_heartbeat)
+            if not rec.local and rec.state in LIVE_STATES and rec.last_heartbeat and now - rec.last_heartbeat > timeout:
+                log.warning(
+                    "remote worker %s missed heartbeats for %.0fs; dropping it", rec.name, now - rec.last_heartbeat
+                )
                 rec.state, rec.http_url = "lost", ""
 
     def start_http(self) -> None:
@@ -535,8 +592,9 @@ class Coordinator:
 
     def shutdown(self) -> int:
         """Stop in order: the learner first (it writes a final checkpoint), then the generation workers."""
-        order = [n for n in self.watchers if self.workers[n].role == "learner"] + \
-                [n for n in self.watchers if self.workers[n].role != "learner"]
+        order = [n for n in self.watchers if self.workers[n].role == "learner"] + [
+            n for n in self.watchers if self.workers[n].role != "learner"
+        ]
         for name in order:
             w = self.watchers[name]
             w.stopping = True
@@ -595,29 +653,40 @@ def create_coordinator(config: Config, config_path: Path) -> Coordinator:
 
     gen = config.generation
     if gen.front_port and gen.port and gen.port <= gen.front_port < gen.port + gen.workers:
-        raise ConfigError(f"generation.front_port {gen.front_port} is one of the workers' ports "
-                          f"{gen.port}..{gen.port + gen.workers - 1}; pick another")
+        raise ConfigError(
+            f"generation.front_port {gen.front_port} is one of the workers' ports "
+            f"{gen.port}..{gen.port + gen.workers - 1}; pick another"
+        )
     http = f"tcp://{gen.host}:{gen.port}"  # the workers' HTTP API (and the front router) is exposed as well
-    require_security([config.coordinator.control, config.coordinator.weights, http], config.security.curve_secret_key,
-                     config.security.api_token, authorized_keys=config.security.authorized_keys)
+    require_security(
+        [config.coordinator.control, config.coordinator.weights, http],
+        config.security.curve_secret_key,
+        config.security.api_token,
+        authorized_keys=config.security.authorized_keys,
+    )
     run_dir = Path(config.checkpoint.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path = Path(config.model.path).resolve()
     if not (model_path / "config.json").exists():
         if not config.model.prepare:
-            raise FileNotFoundError(f"model directory {model_path} does not exist; prepare it with "
-                                    f"`runner models prepare` or set [model] prepare")
+            raise FileNotFoundError(
+                f"model directory {model_path} does not exist; prepare it with "
+                f"`runner models prepare` or set [model] prepare"
+            )
         print(f"preparing the {config.model.prepare} model in {model_path} (first run only)", flush=True)
-        subprocess.run(_child_cmd("runner.cli", "models", "prepare", config.model.prepare, "--out", str(model_path)),
-                       check=True)
+        subprocess.run(
+            _child_cmd("runner.cli", "models", "prepare", config.model.prepare, "--out", str(model_path)), check=True
+        )
     # Children get the config with absolute paths, so their working directory never matters.
     resolved = config.to_dict()
     resolved["model"]["path"], resolved["checkpoint"]["dir"] = str(model_path), str(run_dir)
     if config.checkpoint.resume:
         resume = Path(config.checkpoint.resume).resolve()
         if not (resume / "state.json").is_file() or not (resume / "adapters.safetensors").is_file():
-            raise ConfigError(f"checkpoint.resume = {str(resume)!r} is not a checkpoint directory; expected one with "
-                              f"state.json and adapters.safetensors (e.g. {run_dir}/checkpoints/step_000010)")
+            raise ConfigError(
+                f"checkpoint.resume = {str(resume)!r} is not a checkpoint directory; expected one with "
+                f"state.json and adapters.safetensors (e.g. {run_dir}/checkpoints/step_000010)"
+            )
         resolved["checkpoint"]["resume"] = str(resume)
     job_info = {"model_path": str(model_path), "model_name": model_path.name, "config": resolved}
     return Coordinator(config, config_path, run_dir, model_id(model_path), job_info)
@@ -627,8 +696,20 @@ def add_generation_workers(coord: Coordinator, count: int) -> None:
     gen = coord.config.generation
     for i in range(count):
         port = gen.port + i if gen.port else 0
-        coord.add_watcher(f"gen-{i}", "generate", _child_cmd("workers.generation.worker", *coord.child_args(),
-                                                             "--name", f"gen-{i}", "--host", gen.host, "--port", str(port)))
+        coord.add_watcher(
+            f"gen-{i}",
+            "generate",
+            _child_cmd(
+                "workers.generation.worker",
+                *coord.child_args(),
+                "--name",
+                f"gen-{i}",
+                "--host",
+                gen.host,
+                "--port",
+                str(port),
+            ),
+        )
 
 
 def learner_command(coord: Coordinator) -> list[str]:
@@ -639,8 +720,18 @@ def learner_command(coord: Coordinator) -> list[str]:
     lc = coord.config.learner
     if not lc.hosts:
         return cmd
-    return _child_cmd("workers.learner.distributed", "launch", "--hosts", ",".join(lc.hosts),
-                      "--port", str(lc.ring_port), "--workdir", str(coord.run_dir / "ring"), "--", *cmd)
+    return _child_cmd(
+        "workers.learner.distributed",
+        "launch",
+        "--hosts",
+        ",".join(lc.hosts),
+        "--port",
+        str(lc.ring_port),
+        "--workdir",
+        str(coord.run_dir / "ring"),
+        "--",
+        *cmd,
+    )
 
 
 def launch(config: Config, config_path: Path) -> int:
@@ -656,8 +747,11 @@ def launch(config: Config, config_path: Path) -> int:
         print(f"OpenAI endpoint for all generation workers: {coord.job['router_url']}", flush=True)
     add_generation_workers(coord, config.generation.workers)
     coord.add_watcher("learner", "learner", learner_command(coord))
-    print(f"job started: run dir {coord.run_dir}, control {coord.control_endpoint} (`runner status --coordinator "
-          f"{coord.control_endpoint}`), status {coord.job['status_url']}, logs in {coord.run_dir / 'logs'}", flush=True)
+    print(
+        f"job started: run dir {coord.run_dir}, control {coord.control_endpoint} (`runner status --coordinator "
+        f"{coord.control_endpoint}`), status {coord.job['status_url']}, logs in {coord.run_dir / 'logs'}",
+        flush=True,
+    )
 
     def on_signal(signum, frame):
         coord.signals += 1

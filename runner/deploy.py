@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.files import write_atomic
 from runner.config import ConfigError, load_config
+from runner.files import write_atomic
 from runner.keys import endpoint_host
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,13 @@ def _require_config(config_path: Path) -> Path:
 def _check_join(join: str) -> str:
     match = _JOIN.match(join.strip())
     if not match or not 0 < int(match["port"]) < 65536:
-        raise DeployError(f"--join {join!r} is not valid; expected the coordinator's control address as tcp://HOST:PORT")
+        raise DeployError(
+            f"--join {join!r} is not valid; expected the coordinator's control address as tcp://HOST:PORT"
+        )
     if match["host"].strip("[]") in _WILDCARD_HOSTS:
-        raise DeployError(f"--join {join!r} names no host; expected the coordinator machine's address, e.g. tcp://mac-studio.local:5555")
+        raise DeployError(
+            f"--join {join!r} names no host; expected the coordinator machine's address, e.g. tcp://mac-studio.local:5555"
+        )
     return join.strip()
 
 
@@ -225,7 +229,8 @@ def systemd_unit(service: Service) -> str:
     """A systemd service unit (works as a user unit or, with User=, a system unit)."""
     what = "coordinator (runs the job)" if service.role == "coordinator" else "generation worker (joins a coordinator)"
     lines = [
-        f"# runner {service.role}: rendered by `runner deploy systemd`; re-render after moving or upgrading the install.",
+        f"# runner {service.role}: rendered by `runner deploy systemd`; "
+        "re-render after moving or upgrading the install.",
         "[Unit]",
         f"Description=runner {what}",
         "After=network-online.target",
@@ -283,7 +288,9 @@ def render(
     _check_choice(role, ROLES, "role")
     config = _check_path_text(_require_config(config_path))
     if role == "coordinator" and join:
-        raise DeployError(f"--join {join!r} applies only to the worker role; the coordinator binds [coordinator] control")
+        raise DeployError(
+            f"--join {join!r} applies only to the worker role; the coordinator binds [coordinator] control"
+        )
     if role == "worker":
         join = _check_join(join) if join else _default_join(config)
     out_dir = _check_path_text(Path(out_dir).expanduser().absolute())

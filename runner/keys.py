@@ -59,7 +59,9 @@ def _check_name(name: str) -> None:
 def require_curve() -> None:
     """Fail clearly when this libzmq was built without CURVE (libsodium / tweetnacl)."""
     if not zmq.has("curve"):
-        raise RuntimeError(f"libzmq {zmq.zmq_version()} was built without CURVE support; reinstall pyzmq from its wheels")
+        raise RuntimeError(
+            f"libzmq {zmq.zmq_version()} was built without CURVE support; reinstall pyzmq from its wheels"
+        )
 
 
 def key_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -112,7 +114,10 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
     except (ValueError, OSError) as e:
         raise KeyFileError(f"{what} {path} is not a ZeroMQ certificate ({e})") from None
     if not (_valid_z85_key(public) and (secret is None or _valid_z85_key(secret))):
-        raise KeyFileError(f"{what} {path} does not hold a 40-character z85 CURVE key; expected a file written by `runner keys generate`")
+        raise KeyFileError(
+            f"{what} {path} does not hold a 40-character z85 CURVE key; "
+            "expected a file written by `runner keys generate`"
+        )
     return public, secret
 
 
@@ -135,7 +140,9 @@ def authorized_key_files(directory: Path) -> list[Path]:
     """The public key files a CURVE server would admit; raises if the directory is missing."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise KeyFileError(f"authorized keys directory {directory} not found; expected a directory of client *{PUBLIC_SUFFIX} files")
+        raise KeyFileError(
+            f"authorized keys directory {directory} not found; expected a directory of client *{PUBLIC_SUFFIX} files"
+        )
     return sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))
 
 
@@ -175,11 +182,13 @@ class AuthorizedKeys:
         return allowed
 
 
-_authenticators: "weakref.WeakKeyDictionary[zmq.Context, ThreadAuthenticator]" = weakref.WeakKeyDictionary()
+_authenticators: weakref.WeakKeyDictionary[zmq.Context, ThreadAuthenticator] = weakref.WeakKeyDictionary()
 _auth_lock = threading.Lock()
 
 
-def _authenticator(context: zmq.Context, authorized_dir: Path, also_allow: frozenset[bytes] = frozenset()) -> ThreadAuthenticator:
+def _authenticator(
+    context: zmq.Context, authorized_dir: Path, also_allow: frozenset[bytes] = frozenset()
+) -> ThreadAuthenticator:
     """Start (once per context) the ZAP handler that admits only the public keys in `authorized_dir`."""
     with _auth_lock:
         auth = _authenticators.get(context)
@@ -214,13 +223,16 @@ def _enforce_zap(socket: zmq.Socket) -> bool:
     try:
         socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     except (AttributeError, zmq.ZMQError):
-        log.debug("libzmq %s lacks ZMQ_ZAP_ENFORCE_DOMAIN; CURVE relies on the running authenticator", zmq.zmq_version())
+        log.debug(
+            "libzmq %s lacks ZMQ_ZAP_ENFORCE_DOMAIN; CURVE relies on the running authenticator", zmq.zmq_version()
+        )
         return False
     return True
 
 
-def curve_server(socket: zmq.Socket, secret_key_file: Path, authorized_keys_dir: Path,
-                 also_allow: Iterable[bytes] = ()) -> ThreadAuthenticator:
+def curve_server(
+    socket: zmq.Socket, secret_key_file: Path, authorized_keys_dir: Path, also_allow: Iterable[bytes] = ()
+) -> ThreadAuthenticator:
     """Make `socket` a CURVE server that admits only clients whose public keys are in `authorized_keys_dir`.
 
     Call before `socket.bind`. Starts the context's authenticator on first use and returns it; stop it with

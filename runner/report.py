@@ -16,6 +16,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from runner.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,29 @@ def _draw(ax, records: list[dict], spec: PlotSpec) -> bool:
         return False
     marker = "o" if len(steps) <= 30 else None  # dots help read short runs, clutter long ones
     discrete = spec.key == "staleness"  # whole versions: a step line reads better than slopes between them
-    ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, color="C0", label=spec.key,
-            drawstyle="steps-mid" if discrete else "default")
+    ax.plot(
+        steps,
+        values,
+        marker=marker,
+        markersize=3,
+        linewidth=1.2,
+        color="C0",
+        label=spec.key,
+        drawstyle="steps-mid" if discrete else "default",
+    )
     if spec.band:
         band = [(r["step"], number(r.get(spec.key)), number(r.get(spec.band))) for r in records]
         band = [(st, v, sd) for st, v, sd in band if v is not None and sd is not None]
         if band:
-            ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
-                            color="C0", alpha=0.2, linewidth=0, label=f"± {spec.band}")
+            ax.fill_between(
+                [b[0] for b in band],
+                [b[1] - b[2] for b in band],
+                [b[1] + b[2] for b in band],
+                color="C0",
+                alpha=0.2,
+                linewidth=0,
+                label=f"± {spec.band}",
+            )
     if len(values) >= 10 and not discrete:
         w = max(3, len(values) // 10)
         ax.plot(steps, _moving_average(values, w), color="C1", linewidth=1.8, label=f"moving average ({w} steps)")
@@ -164,8 +180,15 @@ def _draw(ax, records: list[dict], spec: PlotSpec) -> bool:
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_ylim(min(-0.5, min(values) - 0.5), max(1.5, max(values) + 0.5))  # a flat 0 still gets whole ticks
     if min(values) == max(values):  # say it, or a flat line at an autoscaled axis reads as noise around 0
-        ax.text(0.5, 0.5, f"constant {fmt(values[0])} at all {len(values)} steps", transform=ax.transAxes,
-                ha="center", va="bottom", color="0.35")
+        ax.text(
+            0.5,
+            0.5,
+            f"constant {fmt(values[0])} at all {len(values)} steps",
+            transform=ax.transAxes,
+            ha="center",
+            va="bottom",
+            color="0.35",
+        )
     ax.set_title(spec.title)
     ax.set_xlabel("step")
     ax.set_ylabel(spec.ylabel)
@@ -256,9 +279,17 @@ def render_markdown(run: Path, m: Metrics, s: dict, plots: list[Path], notes: li
         ("wall time (first to last step)", _duration(s["wall_seconds"])),
         ("last version", fmt(s["last_version"])),
     ]
-    out = [f"# Run report: {run.name}", "",
-           f"Run directory `{run}`; {METRICS_FILE}: {m.lines} lines, {len(m.records)} steps used, "
-           f"{len(m.problems)} problem line(s).", "", "## Summary", "", "| metric | value |", "|---|---|"]
+    out = [
+        f"# Run report: {run.name}",
+        "",
+        f"Run directory `{run}`; {METRICS_FILE}: {m.lines} lines, {len(m.records)} steps used, "
+        f"{len(m.problems)} problem line(s).",
+        "",
+        "## Summary",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     out += [f"| {k} | {v} |" for k, v in rows]
     out += ["", "## Plots", ""]
     out += [f"![{p.stem}]({p.name})\n" for p in plots] or ["(no plots)", ""]
@@ -269,8 +300,10 @@ def render_markdown(run: Path, m: Metrics, s: dict, plots: list[Path], notes: li
         for ck in checkpoints:
             mm = ck.metrics
             flag = "yes" if ck.latest else (f"broken: {ck.problem}" if ck.problem else "")
-            out.append(f"| {ck.path.name} | {fmt(ck.step)} | {fmt(ck.version)} | {fmt(number(mm.get('reward_mean')))} "
-                       f"| {fmt(number(mm.get('loss')))} | {fmt(number(mm.get('kl')))} | {flag} |")
+            out.append(
+                f"| {ck.path.name} | {fmt(ck.step)} | {fmt(ck.version)} | {fmt(number(mm.get('reward_mean')))} "
+                f"| {fmt(number(mm.get('loss')))} | {fmt(number(mm.get('kl')))} | {flag} |"
+            )
     else:
         out.append("(none)")
     if m.problems:
@@ -300,8 +333,9 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     write_atomic(out / "report.md", render_markdown(run, m, s, plots, notes, checkpoints))
     s["problems"] = m.problems
     s["plots"] = [p.name for p in plots]
-    s["checkpoints"] = [{"name": c.path.name, "step": c.step, "version": c.version, "latest": c.latest}
-                        for c in checkpoints]
+    s["checkpoints"] = [
+        {"name": c.path.name, "step": c.step, "version": c.version, "latest": c.latest} for c in checkpoints
+    ]
     write_atomic(out / "summary.json", json.dumps(s, indent=1) + "\n")
     return out / "report.md"
 

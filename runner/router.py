@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -35,18 +36,36 @@ ROUTED_GET = ("/v1/models", "/health")
 OPEN_PATHS = ("/health",)  # as on the workers: load balancers probe without the token
 RETRY_AFTER_SECONDS = 1
 # Request headers that describe the client's connection to us, not the request; httpx sets its own.
-HOP_BY_HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
-                        "upgrade", "proxy-authorization", "proxy-connection"})
+HOP_BY_HOP = frozenset(
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
 # Failures where the worker cannot have produced anything the client saw: safe to send the request elsewhere.
 # Timeouts on reading are not here: a slow generation is not a dead worker, and resending would double the load.
-DEAD_WORKER_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-                      httpx.RemoteProtocolError)
+DEAD_WORKER_ERRORS = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+)
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict:
     """OpenAI's error shape, as the workers answer it."""
     kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
@@ -68,8 +87,11 @@ class WorkerPool:
         self.policy = LeastLoaded(cooldown)
 
     def serving_urls(self) -> list[str]:
-        return [str(w["http_url"]).rstrip("/") for w in self._rows()
-                if w.get("role") == "generate" and w.get("state") == "serving" and w.get("http_url")]
+        return [
+            str(w["http_url"]).rstrip("/")
+            for w in self._rows()
+            if w.get("role") == "generate" and w.get("state") == "serving" and w.get("http_url")
+        ]
 
     def _rows(self) -> list[dict]:
         # The coordinator's table may change size while its own thread handles a hello; read it again.
@@ -109,8 +131,14 @@ class _ProxiedStream(StreamingResponse):
 class Router:
     """The proxy itself; `create_router` wraps it in a FastAPI app."""
 
-    def __init__(self, get_workers: Callable[[], list[dict]], api_token: str = "", connect_timeout: float = 5.0,
-                 read_timeout: float = 600.0, cooldown: float = 5.0):
+    def __init__(
+        self,
+        get_workers: Callable[[], list[dict]],
+        api_token: str = "",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 600.0,
+        cooldown: float = 5.0,
+    ):
         self.pool = WorkerPool(get_workers, cooldown=cooldown)
         self.expected_auth = f"Bearer {api_token}".encode() if api_token else b""
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
@@ -125,8 +153,9 @@ class Router:
     async def forward(self, request: Request) -> Response:
         """Send the request to the least loaded serving worker; on a dead worker, to one other worker."""
         if self.client is None:
-            self.client = httpx.AsyncClient(timeout=self.timeout, limits=httpx.Limits(max_connections=1024,
-                                                                                      max_keepalive_connections=256))
+            self.client = httpx.AsyncClient(
+                timeout=self.timeout, limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+            )
         body = await request.body()  # read once: a retry sends the same bytes
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         tried: set[str] = set()
@@ -135,8 +164,9 @@ class Router:
             if url is None:
                 break
             tried.add(url)
-            upstream_request = self.client.build_request(request.method, url + request.url.path,
-                                                         params=request.query_params, headers=headers, content=body)
+            upstream_request = self.client.build_request(
+                request.method, url + request.url.path, params=request.query_params, headers=headers, content=body
+            )
             try:
                 upstream = await self._send_unless_client_leaves(request, upstream_request)
             except DEAD_WORKER_ERRORS as e:
@@ -145,8 +175,9 @@ class Router:
                 continue
             except httpx.TimeoutException:
                 self.pool.release(url)
-                return error_response(504, f"the generation worker did not answer within {self.timeout.read:.0f}s",
-                                      code="worker_timeout")
+                return error_response(
+                    504, f"the generation worker did not answer within {self.timeout.read:.0f}s", code="worker_timeout"
+                )
             except BaseException:  # the client left (cancelled) or something unexpected: stop counting it
                 self.pool.release(url)
                 raise
@@ -158,8 +189,9 @@ class Router:
             return no_worker_response(f"no generation worker answered ({len(tried)} tried); retry shortly")
         return no_worker_response()
 
-    async def _send_unless_client_leaves(self, request: Request,
-                                         upstream_request: httpx.Request) -> httpx.Response | None:
+    async def _send_unless_client_leaves(
+        self, request: Request, upstream_request: httpx.Request
+    ) -> httpx.Response | None:
         """The worker's response headers, or None if our client went away first (then the worker request is
         cancelled, which closes its connection, so the worker stops generating for nobody)."""
         send = asyncio.ensure_future(self.client.send(upstream_request, stream=True))
@@ -177,8 +209,11 @@ class Router:
         return send.result()
 
     async def _relay(self, upstream: httpx.Response, done: Callable[[], None]) -> Response:
-        headers = {k: v for k, v in upstream.headers.items()
-                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("content-length", "date", "server")}
+        headers = {
+            k: v
+            for k, v in upstream.headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in ("content-length", "date", "server")
+        }
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             return _ProxiedStream(upstream, done, headers)
         try:

@@ -60,7 +60,7 @@ def create_dir() -> Path:
     root = _root()
     for old in root.glob(f"{_PREFIX}*"):
         try:
-            pid = int(old.name[len(_PREFIX):].split("-")[0])
+            pid = int(old.name[len(_PREFIX) :].split("-")[0])
         except ValueError:
             continue
         if old.is_dir() and old.stat().st_uid == os.getuid() and not _pid_alive(pid):
@@ -92,8 +92,7 @@ class SlotWriter:
     def write(self, version: int, step: int, base_model_id: str, adapter_config: dict, tensors: Any) -> dict[str, Any]:
         """Encode one version into its slot (see `wire.encode_into`); returns the notice for the coordinator."""
         slot = version % SLOTS
-        size = wire.encode_into(lambda n: self._mapping(slot, n), version, step, base_model_id, adapter_config,
-                                tensors)
+        size = wire.encode_into(lambda n: self._mapping(slot, n), version, step, base_model_id, adapter_config, tensors)
         return {"type": NOTICE, "slot": slot, "version": version, "nbytes": size}
 
     def _mapping(self, slot: int, size: int) -> mmap.mmap:
@@ -143,5 +142,6 @@ class SlotReader:
 def check_notice(notice: dict[str, Any], version: int) -> None:
     """The version read from a slot is the one its notice announced (not one written over it since)."""
     if version != notice.get("version"):
-        raise wire.WireError(f"slot {notice.get('slot')} holds version {version}, "
-                             f"the notice announced {notice.get('version')!r}")
+        raise wire.WireError(
+            f"slot {notice.get('slot')} holds version {version}, the notice announced {notice.get('version')!r}"
+        )

@@ -29,8 +29,10 @@ def format_table(status: dict) -> str:
     ]
     for w in status["workers"]:
         age = "-" if w["heartbeat_age"] is None else f"{w['heartbeat_age']:.1f}s"
-        lines.append(f"{w['name']:<20} {w['role']:<9} {w['state']:<12} {w['pid']:>7} {w['host'][:16]:<16} "
-                     f"{w['version']:>7} {w['restarts']:>8} {age:>9}  {w['http_url']}")
+        lines.append(
+            f"{w['name']:<20} {w['role']:<9} {w['state']:<12} {w['pid']:>7} {w['host'][:16]:<16} "
+            f"{w['version']:>7} {w['restarts']:>8} {age:>9}  {w['http_url']}"
+        )
     return "\n".join(lines)
 
 

@@ -161,9 +161,7 @@ DTYPES: dict[str, np.dtype] = {
     "int8": np.dtype("i1"),
 }
 
-HEADER_KEYS = frozenset(
-    {"proto", "kind", "version", "step", "base_model_id", "adapter_config", "tensors", "checksum"}
-)
+HEADER_KEYS = frozenset({"proto", "kind", "version", "step", "base_model_id", "adapter_config", "tensors", "checksum"})
 TENSOR_KEYS = frozenset({"name", "dtype", "shape", "nbytes"})
 
 # Explicit limits so a hostile header cannot make msgpack allocate much more
@@ -361,8 +359,10 @@ def _raw_entry(entry: Any) -> tuple[_Spec, memoryview]:
 def _sized_buffer(spec: _Spec, buf: Any) -> memoryview:
     view = _buffer_bytes(buf, spec.name)
     if view.nbytes != spec.nbytes:
-        raise WireError(f"tensor {spec.name!r} buffer has {view.nbytes} bytes but {spec.dtype}{list(spec.shape)} "
-                        f"needs {spec.nbytes}")
+        raise WireError(
+            f"tensor {spec.name!r} buffer has {view.nbytes} bytes but {spec.dtype}{list(spec.shape)} "
+            f"needs {spec.nbytes}"
+        )
     return view
 
 
@@ -421,7 +421,7 @@ def encode_into(
 
     def copy_and_hash(indices: range) -> None:
         for i in indices:
-            buf, copy = buffers[i], segment[offsets[i]:offsets[i] + buffers[i].nbytes]
+            buf, copy = buffers[i], segment[offsets[i] : offsets[i] + buffers[i].nbytes]
             if buf.nbytes:
                 np.copyto(copy, np.frombuffer(buf, np.uint8))
             digests[i] = xxhash.xxh3_64_digest(copy)
@@ -439,7 +439,7 @@ def encode_into(
         copy_and_hash(range(len(buffers)))
     header["checksum"] = _checksum(header, specs, digests)
     out[:8] = header_len.to_bytes(8, "little")
-    out[8:8 + header_len] = _pack_header(header, check=False)
+    out[8 : 8 + header_len] = _pack_header(header, check=False)
     return size
 
 
@@ -458,8 +458,9 @@ def _copy_thread_of(pid: int) -> ThreadPoolExecutor:
 _last_layout: tuple[list, list[_Spec], list[dict[str, Any]]] = ([], [], [])
 
 
-def _unsigned_header(version: int, step: int, base_model_id: str, adapter_config: dict[str, Any], tensors: Any,
-                     kind: str) -> tuple[dict[str, Any], list[_Spec], list[memoryview]]:
+def _unsigned_header(
+    version: int, step: int, base_model_id: str, adapter_config: dict[str, Any], tensors: Any, kind: str
+) -> tuple[dict[str, Any], list[_Spec], list[memoryview]]:
     global _last_layout
     try:
         layout = [(name, dtype, shape) for name, dtype, shape, _ in tensors] if isinstance(tensors, list) else None
@@ -533,7 +534,7 @@ def _unpack_header(view: memoryview) -> dict[str, Any]:
             if key == "tensors":
                 start = unpacker.tell()
                 unpacker.skip()
-                header[key] = view[start:unpacker.tell()].tobytes()
+                header[key] = view[start : unpacker.tell()].tobytes()
             else:
                 header[key] = unpacker.unpack()
         if unpacker.tell() != view.nbytes:
@@ -658,9 +659,7 @@ _last_match: tuple[Any, Any] = (None, None)
 def _check_expected(header: dict[str, Any], specs: Sequence[_Spec], expected: Expectation) -> None:
     global _last_match
     if header["base_model_id"] != expected.base_model_id:
-        raise WireError(
-            f"message is for base model {header['base_model_id']!r}, expected {expected.base_model_id!r}"
-        )
+        raise WireError(f"message is for base model {header['base_model_id']!r}, expected {expected.base_model_id!r}")
     if header["version"] <= expected.min_version:
         raise WireError(f"message version {header['version']} is not newer than {expected.min_version}")
     last = _last_match
@@ -710,8 +709,15 @@ def decode(
     return _message(frames[0], header, specs, buffers, expected, max_total_bytes, verify)
 
 
-def _message(header_frame: Any, header: dict[str, Any], specs: Sequence[_Spec], buffers: list[memoryview],
-             expected: Expectation | None, max_total_bytes: int, verify: bool) -> WeightMessage:
+def _message(
+    header_frame: Any,
+    header: dict[str, Any],
+    specs: Sequence[_Spec],
+    buffers: list[memoryview],
+    expected: Expectation | None,
+    max_total_bytes: int,
+    verify: bool,
+) -> WeightMessage:
     total = _check_sizes(specs, buffers, max_total_bytes)
     if expected is not None:
         # Cheap semantic checks before hashing possibly hundreds of MB.
@@ -774,7 +780,7 @@ def _segment_header(view: memoryview) -> tuple[bytes, dict[str, Any]]:
     header_len = int.from_bytes(view[:8], "little")
     if not 0 < header_len <= min(MAX_HEADER_BYTES, view.nbytes - 8):
         raise WireError(f"segment declares a {header_len}-byte header in {view.nbytes} bytes")
-    header_frame = bytes(view[8:8 + header_len])  # copied: a writer may be changing the segment
+    header_frame = bytes(view[8 : 8 + header_len])  # copied: a writer may be changing the segment
     header = _unpack_header(memoryview(header_frame))
     _parse_fields(header)
     return header_frame, header
@@ -800,7 +806,7 @@ def decode_segment(
     offsets, size = _segment_offsets(len(header_frame), [s.nbytes for s in specs])
     if size != view.nbytes:
         raise WireError(f"segment is {view.nbytes} bytes but its header lays out {size}")
-    buffers = [view[o:o + s.nbytes] for o, s in zip(offsets, specs)]
+    buffers = [view[o : o + s.nbytes] for o, s in zip(offsets, specs)]
     return _message(header_frame, header, specs, buffers, expected, max_total_bytes, verify)
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
-
 from helpers import poll as wait_for  # noqa: E402  (tests/ is on sys.path)
 
 START_TIMEOUT = 30.0  # seconds to wait for uvicorn to bind and /health to answer
@@ -167,5 +166,10 @@ def keys(tmp_path: Path) -> dict:
     worker_public, worker_secret = generate_keypair(tmp_path / "keys", "worker")
     (authorized / "worker.key").write_bytes(worker_public.read_bytes())
     _, stranger_secret = generate_keypair(tmp_path / "keys", "stranger")
-    return {"server_public": server_public, "server_secret": server_secret, "authorized": authorized,
-            "worker_secret": worker_secret, "stranger_secret": stranger_secret}
+    return {
+        "server_public": server_public,
+        "server_secret": server_secret,
+        "authorized": authorized,
+        "worker_secret": worker_secret,
+        "stranger_secret": stranger_secret,
+    }

@@ -16,8 +16,15 @@ from mlx.utils import tree_unflatten
 from runner import adapters as A
 
 KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
-ALL_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+ALL_KEYS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 PROMPTS = ["What is 2+3?", "hello world", "The cat and the dog", "one two three"]
 
 
@@ -28,8 +35,18 @@ def adapters_tiny(tmp_path_factory) -> Path:
     return prepare_tiny(tmp_path_factory.mktemp("adapters_models") / "tiny")
 
 
-def make_adapter(model_dir: Path, out: Path, keys=KEYS, num_layers=1, rank=4, scale=2.0, dtypes=None, seed=0,
-                 std=0.1, extra_files=None) -> Path:
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    keys=KEYS,
+    num_layers=1,
+    rank=4,
+    scale=2.0,
+    dtypes=None,
+    seed=0,
+    std=0.1,
+    extra_files=None,
+) -> Path:
     """A real mlx-lm adapter: LoRA applied to the tiny model, random lora_a/lora_b (lora_b != 0), `save_adapter`.
     `dtypes` maps a substring of the tensor name to its dtype (default float32)."""
     from mlx_lm import load
@@ -162,8 +179,15 @@ def test_peft_layout_names_shapes_and_config(adapters_tiny, mixed_adapter, tmp_p
     assert mx.allclose(lhs, rhs, atol=1e-5).item()
 
     # an adapter on every block needs no layers_to_transform, and float files read with the stock safetensors lib
-    full = make_adapter(adapters_tiny, tmp_path / "full", keys=ALL_KEYS, num_layers=-1, rank=8, scale=20.0,
-                        dtypes={"v_proj": mx.float16})
+    full = make_adapter(
+        adapters_tiny,
+        tmp_path / "full",
+        keys=ALL_KEYS,
+        num_layers=-1,
+        rank=8,
+        scale=20.0,
+        dtypes={"v_proj": mx.float16},
+    )
     A.convert(full, tmp_path / "full_peft")
     cfg = json.loads((tmp_path / "full_peft" / "adapter_config.json").read_text())
     assert "layers_to_transform" not in cfg and cfg["lora_alpha"] == 160
@@ -188,17 +212,33 @@ def test_foreign_peft_adapter_maps_config_and_loads_in_mlx_lm(adapters_tiny, tmp
         tensors[f"base_model.model.model.layers.1.{mod}.lora_A.weight"] = rng.normal(size=(4, i)).astype(np.float32)
         tensors[f"base_model.model.model.layers.1.{mod}.lora_B.weight"] = rng.normal(size=(o, 4)).astype(np.float32)
     save_file(tensors, str(src / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (src / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
-        "layers_to_transform": [1], "bias": "none", "task_type": "CAUSAL_LM"}))
+    (src / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 32,
+                "lora_dropout": 0.05,
+                "target_modules": ["q_proj", "v_proj"],
+                "layers_to_transform": [1],
+                "bias": "none",
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
     dst = tmp_path / "mlx"
     A.convert(src, dst)
     cfg = mlx_config(dst)
-    assert cfg == {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {
-        "rank": 4, "scale": 8.0, "dropout": 0.05, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
+    assert cfg == {
+        "fine_tune_type": "lora",
+        "num_layers": 1,
+        "lora_parameters": {"rank": 4, "scale": 8.0, "dropout": 0.05, "keys": ["self_attn.q_proj", "self_attn.v_proj"]},
+    }
     ours = mx.load(str(dst / "adapters.safetensors"))
-    np.testing.assert_array_equal(np.array(ours["model.layers.1.self_attn.v_proj.lora_b"]),
-                                  tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].T)
+    np.testing.assert_array_equal(
+        np.array(ours["model.layers.1.self_attn.v_proj.lora_b"]),
+        tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].T,
+    )
     load(str(adapters_tiny), adapter_path=str(dst))  # mlx-lm accepts names, shapes and config
 
     # rsLoRA scales by alpha / sqrt(r); non-contiguous layers cannot be expressed as mlx-lm's last-N
@@ -254,8 +294,8 @@ def test_not_an_adapter_errors(tmp_path):
 
 
 def _field(text: str, name: str) -> str:
-    line = next(l for l in text.splitlines() if l.startswith(name + " "))
-    return line[len(name):].strip()
+    line = next(row for row in text.splitlines() if row.startswith(name + " "))
+    return line[len(name) :].strip()
 
 
 def test_show_adapter_dir_all_formats(mixed_adapter, tmp_path):
@@ -280,16 +320,40 @@ def write_run(model_dir: Path, run: Path, steps=(10, 20, 30), latest=30, n_metri
     """A run directory in the learner's layout with real adapters in every checkpoint."""
     lines = []
     for s in range(1, n_metrics + 1):
-        lines.append(json.dumps({"step": s, "version": s, "reward_mean": 0.1 + 0.02 * s, "reward_std": 0.1,
-                                 "loss": 0.5 / s, "kl": 0.001 * s, "tokens_per_s": 1000.0, "staleness": 1,
-                                 "seconds": 1.5, "time": 1000.0 + 1.5 * s}))
+        lines.append(
+            json.dumps(
+                {
+                    "step": s,
+                    "version": s,
+                    "reward_mean": 0.1 + 0.02 * s,
+                    "reward_std": 0.1,
+                    "loss": 0.5 / s,
+                    "kl": 0.001 * s,
+                    "tokens_per_s": 1000.0,
+                    "staleness": 1,
+                    "seconds": 1.5,
+                    "time": 1000.0 + 1.5 * s,
+                }
+            )
+        )
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     for s in steps:
-        state = {"step": s, "version": s, "metrics": json.loads(lines[s - 1]), "config": {}, "base_model_id": "tiny",
-                 "time": 1000.0 + s}
-        make_adapter(model_dir, run / "checkpoints" / f"step_{s:06d}", rank=4, seed=s,
-                     extra_files={"state.json": json.dumps(state).encode(), "optimizer.safetensors": b""})
+        state = {
+            "step": s,
+            "version": s,
+            "metrics": json.loads(lines[s - 1]),
+            "config": {},
+            "base_model_id": "tiny",
+            "time": 1000.0 + s,
+        }
+        make_adapter(
+            model_dir,
+            run / "checkpoints" / f"step_{s:06d}",
+            rank=4,
+            seed=s,
+            extra_files={"state.json": json.dumps(state).encode(), "optimizer.safetensors": b""},
+        )
     (run / "checkpoints" / "latest").write_text(f"step_{latest:06d}\n")
     return run
 
@@ -301,11 +365,13 @@ def test_show_run_dir(adapters_tiny, tmp_path):
     assert lines[0] == f"run {run}: 3 checkpoint(s)"
     header = lines[1].split()
     assert header == ["step", "version", "rank", "targets", "size", "reward_mean", "loss", "kl", "latest"]
-    rows = [re.split(r"\s{2,}", l) for l in lines[2:5]]  # columns are separated by 2+ spaces
+    rows = [re.split(r"\s{2,}", row) for row in lines[2:5]]  # columns are separated by 2+ spaces
     assert [r[0] for r in rows] == ["10", "20", "30"] and [r[1] for r in rows] == ["10", "20", "30"]
     assert all(r[2] == "4" and r[3] == "q_proj,v_proj,down_proj" for r in rows)
-    size = sum((run / "checkpoints" / "step_000010" / n).stat().st_size for n in ("adapters.safetensors",
-                                                                                  "adapter_config.json"))
+    size = sum(
+        (run / "checkpoints" / "step_000010" / n).stat().st_size
+        for n in ("adapters.safetensors", "adapter_config.json")
+    )
     assert rows[0][4] == A.human_size(size) == f"{size / 1e3:.1f} kB"
     # metrics at that step (from state.json), 4 significant digits
     assert rows[1][5:8] == [f"{0.1 + 0.02 * 20:.4g}", f"{0.5 / 20:.4g}", f"{0.001 * 20:.4g}"]
@@ -342,8 +408,16 @@ def logits(model, tokenizer, prompt: str) -> mx.array:
 @pytest.fixture(scope="module")
 def strong_adapter(adapters_tiny, tmp_path_factory) -> Path:
     """Every projection of every block, large enough to change the tiny model's greedy output."""
-    return make_adapter(adapters_tiny, tmp_path_factory.mktemp("strong") / "adapter", keys=ALL_KEYS, num_layers=-1,
-                        rank=8, scale=20.0, std=0.05, seed=3)
+    return make_adapter(
+        adapters_tiny,
+        tmp_path_factory.mktemp("strong") / "adapter",
+        keys=ALL_KEYS,
+        num_layers=-1,
+        rank=8,
+        scale=20.0,
+        std=0.05,
+        seed=3,
+    )
 
 
 def test_merge_float_base_matches_base_plus_adapter(adapters_tiny, strong_adapter, tmp_path):
@@ -372,8 +446,9 @@ def test_merge_float_base_matches_base_plus_adapter(adapters_tiny, strong_adapte
         merge(adapters_tiny, strong_adapter, out)
     A.convert(strong_adapter, tmp_path / "strong_peft")
     merge(adapters_tiny, tmp_path / "strong_peft", out, force=True)
-    assert_bitwise_equal(mx.load(str(out / "model.safetensors")),
-                         mx.load(str(tmp_path / "merged" / "model.safetensors")))
+    assert_bitwise_equal(
+        mx.load(str(out / "model.safetensors")), mx.load(str(tmp_path / "merged" / "model.safetensors"))
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

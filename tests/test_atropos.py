@@ -15,13 +15,12 @@ import threading
 import httpx
 import numpy as np
 import pytest
+from helpers import poll
 
 from runner.config import LearnerConfig
 from workers.learner.sources import AtroposSource, scored_data_to_group
 from workers.learner.trainer import Trainer, prepare_batch
 from workers.lora import LoraSpec
-
-from helpers import poll
 
 GROUP = 4
 GROUPS_PER_BATCH = 2
@@ -36,10 +35,16 @@ def free_port() -> int:
 
 @pytest.fixture
 def atropos_api():
-    pytest.importorskip("atroposlib.api.server", reason="atroposlib is not installed (pip install --no-deps atroposlib)")
+    pytest.importorskip(
+        "atroposlib.api.server", reason="atroposlib is not installed (pip install --no-deps atroposlib)"
+    )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -67,8 +72,11 @@ def make_group(tokenizer, index: int, with_advantages: bool) -> dict:
     """One ScoredData the way an Atropos env built on ManagedServer sends it: masks -100 on the prompt and the token
     id where trained, inference_logprobs 1.0 on the prompt, a score per completion, optional per-token advantages."""
     rng = np.random.default_rng(index)
-    prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": f"Count to {index + 3}."}],
-                                                add_generation_prompt=True))
+    prompt = list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Count to {index + 3}."}], add_generation_prompt=True
+        )
+    )
     tokens, masks, lps, scores, advs = [], [], [], [], []
     digits = {tokenizer.encode(str(d))[0] for d in range(10)}
     for j in range(GROUP):
@@ -83,8 +91,13 @@ def make_group(tokenizer, index: int, with_advantages: bool) -> dict:
     if with_advantages:
         centred = np.asarray(scores) - np.mean(scores)
         advs = [[float(a)] * len(t) for a, t in zip(centred, tokens)]
-    return {"tokens": tokens, "masks": masks, "scores": scores, "inference_logprobs": lps,
-            "advantages": advs if with_advantages else None}
+    return {
+        "tokens": tokens,
+        "masks": masks,
+        "scores": scores,
+        "inference_logprobs": lps,
+        "advantages": advs if with_advantages else None,
+    }
 
 
 class MinimalEnv(threading.Thread):
@@ -100,9 +113,12 @@ class MinimalEnv(threading.Thread):
     def run(self) -> None:
         try:
             with httpx.Client(timeout=10) as c:
+
                 def registered():
-                    r = c.post(f"{self.url}/register-env", json={"max_token_length": 512, "desired_name": "digits",
-                                                                  "weight": 1.0, "group_size": GROUP}).json()
+                    r = c.post(
+                        f"{self.url}/register-env",
+                        json={"max_token_length": 512, "desired_name": "digits", "weight": 1.0, "group_size": GROUP},
+                    ).json()
                     return r if r.get("status") == "success" else None
 
                 self.env_id = poll(registered, 30, "the trainer to start")["env_id"]
@@ -114,9 +130,13 @@ class MinimalEnv(threading.Thread):
 
 
 def test_scored_data_conversion():
-    item = {"tokens": [[5, 6, 7, 8], [5, 6, 9]], "masks": [[-100, -100, 7, 8], [-100, -100, 9]],
-            "scores": [1.0, 0.0], "advantages": [[0.5] * 4, [-0.5] * 3],
-            "inference_logprobs": [[1.0, 1.0, -0.1, -0.2], [1.0, 1.0, -0.3]]}
+    item = {
+        "tokens": [[5, 6, 7, 8], [5, 6, 9]],
+        "masks": [[-100, -100, 7, 8], [-100, -100, 9]],
+        "scores": [1.0, 0.0],
+        "advantages": [[0.5] * 4, [-0.5] * 3],
+        "inference_logprobs": [[1.0, 1.0, -0.1, -0.2], [1.0, 1.0, -0.3]],
+    }
     group = scored_data_to_group(item)
     assert [s.mask for s in group] == [[0, 0, 1, 1], [0, 0, 1]]
     assert [s.advantage for s in group] == [0.5, -0.5]
@@ -131,12 +151,19 @@ def test_scored_data_conversion():
 
 
 def test_trainer_trains_on_run_api_batches(atropos_api, tiny_model):
-    trainer = Trainer.load(tiny_model, LearnerConfig(learning_rate=5e-3, group_size=GROUP,
-                                                     batch_size=GROUPS_PER_BATCH), SPEC)
+    trainer = Trainer.load(
+        tiny_model, LearnerConfig(learning_rate=5e-3, group_size=GROUP, batch_size=GROUPS_PER_BATCH), SPEC
+    )
     tok = trainer.tokenizer
     groups = [make_group(tok, i, with_advantages=i % 2 == 0) for i in range(2 * GROUPS_PER_BATCH)]
-    source = AtroposSource(atropos_api, batch_size=GROUP * GROUPS_PER_BATCH, max_token_len=512, starting_step=0,
-                           num_steps=2, wait_timeout=60)
+    source = AtroposSource(
+        atropos_api,
+        batch_size=GROUP * GROUPS_PER_BATCH,
+        max_token_len=512,
+        starting_step=0,
+        num_steps=2,
+        wait_timeout=60,
+    )
     env = MinimalEnv(atropos_api, groups)
     env.start()
     before = {k: np.array(v) for k, v in trainer.lora_tensors().items()}

@@ -2,7 +2,6 @@
 
 import subprocess
 
-
 import runner
 
 

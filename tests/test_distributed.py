@@ -39,8 +39,16 @@ SPEC = LoraSpec(rank=4, scale=10.0, keys=KEYS)
 # micro-batches of 3 (shards are micro-batched too), a KL term (reference forward per micro-batch), and a gradient
 # norm cap the updates exceed, so the clipping must use the global norm to match.
 LEARNER = LearnerConfig(learning_rate=1e-3, micro_batch_size=3, kl_coef=0.05, max_grad_norm=0.05, seed=3)
-SETS = ["lora.rank=4", "lora.scale=10.0", f"lora.keys={json.dumps(KEYS)}", "learner.learning_rate=0.001",
-        "learner.micro_batch_size=3", "learner.kl_coef=0.05", "learner.max_grad_norm=0.05", "learner.seed=3"]
+SETS = [
+    "lora.rank=4",
+    "lora.scale=10.0",
+    f"lora.keys={json.dumps(KEYS)}",
+    "learner.learning_rate=0.001",
+    "learner.micro_batch_size=3",
+    "learner.kl_coef=0.05",
+    "learner.max_grad_norm=0.05",
+    "learner.seed=3",
+]
 GROUPS_PER_STEP = [5, 4, 1]  # odd split (3 + 2 groups), even split, and one group: rank 1 trains nothing
 
 
@@ -55,8 +63,11 @@ def make_batches(seed: int = 11, group_size: int = 4, vocab: int = 512) -> list[
             group = []
             for _ in range(group_size):
                 n = int(rng.integers(2, 9))
-                group.append(Sample.from_completion(prompt, rng.integers(3, vocab, n).tolist(),
-                                                    float(rng.random()), (-rng.random(n) * 5).tolist()))
+                group.append(
+                    Sample.from_completion(
+                        prompt, rng.integers(3, vocab, n).tolist(), float(rng.random()), (-rng.random(n) * 5).tolist()
+                    )
+                )
             groups.append(group)
         batches.append(Batch(groups))
     return batches
@@ -105,23 +116,43 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
             outs.append(out)
     except subprocess.TimeoutExpired:
         _kill(procs)
-        raise AssertionError(f"distributed run did not finish within {timeout:.0f}s")
+        raise AssertionError(f"distributed run did not finish within {timeout:.0f}s") from None
     finally:
         _kill(procs)
     return outs
 
 
-PROBE = ("import mlx.core as mx; g = mx.distributed.init(strict=True, backend='ring'); "
-         "print('size', g.size(), 'sum', mx.distributed.all_sum(mx.array([1.0])).item(), flush=True)")
+PROBE = (
+    "import mlx.core as mx; g = mx.distributed.init(strict=True, backend='ring'); "
+    "print('size', g.size(), 'sum', mx.distributed.all_sum(mx.array([1.0])).item(), flush=True)"
+)
 
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory) -> None:
     """Skip unless two ranks started by `mlx.launch -n 2 --backend ring` can all_sum over loopback TCP."""
-    cmd = [*dist.MLX_LAUNCH, "-n", "2", "--backend", "ring",
-           "--starting-port", str(free_port_pair()), "--", sys.executable, "-c", PROBE]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=_env(), start_new_session=True)
+    cmd = [
+        *dist.MLX_LAUNCH,
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(free_port_pair()),
+        "--",
+        sys.executable,
+        "-c",
+        PROBE,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -130,8 +161,10 @@ def ring(tmp_path_factory) -> None:
     finally:
         _kill([proc])
     if proc.returncode != 0 or out.count("size 2 sum 2.0") != 2:
-        pytest.skip(f"the mx.distributed ring backend cannot start here (mlx.launch exit {proc.returncode}): "
-                    f"{out.strip()[-500:]}")
+        pytest.skip(
+            f"the mx.distributed ring backend cannot start here (mlx.launch exit {proc.returncode}): "
+            f"{out.strip()[-500:]}"
+        )
 
 
 def start_ranks(args: list[str], tmp: Path) -> list[subprocess.Popen]:
@@ -139,10 +172,19 @@ def start_ranks(args: list[str], tmp: Path) -> list[subprocess.Popen]:
     port = free_port_pair()
     hostfile = dist.write_local_hostfile(tmp / "hosts.json", [port, port + 1])
     cmd = [sys.executable, "-m", "workers.learner.distributed", *args]
-    return [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, cwd=REPO, env=_env(**dist.local_rank_env(r, hostfile)),
-                             start_new_session=True)
-            for r in range(2)]
+    return [
+        subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=_env(**dist.local_rank_env(r, hostfile)),
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
 
 
 def max_abs_diff(a: dict[str, mx.array], b: dict[str, mx.array]) -> float:
@@ -164,8 +206,20 @@ def reference(tiny_model, tmp_path_factory) -> tuple[Path, dict[str, mx.array], 
 
 
 def train_args(tiny_model: Path, replay: Path, tmp: Path, *extra: str) -> list[str]:
-    args = ["train", "--model", str(tiny_model), "--replay", str(replay), "--steps", str(len(GROUPS_PER_STEP)),
-            "--out", str(tmp / "adapter"), "--run-dir", str(tmp / "run"), *extra]
+    args = [
+        "train",
+        "--model",
+        str(tiny_model),
+        "--replay",
+        str(replay),
+        "--steps",
+        str(len(GROUPS_PER_STEP)),
+        "--out",
+        str(tmp / "adapter"),
+        "--run-dir",
+        str(tmp / "run"),
+        *extra,
+    ]
     for s in SETS:
         args += ["--set", s]
     return args
@@ -205,10 +259,31 @@ def test_two_ranks_make_the_single_process_update(tiny_model, tmp_path, ring, re
 def _launch(command: list[str], tmp: Path, *launch_args: str) -> subprocess.Popen:
     """`distributed launch --hosts 2 [LAUNCH_ARGS] -- COMMAND`: two local ranks (started directly unless
     --mlx-launch)."""
-    cmd = [sys.executable, "-m", "workers.learner.distributed", "launch", "--hosts", "2",
-           "--port", str(free_port_pair()), "--workdir", str(tmp / "ring"), *launch_args, "--", *command]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO, env=_env(), start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.learner.distributed",
+        "launch",
+        "--hosts",
+        "2",
+        "--port",
+        str(free_port_pair()),
+        "--workdir",
+        str(tmp / "ring"),
+        *launch_args,
+        "--",
+        *command,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=_env(),
+        start_new_session=True,
+    )
 
 
 def _train_cmd(args: list[str]) -> list[str]:
@@ -308,11 +383,12 @@ def test_shard_batch_splits_whole_groups():
 
 
 def test_launch_command_writes_an_mlx_hostfile(tmp_path):
-    argv = dist.launch_command(2, ["python", "-m", "workers.learner.main"], tmp_path / "hosts.json",
-                               starting_port=40000, env={"A": "1"})
+    argv = dist.launch_command(
+        2, ["python", "-m", "workers.learner.main"], tmp_path / "hosts.json", starting_port=40000, env={"A": "1"}
+    )
     assert argv[argv.index("--env") + 1] == "A=1"
     assert argv[:3] == list(dist.MLX_LAUNCH)
-    assert argv[argv.index("--") + 1:] == ["python", "-m", "workers.learner.main"]
+    assert argv[argv.index("--") + 1 :] == ["python", "-m", "workers.learner.main"]
     hostfile = json.loads((tmp_path / "hosts.json").read_text())
     assert hostfile["backend"] == "ring"
     assert hostfile["hosts"] == [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2
@@ -320,5 +396,7 @@ def test_launch_command_writes_an_mlx_hostfile(tmp_path):
 
     assert [h.ips for h in Hostfile.from_file(tmp_path / "hosts.json").hosts] == [["127.0.0.1"]] * 2
     assert dist.ring_hosts(["localhost=10.0.0.1", "mac2.local=10.0.0.2"]) == [
-        {"ssh": "127.0.0.1", "ips": ["10.0.0.1"]}, {"ssh": "mac2.local", "ips": ["10.0.0.2"]}]
+        {"ssh": "127.0.0.1", "ips": ["10.0.0.1"]},
+        {"ssh": "mac2.local", "ips": ["10.0.0.2"]},
+    ]
     assert dist.parse_hosts("2") == 2 and dist.parse_hosts("a, b") == ["a", "b"]

@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 import openai
 import pytest
-
 from conftest import live_server, wait_for
+
 from workers.generation.server import load_engine
 
 TIMEOUT = 30.0  # per HTTP call
@@ -100,8 +100,14 @@ def test_openai_completions_n_logprobs_usage(base, client) -> None:
 
 def test_openai_chat_n_logprobs(base, client) -> None:
     eos = eos_ids(base.engine)
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2+3?"}], n=4,
-                                       max_tokens=10, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "What is 2+3?"}],
+        n=4,
+        max_tokens=10,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     total = 0
     for c in r.choices:
@@ -153,16 +159,18 @@ def test_openai_streaming(base, client) -> None:
     assert finish == {c.index: c.finish_reason for c in whole}
 
     # Chat: role first, content deltas, finish_reason at the end.
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
-                                          temperature=0, stream=True)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0, stream=True
+    )
     content, reasons = "", []
     for chunk in chat:
         for c in chunk.choices:
             content += c.delta.content or ""
             reasons.append(c.finish_reason)
     assert reasons[-1] in ("length", "stop") and all(r is None for r in reasons[:-1])
-    whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
-                                           temperature=0)
+    whole = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0
+    )
     assert content == whole.choices[0].message.content
 
 
@@ -176,9 +184,15 @@ def test_greedy_tokens_and_logprobs_match_full_forward(base, tiny_model: Path, h
     model, tokenizer = mlx_lm.load(str(tiny_model))
     max_tokens = 24
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        futures = [pool.submit(post, http, f"{base.v1}/completions",
-                               {"prompt": p, "max_tokens": max_tokens, "temperature": 0, "n": 2 if i == 0 else 1})
-                   for i, p in enumerate(PROMPTS)]
+        futures = [
+            pool.submit(
+                post,
+                http,
+                f"{base.v1}/completions",
+                {"prompt": p, "max_tokens": max_tokens, "temperature": 0, "n": 2 if i == 0 else 1},
+            )
+            for i, p in enumerate(PROMPTS)
+        ]
         results = [f.result().json() for f in futures]
     for prompt, r in zip(PROMPTS, results):
         prompt_ids = tokenizer.encode(prompt)
@@ -189,8 +203,10 @@ def test_greedy_tokens_and_logprobs_match_full_forward(base, tiny_model: Path, h
             np.testing.assert_allclose(lps, expected, atol=1e-4, rtol=0)
 
     # And mlx-lm's own single-sequence generate agrees on the tokens.
-    reference = [resp.token for resp in mlx_lm.stream_generate(model, tokenizer, tokenizer.encode(PROMPTS[2]),
-                                                                 max_tokens=max_tokens)]
+    reference = [
+        resp.token
+        for resp in mlx_lm.stream_generate(model, tokenizer, tokenizer.encode(PROMPTS[2]), max_tokens=max_tokens)
+    ]
     assert results[2]["choices"][0]["token_ids"][: len(reference)] == reference
 
 
@@ -209,9 +225,15 @@ def test_32_concurrent_requests_share_the_batch(base, http: httpx.Client) -> Non
     watcher.start()
     try:
         with cf.ThreadPoolExecutor(32) as pool:
-            futures = [pool.submit(post, http, f"{base.v1}/completions",
-                                   {"prompt": PROMPTS[i % 4], "max_tokens": m, "temperature": 1.0})
-                       for i, m in enumerate(max_tokens)]
+            futures = [
+                pool.submit(
+                    post,
+                    http,
+                    f"{base.v1}/completions",
+                    {"prompt": PROMPTS[i % 4], "max_tokens": m, "temperature": 1.0},
+                )
+                for i, m in enumerate(max_tokens)
+            ]
             results = [f.result() for f in futures]
     finally:
         done.set()
@@ -297,15 +319,21 @@ def test_adapter_switch_under_load_is_atomic(lora_engine, serve, http: httpx.Cli
 
     srv = serve(engine)
     max_tokens = 240
-    bodies = [{"prompt": PROMPTS[i % 4] + " x" * i, "max_tokens": max_tokens, "temperature": 0,
-               "n": 2 if i % 5 == 0 else 1} for i in range(12)]
+    bodies = [
+        {"prompt": PROMPTS[i % 4] + " x" * i, "max_tokens": max_tokens, "temperature": 0, "n": 2 if i % 5 == 0 else 1}
+        for i in range(12)
+    ]
     total = sum(b["n"] for b in bodies) * max_tokens
     with cf.ThreadPoolExecutor(len(bodies)) as pool:
         futures = [pool.submit(post, http, f"{srv.v1}/completions", b) for b in bodies]
         start = engine.stats.generation_tokens_total
         for v, fraction in ((1, 0.1), (2, 0.35), (3, 0.6)):
-            wait_for(lambda: engine.stats.generation_tokens_total - start >= fraction * total, TIMEOUT,
-                     f"{fraction:.0%} of the tokens before installing version {v}", interval=0.002)
+            wait_for(
+                lambda fraction=fraction: engine.stats.generation_tokens_total - start >= fraction * total,
+                TIMEOUT,
+                f"{fraction:.0%} of the tokens before installing version {v}",
+                interval=0.002,
+            )
             assert engine.install_adapter(v, adapters[v]).wait(TIMEOUT)
             assert engine.version == v
         results = [f.result().json() for f in futures]
@@ -337,8 +365,10 @@ def test_fused_lora_forward_matches_mlx_lm(lora_engine) -> None:
     fused = [m for _, m in model.named_modules() if type(m) is FusedLoRALinear]
     assert len(fused) == len(lora_layout(model)) // 2  # every wrapped projection (lora_a + lora_b each)
     rng = np.random.default_rng(3)
-    set_lora(model, {k: mx.array(rng.normal(size=shape).astype(np.float32) * 0.1)
-                     for k, (shape, _) in lora_layout(model).items()})
+    set_lora(
+        model,
+        {k: mx.array(rng.normal(size=shape).astype(np.float32) * 0.1) for k, (shape, _) in lora_layout(model).items()},
+    )
     tokens = mx.array(rng.integers(3, 500, size=(2, 24)))
     ours = model(tokens)
     try:
@@ -356,8 +386,15 @@ def test_fused_lora_forward_matches_mlx_lm(lora_engine) -> None:
 # ------------------------------------------------------------------------------------------------- Atropos
 def test_generate_matches_atropos_vllm_parsing(base, http: httpx.Client) -> None:
     prompt_ids = base.engine.tokenizer.encode(PROMPTS[0])
-    body = {"prompt": {"prompt_token_ids": prompt_ids}, "logprobs": 0, "n": 3, "max_tokens": 10,
-            "temperature": 1.0, "top_p": 1.0, "stop": ["User:", "Human:"]}
+    body = {
+        "prompt": {"prompt_token_ids": prompt_ids},
+        "logprobs": 0,
+        "n": 3,
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "stop": ["User:", "Human:"],
+    }
     r = post(http, f"{base.base}/generate", body)
     assert r.status_code == 200, r.text
     results = r.json()
@@ -416,8 +453,10 @@ def test_bad_inputs_get_4xx_in_openai_shape(base, http: httpx.Client) -> None:
     with httpx.Client(timeout=TIMEOUT) as c:
         cases = [(f"{base.v1}/completions", k, v) for k, v in BAD_COMPLETIONS.items()]
         cases += [(f"{base.v1}/chat/completions", k, v) for k, v in BAD_CHAT.items()]
-        cases += [(f"{base.base}/generate", "generate without prompt", {"n": 1}),
-                  (f"{base.base}/generate", "generate stream", {"prompt": {"prompt_token_ids": [1]}, "stream": True})]
+        cases += [
+            (f"{base.base}/generate", "generate without prompt", {"n": 1}),
+            (f"{base.base}/generate", "generate stream", {"prompt": {"prompt_token_ids": [1]}, "stream": True}),
+        ]
         too_long = "hello world " * 2000  # far more tokens than the 2048-token context
         cases += [(f"{base.v1}/completions", "prompt longer than the context", {"prompt": too_long})]
         for url, name, body in cases:
@@ -506,14 +545,18 @@ def test_cancelled_requests_release_their_queue_slots(tiny_model: Path, serve, h
         next(lines)  # the batch is busy from here on
         for _ in range(5):
             try:
-                status = post(http, f"{srv.v1}/completions", {"prompt": "hi", "max_tokens": 500},
-                              timeout=0.05).status_code
+                status = post(
+                    http, f"{srv.v1}/completions", {"prompt": "hi", "max_tokens": 500}, timeout=0.05
+                ).status_code
             except httpx.TimeoutException:
                 status = None
             assert status != 429, "a cancelled request kept its queue slot"
             assert srv.metrics()["runner_active_sequences"] == 1, "the long request should still be running"
-            wait_for(lambda: srv.metrics()["runner_active_sequences"] <= 1
-                     and srv.metrics()["runner_queue_depth"] == 0, TIMEOUT, "the cancelled request to leave")
+            wait_for(
+                lambda: srv.metrics()["runner_active_sequences"] <= 1 and srv.metrics()["runner_queue_depth"] == 0,
+                TIMEOUT,
+                "the cancelled request to leave",
+            )
         assert srv.metrics()["runner_requests_total"] - before >= 3, "the server should have seen the requests"
     # (After the stream is closed: with this admission rule a new request would wait for the long one to end.)
     wait_for(lambda: srv.metrics()["runner_active_sequences"] == 0, TIMEOUT, "the stream's slot to be freed")
@@ -531,8 +574,10 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
                 return line
         if proc.poll() is not None:
             break
-    raise AssertionError(f"`runner serve` printed nothing within {timeout}s (exit {proc.poll()}): "
-                         f"{proc.stderr.read() if proc.poll() is not None else ''}")
+    raise AssertionError(
+        f"`runner serve` printed nothing within {timeout}s (exit {proc.poll()}): "
+        f"{proc.stderr.read() if proc.poll() is not None else ''}"
+    )
 
 
 def _random_adapter(tiny_model: Path, out: Path) -> Path:
@@ -545,8 +590,9 @@ def _random_adapter(tiny_model: Path, out: Path) -> Path:
     spec = LoraSpec(rank=8, keys=["self_attn.q_proj", "self_attn.v_proj"])
     apply_lora(model, spec)
     rng = np.random.default_rng(7)
-    set_lora(model, {k: mx.array(rng.normal(size=v.shape).astype(np.float32) * 0.3)
-                     for k, v in lora_tensors(model).items()})
+    set_lora(
+        model, {k: mx.array(rng.normal(size=v.shape).astype(np.float32) * 0.3) for k, v in lora_tensors(model).items()}
+    )
     return save_adapter(out, model, spec)
 
 
@@ -557,19 +603,31 @@ def test_runner_serve_with_saved_adapter_matches_mlx_lm(tiny_model: Path, tmp_pa
 
     adapter = _random_adapter(tiny_model, tmp_path / "adapter")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.cli", "serve", "--model", str(tiny_model), "--adapter", str(adapter),
-         "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "runner.cli",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--adapter",
+            str(adapter),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         # The reference, computed while the server starts up.
         prompt = PROMPTS[0]
         model, tokenizer = mlx_lm.load(str(tiny_model), adapter_path=str(adapter))
-        expected = [r.token for r in mlx_lm.stream_generate(model, tokenizer, tokenizer.encode(prompt),
-                                                            max_tokens=16)]
+        expected = [r.token for r in mlx_lm.stream_generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=16)]
         base_model, _ = mlx_lm.load(str(tiny_model))
-        base_tokens = [r.token for r in mlx_lm.stream_generate(base_model, tokenizer, tokenizer.encode(prompt),
-                                                                 max_tokens=16)]
+        base_tokens = [
+            r.token for r in mlx_lm.stream_generate(base_model, tokenizer, tokenizer.encode(prompt), max_tokens=16)
+        ]
         assert base_tokens != expected, "the adapter should change the output, or this test proves nothing"
 
         line = _read_line(proc, 60)

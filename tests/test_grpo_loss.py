@@ -246,10 +246,18 @@ def test_all_masked_batch_is_zero_not_nan():
         loss, metrics = mlx_loss(batch, p)
         assert loss.item() == 0.0
         assert all(np.isfinite(v.item()) for v in metrics.values())
-        g = mx.grad(lambda x: grpo_token_loss(x, mx.array(batch["old"]), mx.array(batch["ref"]),
-                                              mx.array(batch["samp"]), mx.array(batch["adv"]),
-                                              mx.array(batch["mask"]), p,
-                                              entropy=mx.array(batch["ent"]))[0])(mx.array(batch["lp"]))
+        g = mx.grad(
+            lambda x, p=p: grpo_token_loss(
+                x,
+                mx.array(batch["old"]),
+                mx.array(batch["ref"]),
+                mx.array(batch["samp"]),
+                mx.array(batch["adv"]),
+                mx.array(batch["mask"]),
+                p,
+                entropy=mx.array(batch["ent"]),
+            )[0]
+        )(mx.array(batch["lp"]))
         assert np.all(np.array(g) == 0.0)
 
 
@@ -292,8 +300,14 @@ def test_grad_matches_finite_differences(kl_estimator, loss_agg):
 
     def mx_f(x):
         return grpo_token_loss(
-            x, mx.array(batch["old"]), mx.array(batch["ref"]), mx.array(batch["samp"]),
-            mx.array(batch["adv"]), mx.array(batch["mask"]), p, entropy=mx.array(batch["ent"]),
+            x,
+            mx.array(batch["old"]),
+            mx.array(batch["ref"]),
+            mx.array(batch["samp"]),
+            mx.array(batch["adv"]),
+            mx.array(batch["mask"]),
+            p,
+            entropy=mx.array(batch["ent"]),
         )[0]
 
     want = _fd_grad(np_f, lp64)
@@ -310,8 +324,16 @@ def test_entropy_gradient_is_minus_coef_over_n():
     n = batch["mask"].sum()
 
     def f(ent):
-        return grpo_token_loss(mx.array(batch["lp"]), mx.array(batch["old"]), None, None,
-                               mx.array(batch["adv"]), mx.array(batch["mask"]), p, entropy=ent)[0]
+        return grpo_token_loss(
+            mx.array(batch["lp"]),
+            mx.array(batch["old"]),
+            None,
+            None,
+            mx.array(batch["adv"]),
+            mx.array(batch["mask"]),
+            p,
+            entropy=ent,
+        )[0]
 
     g = np.array(mx.grad(f)(mx.array(batch["ent"])))
     np.testing.assert_allclose(g, -0.3 * batch["mask"] / n, atol=1e-7)
@@ -322,8 +344,15 @@ def test_value_and_grad_accepts_metrics_aux():
     p = GRPOParams(kl_coef=0.1)
 
     def f(x):
-        return grpo_token_loss(x, mx.array(batch["old"]), mx.array(batch["ref"]), mx.array(batch["samp"]),
-                               mx.array(batch["adv"]), mx.array(batch["mask"]), p)
+        return grpo_token_loss(
+            x,
+            mx.array(batch["old"]),
+            mx.array(batch["ref"]),
+            mx.array(batch["samp"]),
+            mx.array(batch["adv"]),
+            mx.array(batch["mask"]),
+            p,
+        )
 
     (loss, metrics), g = mx.value_and_grad(f)(mx.array(batch["lp"]))
     assert g.shape == batch["lp"].shape and np.isfinite(loss.item()) and "clip_frac" in metrics
@@ -421,8 +450,14 @@ def tiny_model():
 
     mx.random.seed(0)
     args = ModelArgs(
-        model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-        num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50,
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=50,
     )
     model = Model(args)
     mx.eval(model.parameters())

@@ -322,6 +322,9 @@ def test_keys_module_imports_no_mlx():
     import subprocess
     import sys
 
-    code = "import sys, runner.keys, runner.deploy; assert 'mlx' not in sys.modules, sorted(m for m in sys.modules if 'mlx' in m)"
+    code = (
+        "import sys, runner.keys, runner.deploy; "
+        "assert 'mlx' not in sys.modules, sorted(m for m in sys.modules if 'mlx' in m)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert keys.PUBLIC_SUFFIX == ".key"

@@ -22,8 +22,12 @@ from runner.status import fetch_status
 pytestmark = pytest.mark.slow
 
 QUICK = [
-    "learner.steps=14", "checkpoint.interval=3", "coordinator.control=\"tcp://127.0.0.1:0\"",
-    "coordinator.weights=\"tcp://127.0.0.1:0\"", "coordinator.heartbeat_timeout=20.0", "generation.port=0",
+    "learner.steps=14",
+    "checkpoint.interval=3",
+    'coordinator.control="tcp://127.0.0.1:0"',
+    'coordinator.weights="tcp://127.0.0.1:0"',
+    "coordinator.heartbeat_timeout=20.0",
+    "generation.port=0",
 ]
 
 
@@ -145,8 +149,12 @@ def test_kill_9_worker_mid_run_recovers(job_dir, tiny_model, victim):
     assert versions == sorted(versions) and len(set(versions)) == len(versions), versions
     assert [r["step"] for r in rows] == list(range(1, 15))
     assert assert_loadable_checkpoint(run_dir, tiny_model) == 14
-    assert re.search(rf"{victim} exited with code -9; restarting", (run_dir / "logs" / "coordinator.log").read_text()
-                     if (run_dir / "logs" / "coordinator.log").exists() else job.output)
+    assert re.search(
+        rf"{victim} exited with code -9; restarting",
+        (run_dir / "logs" / "coordinator.log").read_text()
+        if (run_dir / "logs" / "coordinator.log").exists()
+        else job.output,
+    )
 
 
 def test_worker_that_always_crashes_stops_the_job(job_dir, tmp_path, tiny_model):
@@ -156,8 +164,9 @@ def test_worker_that_always_crashes_stops_the_job(job_dir, tmp_path, tiny_model)
     for f in tiny_model.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"\0" * (tiny_model / "model.safetensors").stat().st_size)
-    job = Job(config, QUICK + [f'model.path="{broken}"', "coordinator.restart_attempts=2",
-                               "coordinator.retry_in=0.1"], cwd)
+    job = Job(
+        config, QUICK + [f'model.path="{broken}"', "coordinator.restart_attempts=2", "coordinator.retry_in=0.1"], cwd
+    )
     code = job.finish(300)
     assert code == 1, job.output[-3000:]
     m = re.search(r"worker (gen-0|learner) exited 3 times within 60s", job.output)

@@ -64,15 +64,26 @@ class Netns:
     def spawn(self, ns: str, args: list[str], log: Path) -> subprocess.Popen:
         out = open(log, "ab")
         # `ip netns exec` execs the command in place, so the pid is the command's own.
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        )
         out.close()
         self.procs.append(proc)
         return proc
 
     def run(self, ns: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", ns, *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
     def destroy(self) -> None:
         """Stop what we started (politely, then by force), then delete the namespaces (which deletes the veth)."""
@@ -123,15 +134,19 @@ def wait_until(predicate, timeout: float, what: str, procs: tuple[subprocess.Pop
             return value
         dead = [p for p in procs if p.poll() is not None]
         if dead:
-            raise AssertionError(f"a process exited ({dead[0].args[3:6]}: {dead[0].returncode}) while waiting for "
-                                 f"{what}\n{_tails(logs)}")
+            raise AssertionError(
+                f"a process exited ({dead[0].args[3:6]}: {dead[0].returncode}) while waiting for {what}\n{_tails(logs)}"
+            )
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{_tails(logs)}")
 
 
 def _tails(logs) -> str:
-    return "\n".join(f"--- {p}:\n" + "\n".join(Path(p).read_text(errors="replace").splitlines()[-25:])
-                     for p in logs if Path(p).exists())
+    return "\n".join(
+        f"--- {p}:\n" + "\n".join(Path(p).read_text(errors="replace").splitlines()[-25:])
+        for p in logs
+        if Path(p).exists()
+    )
 
 
 def _python(*args: str) -> list[str]:
@@ -145,6 +160,7 @@ def _helper(*args: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def netns():
@@ -170,22 +186,50 @@ def job_config(model: Path, run_dir: Path, keys: dict, **learner) -> dict:
         "learner": {"steps": 3, "group_size": 2, "batch_size": 2, "max_tokens": 4, **learner},
         "checkpoint": {"dir": str(run_dir), "interval": 10},
         "coordinator": {"control": CONTROL, "weights": WEIGHTS, "heartbeat_timeout": 30.0},
-        "security": {"curve_secret_key": str(keys["server_secret"]), "curve_public_key": str(keys["server_public"]),
-                     "authorized_keys": str(keys["authorized"]), "api_token": TOKEN},
+        "security": {
+            "curve_secret_key": str(keys["server_secret"]),
+            "curve_public_key": str(keys["server_public"]),
+            "authorized_keys": str(keys["authorized"]),
+            "api_token": TOKEN,
+        },
     }
 
 
 def to_toml(config: dict) -> str:
     """Enough TOML for a job config (tables of strings, numbers and lists); JSON literals are valid TOML values."""
-    return "".join(f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()) + "\n"
-                   for section, values in config.items())
+    return "".join(
+        f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()) + "\n"
+        for section, values in config.items()
+    )
 
 
-def remote_worker(net: Netns, secret: Path, server_public: Path, name: str, port: int, log: Path,
-                  model: Path) -> subprocess.Popen:
-    return net.spawn(net.b, _python("-m", "runner.cli", "worker", "generate", "--join", CONTROL, "--key", str(secret),
-                                    "--server-key", str(server_public), "--name", name, "--host", ADDR_B,
-                                    "--port", str(port), "--model", str(model)), log)
+def remote_worker(
+    net: Netns, secret: Path, server_public: Path, name: str, port: int, log: Path, model: Path
+) -> subprocess.Popen:
+    return net.spawn(
+        net.b,
+        _python(
+            "-m",
+            "runner.cli",
+            "worker",
+            "generate",
+            "--join",
+            CONTROL,
+            "--key",
+            str(secret),
+            "--server-key",
+            str(server_public),
+            "--name",
+            name,
+            "--host",
+            ADDR_B,
+            "--port",
+            str(port),
+            "--model",
+            str(model),
+        ),
+        log,
+    )
 
 
 def status_from_a(net: Netns, keys: dict) -> dict:
@@ -204,11 +248,17 @@ def test_remote_worker_joins_with_curve_serves_latest_and_strangers_are_refused(
     logs = coord_log, worker_log, stranger_log = [tmp_path / f"{n}.log" for n in ("coordinator", "worker", "stranger")]
     coord = netns.spawn(netns.a, _helper("coordinator", json.dumps(config)), coord_log)
     wait_until(lambda: "control tcp://" in coord_log.read_text(errors="replace"), 60, "the coordinator", (coord,), logs)
-    worker = remote_worker(netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log,
-                           tiny_model)
+    worker = remote_worker(
+        netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log, tiny_model
+    )
     # From namespace A: wait for it, publish versions 1..3, wait until it serves 3, ask it for a completion.
-    r = netns.run(netns.a, _helper("publish", CONTROL, str(keys["server_secret"]), str(keys["server_public"]),
-                                   str(tiny_model), "3", TOKEN), timeout=240)
+    r = netns.run(
+        netns.a,
+        _helper(
+            "publish", CONTROL, str(keys["server_secret"]), str(keys["server_public"]), str(tiny_model), "3", TOKEN
+        ),
+        timeout=240,
+    )
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["worker"]["name"] == "remote-b" and result["worker"]["local"] is False
@@ -219,10 +269,16 @@ def test_remote_worker_joins_with_curve_serves_latest_and_strangers_are_refused(
     assert worker.poll() is None
 
     # The same join with a stranger's key: the CURVE handshake fails, so it never gets a welcome or weights.
-    stranger = remote_worker(netns, keys["stranger_secret"], keys["server_public"], "stranger-b", WORKER_PORT + 1,
-                             stranger_log, tiny_model)
-    wait_until(lambda: "refused CURVE client" in coord_log.read_text(errors="replace"), 60,
-               "the coordinator to refuse the stranger", (coord, worker), logs)
+    stranger = remote_worker(
+        netns, keys["stranger_secret"], keys["server_public"], "stranger-b", WORKER_PORT + 1, stranger_log, tiny_model
+    )
+    wait_until(
+        lambda: "refused CURVE client" in coord_log.read_text(errors="replace"),
+        60,
+        "the coordinator to refuse the stranger",
+        (coord, worker),
+        logs,
+    )
     time.sleep(1.0)  # time it would have had to say hello, had it been let in
     names = [w["name"] for w in status_from_a(netns, keys)["workers"]]
     assert "remote-b" in names and "stranger-b" not in names
@@ -239,8 +295,9 @@ def test_launch_trains_with_a_remote_worker_only(netns, keys, tiny_model, tmp_pa
     logs = (launch_log, worker_log, run_dir / "logs" / "learner.log")
     job = netns.spawn(netns.a, _python("-m", "runner.cli", "launch", str(config_path)), launch_log)
     wait_until(lambda: "job started" in launch_log.read_text(errors="replace"), 60, "the job to start", (job,), logs)
-    worker = remote_worker(netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log,
-                           tiny_model)
+    worker = remote_worker(
+        netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log, tiny_model
+    )
     try:
         code = job.wait(300)
     except subprocess.TimeoutExpired:
@@ -318,8 +375,10 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
         rng = np.random.default_rng(0)
         last = int(versions)
         for v in range(1, last + 1):
-            tensors = {n: mx.array(rng.normal(0, 0.5, size=shape).astype(np.float32))
-                       for n, (shape, _) in lora_layout(model_obj).items()}
+            tensors = {
+                n: mx.array(rng.normal(0, 0.5, size=shape).astype(np.float32))
+                for n, (shape, _) in lora_layout(model_obj).items()
+            }
             client.send_weights(encode_adapter(v, v, model_id(model), {}, tensors))
             reply = client.wait_for(("published", "rejected"), timeout=30)[1]
             if reply["type"] != "published":
@@ -333,10 +392,17 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
         ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         ok.raise_for_status()
         denied = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-        print(json.dumps({"worker": worker, "latest_version": status["job"]["latest_version"],
-                          "policy_version": ok.json()["policy_version"],
-                          "completion_tokens": ok.json()["usage"]["completion_tokens"],
-                          "without_token": denied.status_code}))
+        print(
+            json.dumps(
+                {
+                    "worker": worker,
+                    "latest_version": status["job"]["latest_version"],
+                    "policy_version": ok.json()["policy_version"],
+                    "completion_tokens": ok.json()["usage"]["completion_tokens"],
+                    "without_token": denied.status_code,
+                }
+            )
+        )
     finally:
         client.close()
     return 0

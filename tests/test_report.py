@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from runner import report as R
-from runner.adapters import write_adapter, Adapter
+from runner.adapters import Adapter, write_adapter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,12 +28,23 @@ def realistic_records(n: int = 40, seed: int = 0) -> list[dict]:
         seconds = 2.0 + rng.random()
         t += seconds + 0.3
         reward = min(1.0, 0.15 + 0.7 * s / n + rng.gauss(0, 0.05))
-        out.append({
-            "step": s, "version": s, "reward_mean": reward, "reward_std": 0.2 + 0.1 * rng.random(),
-            "loss": rng.gauss(0, 0.05), "kl": 0.002 * s * (1 + 0.1 * rng.random()), "clip_frac": 0.05 * rng.random(),
-            "entropy": 2.0 - s / n, "grad_norm": 0.5 + rng.random(), "tokens_per_s": 1200 + rng.gauss(0, 80),
-            "staleness": None if s == 1 else rng.choice([0, 1, 1, 2]), "seconds": seconds, "time": t,
-        })
+        out.append(
+            {
+                "step": s,
+                "version": s,
+                "reward_mean": reward,
+                "reward_std": 0.2 + 0.1 * rng.random(),
+                "loss": rng.gauss(0, 0.05),
+                "kl": 0.002 * s * (1 + 0.1 * rng.random()),
+                "clip_frac": 0.05 * rng.random(),
+                "entropy": 2.0 - s / n,
+                "grad_norm": 0.5 + rng.random(),
+                "tokens_per_s": 1200 + rng.gauss(0, 80),
+                "staleness": None if s == 1 else rng.choice([0, 1, 1, 2]),
+                "seconds": seconds,
+                "time": t,
+            }
+        )
     return out
 
 
@@ -53,10 +64,18 @@ def write_checkpoints(run: Path, records: list[dict], steps=(20, 30, 40)) -> Non
     rng = np.random.default_rng(0)
     for s in steps:
         d = run / "checkpoints" / f"step_{s:06d}"
-        tensors = {f"model.layers.{i}.self_attn.q_proj.lora_{ab}": rng.normal(size=(64, 4) if ab == "a" else (4, 64))
-                   .astype(np.float32) for i in range(2) for ab in "ab"}
-        config = {"fine_tune_type": "lora", "num_layers": 2,
-                  "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}
+        tensors = {
+            f"model.layers.{i}.self_attn.q_proj.lora_{ab}": rng.normal(size=(64, 4) if ab == "a" else (4, 64)).astype(
+                np.float32
+            )
+            for i in range(2)
+            for ab in "ab"
+        }
+        config = {
+            "fine_tune_type": "lora",
+            "num_layers": 2,
+            "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
+        }
         write_adapter(Adapter(config, tensors), d, "mlx")
         rec = next(r for r in records if r["step"] == s)
         (d / "state.json").write_text(json.dumps({"step": s, "version": s, "metrics": rec, "time": rec["time"]}))
@@ -82,13 +101,22 @@ def recompute(path: Path) -> dict:
     reward = vals("reward_mean")
     best_i = int(np.argmax(reward))
     return {
-        "records": len(recs), "first_step": recs[0]["step"], "last_step": recs[-1]["step"],
-        "reward_first": reward[0], "reward_last": reward[-1], "reward_best": reward[best_i],
+        "records": len(recs),
+        "first_step": recs[0]["step"],
+        "last_step": recs[-1]["step"],
+        "reward_first": reward[0],
+        "reward_last": reward[-1],
+        "reward_best": reward[best_i],
         "reward_best_step": [r["step"] for r in recs if "reward_mean" in r][best_i],
-        "reward_mean_first": float(np.mean(reward[:10])), "reward_mean_last": float(np.mean(reward[-10:])),
-        "loss_final": vals("loss")[-1], "kl_final": vals("kl")[-1], "tokens_per_s_mean": float(np.mean(vals("tokens_per_s"))),
-        "staleness_max": max(vals("staleness")), "train_seconds": float(np.sum(vals("seconds"))),
-        "wall_seconds": vals("time")[-1] - vals("time")[0], "last_version": vals("version")[-1],
+        "reward_mean_first": float(np.mean(reward[:10])),
+        "reward_mean_last": float(np.mean(reward[-10:])),
+        "loss_final": vals("loss")[-1],
+        "kl_final": vals("kl")[-1],
+        "tokens_per_s_mean": float(np.mean(vals("tokens_per_s"))),
+        "staleness_max": max(vals("staleness")),
+        "train_seconds": float(np.sum(vals("seconds"))),
+        "wall_seconds": vals("time")[-1] - vals("time")[0],
+        "last_version": vals("version")[-1],
     }
 
 
@@ -137,13 +165,22 @@ def test_report_numbers_match_jsonl(run):
     want = recompute(run / "metrics.jsonl")
     got = table(md)
 
-    assert got["steps"] == f"{want['records']} (step {want['first_step']} to {want['last_step']})" == "40 (step 1 to 40)"
+    assert (
+        got["steps"] == f"{want['records']} (step {want['first_step']} to {want['last_step']})" == "40 (step 1 to 40)"
+    )
     rows = {
-        "first reward": "reward_first", "last reward": "reward_last", "best reward": "reward_best",
-        "mean reward, first 10 steps": "reward_mean_first", "mean reward, last 10 steps": "reward_mean_last",
-        "final loss": "loss_final", "final KL": "kl_final", "mean tokens/s": "tokens_per_s_mean",
-        "max staleness": "staleness_max", "train time (sum of step seconds)": "train_seconds",
-        "wall time (first to last step)": "wall_seconds", "last version": "last_version",
+        "first reward": "reward_first",
+        "last reward": "reward_last",
+        "best reward": "reward_best",
+        "mean reward, first 10 steps": "reward_mean_first",
+        "mean reward, last 10 steps": "reward_mean_last",
+        "final loss": "loss_final",
+        "final KL": "kl_final",
+        "mean tokens/s": "tokens_per_s_mean",
+        "max staleness": "staleness_max",
+        "train time (sum of step seconds)": "train_seconds",
+        "wall time (first to last step)": "wall_seconds",
+        "last version": "last_version",
     }
     for row, key in rows.items():
         assert first_float(got[row]) == pytest.approx(want[key], rel=1e-5), row  # printed to 6 significant digits
@@ -163,7 +200,7 @@ def test_report_numbers_match_jsonl(run):
 
     # checkpoints with their metrics; the latest marked
     ck = md.split("## Checkpoints", 1)[1].split("##", 1)[0]
-    rows = [l for l in ck.splitlines() if l.startswith("| step_")]
+    rows = [row for row in ck.splitlines() if row.startswith("| step_")]
     assert [r.split(" | ")[0] for r in rows] == ["| step_000020", "| step_000030", "| step_000040"]
     assert rows[-1].endswith("| yes |") and not rows[0].endswith("| yes |")
 

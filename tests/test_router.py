@@ -10,12 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from helpers import poll
 
 from runner.config import build_config
 from runner.coordinator import add_generation_workers, create_coordinator
 from runner.router import create_router, start_router
-
-from helpers import poll
 
 TOKEN = "router-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -24,8 +23,9 @@ TIMEOUT = 60.0
 
 class RunningRouter:
     def __init__(self, get_workers, api_token: str = TOKEN, **kwargs):
-        self.server, self.thread, self.port = start_router(create_router(get_workers, api_token=api_token, **kwargs),
-                                                           "127.0.0.1", 0)
+        self.server, self.thread, self.port = start_router(
+            create_router(get_workers, api_token=api_token, **kwargs), "127.0.0.1", 0
+        )
         self.base = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -37,14 +37,16 @@ class RunningRouter:
 @pytest.fixture(scope="module")
 def job(tiny_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("router-run")
-    config = build_config({
-        "model": {"path": str(tiny_model)},
-        "lora": {"rank": 4},
-        "generation": {"workers": 2, "port": 0},
-        "checkpoint": {"dir": str(run_dir)},
-        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 30.0},
-        "security": {"api_token": TOKEN},
-    })
+    config = build_config(
+        {
+            "model": {"path": str(tiny_model)},
+            "lora": {"rank": 4},
+            "generation": {"workers": 2, "port": 0},
+            "checkpoint": {"dir": str(run_dir)},
+            "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 30.0},
+            "security": {"api_token": TOKEN},
+        }
+    )
     coord = create_coordinator(config, run_dir / "job.toml")
     add_generation_workers(coord, 2)
     thread = threading.Thread(target=coord.run, daemon=True)
@@ -65,8 +67,11 @@ def job(tiny_model, tmp_path_factory):
 
 
 def serving(coord) -> dict[str, str]:
-    return {w["name"]: w["http_url"] for w in coord.status()["workers"]
-            if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]}
+    return {
+        w["name"]: w["http_url"]
+        for w in coord.status()["workers"]
+        if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]
+    }
 
 
 def requests_total(url: str) -> float:
@@ -96,12 +101,19 @@ def test_openai_client_completes_chats_and_streams(job):
     # The stream is the worker's, unchanged: the same greedy text as the non-streamed call.
     again = client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=0)
     assert "".join(c.choices[0].text for c in chunks) == again.choices[0].text
-    chat_chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                                      max_tokens=4, stream=True))
+    chat_chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+        )
+    )
     assert len(chat_chunks) >= 2
     # Atropos' `vllm` server type uses /generate.
-    r = httpx.post(f"{router.base}/generate", headers=AUTH, timeout=TIMEOUT,
-                   json={"prompt": {"prompt_token_ids": [1, 282, 280]}, "logprobs": 0, "n": 2, "max_tokens": 3})
+    r = httpx.post(
+        f"{router.base}/generate",
+        headers=AUTH,
+        timeout=TIMEOUT,
+        json={"prompt": {"prompt_token_ids": [1, 282, 280]}, "logprobs": 0, "n": 2, "max_tokens": 3},
+    )
     assert r.status_code == 200 and len(r.json()["logprobs"]) == 2
     assert httpx.get(f"{router.base}/health", timeout=10).json()["status"] == "ok"
     # The bearer token is required by the router and forwarded to the workers; errors keep OpenAI's shape.
@@ -159,8 +171,11 @@ def test_requests_keep_succeeding_while_a_worker_dies_and_returns(job):
     failures = [r for r in results if r[0] != 200]
     assert not failures, failures[:5]
     # The restarted worker is routed to again once it serves (it may come back on a new port).
-    new_url = poll(lambda: serving(coord).get("gen-1") if worker(coord, "gen-1")["pid"] != old_pid else None,
-                   120, "gen-1 serving again")
+    new_url = poll(
+        lambda: serving(coord).get("gen-1") if worker(coord, "gen-1")["pid"] != old_pid else None,
+        120,
+        "gen-1 serving again",
+    )
     before = requests_total(new_url)
     with httpx.Client(headers=AUTH, timeout=TIMEOUT) as http:
         for _ in range(6):
@@ -181,8 +196,12 @@ def row(name: str, url: str, state: str = "serving") -> dict:
 
 
 def test_no_serving_worker_answers_503_with_retry_after():
-    router = RunningRouter(lambda: [row("gen-0", "", "loading"), {"name": "learner", "role": "learner",
-                                                                    "state": "training", "http_url": ""}])
+    router = RunningRouter(
+        lambda: [
+            row("gen-0", "", "loading"),
+            {"name": "learner", "role": "learner", "state": "training", "http_url": ""},
+        ]
+    )
     try:
         r = httpx.post(f"{router.base}/v1/completions", headers=AUTH, json={"prompt": "x"}, timeout=10)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
@@ -205,8 +224,9 @@ def test_dead_worker_is_skipped_and_all_dead_is_503(job):
                 r = http.post(f"{router.base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
                 assert r.status_code == 200, r.text
         router.stop()
-        router = RunningRouter(lambda: [row("dead-a", dead), row("dead-b", free_dead_url()),
-                                        row("dead-c", free_dead_url())])
+        router = RunningRouter(
+            lambda: [row("dead-a", dead), row("dead-b", free_dead_url()), row("dead-c", free_dead_url())]
+        )
         r = httpx.post(f"{router.base}/v1/completions", headers=AUTH, json={"prompt": "x"}, timeout=TIMEOUT)
         assert r.status_code == 503 and r.headers["retry-after"] and "2 tried" in r.json()["error"]["message"]
     finally:

@@ -10,27 +10,32 @@ import threading
 
 import httpx
 import pytest
+from helpers import poll
 
 from runner.config import ConfigError, build_config
 from runner.control import ControlClient, CoordinatorGone
 from runner.coordinator import add_generation_workers, create_coordinator
-
-from helpers import poll
 
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture
 def secure_job(tiny_model, tmp_path, keys):
-    config = build_config({
-        "model": {"path": str(tiny_model)},
-        "lora": {"rank": 4},
-        "generation": {"workers": 1, "port": 0},
-        "checkpoint": {"dir": str(tmp_path / "run")},
-        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 3.0},
-        "security": {"curve_secret_key": str(keys["server_secret"]), "curve_public_key": str(keys["server_public"]),
-                     "authorized_keys": str(keys["authorized"]), "api_token": TOKEN},
-    })
+    config = build_config(
+        {
+            "model": {"path": str(tiny_model)},
+            "lora": {"rank": 4},
+            "generation": {"workers": 1, "port": 0},
+            "checkpoint": {"dir": str(tmp_path / "run")},
+            "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 3.0},
+            "security": {
+                "curve_secret_key": str(keys["server_secret"]),
+                "curve_public_key": str(keys["server_public"]),
+                "authorized_keys": str(keys["authorized"]),
+                "api_token": TOKEN,
+            },
+        }
+    )
     coord = create_coordinator(config, tmp_path / "job.toml")
     add_generation_workers(coord, 1)
     thread = threading.Thread(target=coord.run, daemon=True)
@@ -53,40 +58,83 @@ def status(client):
 
 def test_curve_admits_known_keys_only(secure_job, keys, tiny_model, caplog):
     coord, procs = secure_job
-    admin = ControlClient(coord.control_endpoint, "admin", "cli",
-                          curve={"secret": keys["worker_secret"], "server_public": keys["server_public"]})
+    admin = ControlClient(
+        coord.control_endpoint,
+        "admin",
+        "cli",
+        curve={"secret": keys["worker_secret"], "server_public": keys["server_public"]},
+    )
     try:
         # The coordinator's own child (which uses the coordinator's key) joins and serves.
-        poll(lambda: any(w["name"] == "gen-0" and w["state"] == "serving" for w in status(admin)["workers"]), 120,
-             "gen-0 serving")
+        poll(
+            lambda: any(w["name"] == "gen-0" and w["state"] == "serving" for w in status(admin)["workers"]),
+            120,
+            "gen-0 serving",
+        )
         # A worker started by hand with an authorized key joins like a remote Mac would.
-        procs.append(subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", "generate", "--join",
-                                       coord.control_endpoint, "--key", str(keys["worker_secret"]),
-                                       "--server-key", str(keys["server_public"]), "--name", "remote-1",
-                                       "--port", "0"]))
-        remote = poll(lambda: next((w for w in status(admin)["workers"]
-                                    if w["name"] == "remote-1" and w["state"] == "serving"), None), 120,
-                      "remote-1 serving")
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "runner.cli",
+                    "worker",
+                    "generate",
+                    "--join",
+                    coord.control_endpoint,
+                    "--key",
+                    str(keys["worker_secret"]),
+                    "--server-key",
+                    str(keys["server_public"]),
+                    "--name",
+                    "remote-1",
+                    "--port",
+                    "0",
+                ]
+            )
+        )
+        remote = poll(
+            lambda: next(
+                (w for w in status(admin)["workers"] if w["name"] == "remote-1" and w["state"] == "serving"), None
+            ),
+            120,
+            "remote-1 serving",
+        )
         assert remote["local"] is False
         # Its HTTP API requires the bearer token.
         url = remote["http_url"]
-        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30).status_code == 401
-        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
-                        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert (
+            httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30).status_code == 401
+        )
+        ok = httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "hi", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
         assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2
         # A remote worker that dies is not restarted (nobody watches its process) but leaves routing.
         procs[-1].kill()
         procs[-1].wait(30)
-        lost = poll(lambda: next((w for w in status(admin)["workers"]
-                                  if w["name"] == "remote-1" and w["state"] == "lost"), None), 30, "remote-1 lost")
+        lost = poll(
+            lambda: next(
+                (w for w in status(admin)["workers"] if w["name"] == "remote-1" and w["state"] == "lost"), None
+            ),
+            30,
+            "remote-1 lost",
+        )
         assert lost["http_url"] == ""
         assert coord.oldest_serving_version() is not None  # gen-0 still serves; the job goes on
     finally:
         admin.close()
 
     # A stranger's key: the handshake fails, so no welcome, no status, and no weights ever arrive.
-    stranger = ControlClient(coord.control_endpoint, "stranger", "generate",
-                             curve={"secret": keys["stranger_secret"], "server_public": keys["server_public"]})
+    stranger = ControlClient(
+        coord.control_endpoint,
+        "stranger",
+        "generate",
+        curve={"secret": keys["stranger_secret"], "server_public": keys["server_public"]},
+    )
     sub = stranger.subscribe_weights(coord.weights_endpoint)
     try:
         with pytest.raises(CoordinatorGone):
@@ -107,11 +155,13 @@ def test_curve_admits_known_keys_only(secure_job, keys, tiny_model, caplog):
 
 
 def test_open_non_loopback_bind_is_refused(tiny_model, tmp_path):
-    config = build_config({
-        "model": {"path": str(tiny_model)},
-        "checkpoint": {"dir": str(tmp_path / "run")},
-        "coordinator": {"control": "tcp://0.0.0.0:0", "weights": "tcp://127.0.0.1:0"},
-    })
+    config = build_config(
+        {
+            "model": {"path": str(tiny_model)},
+            "checkpoint": {"dir": str(tmp_path / "run")},
+            "coordinator": {"control": "tcp://0.0.0.0:0", "weights": "tcp://127.0.0.1:0"},
+        }
+    )
     with pytest.raises(ConfigError, match="0.0.0.0"):
         create_coordinator(config, tmp_path / "job.toml")
     assert not (tmp_path / "run" / "logs").exists()

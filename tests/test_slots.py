@@ -35,8 +35,12 @@ def test_versions_round_robin_through_the_slots(slot_dir):
     writer, reader = slots.SlotWriter(slot_dir), slots.SlotReader(slot_dir)
     for version in range(1, 2 * slots.SLOTS + 2):
         notice = writer.write(version, version, BASE, {"rank": 8}, tensors(version))
-        assert notice == {"type": slots.NOTICE, "slot": version % slots.SLOTS, "version": version,
-                          "nbytes": notice["nbytes"]}
+        assert notice == {
+            "type": slots.NOTICE,
+            "slot": version % slots.SLOTS,
+            "version": version,
+            "nbytes": notice["nbytes"],
+        }
         msg = wire.decode_segment(reader.segment(notice))
         slots.check_notice(notice, msg.version)
         for name, arr in tensors(version).items():
@@ -64,15 +68,18 @@ def test_a_reader_sees_a_rewritten_slot_and_a_resized_one(slot_dir):
     assert old.tensors["a"].shape == (64, 8)  # still readable, no crash
 
 
-@pytest.mark.parametrize("notice, match", [
-    ({"slot": slots.SLOTS, "nbytes": 10}, "int slot"),
-    ({"slot": -1, "nbytes": 10}, "int slot"),
-    ({"slot": True, "nbytes": 10}, "int slot"),
-    ({"slot": "0", "nbytes": 10}, "int slot"),
-    ({"slot": 0, "nbytes": 1.5}, "int nbytes"),
-    ({"slot": 0}, "int nbytes"),
-    ({"slot": 2, "nbytes": 10}, "cannot be mapped"),  # never written
-])
+@pytest.mark.parametrize(
+    "notice, match",
+    [
+        ({"slot": slots.SLOTS, "nbytes": 10}, "int slot"),
+        ({"slot": -1, "nbytes": 10}, "int slot"),
+        ({"slot": True, "nbytes": 10}, "int slot"),
+        ({"slot": "0", "nbytes": 10}, "int slot"),
+        ({"slot": 0, "nbytes": 1.5}, "int nbytes"),
+        ({"slot": 0}, "int nbytes"),
+        ({"slot": 2, "nbytes": 10}, "cannot be mapped"),  # never written
+    ],
+)
 def test_bad_notices(slot_dir, notice, match):
     slots.SlotWriter(slot_dir).write(3, 0, BASE, {}, tensors(0))  # slot 0 exists
     with pytest.raises(WireError, match=match):

@@ -16,6 +16,7 @@ import mlx_lm
 import numpy as np
 import pytest
 import zmq
+from helpers import poll
 
 from runner import slots, wire
 from runner.config import build_config
@@ -26,8 +27,6 @@ from workers.generation.worker import WeightReceiver
 from workers.learner.main import Publisher
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
 from workers.weights import encode_adapter, verified_copy, write_adapter
-
-from helpers import poll
 
 SPEC = LoraSpec(rank=4, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"])
 PROMPT = [1, 282, 280, 201, 263, 262]
@@ -41,14 +40,20 @@ def random_adapter(layout: dict, seed: int) -> dict[str, mx.array]:
 @pytest.fixture(scope="module", params=["shm", "socket"])
 def job(request, tiny_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    config = build_config({
-        "model": {"path": str(tiny_model)},
-        "lora": {"rank": SPEC.rank, "scale": SPEC.scale, "keys": SPEC.keys},
-        "generation": {"workers": 2, "port": 0},
-        "checkpoint": {"dir": str(run_dir)},
-        "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "heartbeat_timeout": 30.0,
-                        "shared_memory": request.param == "shm"},
-    })
+    config = build_config(
+        {
+            "model": {"path": str(tiny_model)},
+            "lora": {"rank": SPEC.rank, "scale": SPEC.scale, "keys": SPEC.keys},
+            "generation": {"workers": 2, "port": 0},
+            "checkpoint": {"dir": str(run_dir)},
+            "coordinator": {
+                "control": "tcp://127.0.0.1:0",
+                "weights": "tcp://127.0.0.1:0",
+                "heartbeat_timeout": 30.0,
+                "shared_memory": request.param == "shm",
+            },
+        }
+    )
     coord = create_coordinator(config, run_dir / "job.toml")
     coord.start_http()
     add_generation_workers(coord, 2)
@@ -78,14 +83,16 @@ def status(client):
 
 def serving(client, version=None):
     workers = [w for w in status(client)["workers"] if w["role"] == "generate"]
-    ok = len(workers) == 2 and all(w["state"] == "serving" and (version is None or w["version"] == version)
-                                   for w in workers)
+    ok = len(workers) == 2 and all(
+        w["state"] == "serving" and (version is None or w["version"] == version) for w in workers
+    )
     return workers if ok else None
 
 
 def greedy(url: str, n_tokens: int = 8) -> tuple[list[int], int]:
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0},
-                   timeout=30)
+    r = httpx.post(
+        f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0}, timeout=30
+    )
     r.raise_for_status()
     body = r.json()
     return body["choices"][0]["token_ids"], body["policy_version"]
@@ -95,7 +102,7 @@ def reference_greedy(model, n_tokens: int = 8) -> list[int]:
     tokens = list(PROMPT)
     for _ in range(n_tokens):
         tokens.append(int(mx.argmax(model(mx.array(tokens)[None])[0, -1]).item()))
-    return tokens[len(PROMPT):]
+    return tokens[len(PROMPT) :]
 
 
 def publish(job, version, tensors) -> str:
@@ -116,7 +123,7 @@ def test_versions_reach_both_workers_and_change_output(job, tiny_model):
     for version in range(1, 6):
         tensors = random_adapter(layout, seed=version)
         assert publish(job, version, tensors) == "published"
-        workers = poll(lambda: serving(client, version), 60, f"both workers on version {version}")
+        workers = poll(lambda version=version: serving(client, version), 60, f"both workers on version {version}")
         set_lora(model, tensors)
         expected = reference_greedy(model)
         for w in workers:
@@ -157,13 +164,31 @@ def test_restarted_worker_catches_up_before_serving(job):
     victim = coord.watchers["gen-1"]
     old_pid = victim.proc.pid
     victim.signal(9)
-    restarted = poll(lambda: next((w for w in status(client)["workers"]
-                                   if w["name"] == "gen-1" and w["pid"] != old_pid and w["restarts"] >= 1), None),
-                     60, "gen-1 restarted")
+    restarted = poll(
+        lambda: next(
+            (
+                w
+                for w in status(client)["workers"]
+                if w["name"] == "gen-1" and w["pid"] != old_pid and w["restarts"] >= 1
+            ),
+            None,
+        ),
+        60,
+        "gen-1 restarted",
+    )
     # From the moment it accepts HTTP traffic it must already serve the latest version.
-    url = poll(lambda: next((w["http_url"] for w in status(client)["workers"]
-                             if w["name"] == "gen-1" and w["http_url"] and w["pid"] == restarted["pid"]), None),
-               120, "gen-1 back on HTTP")
+    url = poll(
+        lambda: next(
+            (
+                w["http_url"]
+                for w in status(client)["workers"]
+                if w["name"] == "gen-1" and w["http_url"] and w["pid"] == restarted["pid"]
+            ),
+            None,
+        ),
+        120,
+        "gen-1 back on HTTP",
+    )
     tokens, served = greedy(url)
     assert served == version
     health = httpx.get(f"{url}/health", timeout=10).json()
@@ -199,8 +224,9 @@ def test_corrupt_slot_is_dropped_by_workers_and_the_coordinator(job, tiny_model)
     workers = poll(lambda: serving(client), 120, "two serving workers")
     version = status(client)["job"]["latest_version"]
     layout = tiny_layout(tiny_model)
-    notice = write_adapter(publisher.slot_writer, version + 1, 0, publisher.base_model_id, {},
-                           random_adapter(layout, 99))
+    notice = write_adapter(
+        publisher.slot_writer, version + 1, 0, publisher.base_model_id, {}, random_adapter(layout, 99)
+    )
     flip_first_tensor_byte(coord.slots_dir / f"slot-{notice['slot']}")
     client.send(notice)
     assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "published"  # routed on its header
@@ -220,8 +246,9 @@ def test_malformed_slot_notices_are_rejected_and_workers_keep_serving(job, tiny_
     coord, client, publisher = job
     workers = poll(lambda: serving(client), 120, "two serving workers")
     version = status(client)["job"]["latest_version"]
-    good = write_adapter(publisher.slot_writer, version + 1, 0, publisher.base_model_id, {},
-                         random_adapter(tiny_layout(tiny_model), 5))
+    good = write_adapter(
+        publisher.slot_writer, version + 1, 0, publisher.base_model_id, {}, random_adapter(tiny_layout(tiny_model), 5)
+    )
     path = coord.slots_dir / f"slot-{good['slot']}"
     rng = np.random.default_rng(2)
     for i in range(1000):
@@ -331,8 +358,12 @@ def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
 def test_status_cli_and_http(job):
     coord, client, _ = job
     poll(lambda: serving(client), 120, "two serving workers")
-    r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint, "--json"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     status = json.loads(r.stdout)
     rows = {w["name"]: w for w in status["workers"]}
@@ -341,16 +372,24 @@ def test_status_cli_and_http(job):
         assert rows[name]["state"] == "serving" and rows[name]["pid"] > 0 and rows[name]["heartbeat_age"] is not None
         assert "openai" in rows[name]["capabilities"]["api"] and rows[name]["capabilities"]["device"]
         assert rows[name]["weights_via"] == ("slots" if coord.slots_dir else "pub")
-    r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "status", "--coordinator", coord.control_endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "gen-0" in r.stdout and "serving" in r.stdout and "HEARTBEAT" in r.stdout
     url = coord.job["status_url"]
     assert httpx.get(url, timeout=10).json()["job"]["latest_version"] == status["job"]["latest_version"]
     metrics = httpx.get(url.replace("/status", "/metrics"), timeout=10).text
     assert 'runner_worker_version{worker="gen-0"}' in metrics and "runner_latest_adapter_version" in metrics
     # No coordinator at that address: a clear error, not a hang.
-    r = subprocess.run([sys.executable, "-m", "runner.cli", "status", "--coordinator", "tcp://127.0.0.1:9"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "status", "--coordinator", "tcp://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "no coordinator answered" in r.stderr
 
 
@@ -358,12 +397,15 @@ def test_verified_copy_of_a_segment_equals_that_of_frames(tmp_path):
     """A version through a shared-memory segment and through frames gives the same MLX arrays, dtypes and shapes,
     for every wire dtype, a scalar and an empty tensor; a flipped byte fails the check of the copy."""
     rng = np.random.default_rng(6)
-    tensors = {"f32": mx.array(rng.standard_normal((7, 5)).astype(np.float32)),
-               "f16": mx.array(rng.standard_normal((3, 9)).astype(np.float16)),
-               "bf16": mx.array(rng.standard_normal((4, 4)).astype(np.float32)).astype(mx.bfloat16),
-               "i8": mx.array(rng.integers(-128, 127, size=13).astype(np.int8)),
-               "u32": mx.array(np.arange(6, dtype=np.uint32).reshape(2, 3)),
-               "scalar": mx.array(np.float32(2.5)), "empty": mx.zeros((0, 4))}
+    tensors = {
+        "f32": mx.array(rng.standard_normal((7, 5)).astype(np.float32)),
+        "f16": mx.array(rng.standard_normal((3, 9)).astype(np.float16)),
+        "bf16": mx.array(rng.standard_normal((4, 4)).astype(np.float32)).astype(mx.bfloat16),
+        "i8": mx.array(rng.integers(-128, 127, size=13).astype(np.int8)),
+        "u32": mx.array(np.arange(6, dtype=np.uint32).reshape(2, 3)),
+        "scalar": mx.array(np.float32(2.5)),
+        "empty": mx.zeros((0, 4)),
+    }
     writer, reader = slots.SlotWriter(tmp_path), slots.SlotReader(tmp_path)
     notice = write_adapter(writer, 1, 1, "base-x", {}, tensors)
     from_segment = verified_copy(wire.decode_segment(reader.segment(notice), verify=False))

@@ -762,8 +762,15 @@ def test_checksum_is_the_documented_tree_of_xxh3_digests():
     rng = np.random.default_rng(1)
     tensors = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate([7, 300_000, 1, 90_000, 0])}
     assert sum(t.nbytes for t in tensors.values()) > wire.PARALLEL_COPY_BYTES
-    fields = [PROTOCOL, "adapter", 4, 2, BASE, CONFIG,
-              [[name, "float32", list(t.shape), t.nbytes] for name, t in tensors.items()]]
+    fields = [
+        PROTOCOL,
+        "adapter",
+        4,
+        2,
+        BASE,
+        CONFIG,
+        [[name, "float32", list(t.shape), t.nbytes] for name, t in tensors.items()],
+    ]
     h = xxhash.xxh3_64(msgpack.packb(fields, use_bin_type=True))
     for t in tensors.values():
         h.update(xxhash.xxh3_64_digest(t.tobytes()))
@@ -784,7 +791,8 @@ def test_encode_into_in_a_forked_child():
     big = {"a": np.ones(300_000, np.float32), "b": np.ones(300_000, np.float32)}
     wire.encode_into(bytearray, 1, 0, BASE, CONFIG, big)  # starts this process's copy thread
     child = multiprocessing.get_context("fork").Process(
-        target=wire.encode_into, args=(bytearray, 1, 0, BASE, CONFIG, big))
+        target=wire.encode_into, args=(bytearray, 1, 0, BASE, CONFIG, big)
+    )
     child.start()
     child.join(30)
     if child.is_alive():
@@ -855,6 +863,5 @@ def test_encode_into_a_buffer_too_small():
 def test_encode_into_checks_the_header_before_writing():
     allocated = []
     with pytest.raises(WireError, match="header"):
-        wire.encode_into(lambda size: allocated.append(size) or bytearray(size), 1, 0, BASE, {1: "int key"},
-                         _tensors())
+        wire.encode_into(lambda size: allocated.append(size) or bytearray(size), 1, 0, BASE, {1: "int key"}, _tensors())
     assert allocated == []  # a bad header fails before the slot is touched

@@ -57,7 +57,9 @@ def merge(model_path: Path, adapter_path: Path, out: Path, dequantize: bool = Fa
 
         fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
         if not fused:
-            raise AdapterError(f"{adapter_path} adds no LoRA layer to {model_path}; expected its keys to match the model")
+            raise AdapterError(
+                f"{adapter_path} adds no LoRA layer to {model_path}; expected its keys to match the model"
+            )
         model.update_modules(tree_unflatten(fused))
         if dequantize:
             model = dequantize_model(model)
@@ -74,6 +76,12 @@ def merge(model_path: Path, adapter_path: Path, out: Path, dequantize: bool = Fa
         replace_path(target, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("merged %s into %s -> %s (%d layers fused%s)", adapter_path, model_path, out, len(fused),
-             ", dequantized" if dequantize else "")
+    log.info(
+        "merged %s into %s -> %s (%d layers fused%s)",
+        adapter_path,
+        model_path,
+        out,
+        len(fused),
+        ", dequantized" if dequantize else "",
+    )
     return out

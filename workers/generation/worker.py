@@ -22,8 +22,8 @@ import mlx.core as mx
 import zmq
 
 from runner import slots, wire
-from runner.config import build_config
 from runner.cli import add_join_arguments, curve_from_args
+from runner.config import build_config
 from runner.control import ControlClient, model_id
 from runner.webserver import start_in_thread
 from workers.generation.server import Server, load_engine
@@ -44,8 +44,9 @@ class WeightReceiver:
         self.rejected = 0
 
     def expectation(self) -> wire.Expectation:
-        return wire.Expectation(base_model_id=self.base_model_id, shapes=self.layout,
-                                min_version=self.engine.newest_version)
+        return wire.Expectation(
+            base_model_id=self.base_model_id, shapes=self.layout, min_version=self.engine.newest_version
+        )
 
     def offer(self, frames: list | None = None, notice: dict | None = None) -> threading.Event | None:
         """Validate and schedule one message (frames, or a shared-memory slot notice); returns an event set once it
@@ -66,11 +67,17 @@ class WeightReceiver:
         return applied
 
 
-def run_worker(join: str, name: str, host: str, port: int, model_override: str | None = None,
-               curve: dict | None = None) -> int:
+def run_worker(
+    join: str, name: str, host: str, port: int, model_override: str | None = None, curve: dict | None = None
+) -> int:
     client = ControlClient(join, name, role="generate", curve=curve)
-    welcome = client.hello(capabilities={"api": ["openai", "atropos-vllm"], "device": str(mx.default_device()),
-                                         "model_override": bool(model_override)})
+    welcome = client.hello(
+        capabilities={
+            "api": ["openai", "atropos-vllm"],
+            "device": str(mx.default_device()),
+            "model_override": bool(model_override),
+        }
+    )
     if welcome["type"] != "welcome":
         log.error("the coordinator refused %s: %s", name, welcome.get("reason"))
         return 2
@@ -83,14 +90,24 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
         log.error("model directory %s does not exist on this machine; pass --model PATH", model_path)
         return 2
     if model_id(model_path) != welcome["base_model_id"]:
-        log.error("model %s (id %s) is not the job's base model (id %s)", model_path, model_id(model_path),
-                  welcome["base_model_id"])
+        log.error(
+            "model %s (id %s) is not the job's base model (id %s)",
+            model_path,
+            model_id(model_path),
+            welcome["base_model_id"],
+        )
         return 2
     lora = config.lora
     gen = config.generation
-    engine = load_engine(model_path, lora_spec=LoraSpec(rank=lora.rank, scale=lora.scale, dropout=lora.dropout,
-                                                        keys=list(lora.keys), num_layers=lora.num_layers),
-                         max_batch=gen.max_batch, prefill_batch=gen.prefill_batch, max_queue=gen.max_queue).start()
+    engine = load_engine(
+        model_path,
+        lora_spec=LoraSpec(
+            rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=lora.num_layers
+        ),
+        max_batch=gen.max_batch,
+        prefill_batch=gen.prefill_batch,
+        max_queue=gen.max_queue,
+    ).start()
     # Same host as the coordinator: versions come as shared-memory slot notices on the control socket (and as frames
     # there when uploaded from elsewhere); otherwise on the weights PUB socket.
     slot_dir = slots.usable_dir(welcome.get("weights_slots"))
@@ -103,11 +120,20 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
     reply = client.request(get_latest, ("latest", "W"), timeout=60)
     if reply[0] == "W" and (applied := receiver.offer(reply[1])) is not None:
         applied.wait(60)
-    log.info("%s caught up at adapter version %d (new versions by %s)", name, engine.version,
-             "shared memory" if slot_dir else "PUB socket")
+    log.info(
+        "%s caught up at adapter version %d (new versions by %s)",
+        name,
+        engine.version,
+        "shared memory" if slot_dir else "PUB socket",
+    )
 
-    server = Server(engine, model_path.name, max_tokens_default=gen.max_tokens, max_tokens_limit=gen.max_tokens_limit,
-                    api_token=config.security.api_token)
+    server = Server(
+        engine,
+        model_path.name,
+        max_tokens_default=gen.max_tokens,
+        max_tokens_limit=gen.max_tokens_limit,
+        api_token=config.security.api_token,
+    )
     uv, http_thread, actual_port = start_in_thread(server.app, host, port)
     http_url = f"http://{host}:{actual_port}"
     client.status.update(state="serving", version=engine.version, http_url=http_url)
@@ -138,8 +164,11 @@ def run_worker(join: str, name: str, host: str, port: int, model_override: str |
                         stopping.set()
                     elif msg[1]["type"] == slots.NOTICE:
                         announced = msg[1].get("version")
-                        if receiver.offer(notice=msg[1]) is None and isinstance(announced, int) and \
-                                engine.newest_version < announced:
+                        if (
+                            receiver.offer(notice=msg[1]) is None
+                            and isinstance(announced, int)
+                            and engine.newest_version < announced
+                        ):
                             client.send(get_latest)  # the slot was unreadable or rewritten: ask for the frames
             if not http_thread.is_alive():
                 log.error("the HTTP server stopped unexpectedly")

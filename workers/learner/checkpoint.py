@@ -4,7 +4,8 @@
     RUN_DIR/checkpoints/step_000010/adapter_config.json
     RUN_DIR/checkpoints/step_000010/optimizer.safetensors   tree_flatten(optimizer.state)
     RUN_DIR/checkpoints/step_000010/ref_ema.safetensors     only when learner.ref_ema < 1
-    RUN_DIR/checkpoints/step_000010/state.json              step, version, rng, source, metrics, config, base_model_id, time
+    RUN_DIR/checkpoints/step_000010/state.json              step, version, rng, source, metrics, config, base_model_id,
+                                                            time
     RUN_DIR/checkpoints/latest                              names the newest complete checkpoint dir
     RUN_DIR/metrics.jsonl                                   one JSON object per step
 
@@ -58,8 +59,9 @@ def _bytes_safetensors(tensors: dict[str, mx.array]) -> bytes:
             return f.read()
 
 
-def save_checkpoint(run_dir: str | Path, trainer: "Trainer", source_state: dict, metrics: dict, keep_last: int = 3,
-                    config=None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, trainer: Trainer, source_state: dict, metrics: dict, keep_last: int = 3, config=None
+) -> Path:
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically, point `latest` at it, prune to the last `keep_last`."""
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS
@@ -165,8 +167,9 @@ def find_latest(run_dir: str | Path) -> Path | None:
         problem = check_checkpoint(root / named) if _STEP_DIR.match(named) else "not a checkpoint name"
         if problem is None:
             return root / named
-        log.warning("%s names %s, which is unusable (%s); looking for the newest good checkpoint",
-                    root / LATEST, named, problem)
+        log.warning(
+            "%s names %s, which is unusable (%s); looking for the newest good checkpoint", root / LATEST, named, problem
+        )
     for _, path in reversed(_step_dirs(root)):
         problem = check_checkpoint(path)
         if problem is None:
@@ -176,7 +179,8 @@ def find_latest(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint dir: {"state": state.json, "adapter": tensors, "optimizer": flat state, "ema": tensors|None}."""
+    """Read a checkpoint dir: {"state": state.json, "adapter": tensors, "optimizer": flat state,
+    "ema": tensors|None}."""
     path = Path(path)
     problem = check_checkpoint(path)
     if problem:
@@ -190,7 +194,7 @@ def load_checkpoint(path: str | Path) -> dict:
     }
 
 
-def restore(trainer: "Trainer", source: "Source | None", path: str | Path) -> dict:
+def restore(trainer: Trainer, source: Source | None, path: str | Path) -> dict:
     """Put the trainer (adapter, optimizer, step, version, RNG) and the source position back to a checkpoint.
     Returns its state.json."""
     ck = load_checkpoint(path)

@@ -40,8 +40,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -115,8 +116,7 @@ def all_sum_tree(tree: Any, group: Group | None) -> Any:
     out: dict[str, mx.array] = {}
     for dtype in dict.fromkeys(v.dtype for _, v in flat):  # first-seen order: the same collectives on every rank
         items = [(k, v) for k, v in flat if v.dtype == dtype]
-        summed = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in items]), group=group,
-                                        stream=mx.cpu)
+        summed = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in items]), group=group, stream=mx.cpu)
         offsets = np.cumsum([v.size for _, v in items])[:-1].tolist()
         for (k, v), part in zip(items, mx.split(summed, offsets)):
             out[k] = part.reshape(v.shape)
@@ -264,8 +264,13 @@ def parse_hosts(text: str) -> Sequence[str] | int:
     return int(text) if text.isdigit() else [h.strip() for h in text.split(",") if h.strip()]
 
 
-def launch_command(hosts: Sequence[str] | int, command: Sequence[str], hostfile: str | Path,
-                   starting_port: int = 32323, env: dict[str, str] | None = None) -> list[str]:
+def launch_command(
+    hosts: Sequence[str] | int,
+    command: Sequence[str],
+    hostfile: str | Path,
+    starting_port: int = 32323,
+    env: dict[str, str] | None = None,
+) -> list[str]:
     """The argv that starts `command` on every host with `mlx.launch --backend ring` (and writes `hostfile`).
     Rank i listens on starting_port + i; remote hosts need the same paths (interpreter, project, model)."""
     hostfile = Path(hostfile)
@@ -299,8 +304,14 @@ def announce_rank0(group: Group | None) -> None:
         Path(path).write_text(str(os.getpid()))
 
 
-def launch(hosts: Sequence[str] | int, command: Sequence[str], starting_port: int = 32323,
-           workdir: str | Path | None = None, use_mlx_launch: bool | None = None, poll: float = 0.2) -> int:
+def launch(
+    hosts: Sequence[str] | int,
+    command: Sequence[str],
+    starting_port: int = 32323,
+    workdir: str | Path | None = None,
+    use_mlx_launch: bool | None = None,
+    poll: float = 0.2,
+) -> int:
     """Run `command` as a ring of ranks and wait; returns the first non-zero exit code of a rank, or 0 (through
     mlx.launch: its exit code, which 0.32 leaves at 0 even when a rank failed).
 
@@ -320,8 +331,9 @@ def launch(hosts: Sequence[str] | int, command: Sequence[str], starting_port: in
     if use_mlx_launch if use_mlx_launch is not None else not local:
         pidfile = workdir / "rank0.pid"
         pidfile.unlink(missing_ok=True)
-        argv = launch_command(hosts, command, workdir / "hostfile.json", starting_port,
-                              env={RANK0_PIDFILE_ENV: str(pidfile)})
+        argv = launch_command(
+            hosts, command, workdir / "hostfile.json", starting_port, env={RANK0_PIDFILE_ENV: str(pidfile)}
+        )
         log.info("starting %d learner rank(s) with mlx.launch: %s", len(entries), " ".join(argv))
         procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL)]
         rank0 = lambda: _read_pid(pidfile)  # noqa: E731 -- rank 0 is mlx.launch's child: it tells us its pid
@@ -331,14 +343,17 @@ def launch(hosts: Sequence[str] | int, command: Sequence[str], starting_port: in
     return _supervise(procs, rank0, requested, poll)
 
 
-def _start_local(entries: list[dict], command: Sequence[str], starting_port: int,
-                 workdir: Path) -> list[subprocess.Popen]:
+def _start_local(
+    entries: list[dict], command: Sequence[str], starting_port: int, workdir: Path
+) -> list[subprocess.Popen]:
     """What mlx.launch does for ranks on this machine: a ring hostfile of ip:port lists and MLX_RANK per rank."""
     hostfile = workdir / "ring.json"
     hostfile.write_text(json.dumps([[f"{e['ips'][0]}:{starting_port + i}"] for i, e in enumerate(entries)]))
     log.info("starting %d local learner rank(s) (ring %s): %s", len(entries), hostfile, " ".join(command))
-    return [subprocess.Popen(list(command), stdin=subprocess.DEVNULL, env=os.environ | local_rank_env(r, hostfile))
-            for r in range(len(entries))]
+    return [
+        subprocess.Popen(list(command), stdin=subprocess.DEVNULL, env=os.environ | local_rank_env(r, hostfile))
+        for r in range(len(entries))
+    ]
 
 
 def _supervise(procs: list[subprocess.Popen], rank0, requested: list[int], poll: float) -> int:
@@ -408,8 +423,18 @@ def train_main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, lambda *_: stopping.set())
     else:  # Ctrl-C in a terminal reaches every local rank: the others wait for rank 0's stop instead
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fit(trainer, source, run_dir, steps, config.checkpoint.interval, config.checkpoint.keep_last, config=config,
-        step_delay=args.step_delay, group=group, stopping=stopping)
+    fit(
+        trainer,
+        source,
+        run_dir,
+        steps,
+        config.checkpoint.interval,
+        config.checkpoint.keep_last,
+        config=config,
+        step_delay=args.step_delay,
+        group=group,
+        stopping=stopping,
+    )
     if trainer.step_count < steps:
         log.info("stopped at step %d of %d", trainer.step_count, steps)
         return 0
@@ -423,24 +448,36 @@ def train_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workers.learner.distributed",
-                                description="Data-parallel GRPO learners on mx.distributed (ring backend).")
+    p = argparse.ArgumentParser(
+        prog="python -m workers.learner.distributed",
+        description="Data-parallel GRPO learners on mx.distributed (ring backend).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help=train_main.__doc__, description=train_main.__doc__)
     t.add_argument("--config", help="job config TOML (defaults apply without one)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     t.add_argument("--model", help="model directory (overrides model.path)")
-    t.add_argument("--replay", required=True, help="JSONL of recorded batches (Batch.to_json), one per line; "
-                   "read by rank 0, which sends each batch to the other ranks")
+    t.add_argument(
+        "--replay",
+        required=True,
+        help="JSONL of recorded batches (Batch.to_json), one per line; "
+        "read by rank 0, which sends each batch to the other ranks",
+    )
     t.add_argument("--steps", type=int, help="optimizer steps (default: learner.steps)")
     t.add_argument("--out", required=True, help="adapter directory written by rank 0 at the end")
     t.add_argument("--run-dir", help="rank 0 writes metrics.jsonl and checkpoints here (and resumes from them)")
     t.add_argument("--dump-ranks", help="every rank writes its adapter to DIR/rank<r>.safetensors (for tests)")
     t.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    lp = sub.add_parser("launch", help="run a command as ring ranks (mlx.launch for remote hosts), SIGTERM to rank 0",
-                        description=launch.__doc__)
-    lp.add_argument("--hosts", required=True, help="a count of local ranks (2) or host[=ip],host[=ip],... "
-                    "(rank 0 first: this machine)")
+    lp = sub.add_parser(
+        "launch",
+        help="run a command as ring ranks (mlx.launch for remote hosts), SIGTERM to rank 0",
+        description=launch.__doc__,
+    )
+    lp.add_argument(
+        "--hosts",
+        required=True,
+        help="a count of local ranks (2) or host[=ip],host[=ip],... (rank 0 first: this machine)",
+    )
     lp.add_argument("--port", type=int, default=32323, help="rank i listens on PORT + i")
     lp.add_argument("--workdir", help="where the hostfile and rank 0's pid file go (default: a temp dir)")
     lp.add_argument("--mlx-launch", action="store_true", help="start even local ranks with mlx.launch")

@@ -241,9 +241,7 @@ def grpo_token_loss(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def sequence_logprobs(
-    model, tokens: mx.array, lengths: mx.array | None = None
-) -> tuple[mx.array, mx.array]:
+def sequence_logprobs(model, tokens: mx.array, lengths: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Per-token log-probs and entropies of ``tokens`` under ``model``, both float32 [B, T-1].
 
     Shift: the model sees ``tokens[:, :-1]``; column t holds log p(tokens[:, t+1] | tokens[:, :t+1]) and the

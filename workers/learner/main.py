@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from runner import slots
-from runner.config import Config, build_config
 from runner.cli import add_join_arguments, curve_from_args
+from runner.config import Config, build_config
 from runner.control import ControlClient, CoordinatorGone
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,19 @@ class Publisher:
         return self.client.request({"type": "status"}, ("status",), timeout=30)[1]
 
     def serving_urls(self) -> list[str]:
-        return [w["http_url"] for w in self.status()["workers"]
-                if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]]
+        return [
+            w["http_url"]
+            for w in self.status()["workers"]
+            if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]
+        ]
 
     def publish(self, version: int, step: int, tensors) -> None:
         from workers.weights import encode_adapter, write_adapter
 
         if self.slot_writer:
-            self.client.send(write_adapter(self.slot_writer, version, step, self.base_model_id, self.adapter_config,
-                                           tensors))
+            self.client.send(
+                write_adapter(self.slot_writer, version, step, self.base_model_id, self.adapter_config, tensors)
+            )
         else:
             self.client.send_weights(encode_adapter(version, step, self.base_model_id, self.adapter_config, tensors))
         reply = self.client.wait_for(("published", "rejected"), timeout=60, what=f"adapter version {version}")[1]
@@ -112,8 +116,7 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     client.status.update(state="training", version=trainer.version)
 
     def checkpoint_now(metrics: dict) -> None:
-        save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last=config.checkpoint.keep_last,
-                        config=config)
+        save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last=config.checkpoint.keep_last, config=config)
 
     saved_step = trainer.step_count if checkpoint is not None else -1
     try:
@@ -166,7 +169,9 @@ def run_follower(group) -> int:
 
 def _plain(metrics: dict) -> dict:
     """Metrics as msgpack-able scalars."""
-    return {k: (float(v) if isinstance(v, float) else v) for k, v in json.loads(json.dumps(metrics, default=float)).items()}
+    return {
+        k: (float(v) if isinstance(v, float) else v) for k, v in json.loads(json.dumps(metrics, default=float)).items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
@@ -60,8 +61,14 @@ class Sample:
             raise ValueError(f"logprobs has {len(self.logprobs)} entries for {len(self.tokens)} tokens")
 
     @classmethod
-    def from_completion(cls, prompt_ids: list[int], completion_ids: list[int], reward: float,
-                        logprobs: list[float] | None = None, version: int | None = None) -> "Sample":
+    def from_completion(
+        cls,
+        prompt_ids: list[int],
+        completion_ids: list[int],
+        reward: float,
+        logprobs: list[float] | None = None,
+        version: int | None = None,
+    ) -> Sample:
         p, c = list(prompt_ids), list(completion_ids)
         lp = None if logprobs is None else [0.0] * len(p) + [float(x) for x in logprobs]
         return cls(tokens=p + c, mask=[0] * len(p) + [1] * len(c), reward=float(reward), logprobs=lp, version=version)
@@ -80,7 +87,7 @@ class Batch:
         return json.dumps({"groups": [[asdict(s) for s in g] for g in self.groups], "info": self.info})
 
     @classmethod
-    def from_json(cls, line: str) -> "Batch":
+    def from_json(cls, line: str) -> Batch:
         d = json.loads(line)
         return cls(groups=[[Sample(**s) for s in g] for g in d["groups"]], info=d.get("info", {}))
 
@@ -220,8 +227,12 @@ class BuiltinSource:
         )
         def call() -> dict:
             url = self._acquire_url(last_failed["url"])
-            body = {"prompt": prompt_ids, "n": self.group_size, "max_tokens": self.max_tokens,
-                    "temperature": self.temperature}
+            body = {
+                "prompt": prompt_ids,
+                "n": self.group_size,
+                "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+            }
             if self.seeded:  # completion j of the request draws from seed + j
                 body["seed"] = (self.seed * 7919 + prompt_index * self.group_size) % 2**31
             ok = False
@@ -334,9 +345,13 @@ class AtroposSource:
     ):
         self.url = url.rstrip("/")
         self.registration = {
-            "wandb_group": wandb_group, "wandb_project": wandb_project, "batch_size": int(batch_size),
-            "max_token_len": int(max_token_len), "checkpoint_dir": str(checkpoint_dir),
-            "save_checkpoint_interval": int(save_checkpoint_interval), "starting_step": int(starting_step),
+            "wandb_group": wandb_group,
+            "wandb_project": wandb_project,
+            "batch_size": int(batch_size),
+            "max_token_len": int(max_token_len),
+            "checkpoint_dir": str(checkpoint_dir),
+            "save_checkpoint_interval": int(save_checkpoint_interval),
+            "starting_step": int(starting_step),
             "num_steps": int(num_steps),
         }
         self.poll_interval, self.max_poll_interval = poll_interval, max_poll_interval
@@ -403,8 +418,13 @@ class AtroposSource:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_source(config, urls: Callable[[], list[str]] | None = None, tokenizer=None, starting_step: int = 0,
-                record: str | Path | None = None) -> Source:
+def make_source(
+    config,
+    urls: Callable[[], list[str]] | None = None,
+    tokenizer=None,
+    starting_step: int = 0,
+    record: str | Path | None = None,
+) -> Source:
     """The source a job config asks for. `urls` returns the generation workers' base URLs (builtin source);
     `tokenizer` is needed for built-in tasks (the trainer's)."""
     from workers.learner.tasks import make_task
@@ -414,12 +434,27 @@ def make_source(config, urls: Callable[[], list[str]] | None = None, tokenizer=N
         if urls is None or tokenizer is None:
             raise ValueError("the builtin source needs the generation workers' URLs and the tokenizer")
         task = make_task(sc.task, tokenizer, lc.max_tokens, seed=lc.seed)
-        return BuiltinSource(task, urls, lc.group_size, lc.batch_size, lc.max_tokens, lc.temperature, lc.seed,
-                             record=record, api_token=config.security.api_token)
+        return BuiltinSource(
+            task,
+            urls,
+            lc.group_size,
+            lc.batch_size,
+            lc.max_tokens,
+            lc.temperature,
+            lc.seed,
+            record=record,
+            api_token=config.security.api_token,
+        )
     if sc.type == "atropos":
         if not sc.url:
             raise ValueError("source.url must name the Atropos API server (e.g. http://127.0.0.1:8000)")
-        return AtroposSource(sc.url, batch_size=lc.batch_size * lc.group_size, starting_step=starting_step,
-                             num_steps=lc.steps, checkpoint_dir=str(Path(config.checkpoint.dir) / "checkpoints"),
-                             save_checkpoint_interval=config.checkpoint.interval, record=record)
+        return AtroposSource(
+            sc.url,
+            batch_size=lc.batch_size * lc.group_size,
+            starting_step=starting_step,
+            num_steps=lc.steps,
+            checkpoint_dir=str(Path(config.checkpoint.dir) / "checkpoints"),
+            save_checkpoint_interval=config.checkpoint.interval,
+            record=record,
+        )
     raise ValueError(f"unknown source type {sc.type!r}")

@@ -26,8 +26,20 @@ log = logging.getLogger(__name__)
 TASKS = ("target_tokens", "arithmetic")
 
 _TOPICS = (
-    "the sun", "a red cat", "two dogs", "the moon", "green water", "a blue star", "my day", "the world",
-    "new words", "three people", "a long way", "the first time", "good work", "the answer",
+    "the sun",
+    "a red cat",
+    "two dogs",
+    "the moon",
+    "green water",
+    "a blue star",
+    "my day",
+    "the world",
+    "new words",
+    "three people",
+    "a long way",
+    "the first time",
+    "good work",
+    "the answer",
 )
 
 
