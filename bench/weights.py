@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 
 from runner.config import build_config
 from runner.control import ControlClient
-from workers.learner.main import Publisher
+from workers.weights import Publisher
 from workers.lora import LoraSpec, apply_lora, lora_tensors
 
 COORDINATOR = """

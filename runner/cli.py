@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from runner import __version__
+from runner.args import add_join_arguments
 from runner.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -24,21 +25,6 @@ def _delegate(module: str, function: str):
         return getattr(importlib.import_module(module), function)(args)
 
     return run
-
-
-def add_join_arguments(parser) -> None:
-    """The options a worker process needs to reach a coordinator (shared by every worker entry point)."""
-    parser.add_argument("--join", required=True, metavar="tcp://HOST:PORT", help="the coordinator's control address")
-    parser.add_argument(
-        "--key", default=None, help="this worker's CURVE secret key file (when the coordinator uses CURVE)"
-    )
-    parser.add_argument("--server-key", default=None, help="the coordinator's CURVE public key file")
-
-
-def curve_from_args(args) -> dict | None:
-    if bool(args.key) != bool(args.server_key):
-        raise ValueError("--key and --server-key go together: both are needed to join a CURVE-secured coordinator")
-    return {"secret": args.key, "server_public": args.server_key} if args.key else None
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:

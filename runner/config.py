@@ -62,7 +62,6 @@ class ModelConfig:
     # Which model `runner models prepare` builds at `path` when it is missing ("" = never prepare, fail instead).
     prepare: str = field(default="", metadata=_one_of("", "tiny", "smollm2"))
     adapter: str = ""  # an mlx-lm adapter directory to start from
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,13 +87,10 @@ class GenerationConfig:
     max_queue: int = field(default=256, metadata=_positive("integer"))
     max_tokens: int = field(default=64, metadata=_positive("integer"))  # default when a request gives none
     max_tokens_limit: int = field(default=4096, metadata=_positive("integer"))  # hard cap per request
-    temperature: float = field(default=1.0, metadata=_non_negative())
-    top_p: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    algorithm: str = field(default="grpo", metadata=_one_of("grpo"))
     learning_rate: float = field(default=1e-4, metadata=_positive())
     steps: int = field(default=50, metadata=_positive("integer"))
     group_size: int = field(
@@ -261,3 +257,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: '{section}' is not a table, so --set {text!r} cannot apply")
         data[section][key] = value
     return build_config(data, where=str(path))
+
+
+def write_resolved(config: Config, path: str | Path) -> Path:
+    """Write `config` as a complete TOML file (every key, defaults included): what `runner launch` gives its
+    children, so any of them can also be started by hand from the same file."""
+    import tomli_w
+
+    from runner.files import write_atomic
+
+    path = Path(path)
+    write_atomic(path, tomli_w.dumps(config.to_dict()))
+    return path

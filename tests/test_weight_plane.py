@@ -24,7 +24,7 @@ from runner.control import ControlClient
 from runner.coordinator import add_generation_workers, create_coordinator
 from workers.generation.server import load_engine
 from workers.generation.worker import WeightReceiver
-from workers.learner.main import Publisher
+from workers.weights import Publisher
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
 from workers.weights import encode_adapter, verified_copy, write_adapter
 

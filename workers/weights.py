@@ -7,10 +7,14 @@ travels as its raw 16-bit patterns.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import mlx.core as mx
 import numpy as np
 
-from runner import wire
+from runner import slots, wire
+from runner.control import ControlClient, CoordinatorGone
 from runner.slots import SlotWriter
 
 _WIRE_DTYPES = {getattr(mx, name): name for name in wire.DTYPES}  # a dict lookup: str(mx.Dtype) is slow
@@ -62,3 +66,47 @@ def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
     wire.verify(message, copies())  # each tensor hashed right after its copy, while it is still in cache
     mx.eval(list(out.values()))
     return out
+
+
+class Publisher:
+    """Sends adapter versions to the coordinator and answers questions about what the workers serve. On the
+    coordinator's host a version is written into a shared-memory slot and only a notice is sent (`runner.slots`);
+    from elsewhere it is uploaded as frames."""
+
+    def __init__(self, client: ControlClient, welcome: dict, adapter_config: dict):
+        self.client, self.base_model_id, self.adapter_config = client, welcome["base_model_id"], adapter_config
+        slot_dir = slots.usable_dir(welcome.get("weights_slots"))
+        self.slot_writer = slots.SlotWriter(slot_dir) if slot_dir else None
+
+    def status(self) -> dict:
+        return self.client.request({"type": "status"}, ("status",), timeout=30)[1]
+
+    def serving_urls(self) -> list[str]:
+        return [
+            w["http_url"]
+            for w in self.status()["workers"]
+            if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]
+        ]
+
+    def publish(self, version: int, step: int, tensors) -> None:
+        if self.slot_writer:
+            self.client.send(
+                write_adapter(self.slot_writer, version, step, self.base_model_id, self.adapter_config, tensors)
+            )
+        else:
+            self.client.send_weights(encode_adapter(version, step, self.base_model_id, self.adapter_config, tensors))
+        reply = self.client.wait_for(("published", "rejected"), timeout=60, what=f"adapter version {version}")[1]
+        if reply["type"] == "rejected":
+            raise RuntimeError(f"the coordinator rejected adapter version {version}: {reply['reason']}")
+
+    def wait_for_workers(self, min_version: int, stopping: threading.Event, timeout: float = 600) -> int:
+        """Block until every serving generation worker (at least one) serves `min_version` or newer; returns the
+        oldest version served. The coordinator answers when the acks arrive, so there is no polling."""
+        self.client.send({"type": "wait_serving", "version": min_version})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stopping.is_set():
+            try:
+                return self.client.wait_for(("serving",), timeout=1.0)[1]["version"]
+            except CoordinatorGone:
+                continue
+        raise TimeoutError(f"no generation worker served adapter version >= {min_version} within {timeout:.0f}s")

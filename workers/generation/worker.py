@@ -22,7 +22,7 @@ import mlx.core as mx
 import zmq
 
 from runner import slots, wire
-from runner.cli import add_join_arguments, curve_from_args
+from runner.args import add_join_arguments, curve_from_args
 from runner.config import build_config
 from runner.control import ControlClient, model_id
 from runner.webserver import start_in_thread
