@@ -228,9 +228,6 @@ class Server:
     def _token_str(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
-    def _choice_extras(self, c) -> dict:
-        return {"token_ids": c.token_ids, "token_logprobs": c.logprobs, "policy_versions": c.versions}
-
     def _encode_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.engine.tokenizer.encode(prompt)
@@ -248,12 +245,14 @@ class Server:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
     # ----- streaming -------------------------------------------------------------------------------------------
-    async def _stream(self, http: Request, req: EngineRequest, chunk) -> StreamingResponse:
+    def _stream(self, req: EngineRequest, chunk, first: dict | None = None) -> StreamingResponse:
+        """Server-sent events: `first` (if any), then `chunk(index, delta, finish_reason)` per choice as its text
+        grows, then `[DONE]`. A client that goes away cancels the request."""
+
         async def events():
             sent = [0] * req.n
             remaining = req.n
             try:
-                first = chunk(None, None, None, first=True)
                 if first:
                     yield _sse(first)
                 while remaining:
@@ -289,230 +288,200 @@ class Server:
     # ----- routes ----------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="runner generation worker")
-
-        @app.exception_handler(APIError)
-        async def _api_error(_: Request, e: APIError):
-            return error_response(e.status, e.message, e.param, e.code, e.headers)
-
-        @app.exception_handler(RequestValidationError)
-        async def _validation_error(_: Request, e: RequestValidationError):
-            first = e.errors()[0] if e.errors() else {}
-            loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-            message = first.get("msg", "invalid request")
-            if first.get("type") == "json_invalid":
-                loc, message = "", "the request body is not valid JSON"
-            elif first.get("type") == "model_attributes_type" and not loc:
-                message = "the request body must be a JSON object (Content-Type: application/json)"
-            return error_response(400, f"{loc}: {message}" if loc else message, param=loc or None)
-
-        @app.exception_handler(StarletteHTTPException)
-        async def _http_error(_: Request, e: StarletteHTTPException):
-            return error_response(e.status_code, str(e.detail))
-
+        app.add_exception_handler(APIError, _api_error)
+        app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(StarletteHTTPException, _http_error)
         if self.api_token:
             app.add_middleware(BearerAuth, token=self.api_token, open_paths=("/health",))
-
-        @app.get("/health")
-        async def health():
-            body = {
-                "status": "ok" if self.ready else "loading",
-                "adapter_version": self.engine.version,
-                "model": self.model_name,
-            }
-            return JSONResponse(body, status_code=200 if self.ready else 503)
-
-        @app.get("/v1/models")
-        async def models():
-            return {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_name,
-                        "object": "model",
-                        "created": int(self.started),
-                        "owned_by": "runner",
-                        "adapter_version": self.engine.version,
-                    }
-                ],
-            }
-
-        @app.get("/metrics")
-        async def metrics():
-            return PlainTextResponse(prometheus_text(self.engine), media_type="text/plain; version=0.0.4")
-
-        @app.post("/v1/completions")
-        async def completions(body: CompletionBody, http: Request):
-            top = body.logprobs or 0
-            params = self._params(body, body.max_tokens, top)
-            prompt_ids = self._encode_prompt(body.prompt)
-            req = self._submit(prompt_ids, params, body.n, body.stream)
-            rid, created = new_request_id("cmpl"), int(time.time())
-
-            def chunk(index, delta, finish, first=False):
-                if first:
-                    return None
-                return {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.model_name,
-                    "policy_version": self.engine.version,
-                    "choices": [{"index": index, "text": delta, "finish_reason": finish, "logprobs": None}],
-                }
-
-            if body.stream:
-                return await self._stream(http, req, chunk)
-            await self._wait(http, req)
-            choices = []
-            for c in req.completions:
-                lp = None
-                if body.logprobs is not None:
-                    tokens = [self._token_str(t) for t in c.token_ids]
-                    offsets, pos = [], 0
-                    for t in tokens:
-                        offsets.append(pos)
-                        pos += len(t)
-                    lp = {
-                        "tokens": tokens,
-                        "token_logprobs": c.logprobs,
-                        "text_offset": offsets,
-                        "top_logprobs": [{self._token_str(k): v for k, v in d.items()} for d in c.top_logprobs]
-                        if top
-                        else None,
-                    }
-                choices.append(
-                    {
-                        "index": c.index,
-                        "text": c.text,
-                        "finish_reason": c.finish_reason,
-                        "logprobs": lp,
-                        **self._choice_extras(c),
-                    }
-                )
-            return _json(
-                {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.model_name,
-                    "choices": choices,
-                    "usage": self._usage(req),
-                    "policy_version": req.policy_version,
-                }
-            )
-
-        @app.post("/v1/chat/completions")
-        async def chat(body: ChatBody, http: Request):
-            top = body.top_logprobs or 0
-            if top and not body.logprobs:
-                raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-            params = self._params(body, body.max_completion_tokens or body.max_tokens, top)
-            req = self._submit(self._chat_prompt(body), params, body.n, body.stream)
-            rid, created = new_request_id("chatcmpl"), int(time.time())
-
-            def chunk(index, delta, finish, first=False):
-                base = {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": self.model_name,
-                    "policy_version": self.engine.version,
-                }
-                if first:
-                    return {
-                        **base,
-                        "choices": [
-                            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                            for i in range(req.n)
-                        ],
-                    }
-                return {
-                    **base,
-                    "choices": [
-                        {"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
-                    ],
-                }
-
-            if body.stream:
-                return await self._stream(http, req, chunk)
-            await self._wait(http, req)
-            choices = []
-            for c in req.completions:
-                lp = None
-                if body.logprobs:
-                    lp = {
-                        "content": [
-                            {
-                                "token": self._token_str(t),
-                                "logprob": token_lp,
-                                "bytes": list(self._token_str(t).encode()),
-                                "top_logprobs": [
-                                    {
-                                        "token": self._token_str(k),
-                                        "logprob": v,
-                                        "bytes": list(self._token_str(k).encode()),
-                                    }
-                                    for k, v in (c.top_logprobs[i].items() if top else ())
-                                ],
-                            }
-                            for i, (t, token_lp) in enumerate(zip(c.token_ids, c.logprobs))
-                        ]
-                    }
-                choices.append(
-                    {
-                        "index": c.index,
-                        "message": {"role": "assistant", "content": c.text},
-                        "finish_reason": c.finish_reason,
-                        "logprobs": lp,
-                        **self._choice_extras(c),
-                    }
-                )
-            return _json(
-                {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": self.model_name,
-                    "choices": choices,
-                    "usage": self._usage(req),
-                    "policy_version": req.policy_version,
-                }
-            )
-
-        @app.post("/generate")
-        async def generate(body: GenerateBody, http: Request):
-            if body.stream:
-                raise APIError(400, "/generate does not stream; use /v1/completions", param="stream")
-            params = self._params(body, body.max_tokens, body.logprobs or 0)
-            prompt_ids = (
-                self.engine.tokenizer.encode(body.prompt)
-                if isinstance(body.prompt, str)
-                else body.prompt.prompt_token_ids
-            )
-            req = self._submit(prompt_ids, params, body.n, False)
-            await self._wait(http, req)
-            logprobs = []
-            for c in req.completions:
-                per_token = []
-                for i, (t, lp) in enumerate(zip(c.token_ids, c.logprobs)):
-                    entry = [{str(t): lp}]  # the sampled token first, as Atropos reads item[0]
-                    if params.top_logprobs:
-                        entry.append({str(k): v for k, v in c.top_logprobs[i].items()})
-                    per_token.append(entry)
-                logprobs.append(per_token)
-            return _json(
-                {
-                    "text": [c.text for c in req.completions],
-                    "logprobs": logprobs,
-                    "finish_reasons": [c.finish_reason for c in req.completions],
-                    "token_ids": [c.token_ids for c in req.completions],
-                    "prompt_token_ids": prompt_ids,
-                    "policy_version": req.policy_version,
-                    "policy_versions": [c.versions for c in req.completions],
-                }
-            )
-
+        app.get("/health")(self.health)
+        app.get("/v1/models")(self.models)
+        app.get("/metrics")(self.metrics)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/generate")(self.generate)
         return app
+
+    async def health(self) -> JSONResponse:
+        body = {
+            "status": "ok" if self.ready else "loading",
+            "adapter_version": self.engine.version,
+            "model": self.model_name,
+        }
+        return JSONResponse(body, status_code=200 if self.ready else 503)
+
+    async def models(self) -> dict:
+        model = {
+            "id": self.model_name,
+            "object": "model",
+            "created": int(self.started),
+            "owned_by": "runner",
+            "adapter_version": self.engine.version,
+        }
+        return {"object": "list", "data": [model]}
+
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(self.engine), media_type="text/plain; version=0.0.4")
+
+    async def completions(self, body: CompletionBody, http: Request):
+        top = body.logprobs or 0
+        params = self._params(body, body.max_tokens, top)
+        req = self._submit(self._encode_prompt(body.prompt), params, body.n, body.stream)
+        rid, created = new_request_id("cmpl"), int(time.time())
+        if body.stream:
+
+            def chunk(index: int, delta: str, finish: str | None) -> dict:
+                choice = {"index": index, "text": delta, "finish_reason": finish, "logprobs": None}
+                return self._chunk(rid, "text_completion", created, [choice])
+
+            return self._stream(req, chunk)
+        await self._wait(http, req)
+        choices = [
+            _choice(c, {"text": c.text}, self._completion_logprobs(c, top) if body.logprobs is not None else None)
+            for c in req.completions
+        ]
+        return self._response(rid, "text_completion", created, req, choices)
+
+    async def chat_completions(self, body: ChatBody, http: Request):
+        top = body.top_logprobs or 0
+        if top and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        params = self._params(body, body.max_completion_tokens or body.max_tokens, top)
+        req = self._submit(self._chat_prompt(body), params, body.n, body.stream)
+        rid, created = new_request_id("chatcmpl"), int(time.time())
+        if body.stream:
+
+            def chunk(index: int, delta: str, finish: str | None) -> dict:
+                choice = {"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
+                return self._chunk(rid, "chat.completion.chunk", created, [choice])
+
+            opening = [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(req.n)
+            ]
+            return self._stream(req, chunk, first=self._chunk(rid, "chat.completion.chunk", created, opening))
+        await self._wait(http, req)
+        choices = [
+            _choice(
+                c,
+                {"message": {"role": "assistant", "content": c.text}},
+                self._chat_logprobs(c, top) if body.logprobs else None,
+            )
+            for c in req.completions
+        ]
+        return self._response(rid, "chat.completion", created, req, choices)
+
+    async def generate(self, body: GenerateBody, http: Request):
+        """Atropos' `vllm` server type: per token, [{sampled id: logprob}] plus {id: logprob} of the top
+        alternatives when asked for."""
+        if body.stream:
+            raise APIError(400, "/generate does not stream; use /v1/completions", param="stream")
+        top = body.logprobs or 0
+        params = self._params(body, body.max_tokens, top)
+        prompt_ids = (
+            self.engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt.prompt_token_ids
+        )
+        req = self._submit(prompt_ids, params, body.n, False)
+        await self._wait(http, req)
+        logprobs = [
+            [
+                [{str(t): lp}, {str(k): v for k, v in alternatives.items()}] if top else [{str(t): lp}]
+                for t, lp, alternatives in _positions(c, top)
+            ]  # the sampled token first, as Atropos reads item[0]
+            for c in req.completions
+        ]
+        return _json(
+            {
+                "text": [c.text for c in req.completions],
+                "logprobs": logprobs,
+                "finish_reasons": [c.finish_reason for c in req.completions],
+                "token_ids": [c.token_ids for c in req.completions],
+                "prompt_token_ids": prompt_ids,
+                "policy_version": req.policy_version,
+                "policy_versions": [c.versions for c in req.completions],
+            }
+        )
+
+    # ----- response formatters ---------------------------------------------------------------------------------
+    def _response(self, rid: str, kind: str, created: int, req: EngineRequest, choices: list[dict]) -> JSONResponse:
+        """A finished completion or chat completion: the OpenAI envelope plus the oldest policy version used."""
+        body = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
+        return _json({**body, "usage": self._usage(req), "policy_version": req.policy_version})
+
+    def _chunk(self, rid: str, kind: str, created: int, choices: list[dict]) -> dict:
+        """One streamed event, stamped with the adapter version being served when it is sent."""
+        return {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": self.model_name,
+            "policy_version": self.engine.version,
+            "choices": choices,
+        }
+
+    def _completion_logprobs(self, c, top: int) -> dict:
+        """Legacy completions' `logprobs`: token strings, their log-probs, text offsets and top alternatives."""
+        tokens = [self._token_str(t) for t in c.token_ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": c.logprobs,
+            "text_offset": offsets,
+            "top_logprobs": [{self._token_str(k): v for k, v in d.items()} for d in c.top_logprobs] if top else None,
+        }
+
+    def _chat_logprobs(self, c, top: int) -> dict:
+        """Chat completions' `logprobs.content`: one entry per token with its top alternatives."""
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self._token_str(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in alternatives.items()]}
+                for t, lp, alternatives in _positions(c, top)
+            ]
+        }
+
+
+def _positions(c, top: int) -> list[tuple[int, float, dict[int, float]]]:
+    """Per generated token: (token id, its sampling log-prob, {id: log-prob} of the top alternatives or {})."""
+    return [(t, lp, c.top_logprobs[i] if top else {}) for i, (t, lp) in enumerate(zip(c.token_ids, c.logprobs))]
+
+
+def _choice(c, content: dict, logprobs: dict | None) -> dict:
+    """One finished choice: OpenAI's fields plus the exact tokens, log-probs and versions the learner trains on."""
+    return {
+        "index": c.index,
+        **content,
+        "finish_reason": c.finish_reason,
+        "logprobs": logprobs,
+        "token_ids": c.token_ids,
+        "token_logprobs": c.logprobs,
+        "policy_versions": c.versions,
+    }
+
+
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    """FastAPI's body validation errors as one OpenAI-shaped 400 naming the first offending field."""
+    first = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        loc, message = "", "the request body is not valid JSON"
+    elif first.get("type") == "model_attributes_type" and not loc:
+        message = "the request body must be a JSON object (Content-Type: application/json)"
+    return error_response(400, f"{loc}: {message}" if loc else message, param=loc or None)
+
+
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    return error_response(e.status_code, str(e.detail))
 
 
 async def _next_events(events: asyncio.Queue) -> list[tuple]:
