@@ -731,7 +731,7 @@ def show(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fail(e: Exception) -> int:
+def report_error(e: Exception) -> int:
     print(f"runner: error: {e}", file=sys.stderr)
     return 2
 
@@ -740,7 +740,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         print(show(Path(args.path)))
     except (AdapterError, FileNotFoundError) as e:
-        return _fail(e)
+        return report_error(e)
     return 0
 
 
@@ -748,17 +748,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         src_fmt, fmt = convert(Path(args.src), Path(args.dst), to=args.to, force=args.force, base_model=args.base_model)
     except (AdapterError, FileNotFoundError, FileExistsError) as e:
-        return _fail(e)
+        return report_error(e)
     print(f"converted {args.src} ({src_fmt}) -> {args.dst} ({fmt})")
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from workers.adapters import merge  # MLX only for this subcommand
-
-    try:
-        out = merge(Path(args.model), Path(args.adapter), Path(args.out), dequantize=args.dequantize, force=args.force)
-    except (AdapterError, FileNotFoundError, FileExistsError) as e:
-        return _fail(e)
-    print(f"merged {args.adapter} into {args.model} -> {out}")
     return 0

@@ -101,7 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"runner {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in (
+        _add_job_commands,
+        _add_serve_command,
+        _add_worker_commands,
+        _add_status_command,
+        _add_models_commands,
+        _add_adapters_commands,
+        _add_deploy_commands,
+        _add_keys_commands,
+        _add_report_command,
+    ):
+        add_commands(sub)
+    return parser
 
+
+def _add_job_commands(sub) -> None:
     p = sub.add_parser("launch", help="run a job from a TOML config (coordinator + workers)")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
@@ -117,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_config_check)
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="run one standalone generation worker (OpenAI-compatible HTTP)")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None)
@@ -127,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-token", default="", help="require this bearer token on every request")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_worker_commands(sub) -> None:
     p = sub.add_parser("worker", help="attach a worker to a running coordinator")
     wsub = p.add_subparsers(dest="role", required=True, metavar="ROLE")
     w = wsub.add_parser("generate", help="attach a generation worker")
@@ -137,11 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")
     w.set_defaults(func=cmd_worker_generate)
 
+
+def _add_status_command(sub) -> None:
     p = sub.add_parser("status", help="show the workers and progress of a running job")
     p.add_argument("--coordinator", default="tcp://127.0.0.1:5555")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+
+def _add_models_commands(sub) -> None:
     p = sub.add_parser("models", help="prepare offline model directories")
     msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     m = msub.add_parser("prepare", help="write an MLX model directory (no network needed for 'tiny')")
@@ -151,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="random seed for 'tiny'")
     m.set_defaults(func=cmd_models_prepare)
 
+
+def _add_adapters_commands(sub) -> None:
     p = sub.add_parser("adapters", help="inspect, convert and merge LoRA adapters")
     asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = asub.add_parser("show", help="an adapter's rank, targets, size and dtype, or a run's checkpoints")
@@ -174,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output model directory")
     a.add_argument("--dequantize", action="store_true", help="write float weights for a quantized base")
     a.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    a.set_defaults(func=_delegate("runner.adapters", "cmd_merge"))
+    a.set_defaults(func=_delegate("workers.adapters", "cmd_merge"))  # MLX is loaded only for this subcommand
 
+
+def _add_deploy_commands(sub) -> None:
     p = sub.add_parser("deploy", help="render launchd plists or systemd units for this install")
     dsub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     for target in ("launchd", "systemd"):
@@ -188,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--workdir", default=None, help="working directory (default: the current one)")
         d.set_defaults(func=cmd_deploy)
 
+
+def _add_keys_commands(sub) -> None:
     p = sub.add_parser("keys", help="manage ZeroMQ CURVE keys")
     ksub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     k = ksub.add_parser("generate", help="generate a CURVE key pair")
@@ -196,11 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace existing keys")
     k.set_defaults(func=cmd_keys_generate)
 
+
+def _add_report_command(sub) -> None:
     p = sub.add_parser("report", help="plot a run's metrics and write a summary")
     p.add_argument("run", metavar="RUN", help="run directory (with metrics.jsonl)")
     p.add_argument("--out", default=None, help="output directory (default RUN/report)")
     p.set_defaults(func=_delegate("runner.report", "cmd_report"))
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

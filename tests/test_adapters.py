@@ -420,9 +420,10 @@ def strong_adapter(adapters_tiny, tmp_path_factory) -> Path:
     )
 
 
-def test_merge_float_base_matches_base_plus_adapter(adapters_tiny, strong_adapter, tmp_path):
+def test_merge_float_base_matches_base_plus_adapter(adapters_tiny, strong_adapter, tmp_path, capsys):
     from mlx_lm import load
 
+    from runner.cli import main
     from workers.adapters import merge
 
     out = merge(adapters_tiny, strong_adapter, tmp_path / "merged")
@@ -441,11 +442,16 @@ def test_merge_float_base_matches_base_plus_adapter(adapters_tiny, strong_adapte
     for p in PROMPTS:
         assert mx.allclose(logits(*merged, p), logits(*adapted, p), atol=1e-3).item()
 
-    # never over an existing dir unless forced; any adapter format merges to the same weights
+    # never over an existing dir unless forced (`runner adapters merge` says so in one line); any adapter format
+    # merges to the same weights
     with pytest.raises(FileExistsError):
         merge(adapters_tiny, strong_adapter, out)
+    command = ["adapters", "merge", "--model", str(adapters_tiny), "--out", str(out)]
+    assert main([*command, "--adapter", str(strong_adapter)]) == 2
+    assert capsys.readouterr().err.strip() == f"runner: error: {out} already exists; pass --force to replace it"
     A.convert(strong_adapter, tmp_path / "strong_peft")
-    merge(adapters_tiny, tmp_path / "strong_peft", out, force=True)
+    assert main([*command, "--adapter", str(tmp_path / "strong_peft"), "--force"]) == 0
+    assert capsys.readouterr().out.startswith(f"merged {tmp_path / 'strong_peft'} into {adapters_tiny} -> {out}")
     assert_bitwise_equal(
         mx.load(str(out / "model.safetensors")), mx.load(str(tmp_path / "merged" / "model.safetensors"))
     )

@@ -1,4 +1,5 @@
-"""Merge a LoRA adapter into its base model with mlx-lm's fuse machinery and write a complete model directory.
+"""`runner adapters merge`: fuse a LoRA adapter into its base model with mlx-lm's fuse machinery and write a complete
+model directory (the one adapter command that needs MLX; the others live in `runner.adapters`).
 
 Same steps as `mlx_lm fuse`: load base + adapter, replace every LoRA layer by `layer.fuse(dequantize=...)`, optionally
 dequantize what is still quantized, save weights + config, and copy the base's tokenizer and other small files.
@@ -11,12 +12,13 @@ fused weights stay float and the merged model matches base+adapter up to float r
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
-from runner.adapters import AdapterError, detect_format, read_adapter, write_adapter
+from runner.adapters import AdapterError, detect_format, read_adapter, report_error, write_adapter
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +87,13 @@ def merge(model_path: Path, adapter_path: Path, out: Path, dequantize: bool = Fa
         ", dequantized" if dequantize else "",
     )
     return out
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`runner adapters merge` (here rather than beside the other adapter commands: it is the one that needs MLX)."""
+    try:
+        out = merge(Path(args.model), Path(args.adapter), Path(args.out), dequantize=args.dequantize, force=args.force)
+    except (AdapterError, FileNotFoundError, FileExistsError) as e:
+        return report_error(e)
+    print(f"merged {args.adapter} into {args.model} -> {out}")
+    return 0
