@@ -168,10 +168,10 @@ def ring(tmp_path_factory) -> None:
 
 
 def start_ranks(args: list[str], tmp: Path) -> list[subprocess.Popen]:
-    """`python -m workers.learner.distributed ARGS` as ranks 0 and 1 of a ring on 127.0.0.1."""
+    """`python -m workers.learner.trainer ARGS` as ranks 0 and 1 of a ring on 127.0.0.1."""
     port = free_port_pair()
     hostfile = dist.write_local_hostfile(tmp / "hosts.json", [port, port + 1])
-    cmd = [sys.executable, "-m", "workers.learner.distributed", *args]
+    cmd = [sys.executable, "-m", "workers.learner.trainer", *args]
     return [
         subprocess.Popen(
             cmd,
@@ -207,7 +207,6 @@ def reference(tiny_model, tmp_path_factory) -> tuple[Path, dict[str, mx.array], 
 
 def train_args(tiny_model: Path, replay: Path, tmp: Path, *extra: str) -> list[str]:
     args = [
-        "train",
         "--model",
         str(tiny_model),
         "--replay",
@@ -287,7 +286,7 @@ def _launch(command: list[str], tmp: Path, *launch_args: str) -> subprocess.Pope
 
 
 def _train_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "workers.learner.distributed", *args]
+    return [sys.executable, "-m", "workers.learner.trainer", *args]
 
 
 def _metric_steps(run: Path) -> list[int]:

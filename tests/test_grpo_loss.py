@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 
 from workers.learner.grpo import (
+    ATROPOS_PROMPT,
     GRPOParams,
-    atropos_mask,
     clean_inference_logprobs,
     group_advantages,
     grpo_token_loss,
     loss_normalizer,
     sequence_logprobs,
 )
+from workers.learner.sources import Batch, scored_data_to_group
+from workers.learner.trainer import prepare_batch
 
 TOL = 1e-5
 
@@ -110,6 +112,13 @@ def ref_loss(lp, old, ref, samp, adv, mask, p, ent=None, num_tokens_total=None, 
 # ----------------------------------------------------------------------------------------------------------
 # Random batches shaped like real Atropos data
 # ----------------------------------------------------------------------------------------------------------
+
+
+def atropos_mask(masks: np.ndarray) -> np.ndarray:
+    """Atropos' per-token masks ([B, T], -100 where not trained) as a float loss mask aligned with
+    `sequence_logprobs` (column t trains token t+1). Production gets the same from `scored_data_to_group` and
+    `prepare_batch` (test_atropos_mask_shift checks they agree)."""
+    return (np.asarray(masks)[:, 1:] != ATROPOS_PROMPT).astype(np.float32)
 
 
 def make_batch(seed: int, B: int = 6, T: int = 14, group_size: int = 3, scale: bool = True) -> dict:
@@ -429,6 +438,11 @@ def test_atropos_mask_shift():
     masks = np.array([[-100, -100, 17, 23, -100], [-100, 5, 6, 7, 8]])
     np.testing.assert_array_equal(atropos_mask(masks), [[0, 1, 1, 0], [1, 1, 1, 1]])
     assert atropos_mask(masks).dtype == np.float32
+    # The production path (ScoredData -> samples -> padded arrays) makes the same mask.
+    item = {"tokens": [[1, 2, 17, 23, 4], [1, 5, 6, 7, 8]], "masks": masks.tolist(), "scores": [1.0, 0.0]}
+    arr = prepare_batch(Batch([scored_data_to_group(item)]))
+    np.testing.assert_array_equal(arr["mask"], atropos_mask(masks))
+    assert arr["mask"].dtype == np.float32
 
 
 def test_clean_inference_logprobs():
@@ -437,6 +451,16 @@ def test_clean_inference_logprobs():
     clean, m = clean_inference_logprobs(lp, mask)
     np.testing.assert_array_equal(m, [[0, 0, 1, 0], [0, 1, 0, 1]])
     np.testing.assert_allclose(clean, [[0, 0, -0.5, 0], [0, -0.1, 0, -1.0]])
+    # prepare_batch cleans the sampler log-probs the same way; unknown ones (None) are never valid.
+    item = {
+        "tokens": [[3, 4, 5, 6, 7], [3, 4, 5, 6, 7], [3, 4, 5, 6, 7]],
+        "masks": [[-100, -100, 5, 6, -100], [-100, 4, 5, 6, 7], [-100, 4, 5, 6, 7]],
+        "scores": [1.0, 0.0, 0.5],
+        "inference_logprobs": [[1.0, *lp[0]], [1.0, *lp[1]], None],
+    }
+    arr = prepare_batch(Batch([scored_data_to_group(item)]))
+    np.testing.assert_array_equal(arr["sampler_valid"], [*m, [0, 0, 0, 0]])
+    np.testing.assert_allclose(arr["sampler"], [*clean, [0, 0, 0, 0]])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -489,19 +513,19 @@ def test_sequence_logprobs_matches_numpy(tiny_model):
     np.testing.assert_allclose(np.array(ent), want_ent, atol=TOL)
 
 
-def test_sequence_logprobs_lengths_and_padding(tiny_model):
+def test_sequence_logprobs_padding_leaves_real_columns(tiny_model):
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 50, size=(2, 8))
-    lengths = np.array([8, 5])
     padded = tokens.copy()
     padded[1, 5:] = 0
-    lp, ent = sequence_logprobs(tiny_model, mx.array(padded), mx.array(lengths))
+    lp, ent = sequence_logprobs(tiny_model, mx.array(padded))
     lp, ent = np.array(lp), np.array(ent)
-    assert np.all(lp[1, 4:] == 0) and np.all(ent[1, 4:] == 0)
     # Causal attention: the unpadded prefix scores the same as the row run alone at its own length.
     alone_lp, alone_ent = sequence_logprobs(tiny_model, mx.array(tokens[1:2, :5]))
     np.testing.assert_allclose(lp[1, :4], np.array(alone_lp)[0], atol=TOL)
     np.testing.assert_allclose(ent[1, :4], np.array(alone_ent)[0], atol=TOL)
+    no_ent = sequence_logprobs(tiny_model, mx.array(padded), entropy=False)
+    assert no_ent[1] is None and np.array_equal(np.array(no_ent[0]), lp)
 
 
 def test_end_to_end_model_gradient(tiny_model):

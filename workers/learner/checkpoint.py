@@ -13,6 +13,8 @@ A checkpoint directory is written whole in a temp dir and renamed into place, th
 so a crash leaves either the previous or the new checkpoint, never a half one. Still, `find_latest` validates what it
 picks (a disk can fill, someone can copy a dir by hand) and falls back to the newest loadable checkpoint. It only
 reads: a broken checkpoint is reported and left for a person to inspect.
+
+This module knows the files, not the trainer: `Trainer.save_checkpoint` / `Trainer.restore` say what goes in them.
 """
 
 from __future__ import annotations
@@ -26,16 +28,12 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from runner.files import write_atomic
-from workers.lora import save_adapter
-
-if TYPE_CHECKING:
-    from workers.learner.sources import Source
-    from workers.learner.trainer import Trainer
+from workers.lora import LoraSpec, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +58,22 @@ def _bytes_safetensors(tensors: dict[str, mx.array]) -> bytes:
 
 
 def save_checkpoint(
-    run_dir: str | Path, trainer: Trainer, source_state: dict, metrics: dict, keep_last: int = 3, config=None
+    run_dir: str | Path,
+    model: nn.Module,
+    spec: LoraSpec,
+    state: dict,
+    arrays: dict[str, dict[str, mx.array]],
+    keep_last: int = 3,
 ) -> Path:
-    """Write RUN_DIR/checkpoints/step_NNNNNN atomically, point `latest` at it, prune to the last `keep_last`."""
-    run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINTS
+    """Write RUN_DIR/checkpoints/step_NNNNNN (NNNNNN = state["step"]) atomically: the model's adapter, `state` as
+    state.json and each of `arrays` as NAME.safetensors; point `latest` at it and prune to the last `keep_last`."""
+    root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": trainer.step_count,
-        "version": trainer.version,
-        "rng": trainer.rng_state(),
-        "source": source_state,
-        "metrics": metrics,
-        "config": config.to_dict() if hasattr(config, "to_dict") else config,
-        "base_model_id": trainer.base_model_id,
-        "time": time.time(),
-    }
-    extra = {
-        "optimizer.safetensors": _bytes_safetensors(trainer.optimizer_state()),
-        STATE: json.dumps(state, indent=1).encode(),
-    }
-    if trainer.ema is not None:
-        extra["ref_ema.safetensors"] = _bytes_safetensors(trainer.ema)
-    target = root / checkpoint_name(trainer.step_count)
+    extra = {f"{name}.safetensors": _bytes_safetensors(tensors) for name, tensors in arrays.items()}
+    extra[STATE] = json.dumps(state, indent=1).encode()
+    target = root / checkpoint_name(state["step"])
     _remove_leftovers(root)
-    save_adapter(target, trainer.model, trainer.spec, extra_files=extra)
+    save_adapter(target, model, spec, extra_files=extra)
     write_atomic(root / LATEST, target.name + "\n")
     _prune(root, keep_last, keep=target)
     log.info("checkpoint %s written", target)
@@ -192,20 +181,6 @@ def load_checkpoint(path: str | Path) -> dict:
         "optimizer": mx.load(str(path / "optimizer.safetensors")),
         "ema": mx.load(str(ema_path)) if ema_path.exists() else None,
     }
-
-
-def restore(trainer: Trainer, source: Source | None, path: str | Path) -> dict:
-    """Put the trainer (adapter, optimizer, step, version, RNG) and the source position back to a checkpoint.
-    Returns its state.json."""
-    ck = load_checkpoint(path)
-    state = ck["state"]
-    if state.get("base_model_id") and trainer.base_model_id and state["base_model_id"] != trainer.base_model_id:
-        raise ValueError(f"{path} was trained on base model {state['base_model_id']}, not {trainer.base_model_id}")
-    trainer.load_state(ck["adapter"], ck["optimizer"], state["step"], state["version"], state.get("rng"), ck["ema"])
-    trainer.last_metrics = state.get("metrics") or {}
-    if source is not None and state.get("source"):
-        source.load_state(state["source"])
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,14 +10,16 @@ Every rank holds the same model and adapter. For each batch:
                gradient its share of the batch mean); clipping then sees the global norm
     update     every rank applies the same Adam update to the same summed gradients: adapters stay identical
 
-The trainer does the above when given a group (`Trainer.load(..., group=group)`); this module holds the
-collectives, the batch sharding, the rank-0-only side (publishing, checkpoints, metrics) and a CLI:
+The trainer does the above when given a group (`Trainer.load(..., group=group)`) and `trainer.fit` keeps the ranks
+in step (rank 0 resumes, publishes, checkpoints and writes metrics; the others follow through the same loop). This
+module holds the collectives, the batch sharding, `BroadcastSource` and the launcher:
 
-    mlx.launch -n 2 --backend ring python -m workers.learner.distributed train \\
+    mlx.launch -n 2 --backend ring python -m workers.learner.trainer \\
         --model DIR --replay batches.jsonl --steps 3 --out adapter/
 
 and `python -m workers.learner.distributed launch --hosts 2 -- CMD...` runs any learner command as ring ranks (through
 mlx.launch when hosts are remote) with a SIGTERM that reaches rank 0 (how `runner launch` starts a multi-learner).
+It imports nothing of the trainer: the trainer builds on it.
 
 Every collective runs on the CPU stream: MLX's Metal backend has no GPU kernel for them (they would throw on a
 Mac's default GPU stream); MLX moves the arrays across, which for a LoRA-sized gradient is negligible.
@@ -38,7 +40,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,26 +168,6 @@ def broadcast_json(obj: Any, group: Group | None, root: int = 0) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # Keeping ranks in step
 # ----------------------------------------------------------------------------------------------------------
-
-
-def sync_trainer(trainer, group: Group | None) -> None:
-    """Make every rank's trainer state rank 0's: adapter, optimizer, reference EMA, step and version.
-
-    Called once after construction/resume: on several Macs only rank 0 has the run directory (checkpoints), and
-    even identical seeds are not a promise of identical LoRA inits across machines."""
-    if size_of(group) == 1:
-        return
-    from workers.lora import set_lora
-
-    state = broadcast_json({"step": trainer.step_count, "version": trainer.version}, group)
-    set_lora(trainer.model, broadcast_tree(trainer.lora_tensors(), group))
-    opt = trainer.optimizer_state()
-    if opt:
-        trainer.load_optimizer_state(broadcast_tree(opt, group))
-    if trainer.ema is not None:
-        trainer.ema = broadcast_tree(trainer.ema, group)
-    trainer.step_count, trainer.version = int(state["step"]), int(state["version"])
-    mx.eval(trainer.model.parameters(), trainer.optimizer.state, trainer.ema or {})
 
 
 class BroadcastSource:
@@ -382,92 +363,12 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# CLI: train on recorded batches
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _config(args: argparse.Namespace):
-    from runner.config import build_config, load_config, parse_override
-
-    sets = list(args.set)
-    if args.model:
-        sets.append(f"model.path={json.dumps(args.model)}")
-    if args.config:
-        return load_config(args.config, sets)
-    data: dict = {}
-    for text in sets:
-        section, key, value = parse_override(text)
-        data.setdefault(section, {})[key] = value
-    return build_config(data, where="--set")
-
-
-def train_main(args: argparse.Namespace) -> int:
-    """Train on recorded batches with every rank of the ring; rank 0 writes the adapter."""
-    from workers.learner.sources import ReplaySource
-    from workers.learner.trainer import Trainer, fit
-    from workers.lora import save_adapter
-
-    group = init()
-    announce_rank0(group)
-    config = _config(args)
-    trainer = Trainer.from_config(config, group=group)
-    steps = args.steps or config.learner.steps
-    run_dir = Path(args.run_dir) if args.run_dir else None
-    # Only rank 0 reads the batches, as only rank 0 would talk to generation workers or Atropos.
-    replay = ReplaySource(args.replay) if is_writer(group) else None
-    source = replay if size_of(group) == 1 else BroadcastSource(replay, group)
-    stopping = threading.Event()
-    if is_writer(group):  # rank 0 decides when to stop; the launcher forwards SIGTERM to it alone
-        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    else:  # Ctrl-C in a terminal reaches every local rank: the others wait for rank 0's stop instead
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fit(
-        trainer,
-        source,
-        run_dir,
-        steps,
-        config.checkpoint.interval,
-        config.checkpoint.keep_last,
-        config=config,
-        step_delay=args.step_delay,
-        group=group,
-        stopping=stopping,
-    )
-    if trainer.step_count < steps:
-        log.info("stopped at step %d of %d", trainer.step_count, steps)
-        return 0
-    if args.dump_ranks:
-        Path(args.dump_ranks).mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(Path(args.dump_ranks) / f"rank{rank_of(group)}.safetensors"), trainer.lora_tensors())
-    if is_writer(group):
-        save_adapter(Path(args.out), trainer.model, trainer.spec)
-        log.info("wrote the adapter after %d step(s) on %d rank(s) to %s", trainer.step_count, size_of(group), args.out)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m workers.learner.distributed",
         description="Data-parallel GRPO learners on mx.distributed (ring backend).",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help=train_main.__doc__, description=train_main.__doc__)
-    t.add_argument("--config", help="job config TOML (defaults apply without one)")
-    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    t.add_argument("--model", help="model directory (overrides model.path)")
-    t.add_argument(
-        "--replay",
-        required=True,
-        help="JSONL of recorded batches (Batch.to_json), one per line; "
-        "read by rank 0, which sends each batch to the other ranks",
-    )
-    t.add_argument("--steps", type=int, help="optimizer steps (default: learner.steps)")
-    t.add_argument("--out", required=True, help="adapter directory written by rank 0 at the end")
-    t.add_argument("--run-dir", help="rank 0 writes metrics.jsonl and checkpoints here (and resumes from them)")
-    t.add_argument("--dump-ranks", help="every rank writes its adapter to DIR/rank<r>.safetensors (for tests)")
-    t.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     lp = sub.add_parser(
         "launch",
         help="run a command as ring ranks (mlx.launch for remote hosts), SIGTERM to rank 0",
@@ -484,8 +385,6 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.cmd == "train":
-        return train_main(args)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("launch needs a command after --")
@@ -493,8 +392,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not this `__main__` copy: the trainer checks BroadcastSource and StopTraining
-    # against `workers.learner.distributed`, and two copies of those classes would not match.
-    from workers.learner.distributed import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(main())

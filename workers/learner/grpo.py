@@ -1,4 +1,4 @@
-"""GRPO loss as pure functions over MLX arrays, plus a log-prob helper.
+"""GRPO math: advantages, the token loss, and the data helpers the trainer runs a batch through.
 
 Math
 ----
@@ -15,9 +15,9 @@ Aggregation ("loss_agg"):
     "token":    sum_{b,t} mask * loss_t / N_tokens          (every valid token weighs the same)
     "sequence": sum_b [ sum_t mask * loss_t / n_b ] / N_seqs  (every sequence weighs the same)
 where n_b = valid tokens of row b, and N_tokens / N_seqs default to the counts in the given arrays. For
-gradient accumulation pass the counts of the *whole* batch (``num_tokens_total`` / ``num_seqs_total``,
-see ``loss_normalizer``) so that the micro-batch losses -- and their gradients -- sum to the full-batch ones.
-Rows with no valid token contribute nothing and are not counted as sequences.
+gradient accumulation (and data-parallel shards) pass the counts of the *whole* batch (``num_tokens_total`` /
+``num_seqs_total``, see ``loss_normalizer``) so that the partial losses -- and their gradients -- sum to the
+full-batch ones. Rows with no valid token contribute nothing and are not counted as sequences.
 
 Advantages (``group_advantages``): A = (r - mean_g) / (std_g + eps) with population std, or r - mean_g
 when ``scale_rewards`` is False (Dr.GRPO).
@@ -27,7 +27,7 @@ Shift convention
 ``sequence_logprobs(model, tokens)`` runs the model on ``tokens[:, :-1]`` and returns arrays of shape
 [B, T-1] whose column t is log p(tokens[:, t+1] | tokens[:, :t+1]), i.e. column t scores the token at
 position t+1. Every per-token array handed to ``grpo_token_loss`` (masks, old/ref/sampler log-probs) must
-use this same convention; ``atropos_mask`` produces masks that do (it drops the first column).
+use this same convention; the trainer's ``prepare_batch`` drops the first column of per-token data to match.
 """
 
 from __future__ import annotations
@@ -88,23 +88,12 @@ def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, scale: bool, ep
     return adv.astype(np.float32)
 
 
-def atropos_mask(masks: np.ndarray) -> np.ndarray:
-    """Float loss mask aligned with ``sequence_logprobs`` output: column t trains the prediction of token t+1.
-
-    ``masks`` is Atropos' per-token array ([B, T], -100 at prompt positions, token id where trained); pad
-    rows with -100 so padding is excluded too. Returns float32 [B, T-1].
-    """
-    masks = np.asarray(masks)
-    return (masks[:, 1:] != ATROPOS_PROMPT).astype(np.float32)
-
-
 def clean_inference_logprobs(lp: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Zero out and exclude entries that are not real log-probabilities.
 
-    Atropos puts 1.0 at prompt positions as a placeholder, and a real log-prob is never > 0; positions
-    with mask == 0 are not trained anyway. ``lp`` and ``mask`` must already share the same alignment
-    (for per-token Atropos arrays aligned with ``tokens``, pass ``lp[:, 1:]`` with ``atropos_mask``).
-    Returns (cleaned log-probs, mask with those positions removed), both float32.
+    Atropos puts 1.0 at prompt positions as a placeholder (the trainer uses it for unknown log-probs too), and
+    a real log-prob is never > 0; positions with mask == 0 are not trained anyway. ``lp`` and ``mask`` must
+    share the same alignment. Returns (cleaned log-probs, mask with those positions removed), both float32.
     """
     lp = np.asarray(lp, dtype=np.float32)
     mask = np.asarray(mask, dtype=np.float32)
@@ -241,26 +230,26 @@ def grpo_token_loss(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def sequence_logprobs(model, tokens: mx.array, lengths: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """Per-token log-probs and entropies of ``tokens`` under ``model``, both float32 [B, T-1].
+def sequence_logprobs(
+    model, tokens: mx.array, entropy: bool = True, entropy_grad: bool = False
+) -> tuple[mx.array, mx.array | None]:
+    """Per-token log-probs of ``tokens`` under ``model`` and (optionally) the entropies of the same next-token
+    distributions, both float32 [B, T-1].
 
-    Shift: the model sees ``tokens[:, :-1]``; column t holds log p(tokens[:, t+1] | tokens[:, :t+1]) and the
-    entropy of that same next-token distribution. So column t belongs to token t+1 -- align masks and any
-    other per-token arrays accordingly (``atropos_mask`` does).
+    Shift: the model sees ``tokens[:, :-1]``; column t holds log p(tokens[:, t+1] | tokens[:, :t+1]), so column t
+    belongs to token t+1. Padding after a row's real tokens leaves its real columns unchanged (causal attention).
 
-    ``lengths`` ([B], real tokens per row incl. prompt) optionally zeroes columns whose target token is
-    padding (t + 1 >= length); padded inputs only follow the real ones, so causal attention keeps the valid
-    columns unaffected.
+    Written like mlx-lm's cross-entropy (logsumexp minus the target logit) rather than materialising a full
+    log-softmax: over a large vocabulary that tensor is the most expensive thing in the step. The entropy is only
+    differentiated through when it is part of the loss (``entropy_grad``).
     """
     logits = model(tokens[:, :-1]).astype(mx.float32)  # [B, T-1, V]
     targets = tokens[:, 1:]
-    log_z = mx.logsumexp(logits, axis=-1, keepdims=True)
-    log_p = logits - log_z  # log-softmax, stable
-    lp = mx.take_along_axis(log_p, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
-    ent = -(mx.exp(log_p) * log_p).sum(axis=-1)
-    if lengths is not None:
-        pos = mx.arange(targets.shape[1])[None, :]
-        keep = (pos + 1) < lengths.reshape(-1, 1)
-        lp = mx.where(keep, lp, 0.0)
-        ent = mx.where(keep, ent, 0.0)
+    lse = mx.logsumexp(logits, axis=-1)
+    lp = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
+    ent = None
+    if entropy:
+        lg = logits if entropy_grad else mx.stop_gradient(logits)
+        z = lse if entropy_grad else mx.stop_gradient(lse)
+        ent = z - (mx.softmax(lg, axis=-1) * lg).sum(axis=-1)
     return lp, ent

@@ -1,10 +1,17 @@
-"""The learner process under a coordinator: trainer + rollout source + checkpoints + publishing versions.
+"""The learner process under a coordinator: `trainer.fit` with callbacks that publish each version.
 
-Each step: wait until the generation workers serve a recent enough version (`max_staleness`), take a batch from the
-source, do one GRPO update, publish the new adapter as version v+1 through the coordinator, append the step's
-metrics to `metrics.jsonl`, and checkpoint every `interval` steps and at exit. A restarted learner resumes from the
-newest loadable checkpoint and republishes its adapter under a version newer than anything served, so versions never
-go backwards. SIGTERM finishes the current step, writes a checkpoint and exits 0.
+    python -m workers.learner.main --config RUN/config.resolved.toml --join ENDPOINT --name learner
+        [--resume CHECKPOINT] [--key K --server-key S]
+
+The config comes from the file (any learner can be started by hand from it); the coordinator's `welcome` adds the
+runtime facts (base model id, latest version, where versions go). `fit` resumes from `--resume` or else the newest
+loadable checkpoint of the run dir, and around each step the callbacks wait until the generation workers serve a
+recent enough version (`max_staleness`), then publish the new adapter as version v+1 and report progress. Versions
+never go backwards: a learner continues above the latest version the coordinator has seen and republishes a resumed
+adapter before the first rollout. SIGTERM finishes the current step, writes a checkpoint and exits 0.
+
+Started as ring ranks (`[learner] hosts`), rank 0 does all of the above and sends the config to the other ranks (other
+hosts need not have the file); they follow through the same `fit` with no callbacks (workers.learner.distributed).
 """
 
 from __future__ import annotations
@@ -18,26 +25,25 @@ import threading
 from pathlib import Path
 
 from runner.args import add_join_arguments, curve_from_args
-from runner.config import Config, build_config
+from runner.config import Config, build_config, load_config
 from runner.control import ControlClient
+from workers.learner import distributed as dist
+from workers.learner.sources import make_source
+from workers.learner.trainer import Callbacks, Trainer, fit
+from workers.weights import Publisher
 
 log = logging.getLogger(__name__)
 
 
-def run_learner(join: str, name: str, curve: dict | None = None) -> int:
-    from workers.learner import distributed as dist
-    from workers.learner.checkpoint import append_metrics, find_latest, restore, save_checkpoint, truncate_metrics
-    from workers.learner.sources import make_source
-    from workers.learner.trainer import Trainer
-    from workers.weights import Publisher
-
+def run_learner(args: argparse.Namespace) -> int:
+    """Rank 0 (or the only rank): join the coordinator, train with publishing callbacks, say `done` at the end."""
     group = dist.init()  # started by mlx.launch: one rank of a data-parallel ring; otherwise alone
     if not dist.is_writer(group):
         return run_follower(group)
-    client = ControlClient(join, name, role="learner", curve=curve)
+    client = ControlClient(args.join, args.name, role="learner", curve=curve_from_args(args))
     welcome = client.hello(capabilities={"algorithm": "grpo", "ranks": dist.size_of(group)})
-    config: Config = build_config(welcome["config"], where="coordinator")
-    dist.broadcast_json(welcome["config"], group)  # the other ranks build the same trainer (they never say hello)
+    config = _config(args, welcome)
+    dist.broadcast_json(config.to_dict(), group)  # the other ranks build the same trainer (they never say hello)
     client.heartbeat_interval = config.coordinator.heartbeat_interval
     client.status.update(state="loading", version=welcome["latest_version"])
     client.start_heartbeats()
@@ -47,77 +53,79 @@ def run_learner(join: str, name: str, curve: dict | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     dist.announce_rank0(group)  # now `distributed launch` may forward the coordinator's SIGTERM here
 
-    run_dir = Path(config.checkpoint.dir)
     trainer = Trainer.from_config(config, group=group)
     publisher = Publisher(client, welcome, trainer.spec.adapter_config(len(trainer.model.layers)))
-    checkpoint = Path(config.checkpoint.resume) if config.checkpoint.resume else find_latest(run_dir)
-    start_step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
-    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, starting_step=start_step)
-    if checkpoint is not None:
-        restore(trainer, source, checkpoint)
-        log.info("resumed from %s at step %d", checkpoint, trainer.step_count)
-    truncate_metrics(run_dir, trainer.step_count)  # steps after the checkpoint will be redone, not logged twice
-    # Versions never go backwards: continue above whatever the workers may already serve, and make them serve
-    # the resumed adapter before the first rollout.
-    trainer.version = max(trainer.version, welcome["latest_version"])
-    if checkpoint is not None:
-        trainer.version += 1
-        publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
-    dist.sync_trainer(trainer, group)  # the other ranks start from rank 0's (resumed) state
+    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer)
     if dist.size_of(group) > 1:
         source = dist.BroadcastSource(source, group)  # rank 0 gets the rollouts; every rank trains its share
-    client.status.update(state="training", version=trainer.version)
-
-    def checkpoint_now(metrics: dict) -> None:
-        save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last=config.checkpoint.keep_last, config=config)
-
-    saved_step = trainer.step_count if checkpoint is not None else -1
+    callbacks = _publishing_callbacks(trainer, client, publisher, config, welcome["latest_version"], stopping)
     try:
-        while trainer.step_count < config.learner.steps and not stopping.is_set():
-            publisher.wait_for_workers(trainer.version - config.learner.max_staleness, stopping)
-            if stopping.is_set():
-                break
-            metrics = trainer.step(source.next_batch(trainer.step_count))
-            publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
-            append_metrics(run_dir, metrics)
-            client.status["version"] = trainer.version
-            client.send({"type": "progress", "name": name, "metrics": _plain(metrics)})
-            if trainer.step_count % config.checkpoint.interval == 0:
-                checkpoint_now(metrics)
-                saved_step = trainer.step_count
-        if isinstance(source, dist.BroadcastSource):
-            source.stop()  # done or stopping between steps: release the other ranks
+        fit(
+            trainer,
+            source,
+            config.learner.steps,
+            config.checkpoint.dir,
+            interval=config.checkpoint.interval,
+            keep_last=config.checkpoint.keep_last,
+            config=config,
+            resume=args.resume or config.checkpoint.resume or True,
+            stopping=stopping,
+            callbacks=callbacks,
+        )
     finally:
         client.status["state"] = "stopping"
-        if saved_step != trainer.step_count:
-            checkpoint_now(trainer.last_metrics)
         source.close()
     if not stopping.is_set():
-        client.send({"type": "done", "name": name})
+        client.send({"type": "done", "name": args.name})
     client.close()
     return 0
 
 
-def run_follower(group) -> int:
-    """Rank > 0 of a data-parallel learner: trains its share of every batch rank 0 sends, until rank 0 says stop.
-    It never talks to the coordinator; rank 0 publishes, checkpoints and reports for all ranks."""
-    from workers.learner import distributed as dist
-    from workers.learner.trainer import Trainer
+def _publishing_callbacks(
+    trainer: Trainer,
+    client: ControlClient,
+    publisher: Publisher,
+    config: Config,
+    latest_version: int,
+    stopping: threading.Event,
+) -> Callbacks:
+    def on_start(resumed: Path | None) -> None:
+        # Versions never go backwards: continue above whatever the workers may already serve, and make them serve
+        # the resumed adapter before the first rollout.
+        trainer.version = max(trainer.version, latest_version)
+        if resumed is not None:
+            trainer.version += 1
+            publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
+        client.status.update(state="training", version=trainer.version)
 
+    def before_step() -> None:
+        publisher.wait_for_workers(trainer.version - config.learner.max_staleness, stopping)
+
+    def after_step(metrics: dict) -> None:
+        publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
+        client.status["version"] = trainer.version
+        client.send({"type": "progress", "name": client.name, "metrics": _plain(metrics)})
+
+    return Callbacks(on_start=on_start, before_step=before_step, after_step=after_step)
+
+
+def run_follower(group: dist.Group) -> int:
+    """Rank > 0 of a data-parallel learner: the same `fit`, on the batches rank 0 sends, until rank 0 stops it.
+    It never talks to the coordinator; rank 0 publishes, checkpoints and reports for all ranks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every local rank: rank 0 decides, then says stop
     config = build_config(dist.broadcast_json(None, group), where="rank 0")
     trainer = Trainer.from_config(config, group=group)
-    dist.sync_trainer(trainer, group)
-    source = dist.BroadcastSource(None, group)
-    log.info("rank %d of %d: following rank 0 from step %d", group.rank(), group.size(), trainer.step_count)
-    while True:
-        try:
-            batch = source.next_batch(trainer.step_count)
-        except dist.StopTraining:
-            break
-        trainer.step(batch)
+    log.info("rank %d of %d: following rank 0", group.rank(), group.size())
+    fit(trainer, dist.BroadcastSource(None, group), config.learner.steps)
     log.info("rank %d: stopped at step %d", group.rank(), trainer.step_count)
     return 0
+
+
+def _config(args: argparse.Namespace, welcome: dict) -> Config:
+    if args.config:
+        return load_config(args.config)
+    # Until the coordinator passes --config to its children, it still sends the config in the welcome.
+    return build_config(welcome["config"], where="coordinator")
 
 
 def _plain(metrics: dict) -> dict:
@@ -128,12 +136,14 @@ def _plain(metrics: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workers.learner.main")
+    p = argparse.ArgumentParser(prog="python -m workers.learner.main", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="the run's resolved config (RUN/config.resolved.toml)")
     add_join_arguments(p)
     p.add_argument("--name", default="learner")
+    p.add_argument("--resume", help="a checkpoint directory to resume from (default: the run dir's newest)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_learner(args.join, args.name, curve=curve_from_args(args))
+    return run_learner(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""The GRPO learner: LoRA on a frozen mlx-lm model, one optimizer update per batch.
+"""The GRPO learner: LoRA on a frozen mlx-lm model, one optimizer update per batch, and the one training loop.
 
     trainer = Trainer.from_config(config)          # loads the base, applies LoRA (or starts from config.model.adapter)
     metrics = trainer.step(batch)                  # one GRPO update; trainer.version / trainer.step_count advance
     tensors = trainer.lora_tensors()               # what to publish to the generation workers
+    fit(trainer, source, steps, run_dir, callbacks=Callbacks(...))   # resume, train, log, checkpoint
+
+`fit` is the only loop: replay training (`python -m workers.learner.trainer --replay ...`, one process or ring ranks)
+calls it bare; the learner process under a coordinator (workers.learner.main) adds callbacks that wait for the
+workers before a step and publish and report after it. The loss math and the log-prob helper are workers.learner.grpo.
 
 Old log-probs. Every batch is consumed by exactly one optimizer update, so the "old" policy of the clipped ratio is
 the learner's policy at the start of the step -- the very parameters the loss is differentiated at. Its log-probs
@@ -24,9 +29,11 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,10 +44,18 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from runner.config import Config, LearnerConfig
 from runner.control import model_id
+from workers.learner import checkpoint as ck
 from workers.learner import distributed as dist
-from workers.learner.grpo import GRPOParams, group_advantages, grpo_token_loss
-from workers.learner.sources import Batch, Source
-from workers.lora import LoraSpec, apply_lora, lora_tensors, read_adapter, set_lora
+from workers.learner.grpo import (
+    GRPOParams,
+    clean_inference_logprobs,
+    group_advantages,
+    grpo_token_loss,
+    loss_normalizer,
+    sequence_logprobs,
+)
+from workers.learner.sources import Batch, ReplaySource, Source
+from workers.lora import LoraSpec, apply_lora, lora_tensors, read_adapter, save_adapter, set_lora
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +73,7 @@ PAD_ID = 0  # any id works: padded positions are masked out and come after the r
 
 
 def prepare_batch(batch: Batch, scale_rewards: bool = True, eps: float = 1e-6) -> dict[str, np.ndarray]:
-    """Pad a batch into NumPy arrays aligned with `sequence_logprobs` (column t scores token t+1).
+    """Pad a batch into NumPy arrays aligned with `grpo.sequence_logprobs` (column t scores token t+1).
 
     tokens [B, T] int32, lengths [B], mask [B, T-1] (1 = trained), sampler [B, T-1] sampling log-probs,
     sampler_valid [B, T-1] (1 where that log-prob is real: known, finite, <= 0 -- Atropos puts 1.0 placeholders at
@@ -73,8 +88,7 @@ def prepare_batch(batch: Batch, scale_rewards: bool = True, eps: float = 1e-6) -
         raise ValueError("every sequence needs at least 2 tokens (a prompt token and a completion token)")
     tokens = np.full((B, T), PAD_ID, dtype=np.int32)
     mask_tok = np.zeros((B, T), dtype=np.float32)
-    lp_tok = np.zeros((B, T), dtype=np.float32)
-    lp_known = np.zeros((B, T), dtype=bool)
+    lp_tok = np.ones((B, T), dtype=np.float32)  # unknown log-probs: Atropos' 1.0 placeholder, never a real one
     lengths = np.zeros(B, dtype=np.int32)
     for i, s in enumerate(samples):
         n = len(s.tokens)
@@ -83,11 +97,8 @@ def prepare_batch(batch: Batch, scale_rewards: bool = True, eps: float = 1e-6) -
         lengths[i] = n
         if s.logprobs is not None:
             lp_tok[i, :n] = s.logprobs
-            lp_known[i, :n] = True
     mask = mask_tok[:, 1:]
-    sampler = lp_tok[:, 1:]
-    valid = lp_known[:, 1:] & (mask > 0) & np.isfinite(sampler) & (sampler <= 0)
-    sampler = np.where(valid, sampler, 0.0).astype(np.float32)
+    sampler, valid = clean_inference_logprobs(lp_tok[:, 1:], mask)
 
     rewards = np.array([s.reward for s in samples], dtype=np.float64)
     group = np.concatenate([np.full(len(g), gi) for gi, g in enumerate(batch.groups)]).astype(np.int64)
@@ -100,31 +111,11 @@ def prepare_batch(batch: Batch, scale_rewards: bool = True, eps: float = 1e-6) -
         "lengths": lengths,
         "mask": mask,
         "sampler": sampler,
-        "sampler_valid": valid.astype(np.float32),
+        "sampler_valid": valid,
         "advantages": adv.astype(np.float32),
         "rewards": rewards.astype(np.float32),
         "group": group,
     }
-
-
-def token_logprobs(
-    model: nn.Module, tokens: mx.array, entropy: bool = True, entropy_grad: bool = False
-) -> tuple[mx.array, mx.array | None]:
-    """Per-token log-probs [B, T-1] (same shift as `grpo.sequence_logprobs`) and optionally entropies.
-
-    Written like mlx-lm's cross-entropy (logsumexp minus the target logit) rather than materialising a full
-    log-softmax: over a large vocabulary that tensor is the most expensive thing in the step. The entropy is only
-    differentiated through when it is part of the loss (entropy_grad)."""
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    targets = tokens[:, 1:]
-    lse = mx.logsumexp(logits, axis=-1)
-    lp = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
-    ent = None
-    if entropy:
-        lg = logits if entropy_grad else mx.stop_gradient(logits)
-        z = lse if entropy_grad else mx.stop_gradient(lse)
-        ent = z - (mx.softmax(lg, axis=-1) * lg).sum(axis=-1)
-    return lp, ent
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -143,14 +134,6 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m, s in zip(layers, scales):
             m.scale = s
-
-
-def _counts(arr: dict[str, np.ndarray] | None) -> tuple[float, float]:
-    """Trained tokens and sequences with at least one trained token (the two loss normalisers)."""
-    if arr is None:
-        return 0.0, 0.0
-    mask = arr["mask"]
-    return float(mask.sum()), float((mask.sum(axis=1) > 0).sum())
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -247,7 +230,7 @@ class Trainer:
     def _loss(self, model, tokens, mask, adv, sampler, sampler_valid, ref, norm):
         cfg = self.cfg
         # The entropy is always computed for the metric; it only carries gradient when it is in the loss.
-        lp, ent = token_logprobs(model, tokens, entropy=True, entropy_grad=cfg.entropy_coef > 0)
+        lp, ent = sequence_logprobs(model, tokens, entropy=True, entropy_grad=cfg.entropy_coef > 0)
         old = mx.stop_gradient(lp)  # on-policy: the policy at the start of this (single) update, see module doc
         samp = None
         if sampler is not None:
@@ -277,12 +260,12 @@ class Trainer:
         try:
             if self.ema is None:
                 with lora_disabled(self.model):
-                    lp, _ = token_logprobs(self.model, tokens, entropy=False)
+                    lp, _ = sequence_logprobs(self.model, tokens, entropy=False)
             else:
                 current = self.lora_tensors()
                 set_lora(self.model, self.ema)
                 try:
-                    lp, _ = token_logprobs(self.model, tokens, entropy=False)
+                    lp, _ = sequence_logprobs(self.model, tokens, entropy=False)
                 finally:
                     set_lora(self.model, current)
         finally:
@@ -312,7 +295,9 @@ class Trainer:
         local = batch if self.world_size == 1 else dist.shard_batch(batch, self.rank, self.world_size)
         # A rank whose shard is empty (fewer groups than ranks) still takes part in every collective below.
         arr = prepare_batch(local, cfg.scale_rewards, self.params.eps) if local.groups else None
-        n_tokens, n_seqs = _counts(arr)
+        n_tokens, n_seqs = [
+            loss_normalizer(arr["mask"], agg) if arr is not None else 0.0 for agg in ("token", "sequence")
+        ]
         if self.world_size > 1:  # the loss is normalised by the whole batch's count, not the shard's
             n_tokens, n_seqs = dist.all_sum_scalars([n_tokens, n_seqs], self.group)
         norm = n_tokens if cfg.loss_agg == "token" else n_seqs
@@ -469,9 +454,59 @@ class Trainer:
             self.load_rng_state(rng)
         mx.eval(self.model.parameters())
 
+    def save_checkpoint(self, run_dir: str | Path, source_state: dict, keep_last: int = 3, config=None) -> Path:
+        """Checkpoint this trainer (adapter, optimizer, reference EMA, step, version, RNG, last metrics) and the
+        source's position into RUN_DIR/checkpoints (see workers.learner.checkpoint)."""
+        state = {
+            "step": self.step_count,
+            "version": self.version,
+            "rng": self.rng_state(),
+            "source": source_state,
+            "metrics": self.last_metrics,
+            "config": config.to_dict() if hasattr(config, "to_dict") else config,
+            "base_model_id": self.base_model_id,
+            "time": time.time(),
+        }
+        arrays = {"optimizer": self.optimizer_state()}
+        if self.ema is not None:
+            arrays["ref_ema"] = self.ema
+        return ck.save_checkpoint(run_dir, self.model, self.spec, state, arrays, keep_last)
+
+    def restore(self, path: str | Path, source: Source | None = None) -> dict:
+        """Put the trainer (adapter, optimizer, step, version, RNG) and the source position back to a checkpoint.
+        Returns its state.json."""
+        saved = ck.load_checkpoint(path)
+        state = saved["state"]
+        if state.get("base_model_id") and self.base_model_id and state["base_model_id"] != self.base_model_id:
+            raise ValueError(f"{path} was trained on base model {state['base_model_id']}, not {self.base_model_id}")
+        self.load_state(
+            saved["adapter"], saved["optimizer"], state["step"], state["version"], state.get("rng"), saved["ema"]
+        )
+        self.last_metrics = state.get("metrics") or {}
+        if source is not None and state.get("source"):
+            source.load_state(state["source"])
+        return state
+
+    def sync_ranks(self) -> None:
+        """Make every rank's state rank 0's: adapter, optimizer, reference EMA, step and version.
+
+        Called once before training: on several Macs only rank 0 has the run directory (checkpoints), and even
+        identical seeds are not a promise of identical LoRA inits across machines."""
+        if self.world_size == 1:
+            return
+        state = dist.broadcast_json({"step": self.step_count, "version": self.version}, self.group)
+        set_lora(self.model, dist.broadcast_tree(self.lora_tensors(), self.group))
+        opt = self.optimizer_state()
+        if opt:
+            self.load_optimizer_state(dist.broadcast_tree(opt, self.group))
+        if self.ema is not None:
+            self.ema = dist.broadcast_tree(self.ema, self.group)
+        self.step_count, self.version = int(state["step"]), int(state["version"])
+        mx.eval(self.model.parameters(), self.optimizer.state, self.ema or {})
+
 
 # ----------------------------------------------------------------------------------------------------------
-# A training loop (the learner process adds publishing through `on_step`)
+# The training loop: replay training and the learner process (workers.learner.main, through callbacks)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -484,46 +519,59 @@ def progress_line(m: dict, total_steps: int) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Callbacks:
+    """What the learner process adds around each step (rank 0 only; replay training and other ranks pass none).
+
+    on_start(checkpoint): after the resume (checkpoint = the one resumed from, or None), before the other ranks
+    copy rank 0's state -- whatever it changes (e.g. the version) reaches them. before_step(): before each step
+    (e.g. wait until the workers serve a recent enough version). after_step(metrics): after each update."""
+
+    on_start: Callable[[Path | None], None] | None = None
+    before_step: Callable[[], None] | None = None
+    after_step: Callable[[dict], None] | None = None
+
+
 def fit(
     trainer: Trainer,
     source: Source,
-    run_dir: str | Path | None,
     steps: int,
+    run_dir: str | Path | None = None,
+    *,
     interval: int = 10,
     keep_last: int = 3,
     config: Config | None = None,
     resume: bool | str | Path = True,
-    on_step: Callable[[Trainer, dict], None] | None = None,
-    step_delay: float = 0.0,
-    group: mx.distributed.Group | None = None,
     stopping: threading.Event | None = None,
+    callbacks: Callbacks = Callbacks(),
+    step_delay: float = 0.0,
 ) -> dict:
-    """Train until `trainer.step_count == steps` (or `stopping` is set): resume from the latest checkpoint in
-    `run_dir` (or the given checkpoint dir), append one metrics line per step, checkpoint every `interval` steps
-    and at exit. With a data-parallel `group`, rank 0 alone reads and writes `run_dir` and prints; the state it
-    resumes is sent to the other ranks, and it stops them through its `BroadcastSource`."""
-    from workers.learner import checkpoint as ck
+    """Train until `trainer.step_count == steps`, or until `stopping` is set (checked between steps).
 
-    writer = dist.is_writer(group)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if writer and run_dir is not None:
-        if resume:
-            ckpt = (
-                Path(resume)
-                if isinstance(resume, (str, Path)) and not isinstance(resume, bool)
-                else ck.find_latest(run_dir)
-            )
-            if ckpt is not None:
-                ck.restore(trainer, source, ckpt)
-                log.info("resumed from %s at step %d (version %d)", ckpt, trainer.step_count, trainer.version)
-        ck.truncate_metrics(run_dir, trainer.step_count)
-    if dist.size_of(group) > 1:
-        dist.sync_trainer(trainer, group)
-        source.load_state(dist.broadcast_json(source.state(), group))
+    Rank 0 (or a single process) resumes from `resume` (a checkpoint dir, or True: the newest loadable one in
+    `run_dir`), drops metrics lines past it, appends one line per step, prints progress, checkpoints every `interval`
+    steps and at exit (also on an exception or a stop). With data-parallel ranks (`trainer.group`) the others get
+    rank 0's state and source position before the first step; rank 0's `BroadcastSource` stops them."""
+    writer = dist.is_writer(trainer.group)
+    run_dir = Path(run_dir) if run_dir is not None and writer else None  # only rank 0 touches the run dir
+    checkpoint = _resume(trainer, source, run_dir, resume) if run_dir is not None else None
+    if callbacks.on_start is not None:
+        callbacks.on_start(checkpoint)
+    if trainer.world_size > 1:
+        trainer.sync_ranks()
+        source.load_state(dist.broadcast_json(source.state(), trainer.group))
     saved_at = trainer.step_count
+
+    def save() -> None:
+        nonlocal saved_at
+        trainer.save_checkpoint(run_dir, source.state(), keep_last, config=config)
+        saved_at = trainer.step_count
+
     try:
         while trainer.step_count < steps:
-            if writer and stopping is not None and stopping.is_set():
+            if callbacks.before_step is not None:
+                callbacks.before_step()
+            if stopping is not None and stopping.is_set():
                 if isinstance(source, dist.BroadcastSource):
                     source.stop()
                 break
@@ -536,34 +584,91 @@ def fit(
                 print(progress_line(metrics, steps), flush=True)
                 if run_dir is not None:
                     ck.append_metrics(run_dir, metrics)
-                if on_step is not None:
-                    on_step(trainer, metrics)
+                if callbacks.after_step is not None:
+                    callbacks.after_step(metrics)
                 if run_dir is not None and (trainer.step_count % interval == 0 or trainer.step_count == steps):
-                    ck.save_checkpoint(run_dir, trainer, source.state(), metrics, keep_last, config=config)
-                    saved_at = trainer.step_count
+                    save()
             if step_delay:
                 time.sleep(step_delay)  # test hook: lets a test stop the process between steps
     finally:
-        if writer and run_dir is not None and trainer.step_count > saved_at:  # stopped between checkpoints
-            ck.save_checkpoint(run_dir, trainer, source.state(), trainer.last_metrics, keep_last, config=config)
+        if run_dir is not None and trainer.step_count > saved_at:  # stopped (or failed) between checkpoints
+            save()
     return trainer.last_metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train on recorded batches: `python -m workers.learner.trainer --model DIR --replay FILE --run-dir DIR`."""
-    from runner.config import build_config, load_config
+def _resume(trainer: Trainer, source: Source, run_dir: Path, resume: bool | str | Path) -> Path | None:
+    """Restore the checkpoint to resume from, if any, and forget metrics of the steps after it (they are redone)."""
+    checkpoint = None
+    if resume:
+        checkpoint = Path(resume) if isinstance(resume, (str, Path)) else ck.find_latest(run_dir)
+    if checkpoint is not None:
+        trainer.restore(checkpoint, source)
+        log.info("resumed from %s at step %d (version %d)", checkpoint, trainer.step_count, trainer.version)
+    ck.truncate_metrics(run_dir, trainer.step_count)
+    return checkpoint
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Train on recorded batches: `python -m workers.learner.trainer --replay FILE [--model DIR] [--run-dir DIR]
+    [--out DIR]`. Started as ring ranks (mlx.launch, or `python -m workers.learner.distributed launch`), every rank
+    trains its share of each batch; rank 0 reads the batches and alone writes the run dir and the adapter."""
+    args = _parse_replay_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    group = dist.init()
+    dist.announce_rank0(group)
+    writer = dist.is_writer(group)
+    config = _replay_config(args)
+    trainer = Trainer.from_config(config, group=group)
+    replay = ReplaySource(args.replay) if writer else None  # rank 0 alone reads batches, as it would talk to workers
+    source = replay if trainer.world_size == 1 else dist.BroadcastSource(replay, group)
+    stopping = threading.Event()
+    if writer:  # rank 0 decides when to stop; a launcher forwards SIGTERM to it alone
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    else:  # Ctrl-C in a terminal reaches every local rank: the others wait for rank 0's stop instead
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    steps, cc = config.learner.steps, config.checkpoint
+    fit(
+        trainer,
+        source,
+        steps,
+        cc.dir,
+        interval=cc.interval,
+        keep_last=cc.keep_last,
+        config=config,
+        resume=not args.no_resume,
+        stopping=stopping,
+        step_delay=args.step_delay,
+    )
+    if trainer.step_count < steps:
+        log.info("stopped at step %d of %d", trainer.step_count, steps)
+        return 0
+    if args.dump_ranks:
+        Path(args.dump_ranks).mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(Path(args.dump_ranks) / f"rank{trainer.rank}.safetensors"), trainer.lora_tensors())
+    if writer and args.out:
+        save_adapter(Path(args.out), trainer.model, trainer.spec)
+        log.info("wrote the adapter after %d step(s) on %d rank(s) to %s", steps, trainer.world_size, args.out)
+    return 0
+
+
+def _parse_replay_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m workers.learner.trainer", description=main.__doc__)
     p.add_argument("--config", help="job config TOML (defaults apply without one)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--model", help="model directory (overrides model.path)")
-    p.add_argument("--replay", required=True, help="JSONL of recorded batches, one per line")
-    p.add_argument("--run-dir", help="run directory (overrides checkpoint.dir)")
+    p.add_argument("--replay", required=True, help="JSONL of recorded batches (Batch.to_json), one per line")
+    p.add_argument("--run-dir", help="run directory: metrics, checkpoints, resume (overrides checkpoint.dir)")
     p.add_argument("--steps", type=int, help="overrides learner.steps")
+    p.add_argument("--out", help="rank 0 writes the final adapter (mlx-lm format) here")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--dump-ranks", help="every rank writes its adapter to DIR/rank<r>.safetensors (for tests)")
     p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return p.parse_args(argv)
+
+
+def _replay_config(args: argparse.Namespace) -> Config:
+    from runner.config import build_config, load_config, parse_override
 
     sets = list(args.set)
     if args.model:
@@ -572,29 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         sets.append(f"checkpoint.dir={json.dumps(args.run_dir)}")
     if args.steps:
         sets.append(f"learner.steps={args.steps}")
-    config = load_config(args.config, sets) if args.config else _config_from_sets(sets, build_config)
-
-    from workers.learner.sources import ReplaySource
-
-    trainer = Trainer.from_config(config)
-    source = ReplaySource(args.replay)
-    fit(
-        trainer,
-        source,
-        config.checkpoint.dir,
-        config.learner.steps,
-        config.checkpoint.interval,
-        config.checkpoint.keep_last,
-        config=config,
-        resume=not args.no_resume,
-        step_delay=args.step_delay,
-    )
-    return 0
-
-
-def _config_from_sets(sets: list[str], build_config) -> Config:
-    from runner.config import parse_override
-
+    if args.config:
+        return load_config(args.config, sets)
     data: dict = {}
     for text in sets:
         section, key, value = parse_override(text)
