@@ -75,16 +75,18 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from runner.deploy import render
+    from runner.deploy import render, worker_arguments
 
+    flags = [a for a in args.worker_actions if a.dest != "join"]  # render adds --join itself (checked, or defaulted)
     for path in render(
         args.target,
-        Path(args.config),
+        Path(args.job_config),
         Path(args.out).expanduser(),
         role=args.role,
         join=args.join,
         log_dir=args.log_dir and Path(args.log_dir),
         workdir=args.workdir and Path(args.workdir),
+        extra_args=worker_arguments(args, flags),
     ):
         print(path)
     return 0
@@ -149,12 +151,34 @@ def _add_worker_commands(sub) -> None:
     p = sub.add_parser("worker", help="attach a worker to a running coordinator")
     wsub = p.add_subparsers(dest="role", required=True, metavar="ROLE")
     w = wsub.add_parser("generate", help="attach a generation worker")
-    add_join_arguments(w)
-    w.add_argument("--name", default=None, help="worker name (default gen-HOSTNAME-PID)")
-    w.add_argument("--model", default=None, help="local model directory if it differs from the coordinator's path")
-    w.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    w.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")
+    add_worker_generate_arguments(w)
     w.set_defaults(func=cmd_worker_generate)
+
+
+class _Recorder:
+    """Forwards `add_argument` to a parser (or group) and keeps the actions it creates."""
+
+    def __init__(self, parser) -> None:
+        self.parser, self.actions = parser, []
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = self.parser.add_argument(*args, **kwargs)
+        self.actions.append(action)
+        return action
+
+
+def add_worker_generate_arguments(parser) -> list[argparse.Action]:
+    """Every flag of `runner worker generate`. `runner deploy --role worker` takes the same ones (from here) and
+    writes them into the service file, so a flag added here reaches both and the two cannot drift."""
+    recorder = _Recorder(parser)
+    add_join_arguments(recorder)
+    recorder.add_argument("--name", default=None, help="worker name (default gen-HOSTNAME-PID)")
+    recorder.add_argument(
+        "--model", default=None, help="local model directory if it differs from the coordinator's path"
+    )
+    recorder.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    recorder.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")
+    return recorder.actions
 
 
 def _add_status_command(sub) -> None:
@@ -207,13 +231,20 @@ def _add_deploy_commands(sub) -> None:
     dsub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     for target in ("launchd", "systemd"):
         d = dsub.add_parser(target, help=f"render {target} files with absolute paths for this install")
-        d.add_argument("config")
+        d.add_argument("job_config", metavar="config", help="the job's config file")
         d.add_argument("--out", required=True, help="directory to write into (e.g. ~/Library/LaunchAgents)")
         d.add_argument("--role", choices=["coordinator", "worker"], default="coordinator")
-        d.add_argument("--join", metavar="tcp://HOST:PORT", help="coordinator address for --role worker")
         d.add_argument("--log-dir", default=None)
         d.add_argument("--workdir", default=None, help="working directory (default: the current one)")
-        d.set_defaults(func=cmd_deploy)
+        worker = d.add_argument_group(
+            "--role worker",
+            "the flags of `runner worker generate`, written into the service's command line (default --join: the "
+            "config's [coordinator] control, when it names a host)",
+        )
+        worker_actions = add_worker_generate_arguments(worker)
+        for action in worker_actions:
+            action.required = False  # --join defaults to the config's [coordinator] control when it names a host
+        d.set_defaults(func=cmd_deploy, worker_actions=worker_actions)
 
 
 def _add_keys_commands(sub) -> None:

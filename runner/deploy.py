@@ -1,8 +1,10 @@
 """Render launchd plists (macOS) and systemd units (Linux) that run this install of `runner` as a service.
 
 `render("launchd", config, out)` writes `com.runner.coordinator.plist`; `role="worker"` writes
-`com.runner.worker.plist`, which runs `runner worker generate --join tcp://HOST:PORT` on another machine. The systemd
-equivalents are `runner-coordinator.service` and `runner-worker.service` (user units: `systemctl --user`).
+`com.runner.worker.plist`, which runs `runner worker generate --join tcp://HOST:PORT` on another machine, with the
+worker flags given to `runner deploy` (`--key`, `--server-key`, `--host`, `--port`, ...: the CLI adds the same flags to
+both commands, and `worker_arguments` turns the given ones back into words). The systemd equivalents are
+`runner-coordinator.service` and `runner-worker.service` (user units: `systemctl --user`).
 
 Every path in a rendered file is absolute: the `runner` console script of the Python running this code (or
 `python -m runner.cli` when there is no script), the config file, the working directory (where relative paths in the
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.args import curve_from_args
 from runner.config import ConfigError, load_config
 from runner.files import write_atomic
 from runner.keys import endpoint_host
@@ -42,6 +45,8 @@ RESTART_DELAY = 10  # seconds between a crash and the restart
 LAUNCHD_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 SYSTEMD_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 _WILDCARD_HOSTS = {"", "*", "0.0.0.0", "::"}
+# Options of `runner worker generate` that name a file or directory on the worker's machine.
+PATH_OPTIONS = frozenset({"--key", "--server-key", "--model", "--config"})
 _JOIN = re.compile(r"^tcp://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d{1,5})$")
 
 
@@ -164,6 +169,36 @@ def _check_path_text(path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- service description
+
+
+def worker_arguments(args: argparse.Namespace, actions: Sequence[argparse.Action]) -> list[str]:
+    """The `runner worker generate` flags among `actions` that `args` sets to other than their default, as
+    command-line words for the service. A path option is made absolute (the service starts in its own working
+    directory) and must exist; CURVE keys go in pairs; any flag with `--role coordinator` is refused."""
+    words: list[str] = []
+    for action in actions:
+        value = getattr(args, action.dest)
+        if value is None or value == action.default:
+            continue
+        option = action.option_strings[-1]
+        if args.role != "worker":
+            raise DeployError(
+                f"{option} applies only to the worker role; the coordinator takes its settings from the config"
+            )
+        if action.nargs == 0:  # a switch
+            words.append(option)
+            continue
+        if option in PATH_OPTIONS:
+            path = _check_path_text(Path(value).expanduser().absolute())
+            if not path.exists():
+                raise DeployError(f"{option} {value}: {path} not found; expected an existing path on this machine")
+            value = path
+        words += [option, str(value)]
+    try:
+        curve_from_args(args)
+    except ValueError as e:
+        raise DeployError(str(e)) from None
+    return words
 
 
 def role_arguments(role: str, config_path: Path, join: str | None, extra_args: Sequence[str] = ()) -> list[str]:
@@ -314,6 +349,19 @@ EXAMPLE_HOMES = {"launchd": Path("/Users/you"), "systemd": Path("/home/you")}
 EXAMPLE_JOIN = "tcp://coordinator.local:5555"
 
 
+def example_worker_arguments(project: Path) -> list[str]:
+    """A remote worker as the README starts one: CURVE keys, and HTTP on every interface."""
+    keys = project / "keys"
+    return [
+        "--key",
+        str(keys / "worker.key_secret"),
+        "--server-key",
+        str(keys / "coordinator.key"),
+        "--host",
+        "0.0.0.0",
+    ]
+
+
 def example_files() -> dict[str, bytes]:
     """The files in `deploy/`: every target and role rendered for a placeholder install in ~/runner/.venv."""
     files = {}
@@ -329,6 +377,7 @@ def example_files() -> dict[str, bytes]:
                 project,
                 default_log_dir(target, home),
                 join=EXAMPLE_JOIN,
+                extra_args=example_worker_arguments(project) if role == "worker" else (),
             )
             name, data = service_file(target, service)
             files[name] = data

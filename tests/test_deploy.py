@@ -188,6 +188,96 @@ def test_systemd_analyze_catches_a_missing_program(config: Path, dirs, tmp_path:
     assert out.returncode != 0 and "no-such-runner" in out.stderr
 
 
+# --------------------------------------------------------------------------- worker flags through the CLI
+
+
+def _exec_start_argv(unit_path: Path) -> list[str]:
+    """ExecStart as argv, undoing systemd's escaping of % and $ (quoting is shell-like for these words)."""
+    return shlex.split(_parse_unit(unit_path)["Service"]["ExecStart"].replace("%%", "%").replace("$$", "$"))
+
+
+def _worker_namespace(argv: list[str]):
+    """Parse a rendered command line with the real `runner` parser, from the subcommand on."""
+    from runner.cli import build_parser
+
+    return build_parser().parse_args(argv[argv.index("worker") :])
+
+
+def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dirs, tmp_path: Path, monkeypatch):
+    from runner.cli import build_parser, cmd_worker_generate, main
+
+    keys = tmp_path / "my keys"  # a blank: the unit must quote it
+    keys.mkdir()
+    (keys / "worker.key_secret").write_text("")
+    (keys / "coordinator.key").write_text("")
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # relative paths are given: the service must get them absolute
+    given = {
+        "--join": "tcp://10.0.0.5:5555",
+        "--key": "my keys/worker.key_secret",
+        "--server-key": "my keys/coordinator.key",
+        "--host": "0.0.0.0",
+        "--port": "8001",
+        "--model": "models/tiny",
+        "--name": "mini-2",
+    }
+    expected = {
+        "join": "tcp://10.0.0.5:5555",
+        "key": str(keys / "worker.key_secret"),
+        "server_key": str(keys / "coordinator.key"),
+        "host": "0.0.0.0",
+        "port": 8001,
+        "model": str(tmp_path / "models" / "tiny"),
+        "name": "mini-2",
+    }
+    # Every flag of `runner worker generate` is exercised here: a new flag must be given a value above, and it
+    # reaches the service only if it is added where deploy gets its flags too (cli.add_worker_generate_arguments).
+    defaults = vars(build_parser().parse_args(["worker", "generate", "--join", "tcp://h:1"]))
+    assert set(defaults) - {"command", "role", "func", "verbose"} == set(expected)
+    assert all(defaults[dest] != value for dest, value in expected.items() if dest != "join")
+
+    common = ["--role", "worker", "--out", str(dirs["out"]), "--log-dir", str(dirs["logs"])]
+    flags = [word for option, value in given.items() for word in (option, value)]
+    for target in ("launchd", "systemd"):
+        assert main(["deploy", target, str(config), *common, "--workdir", str(dirs["workdir"]), *flags]) == 0
+    plist_argv = _load_plist(dirs["out"] / "com.runner.worker.plist")["ProgramArguments"]
+    unit_argv = _exec_start_argv(dirs["out"] / "runner-worker.service")
+    assert plist_argv == unit_argv
+    args = _worker_namespace(plist_argv)
+    assert args.func is cmd_worker_generate
+    assert {dest: getattr(args, dest) for dest in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--key", "k"], "--key and --server-key go together"),
+        (["--key", "nope.key_secret", "--server-key", "k"], "--key nope.key_secret: "),
+        (["--model", "no/such/model"], "not found; expected an existing path on this machine"),
+    ],
+)
+def test_bad_worker_flags_are_refused_with_one_clear_line(
+    config: Path, dirs, tmp_path: Path, monkeypatch, capsys, flags: list[str], message: str
+):
+    from runner.cli import main
+
+    (tmp_path / "k").write_text("")
+    monkeypatch.chdir(tmp_path)
+    command = ["deploy", "launchd", str(config), "--out", str(dirs["out"]), "--role", "worker"]
+    assert main([*command, "--join", "tcp://10.0.0.5:5555", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("runner: error: ") and message in err and err.count("\n") == 1, err
+    assert not dirs["out"].exists()
+
+
+def test_worker_flags_are_refused_for_the_coordinator(config: Path, dirs, capsys):
+    from runner.cli import main
+
+    assert main(["deploy", "systemd", str(config), "--out", str(dirs["out"]), "--port", "8001"]) == 2
+    assert "--port applies only to the worker role" in capsys.readouterr().err
+    assert not dirs["out"].exists()
+
+
 # --------------------------------------------------------------------------- errors
 
 
