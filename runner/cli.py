@@ -36,6 +36,19 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from runner.keys import require_api_token
+
+    host = args.host.strip("[]")
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    # Checked before MLX loads: a refused bind answers at once.
+    require_api_token([f"http://{host}:{args.port}"], args.api_token, "pass --api-token with a long random string")
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {args.model} is not a model directory; expected a local directory with config.json "
+            "(`runner models prepare` writes one)"
+        )
+    if args.adapter and not Path(args.adapter).exists():
+        raise FileNotFoundError(f"--adapter {args.adapter} not found; expected an adapter directory or .npz")
     from workers.generation.server import serve_standalone
 
     return serve_standalone(args)
@@ -143,7 +156,11 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=256)
-    p.add_argument("--api-token", default="", help="require this bearer token on every request")
+    p.add_argument(
+        "--api-token",
+        default="",
+        help="require this bearer token on every request (needed to bind a non-loopback host)",
+    )
     p.set_defaults(func=cmd_serve)
 
 

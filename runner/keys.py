@@ -326,7 +326,14 @@ def require_security(
             raise InsecureBindError(
                 f"refusing to bind {where}: authorized keys directory {authorized_keys} not found; {hint}"
             )
-    if not api_token:
-        raise InsecureBindError(
-            f"refusing to bind {where} without an API token: set [security] api_token to a long random string"
-        )
+    require_api_token([where], api_token)
+
+
+def require_api_token(
+    bind_endpoints: Iterable[str], api_token: str | None, how: str = "set [security] api_token to a long random string"
+) -> None:
+    """Refuse to bind any non-loopback endpoint without an HTTP API token (the rule `runner launch` and
+    `runner serve` share); `how` tells the user where to give one. Raises InsecureBindError in one sentence."""
+    exposed = [e for e in bind_endpoints if not is_loopback(e)]
+    if exposed and not api_token:
+        raise InsecureBindError(f"refusing to bind {exposed[0]} without an API token: {how}")

@@ -1,6 +1,9 @@
-"""The `runner` console script: help lists every documented subcommand; unbuilt ones fail plainly."""
+"""The `runner` console script: help lists every documented subcommand; unbuilt ones fail plainly; `runner serve`
+refuses a non-loopback bind without an API token."""
 
 import subprocess
+
+import pytest
 
 import runner
 
@@ -36,3 +39,26 @@ def test_models_prepare_tiny_refuses_to_overwrite(tmp_path):
     assert (out / "model.safetensors").read_bytes() == before
     r = run("models", "prepare", "tiny", "--out", str(out), "--seed", "1", "--force")
     assert r.returncode == 0 and (out / "model.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::", "[::]"])
+def test_serve_refuses_a_non_loopback_host_without_an_api_token(tmp_path, host):
+    """The rule `runner launch` applies: one line naming the address and the flag, before any model is loaded."""
+    r = run("serve", "--model", str(tmp_path / "not-loaded"), "--host", host, "--port", "8123")
+    assert r.returncode == 2 and r.stdout == ""
+    (line,) = r.stderr.splitlines()
+    bound = f"[{host.strip('[]')}]" if ":" in host else host
+    assert line == (
+        f"runner: error: refusing to bind http://{bound}:8123 without an API token: "
+        "pass --api-token with a long random string"
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_serve_on_loopback_needs_no_token(tmp_path, host):
+    """Past the security check, the next complaint is the missing model directory (one line, no traceback)."""
+    r = run("serve", "--model", str(tmp_path / "missing"), "--host", host, "--port", "8123")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"runner: error: --model {tmp_path / 'missing'} is not a model directory; expected a local directory with "
+        "config.json (`runner models prepare` writes one)"
+    ]

@@ -648,6 +648,34 @@ def test_runner_serve_with_saved_adapter_matches_mlx_lm(tiny_model: Path, tmp_pa
         proc.stderr.close()
 
 
+def test_runner_serve_on_every_interface_requires_its_token(tiny_model: Path, http: httpx.Client) -> None:
+    """`runner serve --host 0.0.0.0 --api-token T` (the token is what allows the open bind) serves only requests
+    that carry it; /health stays open."""
+    command = ["serve", "--model", str(tiny_model), "--host", "0.0.0.0", "--port", "0", "--api-token", "s3cret"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = _read_line(proc, 60)
+        assert line.startswith("serving ") and " on http://0.0.0.0:" in line, line
+        port = int(line.split(" on http://0.0.0.0:", 1)[1].split("/", 1)[0])
+        root = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http.get(f"{root}/health", timeout=2).status_code == 200, 30, "/health")
+        body = {"prompt": "hi", "max_tokens": 2}
+        refused = post(http, f"{root}/v1/completions", body)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        r = http.post(f"{root}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_install_adapter_checks_before_it_changes_anything(lora_engine) -> None:
     """A bad adapter (stale version, wrong dtype or shape, missing tensor) raises and changes nothing; a good one
     goes live and is acked once."""
