@@ -239,7 +239,7 @@ def curve_server(
     `stop_authenticator(socket.context)` after closing the CURVE sockets.
 
     The socket gets ZAP domain 'runner' and ZMQ_ZAP_ENFORCE_DOMAIN: by default libzmq admits *every* CURVE client
-    when no ZAP handler is running; with both set it refuses them instead (measured with libzmq 4.3.5; the option
+    when no ZAP handler is running; with both set it refuses them instead (libzmq 4.3.5's behaviour; the option
     alone, with an empty domain, would skip ZAP altogether)."""
     require_curve()
     public, secret = load_keypair(secret_key_file)

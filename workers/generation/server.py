@@ -521,8 +521,7 @@ class BearerAuth:
 
 def _json(content: dict) -> JSONResponse:
     """A response of plain JSON types. Returning the dict itself would make FastAPI walk every nested token id and
-    log-prob through `jsonable_encoder` first: a fifth of the server's GIL time under load, time the engine thread
-    then waits for."""
+    log-prob through `jsonable_encoder` first, holding the GIL the engine thread needs."""
     return JSONResponse(content)
 
 
