@@ -142,7 +142,7 @@ class CoordinatorConfig:
     status_port: int = field(default=0, metadata=_port())
     heartbeat_interval: float = field(default=1.0, metadata=_positive())
     heartbeat_timeout: float = field(default=10.0, metadata=_positive())
-    # Same-host processes exchange weight versions through shared memory (runner/slots.py) rather than sockets, and
+    # Same-host processes exchange weight versions through shared memory (runner/control.py) rather than sockets, and
     # the coordinator's children join its control socket over a Unix socket in the same directory rather than TCP.
     shared_memory: bool = True
     # Flapping policy (as circus): more than `restart_attempts` restarts within `restart_window` seconds stops the job.

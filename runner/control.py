@@ -1,18 +1,37 @@
-"""The worker side of the coordinator's control plane (no MLX): a DEALER for requests and weight uploads, a
-heartbeat thread with its own socket (so a long training step or model load never looks like a dead worker), and
-a SUB socket for the weight fan-out.
+"""How a worker or learner talks to the coordinator (no MLX): control messages, and the weight transport.
 
-Frames on the control socket (after the ROUTER's identity frame):
-    [b"C", control-msgpack]            a control message (see `runner.wire`)
-    [b"W", header, buf1, ..., bufn]    a weight message (see `runner.wire`)
+`ControlClient` is one process's connection: a DEALER for requests and weight uploads, a heartbeat thread with its
+own socket (so a long training step or model load never looks like a dead worker), and a SUB socket for the weight
+fan-out to other hosts. Frames on the control socket (after the ROUTER's identity frame):
+
+    [b"C", control-msgpack]            a control message (`runner.messages`)
+    [b"W", header, buf1, ..., bufn]    a weight message (`runner.wire`)
+
+Weight transport: the learner publishes with ``transport.send(client, version, step, base_model_id, adapter_config,
+tensors)`` and a receiver reads a version with ``transport.read(payload, ...)``; `weight_transport` picks one of two
+implementations from the coordinator's ``welcome``:
+
+- `FrameTransport` (any host): the version's frames go to the coordinator on the control socket; the coordinator
+  sends them on to same-host workers on the control socket and to other hosts on the weights PUB socket.
+- `SlotTransport` (the coordinator's host): the learner writes the version once, in the wire format's segment form,
+  into a slot file of a private shared-memory directory (`/dev/shm` on Linux, page-cache backed elsewhere) and
+  sends the coordinator a ``weights_slot`` notice ``{"slot", "version", "nbytes"}``. The coordinator verifies its own
+  copy, keeps it as the latest, and passes the notice to its same-host workers; each copies the tensors into MLX and
+  verifies its copy before installing it. Slots are reused round-robin (version % SLOTS), so a reader more than
+  SLOTS - 1 versions behind may read a slot being rewritten: its copy then fails the checksum and it asks for the
+  latest (``get_latest``) instead. The directory (0700) also holds the Unix socket the coordinator's children join
+  on; the coordinator removes it at shutdown, and one left by a killed coordinator is removed by the next one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -21,12 +40,14 @@ from typing import Any
 
 import zmq
 
-from runner import wire
+from runner import messages, wire
 
 log = logging.getLogger(__name__)
 
 CONTROL = b"C"
 WEIGHTS = b"W"
+SLOTS = 3
+_SLOT_DIR_PREFIX = "runner-weights-"
 
 
 class CoordinatorGone(RuntimeError):
@@ -63,14 +84,14 @@ class ControlClient:
     # ----- messages --------------------------------------------------------------------------------------------
     def send(self, msg: dict) -> None:
         with self._lock:
-            self.sock.send_multipart([CONTROL, wire.pack_control(msg)])
+            self.sock.send_multipart([CONTROL, messages.pack(msg)])
 
     def send_weights(self, frames: list) -> None:
         with self._lock:
-            wire.send(self.sock, [WEIGHTS, *frames], copy=False)
+            self.sock.send_multipart([WEIGHTS, *frames], copy=False)
 
     def receive(self, timeout: float) -> list | None:
-        """The next message: ('C', dict) or ('W', frames); None on timeout."""
+        """The next message: ['C', dict] or ['W', frames]; None on timeout."""
         with self._lock:
             if self._inbox:
                 return self._inbox.pop(0)
@@ -116,9 +137,9 @@ class ControlClient:
             "host": socket.gethostname(),
             **info,
         }
-        return self.request(info, ("welcome", "refused"), timeout=60.0)[1]
+        return self.request(info, ("welcome",), timeout=60.0)[1]
 
-    # ----- heartbeats ------------------------------------------------------------------------------------------
+    # ----- heartbeats and acks ---------------------------------------------------------------------------------
     def start_heartbeats(self) -> None:
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
@@ -130,7 +151,7 @@ class ControlClient:
             while not self._stop.wait(self.heartbeat_interval):
                 msg = {"type": "heartbeat", "name": self.name, **self.status}
                 try:
-                    hb.send_multipart([CONTROL, wire.pack_control(msg)], flags=zmq.NOBLOCK)
+                    hb.send_multipart([CONTROL, messages.pack(msg)], flags=zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # coordinator unreachable right now; the next beat tries again
         finally:
@@ -146,10 +167,8 @@ class ControlClient:
         def ack(version: int) -> None:
             self.status["version"] = version  # heartbeats carry it too, should this ack be lost
             try:
-                sock.send_multipart(
-                    [CONTROL, wire.pack_control({"type": "ack", "name": self.name, "version": version})],
-                    flags=zmq.NOBLOCK,
-                )
+                msg = messages.pack({"type": "ack", "name": self.name, "version": version})
+                sock.send_multipart([CONTROL, msg], flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("could not ack adapter version %d now; the next heartbeat reports it", version)
 
@@ -171,18 +190,18 @@ class ControlClient:
 
 
 def _parse(frames: list) -> list | None:
-    """Split a control-socket message into ('C', dict) or ('W', frames); garbage is logged and dropped."""
+    """Split a control-socket message into ['C', dict] or ['W', frames]; garbage is logged and dropped."""
     if not frames:
         return None
-    kind = bytes(frames[0].buffer) if hasattr(frames[0], "buffer") else bytes(frames[0])
-    try:
-        if kind == CONTROL and len(frames) == 2:
-            return ["C", wire.unpack_control(frames[1])]
-        if kind == WEIGHTS:
-            return ["W", frames[1:]]
-    except wire.WireError as e:
-        log.warning("dropped a malformed control message: %s", e)
-        return None
+    kind = bytes(getattr(frames[0], "buffer", frames[0]))
+    if kind == WEIGHTS:
+        return ["W", frames[1:]]
+    if kind == CONTROL and len(frames) == 2:
+        try:
+            return ["C", messages.unpack(frames[1])]
+        except messages.MessageError as e:
+            log.warning("dropped a malformed control message: %s", e)
+            return None
     log.warning("dropped a control message with unknown framing (%d frames, starting %r)", len(frames), kind[:40])
     return None
 
@@ -196,3 +215,130 @@ def model_id(model_path: str | Path) -> str:
     for f in sorted(model_path.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()
+
+
+# ----- weight transport ----------------------------------------------------------------------------------------
+class FrameTransport:
+    """A version as frames on the control socket: works from any host."""
+
+    name = "frames"
+
+    def send(self, client: ControlClient, version: int, step: int, base_model_id: str, config: dict, tensors) -> None:
+        client.send_weights(wire.encode(version, step, base_model_id, config, tensors))
+
+    def read(self, frames: list, expected: wire.Expectation | None = None, verify: bool = True) -> wire.WeightMessage:
+        return wire.decode(frames, expected, verify=verify)
+
+
+class SlotTransport:
+    """A version in a same-host shared-memory slot, announced by a notice; each slot file is mapped once per process
+    (read-write by the learner, read-only by the coordinator and workers)."""
+
+    name = "slots"
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._writable: dict[int, mmap.mmap] = {}
+        self._readable: dict[int, tuple[tuple[int, int], mmap.mmap]] = {}
+
+    def send(self, client: ControlClient, version: int, step: int, base_model_id: str, config: dict, tensors) -> None:
+        client.send(self.write(version, step, base_model_id, config, tensors))
+
+    def write(self, version: int, step: int, base_model_id: str, config: dict, tensors) -> dict[str, Any]:
+        """Encode one version into its slot (see `wire.encode_into`); returns the notice for the coordinator."""
+        slot = version % SLOTS
+        size = wire.encode_into(lambda n: self._mapping(slot, n), version, step, base_model_id, config, tensors)
+        return {"type": "weights_slot", "slot": slot, "version": version, "nbytes": size}
+
+    def _mapping(self, slot: int, size: int) -> mmap.mmap:
+        mapped = self._writable.get(slot)
+        if mapped is None or len(mapped) != size:
+            # A new file (renamed into place) rather than a resize: readers keep their old mapping valid.
+            tmp = self.directory / f".slot-{slot}.tmp"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                mapped = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.directory / f"slot-{slot}")
+            self._writable[slot] = mapped
+        return mapped
+
+    def segment(self, notice: dict[str, Any]) -> memoryview:
+        """The slot a notice points at (a view of shared memory: copy before trusting it)."""
+        slot, nbytes = notice.get("slot"), notice.get("nbytes")
+        if type(slot) is not int or not 0 <= slot < SLOTS or type(nbytes) is not int:
+            raise wire.WireError(f"slot notice {notice!r} needs an int slot in [0, {SLOTS}) and int nbytes")
+        path = self.directory / f"slot-{slot}"
+        try:
+            st = os.stat(path)
+            key = (st.st_ino, st.st_size)
+            mapped = self._readable.get(slot)
+            if mapped is None or mapped[0] != key:
+                with open(path, "rb") as f:
+                    mapped = (key, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+                self._readable[slot] = mapped
+        except (OSError, ValueError) as e:
+            raise wire.WireError(f"slot {slot} cannot be mapped ({e})") from None
+        if key[1] != nbytes:
+            raise wire.WireError(f"slot {slot} holds {key[1]} bytes, the notice says {nbytes} (it was rewritten)")
+        return memoryview(mapped[1])
+
+    def read(
+        self, notice: dict, expected: wire.Expectation | None = None, verify: bool = True, copy: bool = False
+    ) -> wire.WeightMessage:
+        """The version a notice announces: views of the slot, or of a private copy of it with ``copy`` (verify a
+        copy: the slot may be rewritten under a view)."""
+        segment = self.segment(notice)
+        message = wire.decode_segment(bytes(segment) if copy else segment, expected, verify=verify)
+        if message.version != notice.get("version"):
+            raise wire.WireError(
+                f"slot {notice['slot']} holds version {message.version}, the notice announced {notice.get('version')!r}"
+            )
+        return message
+
+
+def weight_transport(slots_info: Any) -> FrameTransport | SlotTransport:
+    """The transport for a process that got ``slots_info`` (the welcome's ``weights_slots``): slots when it runs on
+    the coordinator's host and may use its slot directory, frames otherwise."""
+    directory = usable_slot_dir(slots_info)
+    return SlotTransport(directory) if directory else FrameTransport()
+
+
+def usable_slot_dir(info: Any) -> Path | None:
+    """The slot directory from a coordinator's welcome, if this process is on the same host and may use it."""
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname():
+        return None
+    directory = Path(str(info.get("dir", "")))
+    return directory if directory.is_dir() and os.access(directory, os.R_OK | os.W_OK | os.X_OK) else None
+
+
+def create_slot_dir() -> Path:
+    """A fresh slot directory for this coordinator; removes those of coordinators that are gone."""
+    shm = Path("/dev/shm")  # tmpfs on Linux; macOS has no such mount, and its temp dir is page-cache backed
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    for old in root.glob(f"{_SLOT_DIR_PREFIX}*"):
+        try:
+            pid = int(old.name[len(_SLOT_DIR_PREFIX) :].split("-")[0])
+        except ValueError:
+            continue
+        if old.is_dir() and old.stat().st_uid == os.getuid() and not _pid_alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed the slot directory %s of a coordinator that is gone", old)
+    return Path(tempfile.mkdtemp(prefix=f"{_SLOT_DIR_PREFIX}{os.getpid()}-", dir=root))
+
+
+def advertise_slot_dir(directory: Path | None) -> dict[str, Any] | None:
+    """What the coordinator tells joining processes, so those on this host can use the slots."""
+    return {"dir": str(directory), "host": socket.gethostname()} if directory else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

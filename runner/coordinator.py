@@ -6,11 +6,17 @@ file and restart policy (exponential backoff, and a flapping limit of `restart_a
 seconds past which the job stops with the reason). Remote generation workers (`runner worker generate --join`)
 appear in the same worker table without a watcher: if they die they are dropped, not restarted.
 
-Sockets: control ROUTER (hello, heartbeat, ack, status, get_latest, progress, done; weight versions from the learner,
-as frames or as shared-memory slot notices) and weights PUB (fan-out of every new version to workers on other hosts;
-same-host workers get slot notices, or frames, on the control socket: see `runner.slots`). The coordinator keeps the
-latest weight message so a worker that starts, restarts or joins late gets it (`get_latest`) before it reports
-ready.
+Config: `create_coordinator` writes the resolved job config (absolute paths, every key) to
+`RUN/config.resolved.toml`; every child starts from it (`--config`), the learner's first start also with `--resume`
+when asked, and a remote worker without the file asks for it (`get_config`). `welcome` carries runtime facts only.
+
+Sockets: control ROUTER (the messages of `runner.messages`, dispatched from a table, plus weight versions from the
+learner as frames), also bound to a Unix socket in the slot directory for local children; weights PUB (fan-out to
+workers on other hosts). Weight versions (see `runner.control`): the coordinator keeps ONE thing, `latest`, the
+newest version it accepted, verified on its own copy. A new version is accepted only if it is for this job's base
+model, newer than `latest` and intact; it is then fanned out (PUB frames for other hosts; the slot notice, or the
+frames, on the control socket for same-host workers), and sent whole to any worker that starts or joins late
+(`get_latest`).
 """
 
 from __future__ import annotations
@@ -32,13 +38,12 @@ from pathlib import Path
 import tenacity
 import zmq
 
-from runner import slots, wire
-from runner.config import Config, ConfigError
+from runner import control, messages, wire
+from runner.config import Config, ConfigError, build_config, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
 
 log = logging.getLogger(__name__)
 
-SLOT_COPY_DELAY = 1.0  # at most this many seconds before the coordinator copies a slot version, idle or not
 LIVE_STATES = ("starting", "loading", "catching_up", "serving", "training")
 
 
@@ -68,8 +73,9 @@ class WorkerRecord:
 class Watcher:
     """One supervised local child process and its restart policy."""
 
-    def __init__(self, name: str, cmd: list[str], log_path: Path, config: Config):
+    def __init__(self, name: str, cmd: list[str], log_path: Path, config: Config, restart_cmd: list[str] | None = None):
         self.name, self.cmd, self.log_path = name, cmd, log_path
+        self.restart_cmd = restart_cmd or cmd  # e.g. without the learner's --resume, which is for its first start
         policy = config.coordinator
         self.attempts, self.window = policy.restart_attempts, policy.restart_window
         self.backoff = tenacity.wait_exponential(multiplier=policy.retry_in, max=policy.max_retry_in)
@@ -84,6 +90,7 @@ class Watcher:
             # A new session: Ctrl-C in the terminal reaches the coordinator only, which then stops children in order.
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         log.info("started %s (pid %d)", self.name, self.proc.pid)
+        self.cmd = self.restart_cmd
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -146,10 +153,10 @@ def _status_handler(coordinator: Coordinator):
 
 
 class Coordinator:
-    def __init__(self, config: Config, config_path: Path, run_dir: Path, base_model_id: str, job_info: dict):
-        self.config, self.config_path, self.run_dir = config, config_path, run_dir
+    def __init__(self, config: Config, resolved_path: Path, base_model_id: str, resume: str = ""):
+        self.config, self.resolved_path, self.run_dir = config, resolved_path, Path(config.checkpoint.dir)
         self.base_model_id = base_model_id
-        self.job_info = job_info  # what a joining worker needs: model path, LoRA spec, generation settings
+        self.resume = resume  # the checkpoint the learner's first start resumes from ("" = its run dir's newest)
         self.ctx = zmq.Context.instance()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -159,19 +166,14 @@ class Coordinator:
         self._secure_sockets()
         self.control_endpoint = _bind(self.control, config.coordinator.control)
         self.weights_endpoint = _bind(self.weights, config.coordinator.weights)
-        self.job_info["weights_endpoint"] = self.weights_endpoint
-        self.slots_dir = slots.create_dir() if config.coordinator.shared_memory else None
-        self.slots = slots.SlotReader(self.slots_dir) if self.slots_dir else None
-        self.job_info["weights_slots"] = slots.advertise(self.slots_dir)
-        # Children (on this host by construction) join over a Unix socket in the same directory: every version
-        # crosses the control socket four times, and this is ~0.2 ms a version faster than TCP loopback.
+        self.slots_dir = control.create_slot_dir() if config.coordinator.shared_memory else None
+        self.slots = control.SlotTransport(self.slots_dir) if self.slots_dir else None
+        # Children (on this host by construction) join over a Unix socket in the slot directory: cheaper than TCP
+        # loopback for the messages every version takes.
         self.local_endpoint = self._bind_local()
         self.workers: dict[str, WorkerRecord] = {}
         self.watchers: dict[str, Watcher] = {}
-        self.latest: list | None = None  # frames of the newest verified weight message, for late joiners
-        self.latest_version = 0
-        self.accepted_version = 0  # newest version fanned out (a slot version is verified and kept just after)
-        self.unkept_slot: tuple[bytes, dict, memoryview, float] | None = None
+        self.latest: wire.WeightMessage | None = None  # the newest accepted version, verified on our own copy
         self.job = {
             "step": 0,
             "steps": config.learner.steps,
@@ -188,6 +190,22 @@ class Coordinator:
         self.router = None  # uvicorn.Server of the [generation] front_port router, if any
         self.router_thread: threading.Thread | None = None
         self.serving_waiters: list[tuple[bytes, int]] = []  # (identity, version) told once every worker serves it
+        self.handlers = {
+            "hello": self._on_hello,
+            "heartbeat": self._on_heartbeat,
+            "ack": self._on_ack,
+            "status": self._on_status,
+            "get_latest": self._on_get_latest,
+            "get_config": self._on_get_config,
+            "weights_slot": self._on_weights_slot,
+            "wait_serving": self._on_wait_serving,
+            "progress": self._on_progress,
+            "done": self._on_done,
+        }
+
+    @property
+    def latest_version(self) -> int:
+        return self.latest.version if self.latest else 0
 
     def _secure_sockets(self) -> None:
         sec = self.config.security
@@ -208,9 +226,9 @@ class Coordinator:
             return None
 
     def child_args(self) -> list[str]:
-        """Arguments every local child needs to reach this coordinator."""
+        """Arguments every local child needs: its config, and how to reach this coordinator."""
         sec = self.config.security
-        args = ["--join", self.local_endpoint or self.control_endpoint]
+        args = ["--config", str(self.resolved_path), "--join", self.local_endpoint or self.control_endpoint]
         if sec.curve_secret_key:
             args += [
                 "--key",
@@ -221,8 +239,8 @@ class Coordinator:
         return args
 
     # ----- children --------------------------------------------------------------------------------------------
-    def add_watcher(self, name: str, role: str, cmd: list[str]) -> None:
-        self.watchers[name] = Watcher(name, cmd, self.run_dir / "logs" / f"{name}.log", self.config)
+    def add_watcher(self, name: str, role: str, cmd: list[str], restart_cmd: list[str] | None = None) -> None:
+        self.watchers[name] = Watcher(name, cmd, self.run_dir / "logs" / f"{name}.log", self.config, restart_cmd)
         self.workers[name] = WorkerRecord(name=name, role=role)
         self.watchers[name].start()
         self.workers[name].pid = self.watchers[name].proc.pid
@@ -278,29 +296,28 @@ class Coordinator:
 
     # ----- control messages ------------------------------------------------------------------------------------
     def _reply(self, identity: bytes, msg: dict) -> None:
-        self.control.send_multipart([identity, CONTROL, wire.pack_control(msg)])
+        self.control.send_multipart([identity, CONTROL, messages.pack(msg)])
 
     def _handle(self, frames: list) -> None:
         identity, kind = bytes(frames[0]), bytes(frames[1]) if len(frames) > 1 else b""
         if kind == WEIGHTS:
-            self._handle_weights(identity, frames[2:])
+            self._accept(identity, lambda: wire.decode(frames[2:]), None)
             return
         if kind != CONTROL or len(frames) != 3:
             log.warning("dropped a control message with unknown framing")
             return
         try:
-            msg = wire.unpack_control(frames[2])
-        except wire.WireError as e:
+            msg = messages.unpack(frames[2])
+        except messages.MessageError as e:
             log.warning("dropped a malformed control message: %s", e)
+            if e.type == "weights_slot":  # the learner waits for an answer to every version it offers
+                self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
-        handler = getattr(self, f"_on_{msg['type']}", None)
+        handler = self.handlers.get(msg["type"])
         if handler is None:
-            log.warning("dropped a control message of unknown type %r", msg["type"])
+            log.warning("dropped a %r message: nothing sends the coordinator one", msg["type"])
             return
-        try:
-            handler(identity, msg)
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("dropped a bad %r message: %s", msg["type"], e)
+        handler(identity, msg)
 
     def _record(self, msg: dict) -> WorkerRecord:
         name = str(msg["name"])
@@ -310,59 +327,46 @@ class Coordinator:
 
     def _on_hello(self, identity: bytes, msg: dict) -> None:
         rec = self._record(msg)
-        rec.identity, rec.pid, rec.host = identity, int(msg.get("pid", 0)), str(msg.get("host", ""))
-        rec.capabilities = dict(msg.get("capabilities") or {})
+        rec.identity, rec.pid, rec.host = identity, msg.get("pid", 0), msg.get("host", "")
+        rec.capabilities = msg.get("capabilities", {})
         rec.state, rec.last_heartbeat = "loading", time.time()
         log.info("%s (%s) said hello from %s pid %d", rec.name, rec.role, rec.host, rec.pid)
-        self._reply(
-            identity,
-            {
-                "type": "welcome",
-                "latest_version": self.accepted_version,
-                "base_model_id": self.base_model_id,
-                **self.job_info,
-            },
-        )
-        if rec.role == "learner":  # --resume applies to the first start; a restarted learner takes the newest
-            self.job_info["config"]["checkpoint"]["resume"] = ""
+        welcome = {"type": "welcome", "base_model_id": self.base_model_id, "latest_version": self.latest_version}
+        welcome.update(weights_endpoint=self.weights_endpoint, weights_slots=control.advertise_slot_dir(self.slots_dir))
+        self._reply(identity, welcome)
 
     def _on_heartbeat(self, identity: bytes, msg: dict) -> None:
-        rec = self.workers.get(str(msg["name"]))
+        rec = self.workers.get(msg["name"])
         if rec is None or rec.state in ("failed", "stopped"):
             return
         rec.last_heartbeat = time.time()
-        if "state" in msg:
-            rec.state = str(msg["state"])
-        if "version" in msg:
-            rec.version = int(msg["version"])
-        if msg.get("http_url"):
-            rec.http_url = str(msg["http_url"])
+        rec.state, rec.version = msg.get("state", rec.state), msg.get("version", rec.version)
+        rec.http_url = msg.get("http_url") or rec.http_url
 
     def _on_ack(self, identity: bytes, msg: dict) -> None:
         rec = self._record(msg)
-        rec.version = max(rec.version, int(msg["version"]))
-        if msg.get("state"):
-            rec.state = str(msg["state"])
-        if msg.get("http_url"):
-            rec.http_url = str(msg["http_url"])
+        rec.version = max(rec.version, msg["version"])
+        rec.state, rec.http_url = msg.get("state") or rec.state, msg.get("http_url") or rec.http_url
         rec.last_heartbeat = time.time()
 
     def _on_get_latest(self, identity: bytes, msg: dict) -> None:
         if "name" in msg:  # a worker subscribing: it says how it takes new versions
             rec = self._record(msg)
             rec.identity, rec.weights_via = identity, "slots" if msg.get("slots") else "pub"
-        self._keep_slot_copy()  # a version fanned out before this worker subscribed must reach it now
         if self.latest is None:
             self._reply(identity, {"type": "latest", "version": 0})
         else:
-            self.control.send_multipart([identity, WEIGHTS, *self.latest], copy=False)
+            self.control.send_multipart([identity, WEIGHTS, *self.latest.frames])
+
+    def _on_get_config(self, identity: bytes, msg: dict) -> None:
+        self._reply(identity, {"type": "config", "toml": self.resolved_path.read_text()})
 
     def _on_status(self, identity: bytes, msg: dict) -> None:
         self._reply(identity, {"type": "status", **self.status()})
 
     def _on_wait_serving(self, identity: bytes, msg: dict) -> None:
         """Reply 'serving' once every serving generation worker (and at least one) has `version` or newer."""
-        self.serving_waiters.append((identity, int(msg["version"])))
+        self.serving_waiters.append((identity, msg["version"]))
 
     def _answer_waiters(self) -> None:
         oldest = self.oldest_serving_version()
@@ -378,7 +382,7 @@ class Coordinator:
         return min(serving) if serving else None
 
     def _on_progress(self, identity: bytes, msg: dict) -> None:
-        metrics = dict(msg.get("metrics") or {})
+        metrics = msg.get("metrics", {})
         self.job.update(
             {
                 k: metrics.get(k)
@@ -394,90 +398,36 @@ class Coordinator:
         self.job["state"] = "done"
         log.info("the learner finished the job")
 
-    def _check_new(self, version: int, base_model_id: str) -> None:
-        if base_model_id != self.base_model_id:
-            raise wire.WireError(f"base model id {base_model_id!r} is not this job's {self.base_model_id!r}")
-        if version <= self.accepted_version:
-            raise wire.WireError(f"version {version} is not newer than {self.accepted_version}")
-
-    def _slot_workers(self) -> list[WorkerRecord]:
-        return [w for w in self.workers.values() if w.weights_via == "slots" and w.identity]
-
-    def _handle_weights(self, identity: bytes, frames: list) -> None:
-        """A version uploaded as frames (a learner on another host)."""
-        try:
-            message = wire.decode(frames)
-            self._check_new(message.version, message.base_model_id)
-        except wire.WireError as e:
-            log.warning("rejected a weight message: %s", e)
-            self._reply(identity, {"type": "rejected", "reason": str(e)})
-            return
-        for w in self._slot_workers():  # same-host workers do not subscribe to the PUB socket
-            self.control.send_multipart([w.identity, WEIGHTS, *frames], copy=False)
-        self._accept(identity, message.version)
-        self.unkept_slot = None  # superseded
-        self._store(message.version, list(frames))
-
+    # ----- weight versions -------------------------------------------------------------------------------------
     def _on_weights_slot(self, identity: bytes, msg: dict) -> None:
-        """A version the learner wrote into a shared-memory slot. The header is checked and the notice passed on to
-        the same-host workers at once (each verifies its own copy); the coordinator's own verified copy, kept as the
-        latest, is made later (`_keep_slot_copy`), so it does not compete with them for the CPU."""
+        """A version the learner wrote into a shared-memory slot: read from a private copy, so what is verified is
+        what is kept; same-host workers get the notice and read the slot themselves."""
+        if self.slots is None:
+            self._reply(identity, {"type": "rejected", "reason": "this coordinator does not use shared-memory slots"})
+            return
+        self._accept(identity, lambda: self.slots.read(msg, copy=True), msg)
+
+    def _accept(self, identity: bytes, read, notice: dict | None) -> None:
+        """Take the version `read()` returns as the latest if it is intact, for this job's model and newer; fan it
+        out; tell the sender either way."""
         try:
-            if self.slots is None:
-                raise wire.WireError("this coordinator does not use shared-memory slots")
-            segment = self.slots.segment(msg)
-            # Header fields only: enough to route it. Each worker decodes and verifies the whole message itself, and
-            # so does `_keep_slot_copy` before this version becomes the latest.
-            header = wire.segment_header(segment)
-            slots.check_notice(msg, header["version"])
-            self._check_new(header["version"], header["base_model_id"])
+            message = read()
+            if message.header["base_model_id"] != self.base_model_id:
+                raise wire.WireError(f"base model id {message.header['base_model_id']!r} is not this job's")
+            if message.version <= self.latest_version:
+                raise wire.WireError(f"version {message.version} is not newer than {self.latest_version}")
         except wire.WireError as e:
-            log.warning("rejected a weight slot notice: %s", e)
+            log.warning("rejected a weight version: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
-        notice = wire.pack_control(msg)
-        for w in self._slot_workers():
-            self.control.send_multipart([w.identity, CONTROL, notice])
-        self._accept(identity, msg["version"])
-        # An older version not yet copied is superseded: only the newest is kept, but no later than its due time.
-        due = self.unkept_slot[3] if self.unkept_slot else time.monotonic() + SLOT_COPY_DELAY
-        self.unkept_slot = (identity, msg, segment, due)
-
-    def _keep_slot_copy(self, force: bool = True) -> None:
-        """Copy and verify the newest accepted slot version and store it as the latest: when the coordinator is idle
-        (not while the workers are taking the version), when it is due, or at once when a worker asks for the
-        latest. The learner only rewrites a slot SLOTS versions later, and the newest version is never that old."""
-        if self.unkept_slot is None:
-            return
-        identity, notice, segment, due = self.unkept_slot
-        if not force and time.monotonic() < due:
-            return
-        self.unkept_slot = None
-        try:
-            message = wire.decode_segment(bytearray(segment))
-            slots.check_notice(notice, message.version)
-        except wire.WireError as e:
-            log.error(
-                "adapter version %s failed the coordinator's check of its slot copy; the latest stays version %d: %s",
-                notice["version"],
-                self.latest_version,
-                e,
-            )
-            self._reply(identity, {"type": "rejected", "reason": f"version {notice['version']}: {e}"})
-            return
-        self._store(message.version, [zmq.Frame(f) for f in message.frames])  # views of this private copy
-
-    def _accept(self, identity: bytes, version: int) -> None:
-        self.accepted_version = version
-        self.job["version"] = version
-        self._reply(identity, {"type": "published", "version": version})
-
-    def _store(self, version: int, frames: list[zmq.Frame]) -> None:
-        # zmq.Frames, sent again and again by reference: a buffer would be wrapped anew at every send (~10x slower
-        # for a 120-tensor message).
-        self.latest = frames
-        self.latest_version = version
-        self.weights.send_multipart(self.latest, copy=False)
+        self.latest = message
+        self.job["version"] = message.version
+        self.weights.send_multipart(message.frames)  # other hosts
+        same_host = [CONTROL, messages.pack(notice)] if notice else [WEIGHTS, *message.frames]
+        for w in self.workers.values():
+            if w.weights_via == "slots" and w.identity:
+                self.control.send_multipart([w.identity, *same_host])
+        self._reply(identity, {"type": "published", "version": message.version})
 
     # ----- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -486,7 +436,7 @@ class Coordinator:
             "job": {
                 **self.job,
                 "uptime": round(now - self.job["started"], 1),
-                "latest_version": self.accepted_version,
+                "latest_version": self.latest_version,
                 "oldest_serving_version": self.oldest_serving_version(),
             },
             "workers": [w.row(now) for w in self.workers.values()],
@@ -500,7 +450,7 @@ class Coordinator:
             f"runner_job_step {s['job']['step'] or 0}",
             "# HELP runner_latest_adapter_version Newest adapter version published.",
             "# TYPE runner_latest_adapter_version gauge",
-            f"runner_latest_adapter_version {self.accepted_version}",
+            f"runner_latest_adapter_version {self.latest_version}",
             "# HELP runner_worker_restarts_total Restarts per worker.",
             "# TYPE runner_worker_restarts_total counter",
         ]
@@ -571,8 +521,7 @@ class Coordinator:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         while True:
-            events = poller.poll(10 if self.unkept_slot else 100)
-            for sock, _ in events:
+            for sock, _ in poller.poll(100):
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -580,7 +529,6 @@ class Coordinator:
                         break
                     self._handle(frames)
             self._answer_waiters()
-            self._keep_slot_copy(force=not events)  # idle now, or due
             now = time.time()
             self._check_children(now)
             self._drop_lost_remotes(now)
@@ -647,8 +595,9 @@ def _child_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def create_coordinator(config: Config, config_path: Path) -> Coordinator:
-    """Check security, prepare the model if needed, bind the sockets."""
+def create_coordinator(config: Config, config_path: Path | None = None) -> Coordinator:
+    """Check security, prepare the model if needed, write RUN/config.resolved.toml, bind the sockets. `config_path`
+    is where the job's config came from (only reported)."""
     from runner.keys import require_security
 
     gen = config.generation
@@ -664,77 +613,75 @@ def create_coordinator(config: Config, config_path: Path) -> Coordinator:
         config.security.api_token,
         authorized_keys=config.security.authorized_keys,
     )
+    resolved, resume = resolve(config)
+    _prepare_model(resolved)
+    path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
+    log.info("job config %s resolved into %s", config_path or "(given)", path)
+    return Coordinator(resolved, path, model_id(resolved.model.path), resume)
+
+
+def resolve(config: Config) -> tuple[Config, str]:
+    """The config every child starts from: absolute model path and run dir (so no working directory matters) and no
+    `checkpoint.resume`, which is returned apart (checked) because only the learner's first start uses it."""
     run_dir = Path(config.checkpoint.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = Path(config.model.path).resolve()
-    if not (model_path / "config.json").exists():
-        if not config.model.prepare:
-            raise FileNotFoundError(
-                f"model directory {model_path} does not exist; prepare it with "
-                f"`runner models prepare` or set [model] prepare"
-            )
-        print(f"preparing the {config.model.prepare} model in {model_path} (first run only)", flush=True)
-        subprocess.run(
-            _child_cmd("runner.cli", "models", "prepare", config.model.prepare, "--out", str(model_path)), check=True
-        )
-    # Children get the config with absolute paths, so their working directory never matters.
-    resolved = config.to_dict()
-    resolved["model"]["path"], resolved["checkpoint"]["dir"] = str(model_path), str(run_dir)
+    resume = ""
     if config.checkpoint.resume:
-        resume = Path(config.checkpoint.resume).resolve()
-        if not (resume / "state.json").is_file() or not (resume / "adapters.safetensors").is_file():
+        resume = str(Path(config.checkpoint.resume).resolve())
+        if not (Path(resume) / "state.json").is_file() or not (Path(resume) / "adapters.safetensors").is_file():
             raise ConfigError(
-                f"checkpoint.resume = {str(resume)!r} is not a checkpoint directory; expected one with "
+                f"checkpoint.resume = {resume!r} is not a checkpoint directory; expected one with "
                 f"state.json and adapters.safetensors (e.g. {run_dir}/checkpoints/step_000010)"
             )
-        resolved["checkpoint"]["resume"] = str(resume)
-    job_info = {"model_path": str(model_path), "model_name": model_path.name, "config": resolved}
-    return Coordinator(config, config_path, run_dir, model_id(model_path), job_info)
+    data = config.to_dict()
+    data["model"]["path"] = str(Path(config.model.path).resolve())
+    data["checkpoint"].update(dir=str(run_dir), resume="")
+    return build_config(data, where="resolved config"), resume
+
+
+def _prepare_model(config: Config) -> None:
+    model_path = Path(config.model.path)
+    if (model_path / "config.json").exists():
+        return
+    if not config.model.prepare:
+        raise FileNotFoundError(
+            f"model directory {model_path} does not exist; prepare it with "
+            f"`runner models prepare` or set [model] prepare"
+        )
+    print(f"preparing the {config.model.prepare} model in {model_path} (first run only)", flush=True)
+    subprocess.run(
+        _child_cmd("runner.cli", "models", "prepare", config.model.prepare, "--out", str(model_path)), check=True
+    )
 
 
 def add_generation_workers(coord: Coordinator, count: int) -> None:
     gen = coord.config.generation
     for i in range(count):
-        port = gen.port + i if gen.port else 0
-        coord.add_watcher(
-            f"gen-{i}",
-            "generate",
-            _child_cmd(
-                "workers.generation.worker",
-                *coord.child_args(),
-                "--name",
-                f"gen-{i}",
-                "--host",
-                gen.host,
-                "--port",
-                str(port),
-            ),
-        )
+        port = str(gen.port + i if gen.port else 0)
+        args = ["--name", f"gen-{i}", "--host", gen.host, "--port", port]
+        coord.add_watcher(f"gen-{i}", "generate", _child_cmd("workers.generation.worker", *coord.child_args(), *args))
 
 
-def learner_command(coord: Coordinator) -> list[str]:
+def add_learner(coord: Coordinator) -> None:
+    """The learner process; its first start resumes from `coord.resume` if set, a restart from the newest
+    checkpoint of the run dir."""
+    first = learner_command(coord, ["--resume", coord.resume] if coord.resume else [])
+    coord.add_watcher("learner", "learner", first, restart_cmd=learner_command(coord, []))
+
+
+def learner_command(coord: Coordinator, extra: list[str]) -> list[str]:
     """The learner process. With `[learner] hosts`, a wrapper (`workers.learner.distributed launch`) starts one rank
     per host (mlx.launch over ssh for other machines) and forwards SIGTERM to rank 0, the only rank that talks to
     this coordinator. It imports MLX, not us."""
-    cmd = _child_cmd("workers.learner.main", *coord.child_args(), "--name", "learner")
+    cmd = _child_cmd("workers.learner.main", *coord.child_args(), "--name", "learner", *extra)
     lc = coord.config.learner
     if not lc.hosts:
         return cmd
-    return _child_cmd(
-        "workers.learner.distributed",
-        "launch",
-        "--hosts",
-        ",".join(lc.hosts),
-        "--port",
-        str(lc.ring_port),
-        "--workdir",
-        str(coord.run_dir / "ring"),
-        "--",
-        *cmd,
-    )
+    ring = ["--hosts", ",".join(lc.hosts), "--port", str(lc.ring_port), "--workdir", str(coord.run_dir / "ring")]
+    return _child_cmd("workers.learner.distributed", "launch", *ring, "--", *cmd)
 
 
-def launch(config: Config, config_path: Path) -> int:
+def launch(config: Config, config_path: Path | None = None) -> int:
     """`runner launch`: prepare what is missing, start the pool, supervise it until the job ends."""
     coord = create_coordinator(config, config_path)
     (coord.run_dir / "logs").mkdir(exist_ok=True)
@@ -746,7 +693,7 @@ def launch(config: Config, config_path: Path) -> int:
         coord.start_router()
         print(f"OpenAI endpoint for all generation workers: {coord.job['router_url']}", flush=True)
     add_generation_workers(coord, config.generation.workers)
-    coord.add_watcher("learner", "learner", learner_command(coord))
+    add_learner(coord)
     print(
         f"job started: run dir {coord.run_dir}, control {coord.control_endpoint} (`runner status --coordinator "
         f"{coord.control_endpoint}`), status {coord.job['status_url']}, logs in {coord.run_dir / 'logs'}",

@@ -13,23 +13,27 @@ import threading
 import httpx
 import mlx.core as mx
 import mlx_lm
+import msgpack
 import numpy as np
 import pytest
 import zmq
 from helpers import poll
 
-from runner import slots, wire
-from runner.config import build_config
-from runner.control import ControlClient
+from runner import wire
+from runner.config import build_config, load_config
+from runner.control import CONTROL, ControlClient, SlotTransport
 from runner.coordinator import add_generation_workers, create_coordinator
 from workers.generation.server import load_engine
-from workers.generation.worker import WeightReceiver
-from workers.weights import Publisher
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
-from workers.weights import encode_adapter, verified_copy, write_adapter
+from workers.weights import Publisher, WeightReceiver, encode_adapter, host_buffers, verified_copy
 
 SPEC = LoraSpec(rank=4, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"])
 PROMPT = [1, 282, 280, 201, 263, 262]
+
+
+def write_adapter(slots: SlotTransport, version: int, step: int, base: str, config: dict, tensors: dict) -> dict:
+    """Write a version into a slot as the learner's Publisher does; returns its notice (not sent)."""
+    return slots.write(version, step, base, config, host_buffers(tensors))
 
 
 def random_adapter(layout: dict, seed: int) -> dict[str, mx.array]:
@@ -65,7 +69,7 @@ def job(request, tiny_model, tmp_path_factory):
     assert all(w.cmd[w.cmd.index("--join") + 1] == joined for w in coord.watchers.values())
     client = ControlClient(joined, "test-learner", role="learner")
     publisher = Publisher(client, client.hello(), {})  # the learner's own publishing path
-    assert (publisher.slot_writer is not None) == (request.param == "shm")
+    assert isinstance(publisher.transport, SlotTransport) == (request.param == "shm")
     try:
         yield coord, client, publisher
     finally:
@@ -196,7 +200,7 @@ def test_restarted_worker_catches_up_before_serving(job):
 
 
 def shm_only(job):
-    if job[2].slot_writer is None:
+    if not isinstance(job[2].transport, SlotTransport):
         pytest.skip("shared-memory transport only")
 
 
@@ -216,23 +220,20 @@ def flip_first_tensor_byte(path) -> None:
         view.release()
 
 
-def test_corrupt_slot_is_dropped_by_workers_and_the_coordinator(job, tiny_model):
-    """A slot whose tensors do not match its checksum: both workers drop it (their own copy fails the check), ask
-    for the latest instead and keep serving; the coordinator does not keep it as the latest and tells the learner."""
+def test_corrupt_slot_is_rejected_by_the_coordinator_and_workers_keep_serving(job, tiny_model):
+    """A slot whose tensors do not match its checksum: the coordinator verifies its own copy before it accepts a
+    version, so it tells the learner, keeps its latest, and fans nothing out; the workers keep serving."""
     shm_only(job)
     coord, client, publisher = job
     workers = poll(lambda: serving(client), 120, "two serving workers")
     version = status(client)["job"]["latest_version"]
     layout = tiny_layout(tiny_model)
-    notice = write_adapter(
-        publisher.slot_writer, version + 1, 0, publisher.base_model_id, {}, random_adapter(layout, 99)
-    )
+    notice = write_adapter(publisher.transport, version + 1, 0, publisher.base_model_id, {}, random_adapter(layout, 99))
     flip_first_tensor_byte(coord.slots_dir / f"slot-{notice['slot']}")
     client.send(notice)
-    assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "published"  # routed on its header
-    assert "checksum mismatch" in client.wait_for(("rejected",), timeout=30)[1]["reason"]  # the coordinator's copy
-    logs = [coord.run_dir / "logs" / f"{w['name']}.log" for w in workers]
-    poll(lambda: all("checksum mismatch" in log.read_text() for log in logs), 30, "both workers dropped it")
+    reply = client.wait_for(("published", "rejected"), timeout=30)[1]
+    assert reply["type"] == "rejected" and "checksum mismatch" in reply["reason"]
+    assert status(client)["job"]["latest_version"] == version
     for w in workers:
         assert greedy(w["http_url"])[1] == version
     assert status(client)["job"]["oldest_serving_version"] == version
@@ -247,7 +248,7 @@ def test_malformed_slot_notices_are_rejected_and_workers_keep_serving(job, tiny_
     workers = poll(lambda: serving(client), 120, "two serving workers")
     version = status(client)["job"]["latest_version"]
     good = write_adapter(
-        publisher.slot_writer, version + 1, 0, publisher.base_model_id, {}, random_adapter(tiny_layout(tiny_model), 5)
+        publisher.transport, version + 1, 0, publisher.base_model_id, {}, random_adapter(tiny_layout(tiny_model), 5)
     )
     path = coord.slots_dir / f"slot-{good['slot']}"
     rng = np.random.default_rng(2)
@@ -270,7 +271,7 @@ def test_malformed_slot_notices_are_rejected_and_workers_keep_serving(job, tiny_
                 f.write(rng.bytes(int(rng.integers(1, 64))))
         else:
             notice["version"] = True
-        client.send(notice)
+        client.sock.send_multipart([CONTROL, msgpack.packb(notice)])  # as is: `client.send` refuses bad fields
         assert client.wait_for(("published", "rejected"), timeout=30)[1]["type"] == "rejected", notice
     assert status(client)["job"]["latest_version"] == version
     for w in workers:
@@ -282,7 +283,7 @@ def test_receiver_drops_malformed_slot_segments(tiny_model, tmp_path):
     """1,000 malformed segments announced to a worker's receiver: each is dropped, the version stays."""
     engine = load_engine(tiny_model, lora_spec=SPEC).start()
     try:
-        writer, receiver = slots.SlotWriter(tmp_path), WeightReceiver(engine, "base-x", slots.SlotReader(tmp_path))
+        writer, receiver = SlotTransport(tmp_path), WeightReceiver(engine, "base-x", SlotTransport(tmp_path))
         good = random_adapter(lora_layout(engine.model), 1)
         rng = np.random.default_rng(4)
         for i in range(1000):
@@ -319,7 +320,7 @@ def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
         layout = lora_layout(engine.model)
         good = encode_adapter(1, 1, "base-x", {}, random_adapter(layout, 1))
         # Wait for the subscription to be live (PUB drops messages sent before it is).
-        poll(lambda: (wire.send(pub, [b"probe"]), sub.poll(50))[1], 10, "subscription")
+        poll(lambda: (pub.send(b"probe"), sub.poll(50))[1], 10, "subscription")
         sub.recv_multipart()
         rng = np.random.default_rng(1)
         bad = []
@@ -406,7 +407,7 @@ def test_verified_copy_of_a_segment_equals_that_of_frames(tmp_path):
         "scalar": mx.array(np.float32(2.5)),
         "empty": mx.zeros((0, 4)),
     }
-    writer, reader = slots.SlotWriter(tmp_path), slots.SlotReader(tmp_path)
+    writer, reader = SlotTransport(tmp_path), SlotTransport(tmp_path)
     notice = write_adapter(writer, 1, 1, "base-x", {}, tensors)
     from_segment = verified_copy(wire.decode_segment(reader.segment(notice), verify=False))
     from_frames = verified_copy(wire.decode(encode_adapter(1, 1, "base-x", {}, tensors), verify=False))
@@ -416,3 +417,22 @@ def test_verified_copy_of_a_segment_equals_that_of_frames(tmp_path):
     flip_first_tensor_byte(tmp_path / f"slot-{notice['slot']}")
     with pytest.raises(wire.WireError, match="checksum mismatch"):
         verified_copy(wire.decode_segment(reader.segment(notice), verify=False))
+
+
+def test_children_start_from_the_resolved_config_and_remote_workers_can_ask_for_it(job, tiny_model):
+    """`RUN/config.resolved.toml` is what every local child gets with --config; `get_config` returns the same text
+    for a worker joining from another host, and `welcome` carries runtime facts only."""
+    coord, client, _ = job
+    resolved = coord.run_dir / "config.resolved.toml"
+    for w in coord.watchers.values():
+        assert w.cmd[w.cmd.index("--config") + 1] == str(resolved)
+    config = load_config(resolved)
+    assert config.model.path == str(tiny_model.resolve()) and config.checkpoint.dir == str(coord.run_dir)
+    assert config.checkpoint.resume == ""
+    reply = client.request({"type": "get_config"}, ("config",), timeout=10)[1]
+    assert reply["toml"] == resolved.read_text()
+    welcome = ControlClient(coord.local_endpoint or coord.control_endpoint, "probe", role="cli")
+    try:
+        assert set(welcome.hello()) == {"type", "base_model_id", "latest_version", "weights_endpoint", "weights_slots"}
+    finally:
+        welcome.close()

@@ -1,27 +1,33 @@
-"""The MLX ends of the weight plane: adapter tensors to wire frames (learner) and back (generation worker).
+"""The MLX ends of the weight plane: the learner's `Publisher` and the generation worker's `WeightReceiver`.
 
-The wire format itself lives in `runner.wire` (no MLX). Sending is zero-copy: the frames are views of the MLX
-arrays' own host memory (MLX on Apple silicon shares memory with the GPU, so this holds on Metal too); bfloat16
-travels as its raw 16-bit patterns.
+A version's path: `Trainer` tensors -> `Publisher.publish` (host views of the MLX arrays, no copy) -> the transport
+of `runner.control` (a shared-memory slot on the coordinator's host, frames otherwise; encoded by `runner.wire`) ->
+the coordinator (verifies, keeps the latest, fans out) -> `WeightReceiver` (checks the message against the model,
+copies it into MLX and verifies the copy) -> `Engine.install_adapter` -> every HTTP response after the swap reports
+the version. bfloat16 travels as its raw 16-bit patterns.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import mlx.core as mx
 import numpy as np
+import zmq
 
-from runner import slots, wire
-from runner.control import ControlClient, CoordinatorGone
-from runner.slots import SlotWriter
+from runner import wire
+from runner.control import ControlClient, CoordinatorGone, SlotTransport, weight_transport
 
-_WIRE_DTYPES = {getattr(mx, name): name for name in wire.DTYPES}  # a dict lookup: str(mx.Dtype) is slow
+log = logging.getLogger(__name__)
+
+_WIRE_DTYPES = {getattr(mx, name): name for name in wire.DTYPES}
 
 
 def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
-    """(name, wire dtype, shape, bytes) of MLX arrays (evaluated first), as views of their own memory (no copies)."""
+    """(name, wire dtype, shape, bytes) of MLX arrays (evaluated first), as views of their own memory (no copies:
+    MLX on Apple silicon shares memory with the GPU)."""
     mx.eval(list(tensors.values()))
     out = []
     for name, t in tensors.items():
@@ -38,23 +44,10 @@ def encode_adapter(
     return wire.encode(version, step, base_model_id, adapter_config, host_buffers(tensors))
 
 
-def write_adapter(
-    slot_writer: SlotWriter,
-    version: int,
-    step: int,
-    base_model_id: str,
-    adapter_config: dict,
-    tensors: dict[str, mx.array],
-) -> dict:
-    """Write one weight message into a shared-memory slot (one copy); returns the notice for the coordinator."""
-    return slot_writer.write(version, step, base_model_id, adapter_config, host_buffers(tensors))
-
-
 def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
     """MLX arrays from a message (one copy into MLX-owned memory), then the checksum checked on that copy: what gets
     installed is exactly what was verified, even if the source (a shared-memory slot) is rewritten meanwhile. Raises
-    WireError on a mismatch. (One `mx.array` of a whole segment copies faster, but then the hash reads it back from
-    memory: measured slower than copying and hashing tensor by tensor while each is in cache.)"""
+    WireError on a mismatch."""
     out = {}
 
     def copies():
@@ -69,14 +62,12 @@ def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
 
 
 class Publisher:
-    """Sends adapter versions to the coordinator and answers questions about what the workers serve. On the
-    coordinator's host a version is written into a shared-memory slot and only a notice is sent (`runner.slots`);
-    from elsewhere it is uploaded as frames."""
+    """The learner's end: sends adapter versions to the coordinator over the transport its welcome allows, and
+    answers questions about what the workers serve."""
 
     def __init__(self, client: ControlClient, welcome: dict, adapter_config: dict):
         self.client, self.base_model_id, self.adapter_config = client, welcome["base_model_id"], adapter_config
-        slot_dir = slots.usable_dir(welcome.get("weights_slots"))
-        self.slot_writer = slots.SlotWriter(slot_dir) if slot_dir else None
+        self.transport = weight_transport(welcome.get("weights_slots"))
 
     def status(self) -> dict:
         return self.client.request({"type": "status"}, ("status",), timeout=30)[1]
@@ -88,13 +79,10 @@ class Publisher:
             if w["role"] == "generate" and w["state"] == "serving" and w["http_url"]
         ]
 
-    def publish(self, version: int, step: int, tensors) -> None:
-        if self.slot_writer:
-            self.client.send(
-                write_adapter(self.slot_writer, version, step, self.base_model_id, self.adapter_config, tensors)
-            )
-        else:
-            self.client.send_weights(encode_adapter(version, step, self.base_model_id, self.adapter_config, tensors))
+    def publish(self, version: int, step: int, tensors: dict[str, mx.array]) -> None:
+        """Send one version and wait for the coordinator to accept it; RuntimeError if it rejects it."""
+        buffers = host_buffers(tensors)
+        self.transport.send(self.client, version, step, self.base_model_id, self.adapter_config, buffers)
         reply = self.client.wait_for(("published", "rejected"), timeout=60, what=f"adapter version {version}")[1]
         if reply["type"] == "rejected":
             raise RuntimeError(f"the coordinator rejected adapter version {version}: {reply['reason']}")
@@ -110,3 +98,61 @@ class Publisher:
             except CoordinatorGone:
                 continue
         raise TimeoutError(f"no generation worker served adapter version >= {min_version} within {timeout:.0f}s")
+
+
+class WeightReceiver:
+    """The generation worker's end: every version (a slot notice or frames on the control socket from the
+    coordinator's host, frames on the weights PUB socket from elsewhere) is checked against this worker's model
+    (names, shapes, dtypes, base id, version newer), copied into MLX, verified, and handed to the engine. A bad
+    message is logged and dropped; the current version keeps serving."""
+
+    def __init__(self, engine, base_model_id: str, slots: SlotTransport | None = None):
+        self.engine, self.base_model_id, self.slots = engine, base_model_id, slots
+        self.rejected = 0
+
+    def offer(self, frames: list | None = None, notice: dict | None = None) -> threading.Event | None:
+        """Validate and schedule one message (frames, or a shared-memory slot notice); returns an event set once it
+        is live, or None if it was dropped."""
+        expected = wire.Expectation(self.base_model_id, self.engine.lora_layout, self.engine.newest_version)
+        try:
+            if notice is None:
+                message = wire.decode(frames, expected, verify=False)
+            elif self.slots is None:
+                raise wire.WireError("a slot notice reached a worker that does not use slots")
+            else:
+                message = self.slots.read(notice, expected, verify=False)
+            return self.engine.install_adapter(message.version, verified_copy(message))  # verified: the MLX copy
+        except (wire.WireError, ValueError) as e:
+            self.rejected += 1
+            log.warning("dropped a weight message: %s", e)
+            return None
+
+    def catch_up(self, client: ControlClient, timeout: float = 60) -> None:
+        """Subscribe to same-host fan-out and install the coordinator's latest version, if any (a worker that
+        starts, restarts or joins late). Call after subscribing to the PUB socket, so no version falls between."""
+        reply = client.request(self._get_latest(client), ("latest", "W"), timeout=timeout)
+        if reply[0] == "W" and (applied := self.offer(reply[1])) is not None:
+            applied.wait(timeout)
+
+    def _get_latest(self, client: ControlClient) -> dict:
+        return {"type": "get_latest", "name": client.name, "slots": self.slots is not None}
+
+    def receive(self, client: ControlClient, sub: zmq.Socket | None, timeout: float) -> list[dict]:
+        """Take every version that arrives within `timeout` (or is waiting); returns the other control messages."""
+        poller = zmq.Poller()
+        poller.register(client.sock, zmq.POLLIN)
+        if sub is not None:
+            poller.register(sub, zmq.POLLIN)
+        others = []
+        for sock, _ in poller.poll(int(timeout * 1000)):
+            if sock is sub:
+                self.offer(sub.recv_multipart(copy=False))
+                continue
+            while (msg := client.receive(0)) is not None:
+                if msg[0] == "W":
+                    self.offer(msg[1])
+                elif msg[1]["type"] != "weights_slot":
+                    others.append(msg[1])
+                elif self.offer(notice=msg[1]) is None and self.engine.newest_version < msg[1]["version"]:
+                    client.send(self._get_latest(client))  # the slot was rewritten under us: ask for the frames
+        return others

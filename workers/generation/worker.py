@@ -1,135 +1,113 @@
 """A generation worker attached to a coordinator: the engine and HTTP server of `workers.generation.server`, plus the
-weight plane's receiving end.
+weight plane's receiving end (`workers.weights.WeightReceiver`).
 
-Start-up: hello → load the base model named by the coordinator (or `--model`), check its id → apply the job's LoRA
-spec → ask for the latest adapter and install it → only then start HTTP and report `serving`. Afterwards every new
-version (a shared-memory slot notice or frames on the control socket when on the coordinator's host, frames on the
-weights PUB socket otherwise) is validated against the model (names, shapes, dtypes, base id, version newer), copied
-into MLX, and installed between decode steps only if the copy's checksum matches (at once when the engine is idle);
-it is acked the moment it is live. A bad message is logged and dropped; the current version keeps serving.
+Start-up: hello -> the job config (`--config`, the file `runner launch` wrote; or, for a worker joining from another
+host without it, `get_config` from the coordinator) -> load the base model (the config's path, or `--model`) and
+check its id against the coordinator's -> apply the job's LoRA spec -> catch up: install the coordinator's latest
+adapter -> only then start HTTP and report `serving`. Afterwards every new version is installed between decode
+steps (at once when the engine is idle) and acked the moment it is live.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
 import mlx.core as mx
-import zmq
 
-from runner import slots, wire
 from runner.args import add_join_arguments, curve_from_args
-from runner.config import build_config
-from runner.control import ControlClient, model_id
+from runner.config import Config, build_config, load_config
+from runner.control import ControlClient, SlotTransport, model_id, weight_transport
 from runner.webserver import start_in_thread
+from workers.generation.engine import Engine
 from workers.generation.server import Server, load_engine
 from workers.lora import LoraSpec
-from workers.weights import verified_copy
+from workers.weights import WeightReceiver
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
 
-class WeightReceiver:
-    """Validates incoming weight messages against this worker's model and hands them to the engine."""
-
-    def __init__(self, engine, base_model_id: str, slot_reader: slots.SlotReader | None = None):
-        self.engine = engine
-        self.base_model_id = base_model_id
-        self.layout = engine.lora_layout
-        self.slot_reader = slot_reader
-        self.rejected = 0
-
-    def expectation(self) -> wire.Expectation:
-        return wire.Expectation(
-            base_model_id=self.base_model_id, shapes=self.layout, min_version=self.engine.newest_version
-        )
-
-    def offer(self, frames: list | None = None, notice: dict | None = None) -> threading.Event | None:
-        """Validate and schedule one message (frames, or a shared-memory slot notice); returns an event set once it
-        is live, or None if it was dropped."""
-        try:
-            if notice is not None:
-                if self.slot_reader is None:
-                    raise wire.WireError("a slot notice reached a worker that does not use slots")
-                message = wire.decode_segment(self.slot_reader.segment(notice), self.expectation(), verify=False)
-                slots.check_notice(notice, message.version)
-            else:
-                message = wire.decode(frames, expected=self.expectation(), verify=False)
-            applied = self.engine.install_adapter(message.version, verified_copy(message))
-        except (wire.WireError, ValueError) as e:
-            self.rejected += 1
-            log.warning("dropped a weight message: %s", e)
-            return None
-        return applied
-
-
 def run_worker(
-    join: str, name: str, host: str, port: int, model_override: str | None = None, curve: dict | None = None
+    join: str,
+    name: str,
+    host: str,
+    port: int,
+    model_override: str | None = None,
+    curve: dict | None = None,
+    config_path: str | None = None,
 ) -> int:
+    """Join the coordinator at `join`, serve until told to stop (SIGTERM, SIGINT or the coordinator's `stop`)."""
     client = ControlClient(join, name, role="generate", curve=curve)
-    welcome = client.hello(
-        capabilities={
-            "api": ["openai", "atropos-vllm"],
-            "device": str(mx.default_device()),
-            "model_override": bool(model_override),
-        }
-    )
-    if welcome["type"] != "welcome":
-        log.error("the coordinator refused %s: %s", name, welcome.get("reason"))
-        return 2
-    config = build_config(welcome["config"], where="coordinator")
-    client.heartbeat_interval = config.coordinator.heartbeat_interval
-    client.status.update(state="loading", version=0)
-    client.start_heartbeats()
-    model_path = Path(model_override or welcome["model_path"])
+    try:
+        capabilities = {"api": ["openai", "atropos-vllm"], "device": str(mx.default_device())}
+        welcome = client.hello(capabilities={**capabilities, "model_override": bool(model_override)})
+        config = _job_config(client, config_path)
+        client.heartbeat_interval = config.coordinator.heartbeat_interval
+        client.status.update(state="loading", version=0)
+        client.start_heartbeats()
+        model_path = Path(model_override or config.model.path)
+        if not _is_base_model(model_path, welcome["base_model_id"]):
+            return 2
+        engine = _start_engine(model_path, config)
+        transport = weight_transport(welcome["weights_slots"])
+        slots = transport if isinstance(transport, SlotTransport) else None  # else versions come as frames
+        receiver = WeightReceiver(engine, welcome["base_model_id"], slots)
+        sub = None if receiver.slots else client.subscribe_weights(welcome["weights_endpoint"])
+        client.status["state"] = "catching_up"
+        receiver.catch_up(client)
+        log.info("%s caught up at adapter version %d (new versions by %s)", name, engine.version, transport.name)
+        return _serve(client, receiver, sub, config, model_path.name, host, port)
+    finally:
+        client.close()
+
+
+def _job_config(client: ControlClient, config_path: str | None) -> Config:
+    """The job's resolved config: from the file, or from the coordinator (a worker on another host)."""
+    if config_path:
+        return load_config(config_path)
+    toml = client.request({"type": "get_config"}, ("config",), timeout=60)[1]["toml"]
+    return build_config(tomllib.loads(toml), where="the coordinator's config")
+
+
+def _is_base_model(model_path: Path, base_model_id: str) -> bool:
     if not (model_path / "config.json").exists():
         log.error("model directory %s does not exist on this machine; pass --model PATH", model_path)
-        return 2
-    if model_id(model_path) != welcome["base_model_id"]:
+        return False
+    if model_id(model_path) != base_model_id:
         log.error(
-            "model %s (id %s) is not the job's base model (id %s)",
-            model_path,
-            model_id(model_path),
-            welcome["base_model_id"],
+            "model %s (id %s) is not the job's base model (id %s)", model_path, model_id(model_path), base_model_id
         )
-        return 2
-    lora = config.lora
-    gen = config.generation
-    engine = load_engine(
-        model_path,
-        lora_spec=LoraSpec(
-            rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=lora.num_layers
-        ),
-        max_batch=gen.max_batch,
-        prefill_batch=gen.prefill_batch,
-        max_queue=gen.max_queue,
-    ).start()
-    # Same host as the coordinator: versions come as shared-memory slot notices on the control socket (and as frames
-    # there when uploaded from elsewhere); otherwise on the weights PUB socket.
-    slot_dir = slots.usable_dir(welcome.get("weights_slots"))
-    receiver = WeightReceiver(engine, welcome["base_model_id"], slots.SlotReader(slot_dir) if slot_dir else None)
-    sub = None if slot_dir else client.subscribe_weights(welcome["weights_endpoint"])
-    get_latest = {"type": "get_latest", "name": name, "slots": slot_dir is not None}
+        return False
+    return True
 
-    # Late-joiner catch-up: subscribe first, then fetch the latest, so no version falls in between.
-    client.status["state"] = "catching_up"
-    reply = client.request(get_latest, ("latest", "W"), timeout=60)
-    if reply[0] == "W" and (applied := receiver.offer(reply[1])) is not None:
-        applied.wait(60)
-    log.info(
-        "%s caught up at adapter version %d (new versions by %s)",
-        name,
-        engine.version,
-        "shared memory" if slot_dir else "PUB socket",
+
+def _start_engine(model_path: Path, config: Config) -> Engine:
+    lora, gen = config.lora, config.generation
+    spec = LoraSpec(
+        rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=lora.num_layers
     )
+    return load_engine(
+        model_path, lora_spec=spec, max_batch=gen.max_batch, prefill_batch=gen.prefill_batch, max_queue=gen.max_queue
+    ).start()
 
+
+def _serve(client, receiver: WeightReceiver, sub, config: Config, model_name: str, host: str, port: int) -> int:
+    """HTTP up, `serving` reported, then new versions taken until a stop; returns the exit code."""
+    engine, gen = receiver.engine, config.generation
     server = Server(
         engine,
-        model_path.name,
+        model_name,
         max_tokens_default=gen.max_tokens,
         max_tokens_limit=gen.max_tokens_limit,
         api_token=config.security.api_token,
@@ -137,39 +115,20 @@ def run_worker(
     uv, http_thread, actual_port = start_in_thread(server.app, host, port)
     http_url = f"http://{host}:{actual_port}"
     client.status.update(state="serving", version=engine.version, http_url=http_url)
-    client.send({"type": "ack", "name": name, "version": engine.version, "state": "serving", "http_url": http_url})
-    log.info("%s serving on %s/v1", name, http_url)
-
+    client.send(
+        {"type": "ack", "name": client.name, "version": engine.version, "state": "serving", "http_url": http_url}
+    )
+    log.info("%s serving on %s/v1", client.name, http_url)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    # Each version is acked the moment it is live, by the thread that swapped it in (the engine thread between two
-    # steps, or this one when the engine is idle), on a socket of its own used under the engine's model lock: never
-    # by two threads at once, so the ack does not wait for this thread's socket.
+    # Each version is acked the moment it is live, by the thread that swapped it in, on a socket of its own used
+    # under the engine's model lock: never by two threads at once.
     engine.on_version = client.acker()
-    poller = zmq.Poller()
-    if sub is not None:
-        poller.register(sub, zmq.POLLIN)
-    poller.register(client.sock, zmq.POLLIN)
     try:
         while not stopping.is_set():
-            for sock, _ in poller.poll(50):
-                if sock is sub:
-                    receiver.offer(sub.recv_multipart(copy=False))
-                    continue
-                while (msg := client.receive(0)) is not None:
-                    if msg[0] == "W":
-                        receiver.offer(msg[1])
-                    elif msg[1]["type"] == "stop":
-                        stopping.set()
-                    elif msg[1]["type"] == slots.NOTICE:
-                        announced = msg[1].get("version")
-                        if (
-                            receiver.offer(notice=msg[1]) is None
-                            and isinstance(announced, int)
-                            and engine.newest_version < announced
-                        ):
-                            client.send(get_latest)  # the slot was unreadable or rewritten: ask for the frames
+            if any(msg["type"] == "stop" for msg in receiver.receive(client, sub, timeout=0.05)):
+                stopping.set()
             if not http_thread.is_alive():
                 log.error("the HTTP server stopped unexpectedly")
                 return 1
@@ -180,16 +139,14 @@ def run_worker(
         engine.stop()
         if sub is not None:
             sub.close()
-        client.close()
     return 0
 
 
 def join(args: argparse.Namespace) -> int:
     """`runner worker generate --join tcp://HOST:PORT`."""
-    import socket
-
-    name = args.name or f"gen-{socket.gethostname()}-{__import__('os').getpid()}"
-    return run_worker(args.join, name, args.host, args.port, model_override=args.model, curve=curve_from_args(args))
+    name = args.name or f"gen-{socket.gethostname()}-{os.getpid()}"
+    curve = curve_from_args(args)
+    return run_worker(args.join, name, args.host, args.port, args.model, curve, getattr(args, "config", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--model", default=None)
+    p.add_argument("--config", default=None, help="the job's resolved config (default: ask the coordinator)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return join(args)
