@@ -567,14 +567,19 @@ def fit(
         trainer.save_checkpoint(run_dir, source.state(), keep_last, config=config)
         saved_at = trainer.step_count
 
+    def stop_requested() -> bool:
+        if stopping is None or not stopping.is_set():
+            return False
+        if isinstance(source, dist.BroadcastSource):
+            source.stop()  # the other ranks wait for a batch: release them
+        return True
+
     try:
-        while trainer.step_count < steps:
+        while trainer.step_count < steps and not stop_requested():
             if callbacks.before_step is not None:
                 callbacks.before_step()
-            if stopping is not None and stopping.is_set():
-                if isinstance(source, dist.BroadcastSource):
-                    source.stop()
-                break
+                if stop_requested():  # the wait may end because of a stop
+                    break
             try:
                 batch = source.next_batch(trainer.step_count + 1)
             except dist.StopTraining:  # rank 0 told this rank to stop
