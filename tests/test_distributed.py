@@ -170,7 +170,8 @@ def ring(tmp_path_factory) -> None:
 def start_ranks(args: list[str], tmp: Path) -> list[subprocess.Popen]:
     """`python -m workers.learner.trainer ARGS` as ranks 0 and 1 of a ring on 127.0.0.1."""
     port = free_port_pair()
-    hostfile = dist.write_local_hostfile(tmp / "hosts.json", [port, port + 1])
+    hostfile = tmp / "hosts.json"  # what mlx.launch writes for local ranks: a JSON list of 'ip:port' lists
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in (port, port + 1)]))
     cmd = [sys.executable, "-m", "workers.learner.trainer", *args]
     return [
         subprocess.Popen(

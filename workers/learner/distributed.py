@@ -138,11 +138,7 @@ def broadcast_tree(tree: Any, group: Group | None, root: int = 0) -> Any:
     if size_of(group) == 1:
         return tree
     mine = rank_of(group) == root
-    return all_sum_tree(tree if mine else _zeros_like(tree), group)
-
-
-def _zeros_like(tree: Any) -> Any:
-    return tree_map(mx.zeros_like, tree)
+    return all_sum_tree(tree if mine else tree_map(mx.zeros_like, tree), group)
 
 
 def broadcast_bytes(data: bytes | None, group: Group | None, root: int = 0) -> bytes:
@@ -265,13 +261,6 @@ def launch_command(
 def local_rank_env(rank: int, hostfile: str | Path) -> dict[str, str]:
     """What mlx.launch exports for one local rank: MLX_RANK and MLX_HOSTFILE (a JSON list of 'ip:port' lists)."""
     return {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
-
-
-def write_local_hostfile(path: str | Path, ports: Sequence[int]) -> Path:
-    """The ring hostfile mlx.launch would write for len(ports) ranks on 127.0.0.1."""
-    path = Path(path)
-    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
-    return path
 
 
 RANK0_PIDFILE_ENV = "RUNNER_RANK0_PIDFILE"

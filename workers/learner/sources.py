@@ -33,9 +33,10 @@ import httpx
 import numpy as np
 import tenacity
 
+from runner.config import Config
 from runner.routing import LeastLoaded
 from workers.learner.grpo import ATROPOS_PROMPT
-from workers.learner.tasks import Task
+from workers.learner.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +123,17 @@ class BatchRecorder:
 class ReplaySource:
     """Batches from a JSONL file, one per line, in order; the position is the next line."""
 
-    def __init__(self, path: str | Path, loop: bool = False):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.loop = loop
         self._lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         if not self._lines:
             raise ValueError(f"{self.path} has no batches")
         self.position = 0
 
     def next_batch(self, step: int) -> Batch:
-        if self.position >= len(self._lines) and not self.loop:
+        if self.position >= len(self._lines):
             raise EOFError(f"{self.path} has only {len(self._lines)} batches")
-        batch = Batch.from_json(self._lines[self.position % len(self._lines)])
+        batch = Batch.from_json(self._lines[self.position])
         self.position += 1
         return batch
 
@@ -418,17 +418,10 @@ class AtroposSource:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_source(
-    config,
-    urls: Callable[[], list[str]] | None = None,
-    tokenizer=None,
-    starting_step: int = 0,
-    record: str | Path | None = None,
-) -> Source:
+def make_source(config: Config, urls: Callable[[], list[str]] | None = None, tokenizer=None) -> Source:
     """The source a job config asks for. `urls` returns the generation workers' base URLs (builtin source);
-    `tokenizer` is needed for built-in tasks (the trainer's)."""
-    from workers.learner.tasks import make_task
-
+    `tokenizer` is needed for built-in tasks (the trainer's). Where a resumed source starts comes from the
+    checkpoint (`load_state`)."""
     lc, sc = config.learner, config.source
     if sc.type == "builtin":
         if urls is None or tokenizer is None:
@@ -442,7 +435,6 @@ def make_source(
             lc.max_tokens,
             lc.temperature,
             lc.seed,
-            record=record,
             api_token=config.security.api_token,
         )
     if sc.type == "atropos":
@@ -451,10 +443,8 @@ def make_source(
         return AtroposSource(
             sc.url,
             batch_size=lc.batch_size * lc.group_size,
-            starting_step=starting_step,
             num_steps=lc.steps,
             checkpoint_dir=str(Path(config.checkpoint.dir) / "checkpoints"),
             save_checkpoint_interval=config.checkpoint.interval,
-            record=record,
         )
     raise ValueError(f"unknown source type {sc.type!r}")
