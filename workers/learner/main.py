@@ -40,9 +40,9 @@ def run_learner(args: argparse.Namespace) -> int:
     group = dist.init()  # started by mlx.launch: one rank of a data-parallel ring; otherwise alone
     if not dist.is_writer(group):
         return run_follower(group)
+    config = load_config(args.config)
     client = ControlClient(args.join, args.name, role="learner", curve=curve_from_args(args))
     welcome = client.hello(capabilities={"algorithm": "grpo", "ranks": dist.size_of(group)})
-    config = _config(args, welcome)
     dist.broadcast_json(config.to_dict(), group)  # the other ranks build the same trainer (they never say hello)
     client.heartbeat_interval = config.coordinator.heartbeat_interval
     client.status.update(state="loading", version=welcome["latest_version"])
@@ -121,13 +121,6 @@ def run_follower(group: dist.Group) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace, welcome: dict) -> Config:
-    if args.config:
-        return load_config(args.config)
-    # Until the coordinator passes --config to its children, it still sends the config in the welcome.
-    return build_config(welcome["config"], where="coordinator")
-
-
 def _plain(metrics: dict) -> dict:
     """Metrics as msgpack-able scalars."""
     return {
@@ -137,7 +130,7 @@ def _plain(metrics: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers.learner.main", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="the run's resolved config (RUN/config.resolved.toml)")
+    p.add_argument("--config", required=True, help="the run's resolved config (RUN/config.resolved.toml)")
     add_join_arguments(p)
     p.add_argument("--name", default="learner")
     p.add_argument("--resume", help="a checkpoint directory to resume from (default: the run dir's newest)")
