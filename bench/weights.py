@@ -1,4 +1,5 @@
-"""Weight fan-out latency: time from the learner's publish() to every local generation worker serving the new version.
+"""Weight fan-out latency: time from the learner's publish() to every local generation worker serving the new version,
+next to the quickstart's mean step time (the push should cost a small fraction of a step: the goal is < 3%).
 
 Two adapter shapes, each pushed >= 50 times through a real coordinator to real worker processes:
   - smollm2: rank 16, q/v on all 30 layers of SmolLM2-135M (hidden 576, 3 kv heads of 64)  ~3.7 MB
@@ -7,9 +8,12 @@ Workers load a model directory with exactly those projection shapes (random/zero
 only the LoRA layout matters here. The floor is copying the same bytes once in one process (numpy memcpy), measured
 right before every push. Each shape runs over both transports: "shm" (same-host shared-memory slots and the Unix
 control socket, what the coordinator's own children use) and "socket" (frames over ZeroMQ on TCP, what a learner or
-worker on another host uses, here on loopback).
+worker on another host uses, here on loopback). The quickstart step time is measured in the same run: `runner launch
+configs/quickstart.toml` in a temporary directory, the mean wall time between consecutive steps of its metrics.jsonl
+(rollouts, update and publish included; the first steps are warm-up).
 
     python bench/weights.py [--pushes 50] [--workers 1] [--shapes smollm2 14b] [--transports shm socket]
+                            [--quickstart-steps 20]
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from mlx.utils import tree_flatten
 
 from runner.config import build_config
 from runner.control import ControlClient
-from workers.weights import Publisher
 from workers.lora import LoraSpec, apply_lora, lora_tensors
+from workers.weights import Publisher
 
 COORDINATOR = """
 import json, signal, sys
@@ -160,6 +164,21 @@ def run_shape(name: str, transport: str, pushes: int, workers: int, tmp: Path) -
     }
 
 
+def quickstart_step_ms(tmp: Path, steps: int, warmup: int = 3) -> float:
+    """Mean wall time of one quickstart step, from a real `runner launch configs/quickstart.toml` run."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml"
+    run_dir = tmp / "quickstart-run"
+    sets = ["--set", f"checkpoint.dir={json.dumps(str(run_dir))}", "--set", f"learner.steps={steps}"]
+    with open(tmp / "quickstart.log", "wb") as out:
+        code = subprocess.run(
+            [sys.executable, "-m", "runner.cli", "launch", str(config), *sets], cwd=tmp, stdout=out, stderr=out
+        ).returncode
+    if code != 0:
+        raise RuntimeError(f"the quickstart failed (exit {code}):\n{(tmp / 'quickstart.log').read_text()[-3000:]}")
+    times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return float(np.mean(np.diff(times)[warmup:]) * 1e3)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pushes", type=int, default=50)
@@ -173,22 +192,28 @@ def main() -> None:
         help="shm: same-host shared-memory slots (the default for local processes); socket: frames over "
         "ZeroMQ, as for a learner or worker on another host",
     )
+    p.add_argument("--quickstart-steps", type=int, default=20, help="steps of the quickstart run timed for comparison")
     args = p.parse_args()
+    if args.quickstart_steps < 6:
+        p.error("--quickstart-steps must be at least 6 (the first 3 steps are warm-up)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        step_ms = quickstart_step_ms(Path(tmp), args.quickstart_steps)
         for name in args.shapes:
             for transport in args.transports:
                 rows.append(run_shape(name, transport, args.pushes, args.workers, Path(tmp)))
     print(f"\nweight fan-out, {args.workers} local worker(s), {args.pushes} pushes each")
     print("(accepted = the coordinator validated and fanned it out; serving = every worker acked it)")
+    print(f"quickstart mean step: {step_ms:.1f} ms (mean of {args.quickstart_steps - 4} steps after warm-up)")
     print(
         f"{'adapter':<9} {'transport':<9} {'tensors':>7} {'MB':>6} {'accepted p50':>12} {'serving p50':>11} "
-        f"{'p95':>8} {'floor ms':>9} {'p50/floor':>9}"
+        f"{'p95':>8} {'floor ms':>9} {'p50 % step':>10} {'p95 % step':>10}"
     )
     for r in rows:
         print(
             f"{r['shape']:<9} {r['transport']:<9} {r['tensors']:>7} {r['mbytes']:>6.1f} {r['accepted_p50']:>12.2f} "
-            f"{r['p50']:>11.2f} {r['p95']:>8.2f} {r['floor']:>9.3f} {r['p50'] / r['floor']:>9.1f}"
+            f"{r['p50']:>11.2f} {r['p95']:>8.2f} {r['floor']:>9.3f} {100 * r['p50'] / step_ms:>9.2f}% "
+            f"{100 * r['p95'] / step_ms:>9.2f}%"
         )
 
 

@@ -161,6 +161,48 @@ def test_stale_and_malformed_uploads_are_rejected_and_workers_keep_serving(job):
         assert served == version and len(tokens) == 8
 
 
+def test_malformed_control_messages_are_dropped_and_everyone_keeps_serving(job):
+    """1,000 malformed control messages (garbage, unknown types, missing or mistyped fields, bad framing) from a
+    stranger on the control socket: each is dropped, nothing changes, and the workers keep serving."""
+    coord, client, _ = job
+    workers = poll(lambda: serving(client), 120, "two serving workers")
+    version = status(client)["job"]["latest_version"]
+    rng = np.random.default_rng(7)
+    bad = [
+        msgpack.packb({"type": "nope"}),
+        msgpack.packb({"type": "heartbeat"}),
+        msgpack.packb({"type": "ack", "name": "gen-0", "version": "7"}),
+        msgpack.packb({"type": "ack", "name": "gen-0", "version": True}),
+        msgpack.packb({"type": "hello", "name": 5}),
+        msgpack.packb({"type": "get_latest", "slots": "yes"}),
+        msgpack.packb({"type": "wait_serving"}),
+        msgpack.packb({"type": "progress", "name": "learner", "metrics": [1]}),
+        msgpack.packb({"type": "status", "extra": 1}),
+        msgpack.packb([1, 2]),
+    ]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(coord.control_endpoint)
+    try:
+        for i in range(1000):
+            if i % 4 == 0:
+                sock.send_multipart([CONTROL, rng.bytes(int(rng.integers(0, 64)))])
+            elif i % 4 == 1:
+                sock.send_multipart([b"X", bad[i % len(bad)]] if i % 8 == 1 else [CONTROL, bad[0], bad[1]])
+            else:
+                sock.send_multipart([CONTROL, bad[i % len(bad)]])
+        assert not sock.poll(500), "the coordinator answered a malformed message"
+    finally:
+        sock.close()
+    after = status(client)
+    assert after["job"]["latest_version"] == version
+    rows = {w["name"]: w for w in after["workers"]}
+    for w in workers:
+        assert rows[w["name"]]["version"] == version and rows[w["name"]]["state"] == "serving"
+        tokens, served = greedy(w["http_url"])
+        assert served == version and len(tokens) == 8
+
+
 def test_restarted_worker_catches_up_before_serving(job):
     coord, client, _ = job
     poll(lambda: serving(client), 120, "two serving workers")
