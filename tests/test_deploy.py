@@ -211,6 +211,8 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
     (keys / "worker.key_secret").write_text("")
     (keys / "coordinator.key").write_text("")
     (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.resolved.toml").write_text("")
     monkeypatch.chdir(tmp_path)  # relative paths are given: the service must get them absolute
     given = {
         "--join": "tcp://10.0.0.5:5555",
@@ -220,6 +222,7 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
         "--port": "8001",
         "--model": "models/tiny",
         "--name": "mini-2",
+        "--config": "run/config.resolved.toml",
     }
     expected = {
         "join": "tcp://10.0.0.5:5555",
@@ -229,6 +232,7 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
         "port": 8001,
         "model": str(tmp_path / "models" / "tiny"),
         "name": "mini-2",
+        "config": str(tmp_path / "run" / "config.resolved.toml"),
     }
     # Every flag of `runner worker generate` is exercised here: a new flag must be given a value above, and it
     # reaches the service only if it is added where deploy gets its flags too (cli.add_worker_generate_arguments).
