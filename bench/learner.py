@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def make_batch(groups: int, group_size: int, prompt: int, completion: int, vocab
     return Batch(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (default: a freshly prepared tiny model)")
     ap.add_argument("--groups", type=int, default=4)
@@ -59,32 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    tmp = None
-    model_path = args.model
-    if not model_path:
-        from workers.models import prepare_tiny
 
-        tmp = tempfile.TemporaryDirectory()
-        model_path = prepare_tiny(Path(tmp.name) / "tiny")
-
-    spec = LoraSpec(rank=args.rank, keys=args.keys.split(","))
-    cfg = LearnerConfig(
-        learning_rate=1e-5,
-        kl_coef=args.kl_coef,
-        micro_batch_size=args.micro_batch,
-        group_size=args.group_size,
-        batch_size=args.groups,
-    )
-    trainer = Trainer.load(model_path, cfg, spec)
+def step_functions(trainer: Trainer, batch: Batch, prompt: int) -> dict[str, Callable[[], None]]:
+    """The three steps on the same model and batch: mlx-lm's plain LoRA step (eager and compiled) and Trainer.step."""
     model = trainer.model
-    vocab = model.args.vocab_size if hasattr(model, "args") else 512
-    batch = make_batch(args.groups, args.group_size, args.prompt, args.completion, vocab)
-    B, T = len(batch.samples), args.prompt + args.completion
-
+    B, T = len(batch.samples), len(batch.samples[0].tokens)
     tokens = mx.array(np.array([s.tokens for s in batch.samples], dtype=np.int32))
-    lengths = mx.array(np.array([[args.prompt, T - 1]] * B, dtype=np.int32))  # train the completion positions
+    lengths = mx.array(np.array([[prompt, T - 1]] * B, dtype=np.int32))  # train the completion positions
     opt = optim.Adam(learning_rate=1e-5, bias_correction=True)
     loss_value_and_grad = nn.value_and_grad(model, default_loss)
 
@@ -105,24 +89,50 @@ def main(argv: list[str] | None = None) -> int:
         loss = compiled_inner(tokens, lengths)
         mx.eval(state, loss)
 
-    def grpo_step():
-        trainer.step(batch)
-
-    runs = {
+    return {
         "mlx-lm LoRA step (eager)": plain_step,
         "mlx-lm LoRA step (mx.compile)": compiled_step,
-        "GRPO step (Trainer.step)": grpo_step,
+        "GRPO step (Trainer.step)": lambda: trainer.step(batch),
     }
+
+
+def median_seconds(runs: dict[str, Callable[[], None]], warmup: int, steps: int) -> dict[str, float]:
+    """Alternating runs, so drift in machine load hits every step alike; the median after warmup."""
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(args.warmup + args.steps):
+    for i in range(warmup + steps):
         for name, fn in runs.items():
             tic = time.perf_counter()
             fn()
             dt = time.perf_counter() - tic
-            if i >= args.warmup:
+            if i >= warmup:
                 times[name].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tmp = None
+    model_path = args.model
+    if not model_path:
+        from workers.models import prepare_tiny
+
+        tmp = tempfile.TemporaryDirectory()
+        model_path = prepare_tiny(Path(tmp.name) / "tiny")
+
+    spec = LoraSpec(rank=args.rank, keys=args.keys.split(","))
+    cfg = LearnerConfig(
+        learning_rate=1e-5,
+        kl_coef=args.kl_coef,
+        micro_batch_size=args.micro_batch,
+        group_size=args.group_size,
+        batch_size=args.groups,
+    )
+    trainer = Trainer.load(model_path, cfg, spec)
+    vocab = trainer.model.args.vocab_size if hasattr(trainer.model, "args") else 512
+    batch = make_batch(args.groups, args.group_size, args.prompt, args.completion, vocab)
+    B, T = len(batch.samples), args.prompt + args.completion
+    med = median_seconds(step_functions(trainer, batch, args.prompt), args.warmup, args.steps)
+
     print(
         f"model {model_path}  batch {B} x {T} tokens ({args.groups} groups of {args.group_size}, prompt "
         f"{args.prompt} + completion {args.completion})  LoRA rank {args.rank} on {args.keys}  kl_coef "
