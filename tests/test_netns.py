@@ -359,9 +359,10 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
     import mlx_lm
     import numpy as np
 
+    from runner import wire
     from runner.control import model_id
     from workers.lora import LoraSpec, apply_lora, lora_layout
-    from workers.weights import encode_adapter
+    from workers.weights import host_buffers
 
     client = _client(endpoint, secret, public, "publisher")
     try:
@@ -379,7 +380,7 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
                 n: mx.array(rng.normal(0, 0.5, size=shape).astype(np.float32))
                 for n, (shape, _) in lora_layout(model_obj).items()
             }
-            client.send_weights(encode_adapter(v, v, model_id(model), {}, tensors))
+            client.send_weights(wire.encode(v, v, model_id(model), {}, host_buffers(tensors)))
             reply = client.wait_for(("published", "rejected"), timeout=30)[1]
             if reply["type"] != "published":
                 raise SystemExit(f"version {v} was rejected: {reply}")

@@ -25,7 +25,7 @@ from runner.control import CONTROL, ControlClient, SlotTransport
 from runner.coordinator import add_generation_workers, create_coordinator
 from workers.generation.server import load_engine
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
-from workers.weights import Publisher, WeightReceiver, encode_adapter, host_buffers, verified_copy
+from workers.weights import Publisher, WeightReceiver, host_buffers, verified_copy
 
 SPEC = LoraSpec(rank=4, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"])
 PROMPT = [1, 282, 280, 201, 263, 262]
@@ -34,6 +34,11 @@ PROMPT = [1, 282, 280, 201, 263, 262]
 def write_adapter(slots: SlotTransport, version: int, step: int, base: str, config: dict, tensors: dict) -> dict:
     """Write a version into a slot as the learner's Publisher does; returns its notice (not sent)."""
     return slots.write(version, step, base, config, host_buffers(tensors))
+
+
+def encode_adapter(version: int, step: int, base: str, config: dict, tensors: dict) -> list:
+    """The frames of one version, as the learner's Publisher sends them from another host."""
+    return wire.encode(version, step, base, config, host_buffers(tensors))
 
 
 def random_adapter(layout: dict, seed: int) -> dict[str, mx.array]:

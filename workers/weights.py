@@ -37,13 +37,6 @@ def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int
     return out
 
 
-def encode_adapter(
-    version: int, step: int, base_model_id: str, adapter_config: dict, tensors: dict[str, mx.array]
-) -> list:
-    """Frames of one weight message; keep `tensors` alive until ZeroMQ has sent them."""
-    return wire.encode(version, step, base_model_id, adapter_config, host_buffers(tensors))
-
-
 def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
     """MLX arrays from a message (one copy into MLX-owned memory), then the checksum checked on that copy: what gets
     installed is exactly what was verified, even if the source (a shared-memory slot) is rewritten meanwhile. Raises
