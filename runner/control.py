@@ -149,7 +149,8 @@ class ControlClient:
         hb.connect(self.endpoint)
         try:
             while not self._stop.wait(self.heartbeat_interval):
-                msg = {"type": "heartbeat", "name": self.name, **self.status}
+                msg = {"type": "heartbeat", "name": self.name}
+                msg.update((k, self.status[k]) for k in ("state", "version", "http_url") if k in self.status)
                 try:
                     hb.send_multipart([CONTROL, messages.pack(msg)], flags=zmq.NOBLOCK)
                 except zmq.Again:
