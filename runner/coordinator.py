@@ -422,7 +422,7 @@ class Coordinator:
             return
         self.latest = message
         self.job["version"] = message.version
-        self.weights.send_multipart(message.frames)  # other hosts
+        self.weights.send_multipart(message.frames)  # other hosts (received zmq.Frames go by reference)
         same_host = [CONTROL, messages.pack(notice)] if notice else [WEIGHTS, *message.frames]
         for w in self.workers.values():
             if w.weights_via == "slots" and w.identity:

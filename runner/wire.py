@@ -113,7 +113,7 @@ class WeightMessage:
     tensors: dict[str, np.ndarray]
     dtypes: dict[str, str]  # wire dtype per tensor ("bfloat16" arrays are uint16)
     nbytes: int
-    frames: list[Any]  # header + buffer views, e.g. to send it on
+    frames: list[Any]  # the frames as received (for a segment: the header and views of the buffers), to send it on
 
 
 class _Spec(NamedTuple):
@@ -369,7 +369,7 @@ def verify(message: WeightMessage, buffers: Iterable[Any]) -> None:
 
 
 def _checked(
-    header_frame: Any,
+    frames: list[Any],
     header: dict[str, Any],
     specs: Sequence[_Spec],
     buffers: list[memoryview],
@@ -382,7 +382,7 @@ def _checked(
         _check_expected(header, specs, expected)  # cheap semantic checks before hashing possibly hundreds of MB
     # np.frombuffer views keep the frames alive; no tensor bytes are copied.
     tensors = {s.name: np.frombuffer(buf, DTYPES[s.dtype]).reshape(s.shape) for s, buf in zip(specs, buffers)}
-    dtypes, frames = {s.name: s.dtype for s in specs}, [header_frame, *buffers]
+    dtypes = {s.name: s.dtype for s in specs}
     message = WeightMessage(header["version"], header, tuple(specs), tensors, dtypes, total, frames)
     if verify_checksum:
         verify(message, buffers)
@@ -403,7 +403,7 @@ def decode(
         raise WireError("message has no frames")
     header, specs = _parse_header(_bytes_view(frames[0], "header frame"))
     buffers = [_bytes_view(f, f"frame {i}") for i, f in enumerate(frames[1:], start=1)]
-    return _checked(frames[0], header, specs, buffers, expected, max_total_bytes, verify)
+    return _checked(list(frames), header, specs, buffers, expected, max_total_bytes, verify)
 
 
 def _segment_offsets(header_len: int, sizes: Sequence[int]) -> tuple[list[int], int]:
@@ -435,4 +435,4 @@ def decode_segment(
     if size != view.nbytes:
         raise WireError(f"segment is {view.nbytes} bytes but its header lays out {size}")
     buffers = [view[o : o + s.nbytes] for o, s in zip(offsets, specs)]
-    return _checked(header_frame, header, specs, buffers, expected, max_total_bytes, verify)
+    return _checked([header_frame, *buffers], header, specs, buffers, expected, max_total_bytes, verify)
