@@ -179,7 +179,6 @@ class Coordinator:
             "steps": config.learner.steps,
             "reward_mean": None,
             "tokens_per_s": None,
-            "version": 0,
             "started": time.time(),
             "state": "running",
         }
@@ -421,7 +420,6 @@ class Coordinator:
             self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
         self.latest = message
-        self.job["version"] = message.version
         self.weights.send_multipart(message.frames)  # other hosts (received zmq.Frames go by reference)
         same_host = [CONTROL, messages.pack(notice)] if notice else [WEIGHTS, *message.frames]
         for w in self.workers.values():

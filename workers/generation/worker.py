@@ -146,7 +146,7 @@ def join(args: argparse.Namespace) -> int:
     """`runner worker generate --join tcp://HOST:PORT`."""
     name = args.name or f"gen-{socket.gethostname()}-{os.getpid()}"
     curve = curve_from_args(args)
-    return run_worker(args.join, name, args.host, args.port, args.model, curve, getattr(args, "config", None))
+    return run_worker(args.join, name, args.host, args.port, args.model, curve, args.config)
 
 
 def main(argv: list[str] | None = None) -> int:
