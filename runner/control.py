@@ -5,16 +5,16 @@ own socket (so a long training step or model load never looks like a dead worker
 fan-out to other hosts. Frames on the control socket (after the ROUTER's identity frame):
 
     [b"C", control-msgpack]            a control message (`runner.messages`)
-    [b"W", header, buf1, ..., bufn]    a weight message (`runner.wire`)
+    [b"W", message]                    a weight message (`runner.wire`)
 
 Weight transport: the learner publishes with ``transport.send(client, version, step, base_model_id, adapter_config,
 tensors)`` and a receiver reads a version with ``transport.read(payload, ...)``; `weight_transport` picks one of two
 implementations from the coordinator's ``welcome``:
 
-- `FrameTransport` (any host): the version's frames go to the coordinator on the control socket; the coordinator
-  sends them on to same-host workers on the control socket and to other hosts on the weights PUB socket.
-- `SlotTransport` (the coordinator's host): the learner writes the version once, in the wire format's segment form,
-  into a slot file of a private shared-memory directory (`/dev/shm` on Linux, page-cache backed elsewhere) and
+- `FrameTransport` (any host): the version, one frame, goes to the coordinator on the control socket; the
+  coordinator sends it on to same-host workers on the control socket and to other hosts on the weights PUB socket.
+- `SlotTransport` (the coordinator's host): the learner writes the version once (the same bytes as the frame) into
+  a slot file of a private shared-memory directory (`/dev/shm` on Linux, page-cache backed elsewhere) and
   sends the coordinator a ``weights_slot`` notice ``{"slot", "version", "nbytes"}``. The coordinator verifies its own
   copy, keeps it as the latest, and passes the notice to its same-host workers; each copies the tensors into MLX and
   verifies its copy before installing it. Slots are reused round-robin (version % SLOTS), so a reader more than

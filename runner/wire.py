@@ -1,53 +1,56 @@
 """Wire format of a versioned LoRA adapter: what the learner publishes, the coordinator keeps and fans out, and the
 generation workers install. numpy, msgpack and xxhash only -- never MLX: this is the control plane. Control messages
-have their own codec (`runner.messages`); `runner.control` moves messages (frames over ZeroMQ, or a segment in a
-same-host shared-memory slot).
+have their own codec (`runner.messages`); `runner.control` moves messages (one ZeroMQ frame, or a same-host
+shared-memory slot file, holding the same bytes).
 
-Weight message, protocol 3: ONE ZeroMQ multipart message (it arrives whole or not at all; no topic frame, SUB
-sockets subscribe to ``b""``). Frame 0 is the header, a msgpack map (``use_bin_type=True``, str keys) with exactly
-these keys::
+Weight message, protocol 4: ONE buffer, sent as ONE ZeroMQ frame (no topic frame, SUB sockets subscribe to ``b""``)
+or written into a slot file::
 
-    {"proto": 3,                    # int == PROTOCOL, checked first
+    bytes 0..8    header length L, unsigned little-endian
+    bytes 8..8+L  the header, a msgpack map (``use_bin_type=True``, str keys), below
+    then each tensor's bytes in table order, each starting at the next multiple of ``SEGMENT_ALIGN`` (the padding
+    between is ignored and not hashed), and nothing after the last tensor
+
+The header has exactly these keys::
+
+    {"proto": 4,                    # int == PROTOCOL, checked first
      "kind": "adapter",             # str; the full LoRA tensors (the only kind)
      "version": int >= 1,           # adapter version, strictly increasing
      "step": int >= 0,              # learner optimizer step that produced it
      "base_model_id": str,          # non-empty; identifies the base weights
      "adapter_config": map,         # opaque msgpack-able values (rank, scale, keys, ...)
-     "tensors": [{"name": str,      # non-empty, unique; one entry per buffer frame, same order
+     "tensors": [{"name": str,      # non-empty, unique; one entry per tensor, in layout order
                   "dtype": str,     # float32 float16 bfloat16 int32 uint32 uint8 int8
                   "shape": [int],   # 0..8 dims, each >= 0 ([] = scalar)
                   "nbytes": int}],  # == prod(shape) * itemsize(dtype)
      "checksum": str}               # 16 lowercase hex chars, see below
 
-"int" is a msgpack integer; booleans are NOT ints. Frames 1..n hold the tensors in table order, each exactly
-``nbytes`` long: C order, contiguous, little-endian. ``bfloat16`` (no numpy dtype) travels as its raw 16-bit
-patterns and is received as a ``uint16`` array with ``WeightMessage.dtypes[name] == "bfloat16"``. The checksum::
+"int" is a msgpack integer; booleans are NOT ints. Each tensor is ``nbytes`` long: C order, contiguous,
+little-endian. ``bfloat16`` (no numpy dtype) travels as its raw 16-bit patterns and is received as a ``uint16`` array
+with ``WeightMessage.dtypes[name] == "bfloat16"``. The checksum::
 
     h = xxhash.xxh3_64(msgpack.packb([proto, kind, version, step, base_model_id, adapter_config,
                                       [[name, dtype, shape, nbytes] for each tensor]], use_bin_type=True))
-    for each buffer frame in order: h.update(xxhash.xxh3_64_digest(frame))
+    for each tensor in order: h.update(xxhash.xxh3_64_digest(its bytes))
     checksum = h.hexdigest()
 
 XXH3-64, not a cryptographic hash or CRC-32: it is faster than copying the bytes, and the learner and every worker
-compute it on the publish-to-serving path; one digest per buffer lets a receiver hash each tensor right after copying
-it. (Protocol 1 used CRC-32; protocol 2 hashed the buffers in one stream.) The sizes are in the hashed table, so
-buffers need no separators. It catches corruption, torn shared-memory reads and bugs; it is not keyed, so it is no
-defence against a malicious sender (CURVE authenticates senders).
+compute it on the publish-to-serving path; one digest per tensor lets a receiver hash each tensor right after copying
+it. The sizes are in the hashed table, so tensors need no separators. It catches corruption, torn shared-memory reads
+and bugs; it is not keyed, so it is no defence against a malicious sender (CURVE authenticates senders). Protocol 3
+was the same header with one ZeroMQ frame per tensor; one frame per version costs far less per message in ZeroMQ and
+is the same bytes as a slot file. (Protocol 1 used CRC-32; protocol 2 hashed the tensors in one stream.)
 
-Segment form (same host): bytes 0..8 the header length L (unsigned little-endian), then the header frame, then each
-buffer frame starting at the next multiple of ``SEGMENT_ALIGN`` (padding ignored, not hashed), and nothing after the
-last buffer.
-
-Receivers (``decode``, ``decode_segment``) check, before returning anything: the frame list is non-empty; the header
-is at most ``MAX_HEADER_BYTES`` and unpacks (tight msgpack limits, extension types refused) to a map; every key is
-present with the right type; proto, kind, version, step; each tensor's name, dtype, shape and nbytes; the total size
-is at most ``max_total_bytes``; the number and length of the buffer frames; optionally an ``Expectation`` (base
-model id, exact names, shapes and dtypes, version > min_version); finally the checksum (unless ``verify=False``: a
-receiver that copies the tensors and then checks its copy with ``verify`` is safe even if the source changes under
-it). Any failure raises ``WireError`` (a ``ValueError``) with a one-sentence message; nothing else escapes. Tensors
-are ``np.frombuffer`` views of the frames: no copies, possibly read-only. Senders (``encode``, ``encode_into``) check
-their input once, so they never build a message a receiver rejects; they keep the buffers alive and unmodified until
-ZeroMQ has sent them (``copy=False`` hands ZeroMQ a reference).
+Receivers (``decode`` for a list of frames, ``decode_segment`` for one buffer) check, before returning anything:
+there is exactly one frame; the header length fits; the header is at most ``MAX_HEADER_BYTES`` and unpacks (tight
+msgpack limits, extension types refused) to a map; every key is present with the right type; proto, kind, version,
+step; each tensor's name, dtype, shape and nbytes; the total size is at most ``max_total_bytes``; the buffer is
+exactly as long as the header lays out; optionally an ``Expectation`` (base model id, exact names, shapes and dtypes,
+version > min_version); finally the checksum (unless ``verify=False``: a receiver that copies the tensors and then
+checks its copy with ``verify`` is safe even if the source changes under it). Any failure raises ``WireError`` (a
+``ValueError``) with a one-sentence message; nothing else escapes. Tensors are ``np.frombuffer`` views of the buffer:
+no copies, possibly read-only. Senders (``encode``, ``encode_into``) check their input once, so they never build a
+message a receiver rejects, and copy each tensor once, into the message.
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ import msgpack
 import numpy as np
 import xxhash
 
-PROTOCOL = 3
+PROTOCOL = 4
 KIND = "adapter"
 CHECKSUM_CHARS = 16  # xxh3_64 hex digest
-SEGMENT_ALIGN = 64  # buffer offsets in a segment: cache-line aligned, so numpy/MLX views are aligned too
+SEGMENT_ALIGN = 64  # tensor offsets: cache-line aligned, so numpy/MLX views are aligned too
 
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_TOTAL_BYTES = 8 * 2**30
@@ -113,7 +116,7 @@ class WeightMessage:
     tensors: dict[str, np.ndarray]
     dtypes: dict[str, str]  # wire dtype per tensor ("bfloat16" arrays are uint16)
     nbytes: int
-    frames: list[Any]  # the frames as received (for a segment: the header and views of the buffers), to send it on
+    frames: list[Any]  # [the message buffer] as received (e.g. a zmq.Frame, sent on by reference)
 
 
 class _Spec(NamedTuple):
@@ -199,21 +202,15 @@ def _sender_header(
     return header
 
 
-def encode(
-    version: int,
-    step: int,
-    base_model_id: str,
-    adapter_config: dict[str, Any],
-    tensors: Tensors,
-) -> list[Any]:
-    """Build ``[header_bytes, buf1, ...]`` for one adapter version; buffers are views, not copies. ``tensors`` is a
-    list of ``(name, dtype, shape, buffer)``, ``buffer`` any buffer-protocol object holding exactly
-    ``prod(shape) * itemsize(dtype)`` little-endian bytes (bfloat16 as its uint16 bit patterns)."""
-    entries = _entries(tensors)
-    specs, buffers = [s for s, _ in entries], [b for _, b in entries]
-    header = _sender_header(version, step, base_model_id, adapter_config, specs)
-    header["checksum"] = _checksum(header, specs, map(xxhash.xxh3_64_digest, buffers))
-    return [msgpack.packb(header, use_bin_type=True), *buffers]
+def encode(version: int, step: int, base_model_id: str, adapter_config: dict[str, Any], tensors: Tensors) -> list[Any]:
+    """The frames (one) of a message for one adapter version. ``tensors`` is a list of ``(name, dtype, shape,
+    buffer)``, ``buffer`` any buffer-protocol object holding exactly ``prod(shape) * itemsize(dtype)`` little-endian
+    bytes (bfloat16 as its uint16 bit patterns)."""
+    frames = []
+    encode_into(
+        lambda size: frames.append(bytearray(size)) or frames[0], version, step, base_model_id, adapter_config, tensors
+    )
+    return frames
 
 
 def encode_into(
@@ -224,8 +221,8 @@ def encode_into(
     adapter_config: dict[str, Any],
     tensors: Tensors,
 ) -> int:
-    """``encode`` straight into segment form: ``allocate(size)`` returns a writable buffer of at least ``size``
-    bytes. Each tensor is copied in once and hashed from its copy. Returns the size."""
+    """``encode`` into a buffer of the caller's (e.g. a slot file's memory): ``allocate(size)`` returns a writable
+    buffer of at least ``size`` bytes. Each tensor is copied in once and hashed from its copy. Returns the size."""
     entries = _entries(tensors)
     specs = [s for s, _ in entries]
     header = _sender_header(version, step, base_model_id, adapter_config, specs)
@@ -233,7 +230,7 @@ def encode_into(
     offsets, size = _segment_offsets(header_len, [s.nbytes for s in specs])
     out = memoryview(allocate(size)).cast("B")
     if out.nbytes < size:
-        raise WireError(f"segment buffer has {out.nbytes} bytes, the message needs {size}")
+        raise WireError(f"the buffer has {out.nbytes} bytes, the message needs {size}")
     digests = []
     for (spec, buf), offset in zip(entries, offsets):
         copy = out[offset : offset + spec.nbytes]
@@ -316,10 +313,10 @@ def _check_unique(names: list[str]) -> None:
 
 def _parse_header(view: memoryview) -> tuple[dict[str, Any], tuple[_Spec, ...]]:
     if view.nbytes == 0:
-        raise WireError("header frame is empty")
+        raise WireError("header is empty")
     if view.nbytes > MAX_HEADER_BYTES:
-        raise WireError(f"header frame is {view.nbytes} bytes, more than the {MAX_HEADER_BYTES} allowed")
-    header = _unpack(view, "header frame")
+        raise WireError(f"header is {view.nbytes} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    header = _unpack(view, "header")
     if not isinstance(header, dict):
         raise WireError(f"header is a msgpack {_type_name(header)}, not a map")
     _check_fields(header)
@@ -327,18 +324,6 @@ def _parse_header(view: memoryview) -> tuple[dict[str, Any], tuple[_Spec, ...]]:
     specs = tuple(_parse_tensor(i, entry) for i, entry in enumerate(table))
     _check_unique([s.name for s in specs])
     return header, specs
-
-
-def _check_sizes(specs: Sequence[_Spec], buffers: Sequence[memoryview], max_total_bytes: int) -> int:
-    if len(buffers) != len(specs):
-        raise WireError(f"message has {len(buffers)} buffer frame(s) but the header declares {len(specs)}")
-    total = sum(s.nbytes for s in specs)
-    if total > max_total_bytes:
-        raise WireError(f"message declares {total} bytes of tensors, more than the {max_total_bytes} allowed")
-    for spec, buf in zip(specs, buffers):
-        if buf.nbytes != spec.nbytes:
-            raise WireError(f"tensor {spec.name!r} frame has {buf.nbytes} bytes, header declares {spec.nbytes}")
-    return total
 
 
 def _check_expected(header: dict[str, Any], specs: Sequence[_Spec], expected: Expectation) -> None:
@@ -374,10 +359,9 @@ def _checked(
     specs: Sequence[_Spec],
     buffers: list[memoryview],
     expected: Expectation | None,
-    max_total_bytes: int,
     verify_checksum: bool,
 ) -> WeightMessage:
-    total = _check_sizes(specs, buffers, max_total_bytes)
+    total = sum(s.nbytes for s in specs)
     if expected is not None:
         _check_expected(header, specs, expected)  # cheap semantic checks before hashing possibly hundreds of MB
     # np.frombuffer views keep the frames alive; no tensor bytes are copied.
@@ -395,19 +379,17 @@ def decode(
     max_total_bytes: int = MAX_TOTAL_BYTES,
     verify: bool = True,
 ) -> WeightMessage:
-    """Validate a received multipart weight message and return zero-copy views of its tensors. With
-    ``verify=False`` the checksum is left to a later ``verify`` of the caller's own copy of the tensors."""
+    """Validate a received message (its list of frames: exactly one) and return zero-copy views of its tensors.
+    With ``verify=False`` the checksum is left to a later ``verify`` of the caller's own copy of the tensors."""
     if not isinstance(frames, (list, tuple)):
         raise WireError(f"frames must be a list of frames, not {_type_name(frames)}")
-    if not frames:
-        raise WireError("message has no frames")
-    header, specs = _parse_header(_bytes_view(frames[0], "header frame"))
-    buffers = [_bytes_view(f, f"frame {i}") for i, f in enumerate(frames[1:], start=1)]
-    return _checked(list(frames), header, specs, buffers, expected, max_total_bytes, verify)
+    if len(frames) != 1:
+        raise WireError(f"message has {len(frames)} frames; a protocol {PROTOCOL} message is one frame")
+    return decode_segment(frames[0], expected, max_total_bytes, verify)
 
 
 def _segment_offsets(header_len: int, sizes: Sequence[int]) -> tuple[list[int], int]:
-    """Offsets of the buffers in a segment, and the segment's total size."""
+    """Offsets of the tensors in a message, and the message's total size."""
     offsets, end = [], 8 + header_len
     for size in sizes:
         offsets.append(-(-end // SEGMENT_ALIGN) * SEGMENT_ALIGN)
@@ -421,18 +403,19 @@ def decode_segment(
     max_total_bytes: int = MAX_TOTAL_BYTES,
     verify: bool = True,
 ) -> WeightMessage:
-    """``decode`` for a message in segment form. The header is copied out first (a writer may be changing the
-    segment); the tensors stay views of it."""
-    view = _bytes_view(segment, "segment")
+    """``decode`` for a message buffer (a frame's, or a slot file's memory). The header is copied out first (a writer
+    may be changing a slot); the tensors stay views of the buffer."""
+    view = _bytes_view(segment, "message")
     if view.nbytes < 8:
-        raise WireError(f"segment is {view.nbytes} bytes, too short for a header length")
+        raise WireError(f"message is {view.nbytes} bytes, too short for a header length")
     header_len = int.from_bytes(view[:8], "little")
     if not 0 < header_len <= min(MAX_HEADER_BYTES, view.nbytes - 8):
-        raise WireError(f"segment declares a {header_len}-byte header in {view.nbytes} bytes")
-    header_frame = bytes(view[8 : 8 + header_len])
-    header, specs = _parse_header(memoryview(header_frame))
+        raise WireError(f"message declares a {header_len}-byte header in {view.nbytes} bytes")
+    header, specs = _parse_header(memoryview(bytes(view[8 : 8 + header_len])))
+    if (total := sum(s.nbytes for s in specs)) > max_total_bytes:
+        raise WireError(f"message declares {total} bytes of tensors, more than the {max_total_bytes} allowed")
     offsets, size = _segment_offsets(header_len, [s.nbytes for s in specs])
     if size != view.nbytes:
-        raise WireError(f"segment is {view.nbytes} bytes but its header lays out {size}")
+        raise WireError(f"message is {view.nbytes} bytes but its header lays out {size}")
     buffers = [view[o : o + s.nbytes] for o, s in zip(offsets, specs)]
-    return _checked([header_frame, *buffers], header, specs, buffers, expected, max_total_bytes, verify)
+    return _checked([segment], header, specs, buffers, expected, verify)

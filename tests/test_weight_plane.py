@@ -261,8 +261,8 @@ def flip_first_tensor_byte(path) -> None:
     """Corrupt a slot in place (same file, as a torn write would): its header still routes, its checksum fails."""
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
         view = memoryview(mapped)
-        first = wire.decode_segment(view, verify=False).frames[1]
-        np.frombuffer(first, np.uint8)[0] ^= 1
+        first = next(a for a in wire.decode_segment(view, verify=False).tensors.values() if a.size)
+        first.reshape(-1).view(np.uint8)[0] ^= 1
         del first
         view.release()
 
@@ -371,19 +371,21 @@ def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
         sub.recv_multipart()
         rng = np.random.default_rng(1)
         bad = []
+        (message,) = good
         for i in range(1000):
-            frames = [bytes(f) for f in good]
-            kind = i % 5
+            frame, kind = bytearray(message), i % 5
             if kind == 0:
-                frames[0] = rng.bytes(len(frames[0]))  # garbage header
+                frame[8:72] = rng.bytes(64)  # garbage header
+                frames = [frame]
             elif kind == 1:
-                frames = frames[:-1]  # missing a frame
+                frames = [frame[:8]]  # only the header length
             elif kind == 2:
-                frames[1] = frames[1][: len(frames[1]) // 2]  # truncated buffer
+                frames = [frame[: len(frame) // 2]]  # truncated
             elif kind == 3:
-                frames[1] = bytes([frames[1][0] ^ 1]) + frames[1][1:]  # corrupted: checksum fails
+                frame[-1] ^= 1  # a tensor byte: the checksum fails
+                frames = [frame]
             else:
-                frames = frames + [b"extra"]  # wrong frame count
+                frames = [frame, b"extra"]  # a protocol 4 message is one frame
             bad.append(frames)
         for frames in bad:
             pub.send_multipart(frames)
