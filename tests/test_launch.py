@@ -241,3 +241,36 @@ def test_resume_from_a_named_checkpoint(job_dir, tiny_model):
     assert assert_loadable_checkpoint(run_dir, tiny_model) == 5
     bad = Job(config, sets, cwd, extra=["--resume", str(run_dir)])  # a run dir, not a checkpoint
     assert bad.finish(60) == 2 and "is not a checkpoint directory" in bad.output
+
+
+def test_children_start_from_the_resolved_config_and_only_the_first_learner_resumes(tmp_path, tiny_model):
+    """The coordinator writes RUN/config.resolved.toml (absolute paths, no resume) and starts children with --config;
+    the learner's first start gets --resume CHECKPOINT, a restart does not (it resumes from its run dir's newest)."""
+    from runner.config import build_config, load_config
+    from runner.coordinator import add_learner, create_coordinator
+
+    checkpoint = tmp_path / "step_000002"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text("{}")
+    (checkpoint / "adapters.safetensors").write_bytes(b"")
+    config = build_config(
+        {
+            "model": {"path": str(tiny_model)},
+            "checkpoint": {"dir": str(tmp_path / "run"), "resume": str(checkpoint)},
+            "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "shared_memory": False},
+        }
+    )
+    coord = create_coordinator(config)
+    try:
+        add_learner(coord)
+        learner = coord.watchers["learner"]
+        first, restart = learner.proc.args, learner.cmd
+        assert first[first.index("--resume") + 1] == str(checkpoint.resolve()) and "--resume" not in restart
+        assert first[first.index("--config") + 1] == str(tmp_path / "run" / "config.resolved.toml")
+        resolved = load_config(tmp_path / "run" / "config.resolved.toml")
+        assert resolved.checkpoint.resume == "" and resolved.model.path == str(tiny_model.resolve())
+    finally:
+        for watcher in coord.watchers.values():
+            watcher.signal(signal.SIGKILL)
+            watcher.proc.wait(30)
+        coord.shutdown()
