@@ -105,7 +105,15 @@ class LearnerConfig:
     kl_coef: float = field(default=0.0, metadata=_non_negative())
     kl_estimator: str = field(default="k3", metadata=_one_of("k3", "mse", "abs"))
     entropy_coef: float = field(default=0.0, metadata=_non_negative())
-    loss_agg: str = field(default="token", metadata=_one_of("token", "sequence"))
+    # Policy loss (workers/learner/grpo.py): "grpo" (token-level clipped ratio), "gspo" (sequence-level ratio),
+    # "cispo" (clipped IS weight times log-prob, no token loses its gradient).
+    loss: str = field(default="grpo", metadata=_one_of("grpo", "gspo", "cispo"))
+    # "constant" = Dr.GRPO: sum over tokens / (max_tokens * sequences), no per-length normalisation.
+    loss_agg: str = field(default="token", metadata=_one_of("token", "sequence", "constant"))
+    # Optimizer updates per batch = ppo_epochs * minibatches (the batch is split into `minibatches` parts and gone
+    # through `ppo_epochs` times); one version is published per batch. Clipping only acts from the second update.
+    ppo_epochs: int = field(default=1, metadata=_positive("integer"))
+    minibatches: int = field(default=1, metadata=_positive("integer"))
     scale_rewards: bool = True  # False = Dr.GRPO (no std scaling of advantages)
     tis_cap: float = field(default=2.0, metadata=_non_negative())  # truncated importance sampling cap, 0 = off
     ref_ema: float = field(default=1.0, metadata=_unit_interval())  # 1 = reference is the base model

@@ -44,14 +44,24 @@ def ref_group_advantages(rewards, group_ids, scale, eps):
     return np.array(out)
 
 
-def ref_token_terms(lp, old, ref, samp, a, ent, p):
-    """Loss of one valid token plus its metric contributions (kl, clipped?, ratio)."""
-    ratio = math.exp(lp - old)
+def ref_token_terms(lp, prox, ref, w, a, ent, p, ratio=None, weight_lp=None):
+    """Loss of one valid token plus its metric contributions (kl, clipped?, ratio).
+
+    ratio: the (policy / proximal) ratio this token uses (GSPO passes its sequence's); w: the behaviour weight or
+    None. CISPO's weight is a constant: weight_lp is the log-prob it is computed from (default lp), so finite
+    differences in lp give the gradient of the surrogate."""
+    if ratio is None:
+        ratio = math.exp(lp - prox)
     clipped_ratio = min(max(ratio, 1 - p.clip_low), 1 + p.clip_high)
-    obj = min(ratio * a, clipped_ratio * a)
-    clipped = (a > 0 and ratio > 1 + p.clip_high) or (a < 0 and ratio < 1 - p.clip_low)
-    if samp is not None and p.tis_cap > 0:
-        obj *= min(math.exp(old - samp), p.tis_cap)
+    if p.loss == "cispo":
+        wr = math.exp((lp if weight_lp is None else weight_lp) - prox)
+        obj = min(max(wr, 1 - p.clip_low), 1 + p.clip_high) * a * lp
+        clipped = not (1 - p.clip_low <= ratio <= 1 + p.clip_high)
+    else:
+        obj = min(ratio * a, clipped_ratio * a)
+        clipped = (a > 0 and ratio > 1 + p.clip_high) or (a < 0 and ratio < 1 - p.clip_low)
+    if w is not None:
+        obj *= w
     kl = 0.0
     if ref is not None:
         d = ref - lp
@@ -67,23 +77,32 @@ def ref_token_terms(lp, old, ref, samp, a, ent, p):
     return loss, kl, clipped, ratio
 
 
-def ref_loss(lp, old, ref, samp, adv, mask, p, ent=None, num_tokens_total=None, num_seqs_total=None):
+def ref_loss(lp, prox, ref, samp, adv, mask, p, ent=None, num_tokens_total=None, num_seqs_total=None, weight_lp=None):
     B, T = lp.shape
     token_sum, n_tokens, seq_sum, n_seqs = 0.0, 0, 0.0, 0
     kl_sum = clip_count = ratio_sum = ent_sum = 0.0
     for b in range(B):
+        ts = [t for t in range(T) if mask[b, t] != 0]
+        seq_ratio = seq_w = None
+        if p.loss == "gspo" and ts:  # geometric means over the sequence's valid tokens
+            seq_ratio = math.exp(sum(lp[b, t] - prox[b, t] for t in ts) / len(ts))
+            if samp is not None:
+                seq_w = math.exp(sum(prox[b, t] - samp[b, t] for t in ts) / len(ts))
         row_sum, row_n = 0.0, 0
-        for t in range(T):
-            if mask[b, t] == 0:
-                continue
+        for t in ts:
+            w = None
+            if samp is not None and p.tis_cap > 0:
+                w = min(seq_w if p.loss == "gspo" else math.exp(prox[b, t] - samp[b, t]), p.tis_cap)
             loss, kl, clipped, ratio = ref_token_terms(
                 lp[b, t],
-                old[b, t],
+                prox[b, t],
                 None if ref is None else ref[b, t],
-                None if samp is None else samp[b, t],
+                w,
                 adv[b],
                 None if ent is None else ent[b, t],
                 p,
+                ratio=seq_ratio,
+                weight_lp=None if weight_lp is None else weight_lp[b, t],
             )
             row_sum += loss
             row_n += 1
@@ -99,6 +118,9 @@ def ref_loss(lp, old, ref, samp, adv, mask, p, ent=None, num_tokens_total=None, 
     if p.loss_agg == "token":
         denom = n_tokens if num_tokens_total is None else num_tokens_total
         loss = token_sum / max(denom, 1)
+    elif p.loss_agg == "constant":  # Dr.GRPO: sum over tokens / (max completion length * sequences)
+        denom = n_seqs if num_seqs_total is None else num_seqs_total
+        loss = token_sum / (p.max_tokens * max(denom, 1))
     else:
         denom = n_seqs if num_seqs_total is None else num_seqs_total
         loss = seq_sum / max(denom, 1)
@@ -146,6 +168,9 @@ def make_batch(seed: int, B: int = 6, T: int = 14, group_size: int = 3, scale: b
     ref = np.where(valid, ref, 90.0)
 
     rewards = rng.integers(0, 3, size=B).astype(np.float64)
+    # A per-sequence shift, so that GSPO's sequence-level ratios leave the clip band too (drawn last: the arrays
+    # above stay what they were).
+    lp = np.where(valid, lp + rng.normal(0.0, 0.4, size=(B, 1)), lp)
     group_ids = np.arange(B) // group_size
     adv = group_advantages(rewards, group_ids, scale=scale, eps=1e-6)
     f = lambda x: x.astype(np.float32)  # noqa: E731
@@ -186,18 +211,25 @@ def numpy_loss(batch, p, use_ref=True, use_samp=True, use_ent=True, **kw):
 # ----------------------------------------------------------------------------------------------------------
 
 
+LOSSES = ["grpo", "gspo", "cispo"]
+LOSS_AGGS = ["token", "sequence", "constant"]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kl_estimator", ["k3", "mse", "abs"])
-@pytest.mark.parametrize("loss_agg", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("scale", [True, False])
 @pytest.mark.parametrize("tis", [True, False])
-def test_loss_matches_reference(seed, kl_estimator, loss_agg, scale, tis):
+@pytest.mark.parametrize("loss_kind", LOSSES)
+def test_loss_matches_reference(seed, kl_estimator, loss_agg, scale, tis, loss_kind):
     batch = make_batch(seed, scale=scale)
     p = GRPOParams(
         kl_coef=0.05 * (seed + 1),
         kl_estimator=kl_estimator,
         entropy_coef=0.01 * seed,  # seed 0 exercises entropy given but coefficient 0
+        loss=loss_kind,
         loss_agg=loss_agg,
+        max_tokens=20,
         tis_cap=2.0 if tis else 0.0,
         scale_rewards=scale,
     )
@@ -212,7 +244,7 @@ def test_loss_matches_reference(seed, kl_estimator, loss_agg, scale, tis):
 
 def test_random_batches_exercise_every_branch():
     """Guard the test data itself: clipping in both directions, TIS above the cap, ragged rows, empty row."""
-    hi = lo = capped = 0
+    hi = lo = capped = seq_hi = seq_lo = 0
     for seed in range(3):
         b = make_batch(seed)
         v = b["mask"] > 0
@@ -223,7 +255,11 @@ def test_random_batches_exercise_every_branch():
         capped += int(np.sum(v & (np.where(v, b["old"] - b["samp"], 0.0) > np.log(2.0))))
         lengths = b["mask"].sum(axis=1)
         assert len(set(lengths.tolist())) > 2 and lengths[-1] == 0
-    assert hi > 0 and lo > 0 and capped > 0
+        # GSPO: sequence-level (geometric-mean) ratios outside the band too.
+        seq = np.exp((np.where(v, b["lp"] - b["old"], 0.0)).sum(1) / np.maximum(lengths, 1))
+        seq_hi += int(np.sum((lengths > 0) & (b["adv"] > 0) & (seq > 1.28)))
+        seq_lo += int(np.sum((lengths > 0) & (b["adv"] < 0) & (seq < 0.8)))
+    assert hi > 0 and lo > 0 and capped > 0 and seq_hi > 0 and seq_lo > 0
 
 
 def test_without_ref_and_sampler():
@@ -270,11 +306,41 @@ def test_all_masked_batch_is_zero_not_nan():
         assert np.all(np.array(g) == 0.0)
 
 
+def test_on_policy_losses_share_the_gradient():
+    """At ratio 1 (proximal = current, no behaviour weight) GRPO, GSPO and CISPO all have the policy gradient
+    A * grad(logprob)."""
+    batch = make_batch(6)
+    grads = {}
+    for kind in LOSSES:
+        p = GRPOParams(loss=kind, tis_cap=2.0)
+        f = lambda x, p=p: grpo_token_loss(  # noqa: E731
+            x, mx.stop_gradient(x), None, None, mx.array(batch["adv"]), mx.array(batch["mask"]), p
+        )[0]
+        grads[kind] = np.array(mx.grad(f)(mx.array(batch["lp"])))
+    np.testing.assert_allclose(grads["gspo"], grads["grpo"], atol=1e-7)
+    np.testing.assert_allclose(grads["cispo"], grads["grpo"], atol=1e-7)
+    assert np.any(grads["grpo"] != 0)
+
+
+def test_constant_normaliser_is_length_free():
+    """Dr.GRPO: the loss is the token sum over max_tokens * sequences, whatever the completions' lengths."""
+    mask = np.array([[1, 1, 1, 0], [0, 1, 0, 0]], dtype=np.float32)
+    lp = mx.array(np.full((2, 4), -1.0, dtype=np.float32))
+    adv = mx.array([1.0, -2.0])
+    p = GRPOParams(loss_agg="constant", max_tokens=8)
+    loss, _ = grpo_token_loss(lp, lp, None, None, adv, mx.array(mask), p)
+    assert loss.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0) / (8 * 2))
+
+
 def test_params_validation():
     with pytest.raises(ValueError):
         GRPOParams(kl_estimator="k2")
     with pytest.raises(ValueError):
         GRPOParams(loss_agg="mean")
+    with pytest.raises(ValueError):
+        GRPOParams(loss="ppo")
+    with pytest.raises(ValueError):
+        GRPOParams(loss_agg="constant")  # needs max_tokens
     batch = make_batch(0)
     with pytest.raises(ValueError):
         mlx_loss(batch, GRPOParams(kl_coef=0.1), use_ref=False)
@@ -298,14 +364,17 @@ def _fd_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kl_estimator", ["k3", "mse", "abs"])
-@pytest.mark.parametrize("loss_agg", ["token", "sequence"])
-def test_grad_matches_finite_differences(kl_estimator, loss_agg):
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("loss_kind", LOSSES)
+def test_grad_matches_finite_differences(kl_estimator, loss_agg, loss_kind):
     batch = make_batch(7, B=3, T=6, group_size=3)
-    p = GRPOParams(kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.02, loss_agg=loss_agg)
+    p = GRPOParams(
+        kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.02, loss=loss_kind, loss_agg=loss_agg, max_tokens=9
+    )
     lp64 = batch["lp"].astype(np.float64)
 
-    def np_f(x):
-        return numpy_loss({**batch, "lp": x}, p)[0]
+    def np_f(x):  # CISPO's weight is a constant: it stays computed from the batch's log-probs
+        return numpy_loss({**batch, "lp": x}, p, weight_lp=lp64)[0]
 
     def mx_f(x):
         return grpo_token_loss(
@@ -372,11 +441,12 @@ def test_value_and_grad_accepts_metrics_aux():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_agg", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_micro_batches_sum_to_full_batch(loss_agg, seed):
+@pytest.mark.parametrize("loss_kind", LOSSES)
+def test_micro_batches_sum_to_full_batch(loss_agg, seed, loss_kind):
     batch = make_batch(seed)
-    p = GRPOParams(kl_coef=0.1, entropy_coef=0.01, loss_agg=loss_agg)
+    p = GRPOParams(kl_coef=0.1, entropy_coef=0.01, loss=loss_kind, loss_agg=loss_agg, max_tokens=20)
     total = loss_normalizer(batch["mask"], loss_agg)
     kw = {"num_tokens_total": total} if loss_agg == "token" else {"num_seqs_total": total}
 

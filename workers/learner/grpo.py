@@ -1,32 +1,58 @@
-"""GRPO math: advantages, the token loss, and the data helpers the trainer runs a batch through.
+"""GRPO math: advantages, the token loss (three variants), and the data helpers the trainer runs a batch through.
+
+Three policies (decoupled PPO, as in AReaL)
+-------------------------------------------
+- behaviour  mu:        the policy the generation worker SAMPLED each token with (its adapter version, temperature
+                        and top_p); its log-probs come back with the rollout (``sampler_logprobs``).
+- proximal   pi_prox:   the learner's policy at the start of the batch, before its first update (``proximal_logprobs``,
+                        constant). With one update per batch these are the current log-probs under stop_gradient.
+- current    pi_theta:  the parameters being differentiated (``logprobs``).
+
+The trust region (clip) is taken around pi_prox, which the learner knows exactly; the gap between mu and pi_prox
+(stale adapter versions, numeric differences of the generation engine, top_p truncation) is corrected by a
+truncated behaviour importance weight w = min(pi_prox / mu, tis_cap), treated as a constant (``tis_cap`` = 0: w = 1).
+With pi_prox = mu this is plain PPO; with a single update per batch, ratio = 1 and clipping only acts once the
+learner makes several updates per batch (``ppo_epochs`` / ``minibatches`` in the trainer).
 
 Math
 ----
-For each completion token t of sequence b (mask[b, t] == 1), with group-relative advantage A_b:
+For each completion token t of sequence b (mask[b, t] == 1), with group-relative advantage A_b and
+clip(x) = clip(x, 1 - clip_low, 1 + clip_high) (DAPO's asymmetric "clip-higher"):
 
-    ratio  = exp(logprobs - old_logprobs)                      # current vs rollout policy
-    obj    = min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)   # DAPO asymmetric clip
-    obj   *= w,  w = stop_grad(min(exp(old_logprobs - sampler_logprobs), tis_cap))   # TIS (optional)
+    "grpo":  r = exp(logprobs - proximal_logprobs);  w = min(exp(proximal_logprobs - sampler_logprobs), tis_cap)
+             obj = w * min(r * A, clip(r) * A)
+    "gspo":  the same with every token's r and w replaced by its sequence's geometric mean,
+             r_b = exp(mean_t(logprobs - proximal_logprobs)), w_b = min(exp(mean_t(proximal - sampler)), tis_cap),
+             so a whole sequence is clipped or not (GSPO, Zheng et al. 2025). Implemented as GSPO-token: token t
+             carries the value r_b with the gradient r_b * grad(logprobs_t), which is GSPO's gradient exactly.
+    "cispo": obj = stop_grad(w * clip(r)) * A * logprobs   (CISPO, MiniMax-M1): the clipped IS weight scales the
+             log-prob's gradient instead of cutting it off, so every token keeps a gradient. MiniMax clips above
+             only: set clip_low = 1 for that. The loss *value* includes log-probs (only its gradient means much).
+
     d      = ref_logprobs - logprobs
     kl     = exp(d) - d - 1  ("k3")  |  0.5 * d**2  ("mse")  |  |d|  ("abs")
     loss_t = -obj + kl_coef * kl - entropy_coef * entropy
 
+clip_frac counts tokens whose gradient clipping cut off (grpo, gspo: min() picked the clipped branch strictly) or,
+for cispo, whose weight was clipped.
+
 Aggregation ("loss_agg"):
     "token":    sum_{b,t} mask * loss_t / N_tokens          (every valid token weighs the same)
     "sequence": sum_b [ sum_t mask * loss_t / n_b ] / N_seqs  (every sequence weighs the same)
+    "constant": sum_{b,t} mask * loss_t / (max_tokens * N_seqs)  (Dr.GRPO: a constant, length-free normaliser)
 where n_b = valid tokens of row b, and N_tokens / N_seqs default to the counts in the given arrays. For
 gradient accumulation (and data-parallel shards) pass the counts of the *whole* batch (``num_tokens_total`` /
 ``num_seqs_total``, see ``loss_normalizer``) so that the partial losses -- and their gradients -- sum to the
 full-batch ones. Rows with no valid token contribute nothing and are not counted as sequences.
 
 Advantages (``group_advantages``): A = (r - mean_g) / (std_g + eps) with population std, or r - mean_g
-when ``scale_rewards`` is False (Dr.GRPO).
+when ``scale_rewards`` is False (Dr.GRPO's other half).
 
 Shift convention
 ----------------
 ``sequence_logprobs(model, tokens)`` runs the model on ``tokens[:, :-1]`` and returns arrays of shape
 [B, T-1] whose column t is log p(tokens[:, t+1] | tokens[:, :t+1]), i.e. column t scores the token at
-position t+1. Every per-token array handed to ``grpo_token_loss`` (masks, old/ref/sampler log-probs) must
+position t+1. Every per-token array handed to ``grpo_token_loss`` (masks, proximal/ref/sampler log-probs) must
 use this same convention; the trainer's ``prepare_batch`` drops the first column of per-token data to match.
 """
 
@@ -40,7 +66,8 @@ import numpy as np
 ATROPOS_PROMPT = -100  # Atropos marks non-trained (prompt) positions with this value in `masks`.
 
 _KL_ESTIMATORS = ("k3", "mse", "abs")
-_LOSS_AGGS = ("token", "sequence")
+_LOSS_AGGS = ("token", "sequence", "constant")
+_LOSSES = ("grpo", "gspo", "cispo")
 
 
 @dataclass(frozen=True)
@@ -50,7 +77,9 @@ class GRPOParams:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"  # "k3" | "mse" | "abs"
     entropy_coef: float = 0.0
-    loss_agg: str = "token"  # "token" | "sequence"
+    loss: str = "grpo"  # "grpo" | "gspo" | "cispo"
+    loss_agg: str = "token"  # "token" | "sequence" | "constant"
+    max_tokens: int = 0  # the constant length of loss_agg = "constant" (the max completion length)
     tis_cap: float = 2.0  # truncated importance sampling cap; 0 disables
     scale_rewards: bool = True  # False = Dr.GRPO (no division by group std)
     eps: float = 1e-6
@@ -60,6 +89,10 @@ class GRPOParams:
             raise ValueError(f"kl_estimator must be one of {_KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.loss_agg not in _LOSS_AGGS:
             raise ValueError(f"loss_agg must be one of {_LOSS_AGGS}, got {self.loss_agg!r}")
+        if self.loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
+        if self.loss_agg == "constant" and self.max_tokens <= 0:
+            raise ValueError('loss_agg = "constant" needs max_tokens > 0')
         if self.clip_low < 0 or self.clip_high < 0 or self.tis_cap < 0:
             raise ValueError("clip_low, clip_high and tis_cap must be >= 0")
 
@@ -102,11 +135,11 @@ def clean_inference_logprobs(lp: np.ndarray, mask: np.ndarray) -> tuple[np.ndarr
 
 
 def loss_normalizer(mask: np.ndarray | mx.array, loss_agg: str) -> float:
-    """The full-batch normaliser to pass as num_tokens_total ("token") or num_seqs_total ("sequence")."""
+    """The full-batch count to pass as num_tokens_total ("token") or num_seqs_total ("sequence", "constant")."""
     m = np.asarray(mask, dtype=np.float32)
     if loss_agg == "token":
         return float(m.sum())
-    if loss_agg == "sequence":
+    if loss_agg in ("sequence", "constant"):
         return float((m.sum(axis=1) > 0).sum())
     raise ValueError(f"loss_agg must be one of {_LOSS_AGGS}, got {loss_agg!r}")
 
@@ -130,28 +163,35 @@ def _masked_mean(x: mx.array, mask: mx.array) -> mx.array:
     return (x * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
+def _row_mean(x: mx.array, mask: mx.array) -> mx.array:
+    """Per-row mean over valid tokens, shape [B, 1] (empty rows: 0)."""
+    return (x * mask).sum(axis=1, keepdims=True) / mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+
+
 def _aggregate(
     loss_tok: mx.array,
     mask: mx.array,
-    loss_agg: str,
+    params: GRPOParams,
     num_tokens_total: float | None,
     num_seqs_total: float | None,
 ) -> mx.array:
-    if loss_agg == "token":
+    if params.loss_agg == "token":
         denom = mask.sum() if num_tokens_total is None else mx.array(float(num_tokens_total))
         return loss_tok.sum() / mx.maximum(denom, 1.0)
     n_row = mask.sum(axis=1)
-    seq_mean = loss_tok.sum(axis=1) / mx.maximum(n_row, 1.0)  # empty rows: 0 / 1 = 0
     if num_seqs_total is None:
-        denom = (n_row > 0).astype(mx.float32).sum()
+        n_seqs = (n_row > 0).astype(mx.float32).sum()
     else:
-        denom = mx.array(float(num_seqs_total))
-    return seq_mean.sum() / mx.maximum(denom, 1.0)
+        n_seqs = mx.array(float(num_seqs_total))
+    if params.loss_agg == "constant":
+        return loss_tok.sum() / (params.max_tokens * mx.maximum(n_seqs, 1.0))
+    seq_mean = loss_tok.sum(axis=1) / mx.maximum(n_row, 1.0)  # empty rows: 0 / 1 = 0
+    return seq_mean.sum() / mx.maximum(n_seqs, 1.0)
 
 
 def grpo_token_loss(
     logprobs: mx.array,
-    old_logprobs: mx.array,
+    proximal_logprobs: mx.array,
     ref_logprobs: mx.array | None,
     sampler_logprobs: mx.array | None,
     advantages: mx.array,
@@ -161,9 +201,10 @@ def grpo_token_loss(
     num_tokens_total: float | None = None,
     num_seqs_total: float | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """GRPO loss (scalar) and metrics. Shapes [B, T] except advantages [B]; see module docstring.
+    """The policy loss (scalar) and metrics. Shapes [B, T] except advantages [B]; see module docstring.
 
     Only ``logprobs`` (and ``entropy``) carry gradient; the other inputs are treated as constants.
+    ``sampler_logprobs`` = None: no behaviour correction (w = 1).
     ``num_tokens_total`` / ``num_seqs_total`` override the normaliser for gradient accumulation.
     """
     if params.kl_coef > 0 and ref_logprobs is None:
@@ -174,6 +215,7 @@ def grpo_token_loss(
     f32 = mx.float32
     mask = mask.astype(f32)
     valid = mask > 0
+    sg = mx.stop_gradient
 
     # Replace masked entries with 0 *before* any exp: padding may hold garbage (or +1.0 placeholders), and
     # exp(garbage) = inf would turn into NaN via inf * 0, both in the forward pass and in the gradient.
@@ -181,30 +223,45 @@ def grpo_token_loss(
         return mx.where(valid, x.astype(f32), 0.0)
 
     lp = clean(logprobs)
-    old = mx.stop_gradient(clean(old_logprobs))
-    adv = mx.stop_gradient(advantages.astype(f32))[:, None]
+    prox = sg(clean(proximal_logprobs))
+    adv = sg(advantages.astype(f32))[:, None]
 
-    ratio = mx.exp(lp - old)
+    log_ratio = lp - prox
+    if params.loss == "gspo":
+        # Value: the sequence's geometric-mean ratio; gradient: that ratio times this token's grad(logprob).
+        log_ratio = sg(_row_mean(log_ratio, mask)) + lp - sg(lp)
+    ratio = mx.exp(log_ratio)
     clipped = mx.clip(ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
-    unclipped_obj = ratio * adv
-    clipped_obj = clipped * adv
-    obj = mx.minimum(unclipped_obj, clipped_obj)
 
+    w = None
     if sampler_logprobs is not None and params.tis_cap > 0:
-        # Rollouts may come from a stale adapter version (or a different numeric engine): reweight each token
-        # by pi_old / pi_sampler, capped so rare tokens cannot blow up the update.
-        sampler = clean(sampler_logprobs)
-        w = mx.stop_gradient(mx.minimum(mx.exp(old - sampler), params.tis_cap))
-        obj = obj * w
+        log_w = prox - clean(sampler_logprobs)
+        if params.loss == "gspo":
+            log_w = _row_mean(log_w, mask)
+        w = sg(mx.minimum(mx.exp(log_w), params.tis_cap))
+
+    if params.loss == "cispo":
+        weight = sg(clipped) if w is None else sg(clipped * w)
+        obj = weight * adv * lp
+        clip_active = (clipped != ratio).astype(f32)
+    else:
+        unclipped_obj = ratio * adv
+        clipped_obj = clipped * adv
+        obj = mx.minimum(unclipped_obj, clipped_obj)
+        if w is not None:
+            obj = obj * w
+        # Clipping is "active" where min() picked the clipped branch strictly, i.e. where the token's gradient
+        # is cut off: A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low.
+        clip_active = (clipped_obj < unclipped_obj).astype(f32)
 
     loss_tok = -obj
     metrics: dict[str, mx.array] = {}
 
     if ref_logprobs is not None:
-        kl = _kl(mx.stop_gradient(clean(ref_logprobs)) - lp, params.kl_estimator)
+        kl = _kl(sg(clean(ref_logprobs)) - lp, params.kl_estimator)
         if params.kl_coef > 0:
             loss_tok = loss_tok + params.kl_coef * kl
-        metrics["kl"] = _masked_mean(mx.stop_gradient(kl), mask)
+        metrics["kl"] = _masked_mean(sg(kl), mask)
     else:
         metrics["kl"] = mx.array(0.0)
 
@@ -212,16 +269,13 @@ def grpo_token_loss(
         ent = clean(entropy)
         if params.entropy_coef > 0:
             loss_tok = loss_tok - params.entropy_coef * ent
-        metrics["entropy"] = _masked_mean(mx.stop_gradient(ent), mask)
+        metrics["entropy"] = _masked_mean(sg(ent), mask)
 
     loss_tok = loss_tok * mask
-    loss = _aggregate(loss_tok, mask, params.loss_agg, num_tokens_total, num_seqs_total)
+    loss = _aggregate(loss_tok, mask, params, num_tokens_total, num_seqs_total)
 
-    # Clipping is "active" where min() picked the clipped branch strictly, i.e. where the token's gradient
-    # is cut off: A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low.
-    clip_active = (clipped_obj < unclipped_obj).astype(f32)
-    metrics["clip_frac"] = _masked_mean(mx.stop_gradient(clip_active), mask)
-    metrics["ratio_mean"] = _masked_mean(mx.stop_gradient(ratio), mask)
+    metrics["clip_frac"] = _masked_mean(sg(clip_active), mask)
+    metrics["ratio_mean"] = _masked_mean(sg(ratio), mask)
     return loss, metrics
 
 
@@ -231,10 +285,13 @@ def grpo_token_loss(
 
 
 def sequence_logprobs(
-    model, tokens: mx.array, entropy: bool = True, entropy_grad: bool = False
+    model, tokens: mx.array, entropy: bool = True, entropy_grad: bool = False, temperature: float = 1.0
 ) -> tuple[mx.array, mx.array | None]:
     """Per-token log-probs of ``tokens`` under ``model`` and (optionally) the entropies of the same next-token
     distributions, both float32 [B, T-1].
+
+    ``temperature``: the policy is softmax(logits / temperature), the distribution the generation workers sample
+    from (they report log-probs of that same distribution), so that importance ratios compare like with like.
 
     Shift: the model sees ``tokens[:, :-1]``; column t holds log p(tokens[:, t+1] | tokens[:, :t+1]), so column t
     belongs to token t+1. Padding after a row's real tokens leaves its real columns unchanged (causal attention).
@@ -244,6 +301,8 @@ def sequence_logprobs(
     differentiated through when it is part of the loss (``entropy_grad``).
     """
     logits = model(tokens[:, :-1]).astype(mx.float32)  # [B, T-1, V]
+    if temperature != 1.0:
+        logits = logits * (1.0 / temperature)
     targets = tokens[:, 1:]
     lse = mx.logsumexp(logits, axis=-1)
     lp = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
