@@ -33,9 +33,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from runner.config import build_config
-from runner.control import ControlClient
+from runner.control import ControlClient, Publisher
+from workers.learner.trainer import host_buffers
 from workers.lora import LoraSpec, apply_lora, lora_tensors
-from workers.weights import Publisher
 
 COORDINATOR = """
 import json, signal, sys
@@ -141,7 +141,7 @@ def run_shape(name: str, transport: str, pushes: int, workers: int, tmp: Path) -
                 np.copyto(d, h)
             floor.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            publisher.publish(v, v, tensors)
+            publisher.publish(v, v, host_buffers(tensors))  # as Trainer.lora_buffers() does
             t_pub = time.perf_counter() - t0
             publisher.wait_for_workers(v, threading.Event(), timeout=60)
             if v > 5:  # first pushes warm up allocations and sockets

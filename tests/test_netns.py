@@ -361,8 +361,8 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
 
     from runner import wire
     from runner.control import model_id
+    from workers.learner.trainer import host_buffers
     from workers.lora import LoraSpec, apply_lora, lora_layout
-    from workers.weights import host_buffers
 
     client = _client(endpoint, secret, public, "publisher")
     try:

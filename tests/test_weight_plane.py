@@ -21,11 +21,12 @@ from helpers import poll
 
 from runner import wire
 from runner.config import build_config, load_config
-from runner.control import CONTROL, ControlClient, SlotTransport
+from runner.control import CONTROL, ControlClient, Publisher, SlotTransport, WeightReceiver
 from runner.coordinator import add_generation_workers, create_coordinator
+from workers.generation.engine import verified_copy
 from workers.generation.server import load_engine
+from workers.learner.trainer import host_buffers
 from workers.lora import LoraSpec, apply_lora, lora_layout, set_lora
-from workers.weights import Publisher, WeightReceiver, host_buffers, verified_copy
 
 SPEC = LoraSpec(rank=4, scale=20.0, keys=["self_attn.q_proj", "self_attn.v_proj"])
 PROMPT = [1, 282, 280, 201, 263, 262]
@@ -116,7 +117,7 @@ def reference_greedy(model, n_tokens: int = 8) -> list[int]:
 
 def publish(job, version, tensors) -> str:
     try:
-        job[2].publish(version, version, tensors)
+        job[2].publish(version, version, host_buffers(tensors))
     except RuntimeError:
         return "rejected"
     return "published"

@@ -32,6 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.tuner.lora import LoRALinear
 
+from runner import wire
 from workers.lora import check_lora, lora_layout, lora_owners
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,12 @@ class Engine:
         else:
             self._wake.set()
         return applied
+
+    def install_message(self, message: wire.WeightMessage) -> threading.Event:
+        """`install_adapter` for a decoded weight message: its tensors are copied into MLX and the checksum is checked
+        on that copy, so what goes live is exactly what was verified even if the source (a shared-memory slot) is
+        rewritten meanwhile. Raises WireError or ValueError, changing nothing."""
+        return self.install_adapter(message.version, verified_copy(message))
 
     # ----- the model thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -552,3 +559,20 @@ _ids = itertools.count()
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{int(time.time())}-{next(_ids)}"
+
+
+def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
+    """MLX arrays from a message (one copy into MLX-owned memory), then the checksum checked on that copy: what gets
+    installed is exactly what was verified, even if the source (a shared-memory slot) is rewritten meanwhile. Raises
+    WireError on a mismatch."""
+    out = {}
+
+    def copies():
+        for name, arr in message.tensors.items():
+            a = mx.array(arr)
+            out[name] = a.view(mx.bfloat16) if message.dtypes[name] == "bfloat16" else a
+            yield np.asarray(a)
+
+    wire.verify(message, copies())  # each tensor hashed right after its copy, while it is still in cache
+    mx.eval(list(out.values()))
+    return out

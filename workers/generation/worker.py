@@ -1,5 +1,5 @@
 """A generation worker attached to a coordinator: the engine and HTTP server of `workers.generation.server`, plus the
-weight plane's receiving end (`workers.weights.WeightReceiver`).
+weight plane's receiving end (`runner.control.WeightReceiver`, installing through `Engine.install_message`).
 
 Start-up: hello -> the job config (`--config`, the file `runner launch` wrote; or, for a worker joining from another
 host without it, `get_config` from the coordinator) -> load the base model (the config's path, or `--model`) and
@@ -23,12 +23,11 @@ import mlx.core as mx
 
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
-from runner.control import ControlClient, SlotTransport, model_id, weight_transport
+from runner.control import ControlClient, SlotTransport, WeightReceiver, model_id, weight_transport
 from runner.webserver import start_in_thread
 from workers.generation.engine import Engine
 from workers.generation.server import Server, load_engine
 from workers.lora import LoraSpec
-from workers.weights import WeightReceiver
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -26,11 +26,10 @@ from pathlib import Path
 
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
-from runner.control import ControlClient
+from runner.control import ControlClient, Publisher
 from workers.learner import distributed as dist
 from workers.learner.sources import make_source
 from workers.learner.trainer import Callbacks, Trainer, fit
-from workers.weights import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +94,14 @@ def _publishing_callbacks(
         trainer.version = max(trainer.version, latest_version)
         if resumed is not None:
             trainer.version += 1
-            publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
+            publisher.publish(trainer.version, trainer.step_count, trainer.lora_buffers())
         client.status.update(state="training", version=trainer.version)
 
     def before_step() -> None:
         publisher.wait_for_workers(trainer.version - config.learner.max_staleness, stopping)
 
     def after_step(metrics: dict) -> None:
-        publisher.publish(trainer.version, trainer.step_count, trainer.lora_tensors())
+        publisher.publish(trainer.version, trainer.step_count, trainer.lora_buffers())
         client.status["version"] = trainer.version
         client.send({"type": "progress", "name": client.name, "metrics": _plain(metrics)})
 

@@ -42,6 +42,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from runner import wire
 from runner.config import Config, LearnerConfig
 from runner.control import model_id
 from workers.learner import checkpoint as ck
@@ -396,6 +397,10 @@ class Trainer:
         return grads, acc
 
     # ----- state (for publishing and checkpoints) --------------------------------------------------------------
+    def lora_buffers(self) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
+        """The adapter as host buffers, what `Publisher.publish` sends (views of the MLX arrays, no copies)."""
+        return host_buffers(self.lora_tensors())
+
     def lora_tensors(self) -> dict[str, mx.array]:
         return lora_tensors(self.model)
 
@@ -693,3 +698,18 @@ def _replay_config(args: argparse.Namespace) -> Config:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+_WIRE_DTYPES = {getattr(mx, name): name for name in wire.DTYPES}  # a dict lookup: str(mx.Dtype) is slow
+
+
+def host_buffers(tensors: dict[str, mx.array]) -> list[tuple[str, str, tuple[int, ...], memoryview]]:
+    """(name, wire dtype, shape, bytes) of MLX arrays (evaluated first), as views of their own memory (no copies:
+    MLX on Apple silicon shares memory with the GPU)."""
+    mx.eval(list(tensors.values()))
+    out = []
+    for name, t in tensors.items():
+        dtype = _WIRE_DTYPES.get(t.dtype) or str(t.dtype).removeprefix("mlx.core.")  # the encoder rejects others
+        host = t.view(mx.uint16) if dtype == "bfloat16" else t  # numpy has no bfloat16: its 16-bit patterns travel
+        out.append((name, dtype, tuple(t.shape), memoryview(np.asarray(host))))
+    return out
