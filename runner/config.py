@@ -158,6 +158,9 @@ class CoordinatorConfig:
     restart_window: float = field(default=60.0, metadata=_positive())
     retry_in: float = field(default=0.5, metadata=_non_negative())  # first backoff, doubled per restart
     max_retry_in: float = field(default=10.0, metadata=_non_negative())
+    # SIGTERM/SIGINT to `runner launch`: every child gets SIGTERM at once, and whatever still runs `stop_grace` seconds
+    # later is SIGKILLed with its whole process group. One bound for the whole shutdown, not one per child.
+    stop_grace: float = field(default=20.0, metadata=_positive())
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,16 @@ class Watcher:
             except ProcessLookupError:
                 pass
 
+    def kill_group(self) -> None:
+        """SIGKILL the child's process group (its own session) and reap the child."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no process of the group is left
+            pass
+        self.proc.wait()
+
     def last_lines(self, n: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -257,7 +267,10 @@ class Coordinator:
                 continue
             code = w.exit_code()
             if code is None:
-                if (
+                if rec.state == "failed":  # it said so itself (e.g. its engine thread died): restart it
+                    log.warning("%s reports itself failed; killing it for a restart", name)
+                    w.signal(signal.SIGKILL)
+                elif (
                     rec.state in LIVE_STATES
                     and rec.last_heartbeat
                     and now - rec.last_heartbeat > self.config.coordinator.heartbeat_timeout
@@ -270,8 +283,7 @@ class Coordinator:
             if w.stopping or self.stop_reason is not None:
                 rec.state = "stopped"
                 continue
-            if rec.state == "failed":
-                continue
+            # (An exited child with a restart planned, or past the flapping limit, never gets here: see above.)
             rec.state, rec.http_url = "failed", ""
             if w.schedule_restart(now):
                 log.warning(
@@ -537,23 +549,27 @@ class Coordinator:
                 return self.shutdown()
 
     def shutdown(self) -> int:
-        """Stop in order: the learner first (it writes a final checkpoint), then the generation workers."""
-        order = [n for n in self.watchers if self.workers[n].role == "learner"] + [
-            n for n in self.watchers if self.workers[n].role != "learner"
-        ]
-        for name in order:
-            w = self.watchers[name]
+        """SIGTERM to every child at once (the learner checkpoints its last completed step and abandons in-flight
+        rollouts; workers cancel requests whose client went away), then, `[coordinator] stop_grace` seconds after the
+        stop began, SIGKILL to every child's process group: one bound for the whole shutdown. A second signal skips
+        the wait (see `launch`)."""
+        deadline = time.time() + self.config.coordinator.stop_grace
+        for w in self.watchers.values():
             w.stopping = True
             w.restart_at = None
             w.signal(signal.SIGTERM)
-            deadline = time.time() + (120 if self.workers[name].role == "learner" else 30)
-            while w.exit_code() is None and time.time() < deadline and self.signals < 2:
-                time.sleep(0.05)
-                self._drain_control()
+        while any(w.exit_code() is None for w in self.watchers.values()) and time.time() < deadline:
+            if self.signals >= 2:
+                break
+            self.control.poll(50)  # keep answering the learner (its last publish, its final progress)
+            self._drain_control()
+        for name, w in self.watchers.items():
             if w.exit_code() is None:
-                log.warning("%s did not stop in time; killing it", name)
-                w.signal(signal.SIGKILL)
-                w.proc.wait(10)
+                log.warning(
+                    "%s did not stop within stop_grace = %gs; killing it", name, self.config.coordinator.stop_grace
+                )
+            # The whole group even if the child itself exited: nothing it started (e.g. a learner's ranks) survives.
+            w.kill_group()
             self.workers[name].state = "stopped"
         for rec in self.workers.values():
             if not rec.local and rec.identity:
