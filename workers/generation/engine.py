@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -182,6 +183,11 @@ class Engine:
     def version(self) -> int:
         return self.stats.adapter_version
 
+    @property
+    def failed(self) -> bool:
+        """The model thread died (an exception, not a stop): the worker must report itself failed."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     # ----- submission (any thread) -----------------------------------------------------------------------------
     def submit(
         self,
@@ -266,8 +272,13 @@ class Engine:
 
     # ----- the model thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
+        # Test hook: the first engine to find this file (and delete it) makes an invalid MLX call on its model thread,
+        # a real MLX failure, to show what a dead engine thread leads to (tests/test_launch.py).
+        fault = os.environ.get("RUNNER_TEST_ENGINE_FAULT")
         try:
             while not self._stop.is_set():
+                if fault and _take(fault):
+                    mx.eval(mx.zeros((2, 3)) @ mx.zeros((2, 3)))  # raises: the shapes do not multiply
                 with self._model_lock:
                     self._apply_pending_adapter()
                     self._drain_inbox()
@@ -576,3 +587,12 @@ def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
     wire.verify(message, copies())  # each tensor hashed right after its copy, while it is still in cache
     mx.eval(list(out.values()))
     return out
+
+
+def _take(path: str) -> bool:
+    """Delete `path`; True if this call deleted it (so one process of several takes it)."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False

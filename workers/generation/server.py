@@ -302,12 +302,11 @@ class Server:
         return app
 
     async def health(self) -> JSONResponse:
-        body = {
-            "status": "ok" if self.ready else "loading",
-            "adapter_version": self.engine.version,
-            "model": self.model_name,
-        }
-        return JSONResponse(body, status_code=200 if self.ready else 503)
+        """200 "ok" while serving; 503 "loading" before, and "failed" once the engine thread died (nothing will be
+        generated: the worker reports itself failed and exits, to be restarted)."""
+        status = "failed" if self.engine.failed else "ok" if self.ready else "loading"
+        body = {"status": status, "adapter_version": self.engine.version, "model": self.model_name}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def models(self) -> dict:
         model = {

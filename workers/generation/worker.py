@@ -131,6 +131,11 @@ def _serve(client, receiver: WeightReceiver, sub, config: Config, model_name: st
             if not http_thread.is_alive():
                 log.error("the HTTP server stopped unexpectedly")
                 return 1
+            if engine.failed:  # /health says 503 "failed"; exit so the coordinator (or launchd) restarts this worker
+                log.error("the engine thread died; reporting failed and exiting")
+                client.status["state"] = "failed"
+                client.send({"type": "heartbeat", "name": client.name, "state": "failed", "version": engine.version})
+                return 1
     finally:
         client.status["state"] = "stopping"
         uv.should_exit = True

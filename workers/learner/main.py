@@ -8,7 +8,9 @@ runtime facts (base model id, latest version, where versions go). `fit` resumes 
 loadable checkpoint of the run dir, and around each step the callbacks wait until the generation workers serve a
 recent enough version (`max_staleness`), then publish the new adapter as version v+1 and report progress. Versions
 never go backwards: a learner continues above the latest version the coordinator has seen and republishes a resumed
-adapter before the first rollout. SIGTERM finishes the current step, writes a checkpoint and exits 0.
+adapter before the first rollout. SIGTERM during a step finishes it; during the wait for rollouts (or an Atropos
+batch) it abandons them at once; either way the learner checkpoints the last completed step and exits 0 (a step
+longer than the coordinator's `stop_grace` is cut short by SIGKILL: the last checkpoint stays the newest).
 
 Started as ring ranks (`[learner] hosts`), rank 0 does all of the above and sends the config to the other ranks (other
 hosts need not have the file); they follow through the same `fit` with no callbacks (workers.learner.distributed).
@@ -28,7 +30,7 @@ from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
 from runner.control import ControlClient, Publisher
 from workers.learner import distributed as dist
-from workers.learner.sources import make_source
+from workers.learner.sources import FreshSource, Stopped, make_source
 from workers.learner.trainer import Callbacks, Trainer, fit
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,14 @@ def run_learner(args: argparse.Namespace) -> int:
 
     trainer = Trainer.from_config(config, group=group)
     publisher = Publisher(client, welcome, trainer.spec.adapter_config(len(trainer.model.layers)))
-    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer)
+    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, stop=stopping)
+    # A batch stale as a whole (e.g. rollouts from a worker restarted at an old version) would make Trainer.step
+    # raise StaleBatch: drop it and wait for the workers instead of crashing into a restart.
+    source = FreshSource(
+        source,
+        min_version=lambda: trainer.version - config.learner.max_staleness,
+        wait=lambda version: publisher.wait_for_workers(version, stopping) is not None,
+    )
     if dist.size_of(group) > 1:
         source = dist.BroadcastSource(source, group)  # rank 0 gets the rollouts; every rank trains its share
     callbacks = _publishing_callbacks(trainer, client, publisher, config, welcome["latest_version"], stopping)
@@ -71,6 +80,8 @@ def run_learner(args: argparse.Namespace) -> int:
             stopping=stopping,
             callbacks=callbacks,
         )
+    except Stopped as e:  # SIGTERM while waiting for rollouts: fit has checkpointed the last completed step
+        log.info("%s; stopping at step %d", e, trainer.step_count)
     finally:
         client.status["state"] = "stopping"
         source.close()

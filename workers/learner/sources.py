@@ -15,6 +15,7 @@ Implementations:
   scores the completions, optionally records every batch to JSONL.
 - `AtroposSource`: registers with an Atropos API server and polls `GET /batch`.
 - `ReplaySource`: replays batches recorded as JSONL (one batch per line) -- for exact-resume tests and debugging.
+- `FreshSource`: wraps one of them; drops a batch that is stale as a whole and waits for fresh rollouts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,6 +159,51 @@ class _Retryable(Exception):
     pass
 
 
+class Stopped(InterruptedError):
+    """The learner was told to stop while the source waited; nothing is wrong (the caller checkpoints and exits)."""
+
+
+def _retrying(stop: threading.Event, seconds: float, retry_on: tuple, what: str) -> tenacity.Retrying:
+    """Retry `retry_on` with backoff for up to `seconds`, or until `stop` is set (its backoff sleeps wake on it)."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(retry_on),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
+        stop=tenacity.stop_after_delay(seconds) | tenacity.stop_when_event_set(stop),
+        sleep=stop.wait,
+        before_sleep=lambda rs: log.warning("%s failed (%s); retrying", what, rs.outcome.exception()),
+        reraise=True,
+    )
+
+
+def _in_daemon_thread(fn: Callable, *args) -> Future:
+    """Run `fn(*args)` in a daemon thread. Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a
+    learner told to stop would wait for every in-flight rollout (minutes with a long max_tokens). A stopping learner
+    abandons them instead; its exit closes their connections, and the workers cancel requests whose client went."""
+    fut: Future = Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the future
+                fut.set_exception(e)
+
+    threading.Thread(target=run, name="rollout", daemon=True).start()
+    return fut
+
+
+def wait_unless_stopped(futures: list[Future], stop: threading.Event, what: str) -> None:
+    """Wait for every future (re-raising the first failure); raise Stopped as soon as `stop` is set."""
+    pending = set(futures)
+    while pending:
+        if stop.is_set():
+            raise Stopped(f"stopped while waiting for {what}")
+        done, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                raise f.exception()
+
+
 class BuiltinSource:
     """Rollouts from the generation workers for a built-in task.
 
@@ -166,7 +212,8 @@ class BuiltinSource:
     cost varies with its completions' lengths, so this balances better than round-robin), re-reading `urls()` every
     time so a restarted, re-addressed or newly joined worker is picked up. A URL that just failed is skipped by the
     retry (and avoided by other requests for `FAILED_COOLDOWN` seconds) unless it is the only one. Connection errors
-    and 429/5xx answers are retried with backoff up to `retry_seconds`.
+    and 429/5xx answers are retried with backoff up to `retry_seconds`. Once `stop` is set, `next_batch` raises
+    `Stopped` at once and the batch's requests are abandoned (see `_in_daemon_thread`).
     """
 
     FAILED_COOLDOWN = 5.0
@@ -185,8 +232,10 @@ class BuiltinSource:
         retry_seconds: float = 120.0,
         seeded: bool = False,
         api_token: str = "",
+        stop: threading.Event | None = None,
     ):
         self.task = task
+        self.stop = stop or threading.Event()
         self.urls = urls
         self.group_size = group_size
         self.batch_size = batch_size
@@ -201,7 +250,7 @@ class BuiltinSource:
         self.seeded = seeded
         headers = {"Authorization": f"Bearer {api_token}"} if api_token else None
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), headers=headers)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, min(batch_size, 32)), thread_name_prefix="rollout")
+        self._slots = threading.BoundedSemaphore(max(1, min(batch_size, 32)))  # requests in flight at once
         self._routing = LeastLoaded(self.FAILED_COOLDOWN)  # the front router's policy; thread-safe
 
     def _acquire_url(self, last_failed: str | None) -> str:
@@ -218,13 +267,6 @@ class BuiltinSource:
     def _complete(self, prompt_ids: list[int], prompt_index: int) -> dict:
         last_failed: dict[str, str | None] = {"url": None}
 
-        @tenacity.retry(
-            retry=tenacity.retry_if_exception_type((_Retryable, httpx.TransportError)),
-            wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
-            stop=tenacity.stop_after_delay(self.retry_seconds),
-            before_sleep=lambda rs: log.warning("rollout request failed (%s); retrying", rs.outcome.exception()),
-            reraise=True,
-        )
         def call() -> dict:
             url = self._acquire_url(last_failed["url"])
             body = {
@@ -247,12 +289,15 @@ class BuiltinSource:
             r.raise_for_status()
             return r.json()
 
-        return call()
+        with self._slots:
+            retrying = _retrying(self.stop, self.retry_seconds, (_Retryable, httpx.TransportError), "rollout request")
+            return retrying(call)
 
     def next_batch(self, step: int) -> Batch:
         start = self.position
         prompts = [self.task.prompt(start + i) for i in range(self.batch_size)]
-        futures = [self._pool.submit(self._complete, p.ids, p.index) for p in prompts]
+        futures = [_in_daemon_thread(self._complete, p.ids, p.index) for p in prompts]
+        wait_unless_stopped(futures, self.stop, f"the rollouts of step {step}")
         groups = []
         for p, fut in zip(prompts, futures):
             resp = fut.result()
@@ -277,7 +322,7 @@ class BuiltinSource:
         self.position = int(d.get("position", 0))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.stop.set()  # requests still retrying give up
         self._client.close()
 
 
@@ -362,16 +407,18 @@ class AtroposSource:
         self._client = httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0))
         self._registered = False
 
-    @tenacity.retry(
-        retry=tenacity.retry_if_exception_type(httpx.TransportError),
-        wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
-        stop=tenacity.stop_after_delay(120),
-        reraise=True,
-    )
     def _request(self, method: str, path: str, **kw) -> Any:
-        r = self._client.request(method, f"{self.url}{path}", **kw)
-        r.raise_for_status()
-        return r.json()
+        def call() -> Any:
+            r = self._client.request(method, f"{self.url}{path}", **kw)
+            r.raise_for_status()
+            return r.json()
+
+        try:
+            return _retrying(self.stop, 120, (httpx.TransportError,), f"Atropos {method} {path}")(call)
+        except httpx.TransportError:
+            if self.stop.is_set():
+                raise Stopped(f"stopped while retrying Atropos {method} {path}") from None
+            raise
 
     def register(self) -> None:
         body = dict(self.registration, starting_step=self.steps_done)
@@ -394,7 +441,7 @@ class AtroposSource:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"no batch from Atropos at {self.url} within {self.wait_timeout} s")
             if self.stop.wait(delay):
-                raise InterruptedError("stopped while waiting for an Atropos batch")
+                raise Stopped("stopped while waiting for an Atropos batch")
             delay = min(delay * 1.5, self.max_poll_interval)
         groups = [scored_data_to_group(item) for item in data["batch"]]
         self.steps_done += 1
@@ -414,14 +461,58 @@ class AtroposSource:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Freshness
+# ----------------------------------------------------------------------------------------------------------
+
+
+class FreshSource:
+    """A source minus batches the trainer could not use: when every group has a sample older than `min_version()`
+    (Trainer.step would drop them all and raise StaleBatch), the batch is dropped with a log line, `wait(version)`
+    blocks until the generation workers serve a recent enough version (False: a stop), and the next batch is drawn.
+    The dropped prompts are skipped, as a dropped group is."""
+
+    def __init__(self, source: Source, min_version: Callable[[], int], wait: Callable[[int], bool]):
+        self.source, self.min_version, self.wait = source, min_version, wait
+        self.dropped_batches = 0
+
+    def next_batch(self, step: int) -> Batch:
+        while True:
+            batch = self.source.next_batch(step)
+            limit = self.min_version()
+            if any(all(s.version is None or s.version >= limit for s in g) for g in batch.groups):
+                return batch
+            self.dropped_batches += 1
+            log.warning(
+                "every group of the batch for step %d is older than version %d; waiting for fresh rollouts", step, limit
+            )
+            if not self.wait(limit):
+                raise Stopped("stopped while waiting for fresh rollouts")
+
+    def state(self) -> dict:
+        return self.source.state()
+
+    def load_state(self, d: dict) -> None:
+        self.source.load_state(d)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Factory
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_source(config: Config, urls: Callable[[], list[str]] | None = None, tokenizer=None) -> Source:
+def make_source(
+    config: Config,
+    urls: Callable[[], list[str]] | None = None,
+    tokenizer=None,
+    stop: threading.Event | None = None,
+) -> Source:
     """The source a job config asks for. `urls` returns the generation workers' base URLs (builtin source);
-    `tokenizer` is needed for built-in tasks (the trainer's). Where a resumed source starts comes from the
-    checkpoint (`load_state`)."""
+    `tokenizer` is needed for built-in tasks (the trainer's); once `stop` is set, a wait for rollouts or for an
+    Atropos batch ends at once with `Stopped`. Where a resumed source starts comes from the checkpoint
+    (`load_state`)."""
     lc, sc = config.learner, config.source
     if sc.type == "builtin":
         if urls is None or tokenizer is None:
@@ -436,6 +527,7 @@ def make_source(config: Config, urls: Callable[[], list[str]] | None = None, tok
             lc.temperature,
             lc.seed,
             api_token=config.security.api_token,
+            stop=stop,
         )
     if sc.type == "atropos":
         if not sc.url:
@@ -446,5 +538,6 @@ def make_source(config: Config, urls: Callable[[], list[str]] | None = None, tok
             num_steps=lc.steps,
             checkpoint_dir=str(Path(config.checkpoint.dir) / "checkpoints"),
             save_checkpoint_interval=config.checkpoint.interval,
+            stop=stop,
         )
     raise ValueError(f"unknown source type {sc.type!r}")
