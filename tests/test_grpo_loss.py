@@ -564,14 +564,16 @@ def _np_log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def test_sequence_logprobs_matches_numpy(tiny_model):
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sequence_logprobs_matches_numpy(tiny_model, temperature):
+    """Log-probs and entropies of softmax(logits / temperature), the distribution the generation workers sample."""
     rng = np.random.default_rng(0)
     tokens = mx.array(rng.integers(0, 50, size=(3, 9)))
-    lp, ent = sequence_logprobs(tiny_model, tokens)
+    lp, ent = sequence_logprobs(tiny_model, tokens, temperature=temperature)
     assert lp.shape == (3, 8) and ent.shape == (3, 8)
 
     logits = np.array(tiny_model(tokens[:, :-1]).astype(mx.float32))
-    log_p = _np_log_softmax(logits)
+    log_p = _np_log_softmax(logits.astype(np.float64) / temperature)
     tok = np.array(tokens)
     want_lp = np.zeros((3, 8))
     want_ent = np.zeros((3, 8))

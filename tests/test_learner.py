@@ -395,3 +395,57 @@ def test_stale_groups_are_dropped(tiny_model):
     with pytest.raises(StaleBatch):  # nothing left: the caller decides (wait for fresher rollouts)
         t.step(b)
     assert t.step_count == 1 and t.version == 6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several updates per batch: the clipped ratio against the proximal policy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_one_update_is_the_on_policy_gradient_step(tiny_model):
+    """ppo_epochs = minibatches = 1, sampler log-probs equal to the policy's: the step is one Adam update on the
+    gradient of the plain policy-gradient loss -sum(A * logprob) / N_tokens, computed here independently."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    batch = synthetic_batches(1, groups=2, group_size=4, seed=12, logprobs=False)[0]
+    cfg = LearnerConfig(learning_rate=1e-2, seed=4)
+    t = Trainer.load(tiny_model, cfg, QUICK_SPEC)
+    ref = Trainer.load(tiny_model, cfg, QUICK_SPEC)  # same seed: the same initial adapter
+    arr = prepare_batch(batch)
+    tokens, mask, adv = mx.array(arr["tokens"]), mx.array(arr["mask"]), mx.array(arr["advantages"])
+    policy, _ = sequence_logprobs(t.model, tokens, entropy=False)
+    for sample, row in zip(batch.samples, np.array(policy)):  # the sampler reports exactly this policy
+        sample.logprobs = [1.0, *row[: len(sample.tokens) - 1].tolist()]
+
+    m = t.step(batch)
+
+    def pg_loss(model):
+        lp, _ = sequence_logprobs(model, tokens, entropy=False)
+        return -(adv[:, None] * lp * mask).sum() / mask.sum()
+
+    _, grads = nn.value_and_grad(ref.model, pg_loss)(ref.model)
+    grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+    opt = optim.Adam(learning_rate=cfg.learning_rate, bias_correction=True)
+    opt.update(ref.model, grads)
+    assert max_diff(t.lora_tensors(), ref.lora_tensors()) <= 1e-6
+    assert m["clip_frac"] == 0.0 and m["updates"] == 1 and m["sampler_diff"] < 1e-5
+
+
+def test_clipping_acts_over_several_epochs(tiny_model):
+    """Four epochs on one batch push the ratio out of a (0.2, 0.28) band: clipped tokens lose their gradient, so
+    the adapter differs from one trained with a band wide enough not to clip. Still one step, one version."""
+    batch = synthetic_batches(1, groups=2, group_size=4, seed=13, logprobs=False)[0]
+    out = {}
+    for band in ((0.2, 0.28), (0.9, 5.0)):
+        cfg = LearnerConfig(learning_rate=1e-4, ppo_epochs=4, minibatches=2, clip_low=band[0], clip_high=band[1])
+        t = Trainer.load(tiny_model, cfg, QUICK_SPEC)
+        m = t.step(batch)
+        assert (t.step_count, t.version, m["updates"]) == (1, 1, 8)
+        assert int(t.optimizer.state["step"].item()) == 8  # Adam saw every update
+        out[band] = (t.lora_tensors(), m)
+        print(f"clip band {band}: clip_frac {m['clip_frac']:.3f} loss {m['loss']:+.4f}")
+    (narrow, m_narrow), (wide, m_wide) = out[(0.2, 0.28)], out[(0.9, 5.0)]
+    assert m_narrow["clip_frac"] > 0.1  # 0.38 here
+    assert m_wide["clip_frac"] < 0.01  # 0 here
+    assert max_diff(narrow, wide) > 1e-4
