@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx_lm
 import pytest
+from helpers import poll
 
 from runner.status import fetch_status
 
@@ -34,11 +35,14 @@ QUICK = [
 class Job:
     """A `runner launch` subprocess whose output is collected by a reader thread."""
 
-    def __init__(self, config: Path, sets: list[str], cwd: Path, extra: list[str] = ()):
+    def __init__(self, config: Path, sets: list[str], cwd: Path, extra: list[str] = (), env: dict | None = None):
         args = [sys.executable, "-m", "runner.cli", "launch", str(config), *extra]
         for s in sets:
             args += ["--set", s]
-        self.proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -114,6 +118,52 @@ def wait_step(control: str, step: int, timeout: float = 180):
     raise AssertionError(f"the job never reached step {step}")
 
 
+def child_pids(control: str) -> list[int]:
+    """The pids of the job's processes, as `runner status` reports them."""
+    return [w["pid"] for w in fetch_status(control)["workers"] if w["pid"]]
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_within_grace(job: Job, control: str, grace: float) -> float:
+    """SIGTERM the launch; it must exit 0 within `grace` seconds (the job's [coordinator] stop_grace) with every
+    child gone, none of them SIGKILLed. Returns the seconds the stop took."""
+    pids = child_pids(control)
+    assert pids, "no child process to stop"
+    tic = time.monotonic()
+    job.proc.send_signal(signal.SIGTERM)
+    try:
+        code = job.proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"runner launch still running {grace}s after SIGTERM:\n{job.output[-3000:]}") from None
+    took = time.monotonic() - tic
+    job.finish(10)
+    assert code == 0, job.output[-3000:]
+    assert [pid for pid in pids if is_running(pid)] == [], "a process of the job outlived it"
+    assert "did not stop within stop_grace" not in job.output  # each child reacted to SIGTERM on its own
+    return took
+
+
+def active_sequences(control: str) -> float:
+    """Sequences in gen-0's running batch (its /metrics), 0 if it does not answer yet."""
+    import httpx
+
+    url = next((w["http_url"] for w in fetch_status(control)["workers"] if w["name"] == "gen-0"), "")
+    if not url:
+        return 0
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return 0
+    return float(re.search(r"^runner_active_sequences (\S+)", text, re.M).group(1))
+
+
 def test_quickstart_completes_and_reward_rises(job_dir, tiny_model):
     cwd, config = job_dir
     job = Job(config, [s for s in QUICK if not s.startswith("learner.steps")] + ["learner.steps=40"], cwd)
@@ -186,6 +236,54 @@ def test_sigterm_exits_0_after_final_checkpoint(job_dir, tiny_model):
     last_step = metrics(run_dir)[-1]["step"]
     assert 2 <= last_step < 500
     assert assert_loadable_checkpoint(run_dir, tiny_model) == last_step  # the final checkpoint is the last step
+
+
+def test_sigterm_during_the_first_steps_rollouts_stops_within_the_grace(job_dir, tiny_model):
+    """Long completions (max_tokens 1500 on the tiny model): SIGTERM while the first step's rollouts run. The learner
+    abandons them at once, the worker cancels them, and the launch exits 0 within [coordinator] stop_grace with no
+    checkpoint (no step was completed) and no process left."""
+    cwd, config = job_dir
+    sets = [s for s in QUICK if not s.startswith("learner.steps")] + ["learner.steps=3", "learner.max_tokens=1500"]
+    job = Job(config, sets + ["coordinator.stop_grace=20"], cwd)
+    try:
+        control = job.control()
+        poll(lambda: active_sequences(control) > 0, 180, "the first step's rollouts")
+        assert (fetch_status(control)["job"]["step"] or 0) == 0
+        took = stop_within_grace(job, control, 20)
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait(30)
+    run_dir = cwd / "runs" / "quickstart"
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "stopped while waiting for the rollouts of step 1" in learner_log, learner_log[-3000:]
+    print(f"stopped in {took:.1f}s")
+
+
+def test_engine_thread_death_restarts_the_worker(job_dir, tmp_path, tiny_model):
+    """The engine thread of gen-0 dies on a real MLX error (the RUNNER_TEST_ENGINE_FAULT hook): the worker reports
+    itself failed and exits, the coordinator restarts it, a new gen-0 serves, and the job completes."""
+    cwd, config = job_dir
+    fault = tmp_path / "engine-fault"
+    job = Job(config, QUICK, cwd, env={"RUNNER_TEST_ENGINE_FAULT": str(fault)})
+    try:
+        control = job.control()
+        wait_step(control, 3)
+        pid = worker_pid(control, "gen-0")
+        fault.touch()
+        worker_pid(control, "gen-0", not_pid=pid)  # a new process, serving
+        assert not fault.exists()  # taken by the old gen-0 alone
+        assert job.finish(600) == 0, job.output[-3000:]
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait(30)
+    run_dir = cwd / "runs" / "quickstart"
+    assert "engine thread failed" in (run_dir / "logs" / "gen-0.log").read_text()
+    assert re.search(r"gen-0 exited with code 1; restarting|gen-0 reports itself failed", job.output)
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 15))
+    assert assert_loadable_checkpoint(run_dir, tiny_model) == 14
 
 
 def _free_port_pair() -> int:

@@ -212,8 +212,8 @@ class Server:
                 kind = event.result()[0]
                 if kind == "done":
                     remaining -= 1
-                elif kind == "error":
-                    raise APIError(500, event.result()[1])
+                elif kind == "error":  # the engine thread died: this worker's fault, so a client may retry elsewhere
+                    raise APIError(503, event.result()[1])
         finally:
             gone.cancel()
 

@@ -322,7 +322,6 @@ class BuiltinSource:
         self.position = int(d.get("position", 0))
 
     def close(self) -> None:
-        self.stop.set()  # requests still retrying give up
         self._client.close()
 
 
