@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -207,3 +208,26 @@ def test_atropos_source_registers_at_resume_step(atropos_api):
     finally:
         source.close()
     assert httpx.get(f"{atropos_api}/status", timeout=5).json()["current_step"] == 7
+
+
+def test_sigterm_during_an_atropos_wait_stops_the_launch_within_the_grace(atropos_api, tmp_path, tiny_model):
+    """`runner launch` with an Atropos source no environment feeds: the learner polls /batch forever. SIGTERM: the
+    launch exits 0 within [coordinator] stop_grace and no process of the job is left."""
+    from test_launch import QUICK, Job, stop_within_grace
+
+    config = tmp_path / "job.toml"
+    text = (Path(__file__).parent.parent / "configs" / "quickstart.toml").read_text()
+    config.write_text(text.replace('path = "models/tiny"', f'path = "{tiny_model}"'))
+    sets = QUICK + ['source.type="atropos"', f'source.url="{atropos_api}"', "coordinator.stop_grace=20"]
+    job = Job(config, sets, tmp_path)
+    learner_log = tmp_path / "runs" / "quickstart" / "logs" / "learner.log"
+    try:
+        control = job.control()
+        poll(lambda: learner_log.exists() and "registered with Atropos" in learner_log.read_text(), 180, "registration")
+        took = stop_within_grace(job, control, 20)
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait(30)
+    assert "stopped while waiting for an Atropos batch" in learner_log.read_text()
+    print(f"stopped in {took:.1f}s")
