@@ -196,6 +196,13 @@ def add_worker_generate_arguments(parser) -> list[argparse.Action]:
     recorder.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     recorder.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")
     recorder.add_argument("--config", default=None, help="the job's resolved config (default: ask the coordinator)")
+    recorder.add_argument(
+        "--advertise-url",
+        default=None,
+        metavar="http://HOST:PORT",
+        help="the URL the coordinator and learner reach this worker at (default: the bind address or, bound to "
+        "0.0.0.0/::, the address of the interface that routes to the coordinator)",
+    )
     return recorder.actions
 
 

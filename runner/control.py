@@ -26,6 +26,7 @@ implementations from the coordinator's ``welcome``:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import mmap
 import os
@@ -37,6 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -48,6 +50,7 @@ CONTROL = b"C"
 WEIGHTS = b"W"
 SLOTS = 3
 _SLOT_DIR_PREFIX = "runner-weights-"
+EXIT_ORPHANED = 3  # a child of a coordinator that went silent exits with this code
 
 
 class CoordinatorGone(RuntimeError):
@@ -56,11 +59,21 @@ class CoordinatorGone(RuntimeError):
 
 class ControlClient:
     """One worker's connection to the coordinator. Safe to share between threads: a lock serialises use of the
-    socket, so a request and its reply stay together (the heartbeat thread has a socket of its own)."""
+    socket, so a request and its reply stay together (the heartbeat thread has a socket of its own).
+
+    Liveness both ways (the ZeroMQ guide's Paranoid Pirate): the heartbeat thread sends a beat every
+    `heartbeat_interval` and hears the coordinator's beats on the same socket. Silence for `silence_limit`, or a beat
+    saying `rejoin` (a restarted coordinator that does not know us), means the coordinator is gone: a process it
+    started (`supervised`, from the welcome) exits with EXIT_ORPHANED, so a killed `runner launch` leaves nothing
+    behind; any other sets `coordinator_lost` and its owner rejoins (`reconnect`, then `hello` again)."""
 
     def __init__(self, endpoint: str, name: str, role: str, heartbeat_interval: float = 1.0, curve: dict | None = None):
         self.endpoint, self.name, self.role = endpoint, name, role
         self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = 10.0  # the job's [coordinator] heartbeat_timeout, once the worker knows it
+        self.supervised = False  # started by the coordinator: ends with it
+        self.coordinator_lost = threading.Event()
+        self._last_beat = time.monotonic()  # when the coordinator was last heard
         self.curve = curve  # {"secret": path, "server_public": path} when the coordinator requires CURVE
         self.ctx = zmq.Context.instance()
         self.sock = self._socket(zmq.DEALER)
@@ -72,9 +85,11 @@ class ControlClient:
         self._lock = threading.RLock()
         self._extra_sockets: list[zmq.Socket] = []
 
-    def _socket(self, kind: int) -> zmq.Socket:
+    def _socket(self, kind: int, immediate: bool = False) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 1000)
+        if immediate:  # for NOBLOCK senders: drop rather than queue for a coordinator that is not there
+            s.setsockopt(zmq.IMMEDIATE, 1)
         if self.curve:
             from runner.keys import curve_client
 
@@ -128,7 +143,7 @@ class ControlClient:
                 self._inbox.append(parsed)
         raise CoordinatorGone(f"the coordinator at {self.endpoint} did not answer {what} within {timeout:.0f}s")
 
-    def hello(self, **info) -> dict:
+    def hello(self, timeout: float = 60.0, **info) -> dict:
         info = {
             "type": "hello",
             "name": self.name,
@@ -137,31 +152,79 @@ class ControlClient:
             "host": socket.gethostname(),
             **info,
         }
-        return self.request(info, ("welcome",), timeout=60.0)[1]
+        welcome = self.request(info, ("welcome",), timeout=timeout)[1]
+        self.supervised = welcome.get("supervised", False)
+        self._last_beat = time.monotonic()
+        return welcome
+
+    def reconnect(self) -> None:
+        """A fresh control socket: a new identity, and nothing queued for a coordinator that went away is delivered
+        to the next one."""
+        with self._lock:
+            self.sock.close(linger=0)
+            self._inbox.clear()
+            self.sock = self._socket(zmq.DEALER)
+            self.sock.connect(self.endpoint)
 
     # ----- heartbeats and acks ---------------------------------------------------------------------------------
     def start_heartbeats(self) -> None:
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
 
+    @property
+    def silence_limit(self) -> float:
+        """How long the coordinator may be silent: one interval less than its own heartbeat_timeout, so a child of a
+        killed coordinator is gone within that timeout of the kill."""
+        return max(self.heartbeat_timeout - self.heartbeat_interval, self.heartbeat_timeout / 2)
+
     def _heartbeat_loop(self) -> None:
-        hb = self._socket(zmq.DEALER)
+        hb = self._socket(zmq.DEALER, immediate=True)
         hb.connect(self.endpoint)
+        self._last_beat = time.monotonic()
+        next_beat = time.monotonic() + self.heartbeat_interval
         try:
-            while not self._stop.wait(self.heartbeat_interval):
-                msg = {"type": "heartbeat", "name": self.name}
-                msg.update((k, self.status[k]) for k in ("state", "version", "http_url") if k in self.status)
-                try:
-                    hb.send_multipart([CONTROL, messages.pack(msg)], flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # coordinator unreachable right now; the next beat tries again
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat_interval
+                    msg = {"type": "heartbeat", "name": self.name}
+                    msg.update((k, self.status[k]) for k in ("state", "version", "http_url") if k in self.status)
+                    try:
+                        hb.send_multipart([CONTROL, messages.pack(msg)], flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # coordinator unreachable right now; the next beat tries again
+                wake = (
+                    next_beat
+                    if self.coordinator_lost.is_set()
+                    else min(next_beat, self._last_beat + self.silence_limit)
+                )
+                if hb.poll(max(0, int((wake - time.monotonic()) * 1000))):
+                    beat = _parse(hb.recv_multipart())
+                    if beat and beat[0] == "C" and beat[1]["type"] == "heartbeat":
+                        self._last_beat = time.monotonic()
+                        if beat[1].get("rejoin"):
+                            self._lost("the coordinator does not know this worker (it restarted)")
+                elif not self.coordinator_lost.is_set() and time.monotonic() - self._last_beat > self.silence_limit:
+                    self._lost(f"the coordinator has been silent for {time.monotonic() - self._last_beat:.1f}s")
         finally:
             hb.close()
+
+    def _lost(self, why: str) -> None:
+        if self.supervised:
+            # os._exit: the main thread may be deep in a model load or a training step; nothing of ours outlives
+            # the coordinator that started it (the learner resumes from its last checkpoint).
+            log.error("%s; exiting, as this process was started by it", why)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_ORPHANED)
+        if not self.coordinator_lost.is_set():
+            log.warning("%s; serving on and rejoining", why)
+            self.coordinator_lost.set()
 
     def acker(self) -> Callable[[int], None]:
         """A function that acks an adapter version on a socket of its own: for one thread at a time (a zmq socket
         may change threads only across a lock or similar full memory barrier)."""
-        sock = self._socket(zmq.DEALER)
+        sock = self._socket(zmq.DEALER, immediate=True)
         sock.connect(self.endpoint)
         self._extra_sockets.append(sock)
 
@@ -205,6 +268,73 @@ def _parse(frames: list) -> list | None:
             return None
     log.warning("dropped a control message with unknown framing (%d frames, starting %r)", len(frames), kind[:40])
     return None
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def advertised_url(bind_host: str, port: int, coordinator: str, advertise_url: str | None = None) -> str:
+    """The HTTP address a generation worker reports (the learner and router send requests there): `advertise_url`
+    if given, else its bind address or, bound to a wildcard, the address of the local interface that routes to the
+    coordinator. ValueError (one line) when the coordinator's side could not reach it: a wildcard, or a loopback
+    address while the coordinator is on another host."""
+    coordinator_host = urlsplit(coordinator).hostname if coordinator.startswith("tcp://") else None  # ipc: this host
+    if advertise_url:
+        url = advertise_url.rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--advertise-url {advertise_url!r} is not an http(s)://HOST[:PORT] URL")
+        host = parts.hostname
+    else:
+        host = bind_host
+        if host in WILDCARDS:
+            host = _interface_towards(coordinator_host) if coordinator_host else "127.0.0.1"
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if host in WILDCARDS:
+        raise ValueError(f"{url} is a wildcard address nobody can send to; pass --advertise-url http://THIS-HOST:PORT")
+    if coordinator_host and _is_loopback(host) and not _is_this_host(coordinator_host):
+        raise ValueError(
+            f"{url} is a loopback address, unreachable from the coordinator at {coordinator_host}; bind a reachable "
+            "address (--host 0.0.0.0 or this host's address) or pass --advertise-url http://THIS-HOST:PORT"
+        )
+    return url
+
+
+def _interface_towards(host: str) -> str:
+    """The address of the local interface that routes to `host` (a UDP connect sends nothing)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            return s.getsockname()[0]
+    except OSError as e:
+        raise ValueError(f"no local interface reaches the coordinator at {host} ({e}); pass --advertise-url") from None
+
+
+def _addresses(host: str) -> list[str]:
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)]
+    except OSError:
+        return []
+
+
+def _is_loopback(host: str) -> bool:
+    addresses = _addresses(host)
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def _is_this_host(host: str) -> bool:
+    """Whether `host` is an address of this machine (then loopback reaches us from there too): one we can bind."""
+    for address in _addresses(host):
+        if ipaddress.ip_address(address.split("%")[0]).is_unspecified:
+            return True
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((address, 0))
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def model_id(model_path: str | Path) -> str:

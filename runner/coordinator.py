@@ -61,11 +61,14 @@ class WorkerRecord:
     local: bool = True
     capabilities: dict = field(default_factory=dict)
     identity: bytes = b""
+    beat_identity: bytes = b""  # the socket it heartbeats from, where the coordinator's beats go
     weights_via: str = ""  # "slots" (same-host shared memory) or "pub" (the weights PUB socket)
+    resent_version: int = 0  # the last version re-sent because its heartbeat reported an older one
 
     def row(self, now: float) -> dict:
         d = asdict(self)
         d.pop("identity")
+        d.pop("beat_identity")
         d["heartbeat_age"] = round(now - self.last_heartbeat, 2) if self.last_heartbeat else None
         return d
 
@@ -184,6 +187,11 @@ class Coordinator:
         self.workers: dict[str, WorkerRecord] = {}
         self.watchers: dict[str, Watcher] = {}
         self.latest: wire.WeightMessage | None = None  # the newest accepted version, verified on our own copy
+        self.latest_at = 0.0  # when it was accepted
+        # The newest version any worker says it has: after a restart, remote workers may serve versions this
+        # coordinator never saw, and versions never go backwards (welcome and _accept continue above it).
+        self.seen_version = 0
+        self._next_beat = 0.0
         self.job = {
             "step": 0,
             "steps": config.learner.steps,
@@ -340,19 +348,62 @@ class Coordinator:
         rec = self._record(msg)
         rec.identity, rec.pid, rec.host = identity, msg.get("pid", 0), msg.get("host", "")
         rec.capabilities = msg.get("capabilities", {})
-        rec.state, rec.last_heartbeat = "loading", time.time()
+        # A remote worker rejoining a (restarted) coordinator says what it serves; a new process says nothing.
+        rec.state, rec.last_heartbeat = msg.get("state", "loading"), time.time()
+        rec.version, rec.http_url = msg.get("version", rec.version), msg.get("http_url", rec.http_url)
+        self.seen_version = max(self.seen_version, msg.get("version", 0))
         log.info("%s (%s) said hello from %s pid %d", rec.name, rec.role, rec.host, rec.pid)
-        welcome = {"type": "welcome", "base_model_id": self.base_model_id, "latest_version": self.latest_version}
-        welcome.update(weights_endpoint=self.weights_endpoint, weights_slots=control.advertise_slot_dir(self.slots_dir))
+        welcome = {
+            "type": "welcome",
+            "base_model_id": self.base_model_id,
+            "latest_version": max(self.latest_version, self.seen_version),
+            "weights_endpoint": self.weights_endpoint,
+            "weights_slots": control.advertise_slot_dir(self.slots_dir),
+            "supervised": rec.local,  # our child: it exits when we go silent
+        }
         self._reply(identity, welcome)
 
     def _on_heartbeat(self, identity: bytes, msg: dict) -> None:
+        self.seen_version = max(self.seen_version, msg.get("version", 0))
         rec = self.workers.get(msg["name"])
-        if rec is None or rec.state in ("failed", "stopped"):
+        if rec is None or not rec.identity:  # a worker of a coordinator that ran before us: it should say hello
+            self._reply(identity, {"type": "heartbeat", "name": "coordinator", "rejoin": True})
             return
-        rec.last_heartbeat = time.time()
+        if rec.state in ("failed", "stopped"):
+            return
+        rec.last_heartbeat, rec.beat_identity = time.time(), identity
         rec.state, rec.version = msg.get("state", rec.state), msg.get("version", rec.version)
         rec.http_url = msg.get("http_url") or rec.http_url
+        self._heal(rec)
+
+    def _heal(self, rec: WorkerRecord) -> None:
+        """A serving worker whose heartbeat reports a version older than the latest missed one (a dropped PUB
+        message, a slot notice lost): send it the latest now, once per version. Not before one heartbeat interval
+        has passed since the version was accepted: until then it is most likely still installing it."""
+        latest = self.latest
+        if (
+            latest is None
+            or rec.role != "generate"
+            or rec.state != "serving"
+            or rec.version >= latest.version
+            or rec.resent_version >= latest.version
+            or time.time() - self.latest_at < self.config.coordinator.heartbeat_interval
+        ):
+            return
+        log.warning("%s serves version %d, the latest is %d: sending it again", rec.name, rec.version, latest.version)
+        rec.resent_version = latest.version
+        self.control.send_multipart([rec.identity, WEIGHTS, *latest.frames])
+
+    def _beat(self, now: float) -> None:
+        """Paranoid Pirate, coordinator side: a beat every heartbeat interval to the socket each worker heartbeats
+        from, so that a worker knows this coordinator is alive (a child of ours exits when the beats stop)."""
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.config.coordinator.heartbeat_interval
+        beat = [CONTROL, messages.pack({"type": "heartbeat", "name": "coordinator"})]
+        for rec in list(self.workers.values()):
+            if rec.beat_identity:
+                self.control.send_multipart([rec.beat_identity, *beat])  # ROUTER drops it if the peer is gone
 
     def _on_ack(self, identity: bytes, msg: dict) -> None:
         rec = self._record(msg)
@@ -425,13 +476,14 @@ class Coordinator:
             message = read()
             if message.header["base_model_id"] != self.base_model_id:
                 raise wire.WireError(f"base model id {message.header['base_model_id']!r} is not this job's")
-            if message.version <= self.latest_version:
-                raise wire.WireError(f"version {message.version} is not newer than {self.latest_version}")
+            if message.version <= max(self.latest_version, self.seen_version):
+                newest = max(self.latest_version, self.seen_version)
+                raise wire.WireError(f"version {message.version} is not newer than {newest}")
         except wire.WireError as e:
             log.warning("rejected a weight version: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
-        self.latest = message
+        self.latest, self.latest_at = message, time.time()
         self.weights.send_multipart(message.frames)  # other hosts (received zmq.Frames go by reference)
         same_host = [CONTROL, messages.pack(notice)] if notice else [WEIGHTS, *message.frames]
         for w in self.workers.values():
@@ -540,6 +592,7 @@ class Coordinator:
                     self._handle(frames)
             self._answer_waiters()
             now = time.time()
+            self._beat(now)
             self._check_children(now)
             self._drop_lost_remotes(now)
             learner = self.workers.get("learner")
@@ -590,6 +643,7 @@ class Coordinator:
         return self.exit_code
 
     def _drain_control(self) -> None:
+        self._beat(time.time())  # children that are stopping still hear us, so they do not exit as orphans
         while True:
             try:
                 self._handle(self.control.recv_multipart(zmq.NOBLOCK, copy=False))

@@ -7,7 +7,9 @@ that says why; ``pack`` refuses to send it. The table is the protocol: a new mes
 
 Who sends what (W = a worker or learner, C = the coordinator):
 
-- W→C ``hello`` (reply ``welcome``: runtime facts only, never config), ``heartbeat``, ``ack`` (an adapter version is
+- W→C ``hello`` (reply ``welcome``: runtime facts only, never config; a worker rejoining a restarted coordinator
+  says the version it serves, and ``welcome`` says ``supervised`` to the coordinator's own children), ``heartbeat``
+  (on a socket of its own), ``ack`` (an adapter version is
   live), ``status`` (reply ``status`` with the worker table), ``get_latest`` (reply the latest weight message, or
   ``latest`` version 0 when there is none yet; its ``name`` subscribes a worker to same-host fan-out), ``get_config``
   (reply ``config``, the job's resolved TOML), ``wait_serving`` (reply ``serving`` once every serving generation
@@ -15,6 +17,10 @@ Who sends what (W = a worker or learner, C = the coordinator):
 - W→C ``weights_slot``: a version written into a same-host shared-memory slot (`runner.control`); reply
   ``published`` or ``rejected``, as for a weight message sent as frames. C→W the same notice fans the version out
   to same-host workers.
+- C→W ``heartbeat`` (``name`` "coordinator") every heartbeat interval to the socket each worker heartbeats from
+  (Paranoid Pirate: liveness both ways); ``rejoin`` when it does not know the sender (it restarted): say hello again.
+  A weight message on the control socket, unasked, when a worker's heartbeat reports a version older than the latest
+  (it missed one).
 - C→W ``stop``: a remote worker should exit (the job ended).
 """
 
@@ -29,14 +35,24 @@ MAX_BYTES = 2**20
 # Field types: a msgpack int is `int` (a bool is not), `dict`/`list` are maps/arrays of any msgpack values, None
 # allows nil. Every field is optional unless listed in REQUIRED.
 MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
-    "hello": {"name": (str,), "role": (str,), "pid": (int,), "host": (str,), "capabilities": (dict,)},
+    "hello": {
+        "name": (str,),
+        "role": (str,),
+        "pid": (int,),
+        "host": (str,),
+        "capabilities": (dict,),
+        "version": (int,),
+        "state": (str,),
+        "http_url": (str,),
+    },
     "welcome": {
         "base_model_id": (str,),
         "latest_version": (int,),
         "weights_endpoint": (str,),
         "weights_slots": (dict, type(None)),
+        "supervised": (bool,),
     },
-    "heartbeat": {"name": (str,), "state": (str,), "version": (int,), "http_url": (str,)},
+    "heartbeat": {"name": (str,), "state": (str,), "version": (int,), "http_url": (str,), "rejoin": (bool,)},
     "ack": {"name": (str,), "version": (int,), "state": (str,), "http_url": (str,)},
     "status": {"job": (dict,), "workers": (list,)},
     "get_latest": {"name": (str,), "slots": (bool,)},

@@ -483,6 +483,13 @@ def test_children_start_from_the_resolved_config_and_remote_workers_can_ask_for_
     assert reply["toml"] == resolved.read_text()
     welcome = ControlClient(coord.local_endpoint or coord.control_endpoint, "probe", role="cli")
     try:
-        assert set(welcome.hello()) == {"type", "base_model_id", "latest_version", "weights_endpoint", "weights_slots"}
+        assert set(welcome.hello()) == {
+            "type",
+            "base_model_id",
+            "latest_version",
+            "weights_endpoint",
+            "weights_slots",
+            "supervised",
+        }
     finally:
         welcome.close()

@@ -4,8 +4,13 @@ weight plane's receiving end (`runner.control.WeightReceiver`, installing throug
 Start-up: hello -> the job config (`--config`, the file `runner launch` wrote; or, for a worker joining from another
 host without it, `get_config` from the coordinator) -> load the base model (the config's path, or `--model`) and
 check its id against the coordinator's -> apply the job's LoRA spec -> catch up: install the coordinator's latest
-adapter -> only then start HTTP and report `serving`. Afterwards every new version is installed between decode
-steps (at once when the engine is idle) and acked the moment it is live.
+adapter -> only then start HTTP and report `serving` with its advertised URL (`--advertise-url`, or the address of
+the interface that reaches the coordinator when bound to a wildcard). Afterwards every new version is installed
+between decode steps (at once when the engine is idle) and acked the moment it is live.
+
+When the coordinator goes away (silent for its heartbeat timeout, or restarted): a worker it started exits
+(`runner.control.ControlClient`); a remote one keeps serving its version, says hello again with backoff until a
+coordinator answers, and catches up to its latest version, with no restart.
 """
 
 from __future__ import annotations
@@ -20,10 +25,19 @@ import threading
 from pathlib import Path
 
 import mlx.core as mx
+import tenacity
 
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
-from runner.control import ControlClient, SlotTransport, WeightReceiver, model_id, weight_transport
+from runner.control import (
+    ControlClient,
+    CoordinatorGone,
+    SlotTransport,
+    WeightReceiver,
+    advertised_url,
+    model_id,
+    weight_transport,
+)
 from runner.webserver import start_in_thread
 from workers.generation.engine import Engine
 from workers.generation.server import Server, load_engine
@@ -45,14 +59,17 @@ def run_worker(
     model_override: str | None = None,
     curve: dict | None = None,
     config_path: str | None = None,
+    advertise_url: str | None = None,
 ) -> int:
     """Join the coordinator at `join`, serve until told to stop (SIGTERM, SIGINT or the coordinator's `stop`)."""
     client = ControlClient(join, name, role="generate", curve=curve)
     try:
         capabilities = {"api": ["openai", "atropos-vllm"], "device": str(mx.default_device())}
-        welcome = client.hello(capabilities={**capabilities, "model_override": bool(model_override)})
+        capabilities["model_override"] = bool(model_override)
+        welcome = client.hello(capabilities=capabilities)
         config = _job_config(client, config_path)
         client.heartbeat_interval = config.coordinator.heartbeat_interval
+        client.heartbeat_timeout = config.coordinator.heartbeat_timeout
         client.status.update(state="loading", version=0)
         client.start_heartbeats()
         model_path = Path(model_override or config.model.path)
@@ -66,7 +83,7 @@ def run_worker(
         client.status["state"] = "catching_up"
         receiver.catch_up(client)
         log.info("%s caught up at adapter version %d (new versions by %s)", name, engine.version, transport.name)
-        return _serve(client, receiver, sub, config, model_path.name, host, port)
+        return _serve(client, receiver, sub, config, model_path.name, host, port, advertise_url, capabilities)
     finally:
         client.close()
 
@@ -101,7 +118,17 @@ def _start_engine(model_path: Path, config: Config) -> Engine:
     ).start()
 
 
-def _serve(client, receiver: WeightReceiver, sub, config: Config, model_name: str, host: str, port: int) -> int:
+def _serve(
+    client,
+    receiver: WeightReceiver,
+    sub,
+    config: Config,
+    model_name: str,
+    host: str,
+    port: int,
+    advertise_url: str | None = None,
+    capabilities: dict | None = None,
+) -> int:
     """HTTP up, `serving` reported, then new versions taken until a stop; returns the exit code."""
     engine, gen = receiver.engine, config.generation
     server = Server(
@@ -112,7 +139,7 @@ def _serve(client, receiver: WeightReceiver, sub, config: Config, model_name: st
         api_token=config.security.api_token,
     )
     uv, http_thread, actual_port = start_in_thread(server.app, host, port)
-    http_url = f"http://{host}:{actual_port}"
+    http_url = advertised_url(host, actual_port, client.endpoint, advertise_url)
     client.status.update(state="serving", version=engine.version, http_url=http_url)
     client.send(
         {"type": "ack", "name": client.name, "version": engine.version, "state": "serving", "http_url": http_url}
@@ -126,6 +153,9 @@ def _serve(client, receiver: WeightReceiver, sub, config: Config, model_name: st
     engine.on_version = client.acker()
     try:
         while not stopping.is_set():
+            if client.coordinator_lost.is_set():
+                sub = _rejoin(client, receiver, sub, stopping, capabilities or {})
+                continue
             if any(msg["type"] == "stop" for msg in receiver.receive(client, sub, timeout=0.05)):
                 stopping.set()
             if not http_thread.is_alive():
@@ -146,11 +176,58 @@ def _serve(client, receiver: WeightReceiver, sub, config: Config, model_name: st
     return 0
 
 
+def _rejoin(client: ControlClient, receiver: WeightReceiver, sub, stopping: threading.Event, capabilities: dict):
+    """The coordinator went away (Paranoid Pirate): keep serving this version (HTTP is untouched) while saying hello
+    again, with exponential backoff, until one answers; then follow it from its latest version. Returns the new
+    weights SUB socket (None when versions come through slots)."""
+    version = receiver.engine.version
+
+    def hello() -> dict:
+        client.reconnect()  # a new socket: no stale hello reaches the next coordinator
+        info = {"version": version, "state": "serving", "http_url": client.status.get("http_url", "")}
+        return client.hello(timeout=max(5.0, 2 * client.heartbeat_interval), capabilities=capabilities, **info)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(CoordinatorGone),
+        wait=tenacity.wait_exponential(multiplier=0.5, max=10),
+        stop=lambda _: stopping.is_set(),
+        sleep=stopping.wait,  # a SIGTERM ends the wait
+        before_sleep=lambda state: log.info("no coordinator at %s yet (try %d)", client.endpoint, state.attempt_number),
+        reraise=True,
+    )
+    try:
+        welcome = retrying(hello)
+    except CoordinatorGone:
+        return sub  # stopping
+    if welcome["base_model_id"] != receiver.base_model_id:
+        log.error("the coordinator at %s now runs another base model; stopping", client.endpoint)
+        stopping.set()
+        return sub
+    transport = weight_transport(welcome["weights_slots"])
+    receiver.slots = transport if isinstance(transport, SlotTransport) else None
+    if sub is not None:
+        sub.close()
+    sub = None if receiver.slots else client.subscribe_weights(welcome["weights_endpoint"])
+    receiver.catch_up(client)
+    engine = receiver.engine
+    client.status.update(state="serving", version=engine.version)
+    msg = {"type": "ack", "name": client.name, "version": engine.version, "state": "serving"}
+    client.send({**msg, "http_url": client.status.get("http_url", "")})
+    client.coordinator_lost.clear()
+    log.info("%s rejoined at adapter version %d (served %d meanwhile)", client.name, engine.version, version)
+    return sub
+
+
 def join(args: argparse.Namespace) -> int:
     """`runner worker generate --join tcp://HOST:PORT`."""
     name = args.name or f"gen-{socket.gethostname()}-{os.getpid()}"
-    curve = curve_from_args(args)
-    return run_worker(args.join, name, args.host, args.port, args.model, curve, args.config)
+    try:
+        curve = curve_from_args(args)
+        advertised_url(args.host, args.port, args.join, args.advertise_url)  # refuse before loading anything
+    except ValueError as e:
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
+    return run_worker(args.join, name, args.host, args.port, args.model, curve, args.config, args.advertise_url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--model", default=None)
     p.add_argument("--config", default=None, help="the job's resolved config (default: ask the coordinator)")
+    p.add_argument("--advertise-url", default=None, help="the URL others reach this worker's HTTP API at")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return join(args)
