@@ -210,6 +210,67 @@ def test_greedy_tokens_and_logprobs_match_full_forward(base, tiny_model: Path, h
     assert results[2]["choices"][0]["token_ids"][: len(reference)] == reference
 
 
+def sampling_distribution(model, prompt: list[int], completion: list[int], temp: float, top_p: float) -> np.ndarray:
+    """NumPy, from one full forward: at each completion position, the log-probs [V] of softmax(logits / temp)
+    restricted to (and renormalised over) the top_p nucleus of the temperature-1 distribution, i.e. the smallest
+    set of most likely tokens whose mass reaches top_p (-inf outside it)."""
+    seq = mx.array(prompt + completion[:-1])[None]
+    logits = np.array(model(seq)[0, len(prompt) - 1 :].astype(mx.float32)).astype(np.float64)
+    out = []
+    for row in logits:
+        p1 = np.exp(row - row.max())
+        p1 /= p1.sum()
+        keep = np.ones_like(p1, dtype=bool)
+        if top_p < 1:
+            order = np.argsort(-p1)
+            mass_before = np.cumsum(p1[order]) - p1[order]
+            keep = np.zeros_like(keep)
+            keep[order[mass_before < top_p]] = True
+        z = np.where(keep, row / temp, -np.inf)
+        out.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize(("temp", "top_p"), [(0.7, 1.0), (1.6, 1.0), (0.8, 0.9), (1.0, 0.7), (0.5, 0.01)])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_logprobs_are_of_the_sampling_distribution(base, tiny_model: Path, http, temp, top_p, seeded):
+    """At temperature T with top_p, each reported log-prob is that of the distribution the token was drawn from:
+    log_softmax(logits / T) over the top_p nucleus (what the learner's importance weights need). Seeded requests
+    take the engine's own sampler, unseeded ones mlx-lm's; both are checked. The top alternatives come from the
+    same distribution."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(tiny_model))
+    prompt_ids = tokenizer.encode(PROMPTS[1])
+    body = {
+        "prompt": {"prompt_token_ids": prompt_ids},
+        "max_tokens": 16,
+        "temperature": temp,
+        "top_p": top_p,
+        "n": 3,
+        "logprobs": 2,
+    }
+    if seeded:
+        body["seed"] = 5
+    r = post(http, f"{base.base}/generate", body).json()
+    for ids, positions in zip(r["token_ids"], r["logprobs"]):
+        dist = sampling_distribution(model, prompt_ids, ids, temp, top_p)
+        for t, (token, (sampled, alternatives)) in enumerate(zip(ids, positions)):
+            assert sampled == {str(token): pytest.approx(dist[t, token], abs=1e-4)}
+            assert np.isfinite(dist[t, token])  # a sampled token is always inside the nucleus
+            # The two most likely tokens, less any outside the nucleus (probability 0: never sampled).
+            assert len(alternatives) == min(2, int(np.isfinite(dist[t]).sum()))
+            for k, v in alternatives.items():
+                assert v == pytest.approx(dist[t, int(k)], abs=1e-4)
+    if top_p < 0.05:  # a one-token nucleus: every token is the argmax, and certain under the sampling distribution
+        assert all(next(iter(p[0].values())) == 0.0 for c in r["logprobs"] for p in c)
+    if temp != 1.0:  # and these are not the temperature-1 numbers any more
+        ids = r["token_ids"][0]
+        _, t1 = teacher_forced_logprobs(model, prompt_ids, ids)
+        reported = [next(iter(p[0].values())) for p in r["logprobs"][0]]
+        assert np.abs(np.array(reported) - t1).max() > 1e-2
+
+
 def test_32_concurrent_requests_share_the_batch(base, http: httpx.Client) -> None:
     eos = eos_ids(base.engine)
     before = base.metrics()

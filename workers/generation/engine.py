@@ -61,7 +61,8 @@ class SamplingParams:
 class Completion:
     index: int
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # log-prob of each sampled token (model distribution, T=1)
+    # log-prob of each sampled token under the distribution it was sampled from (temperature, top_p nucleus)
+    logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # adapter version that produced each token
     finish_reason: str | None = None
@@ -422,7 +423,7 @@ class Engine:
         self._launched_version = self.stats.adapter_version
         if not responses:
             return
-        chosen = _sampled_logprobs(responses)
+        chosen, rows = _sampled_logprobs(responses, self._by_uid)
         elapsed = time.perf_counter() - tic
         self.stats.decode_steps_total += 1
         self.stats.decode_seconds_total += elapsed
@@ -439,7 +440,7 @@ class Engine:
             c.logprobs.append(chosen[i])
             c.versions.append(version)
             if req.params.top_logprobs:
-                c.top_logprobs.append(_top_logprobs(_host_row(r.logprobs), req.params.top_logprobs))
+                c.top_logprobs.append(_top_logprobs(_host_row(rows[i]), req.params.top_logprobs))
             finish = r.finish_reason
             detok = self._detok.get(r.uid)
             if detok is not None and finish is None:  # stop strings are matched on text, not tokens
@@ -532,28 +533,67 @@ def _seeded_sampler(temp: float, top_p: float, seed: int) -> Callable:
 _HOST_DTYPES = (mx.float32, mx.float16)
 
 
-def _host_row(row: mx.array) -> np.ndarray:
+def _host_row(row: mx.array | np.ndarray) -> np.ndarray:
     """A log-prob row as numpy. BatchGenerator has already evaluated it, so for float32/float16 this reads its
     memory in place, with no MLX op to build, schedule and wait for."""
+    if isinstance(row, np.ndarray):  # already on the host (a reshaped row, see _sampled_logprobs)
+        return row
     if row.dtype not in _HOST_DTYPES:
         row = row.astype(mx.float32)
     return np.asarray(row)
 
 
-def _sampled_logprobs(responses) -> list[float]:
-    """The log-prob of each response's sampled token: read in place when numpy can view the rows (4x cheaper
-    than an MLX gather at batch 32), else one batched MLX gather rather than a device read per sequence."""
-    if responses[0].logprobs.dtype in _HOST_DTYPES:  # one model, so one dtype for every row
-        return [float(np.asarray(r.logprobs)[r.token]) for r in responses]
-    rows = mx.stack([r.logprobs for r in responses])
-    tokens = mx.array([r.token for r in responses])[:, None]
-    return mx.take_along_axis(rows, tokens, axis=1)[:, 0].astype(mx.float32).tolist()
+def _sampled_logprobs(responses, by_uid: dict) -> tuple[list[float], list[mx.array | np.ndarray]]:
+    """The log-prob of each response's sampled token under the distribution it was SAMPLED from, and that
+    distribution's log-prob row (for top_logprobs).
+
+    BatchGenerator's rows are the model's log_softmax (temperature 1). mlx-lm's sampler (and `_seeded_sampler`)
+    draws at temperature T with top_p from: the nucleus of that temperature-1 distribution (`apply_top_p`), then
+    softmax(logprobs / T) over it, so top_p renormalises over the kept nucleus. That distribution is what is
+    reported: the learner's importance weights (behaviour log-probs) must be those of the policy that sampled.
+    Greedy requests (T = 0) report the model's temperature-1 log-probs, as OpenAI does (the point mass would say 0).
+
+    Rows at temperature 1 without top_p are read in place when numpy can view them (4x cheaper than an MLX gather
+    at batch 32), else with one batched MLX gather rather than a device read per sequence; reshaped rows cost one
+    batched MLX pass per distinct (temperature, top_p) of the step."""
+    rows: list[mx.array | np.ndarray] = [r.logprobs for r in responses]
+    shaped: dict[tuple[float, float], list[int]] = {}
+    for i, r in enumerate(responses):
+        entry = by_uid.get(r.uid)
+        p = entry[0].params if entry is not None else None
+        if p is not None and p.temperature != 0 and (p.temperature != 1 or 0 < p.top_p < 1):
+            shaped.setdefault((p.temperature, p.top_p), []).append(i)
+    for (temp, top_p), idx in shaped.items():
+        x = mx.stack([rows[i] for i in idx]).astype(mx.float32)
+        if 0 < top_p < 1:
+            x = apply_top_p(x, top_p)  # the very nucleus the sampler kept (-inf outside it)
+        x = x * (1.0 / temp)
+        x = x - mx.logsumexp(x, axis=-1, keepdims=True)
+        mx.eval(x)
+        host = np.asarray(x)
+        for j, i in enumerate(idx):
+            rows[i] = host[j]
+    out = [0.0] * len(responses)
+    gather = []
+    for i, (row, r) in enumerate(zip(rows, responses)):
+        if isinstance(row, np.ndarray) or row.dtype in _HOST_DTYPES:
+            out[i] = float(np.asarray(row)[r.token])
+        else:
+            gather.append(i)
+    if gather:  # e.g. bfloat16 rows
+        stacked = mx.stack([rows[i] for i in gather])
+        tokens = mx.array([responses[i].token for i in gather])[:, None]
+        values = mx.take_along_axis(stacked, tokens, axis=1)[:, 0].astype(mx.float32).tolist()
+        for i, v in zip(gather, values):
+            out[i] = v
+    return out, rows
 
 
 def _top_logprobs(row: np.ndarray, k: int) -> dict[int, float]:
     k = min(k, row.shape[-1])
     ids = np.argpartition(-row, k - 1)[:k]
-    return {int(i): float(row[i]) for i in ids}
+    # Tokens outside a top_p nucleus have log-prob -inf (never sampled): left out, and JSON has no -inf.
+    return {int(i): float(row[i]) for i in ids if np.isfinite(row[i])}
 
 
 def _hits_stop(text: str, stops: tuple[str, ...]) -> bool:
