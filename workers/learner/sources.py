@@ -196,9 +196,9 @@ def wait_unless_stopped(futures: list[Future], stop: threading.Event, what: str)
     """Wait for every future (re-raising the first failure); raise Stopped as soon as `stop` is set."""
     pending = set(futures)
     while pending:
-        if stop.is_set():
-            raise Stopped(f"stopped while waiting for {what}")
         done, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+        if stop.is_set():  # also when a request gave up because of the stop
+            raise Stopped(f"stopped while waiting for {what}")
         for f in done:
             if f.exception() is not None:
                 raise f.exception()
