@@ -96,17 +96,22 @@ def test_openai_client_completes_chats_and_streams(job):
     assert done.usage.completion_tokens == len(done.choices[0].token_ids) >= 1
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    # Streams are checked against the contract, not a chunk count: the worker merges the tokens waiting when the
+    # client falls behind into one chunk, so a short completion may arrive in one chunk (this test used to assert
+    # at least two, and failed about once in 15). The stream is the worker's, unchanged: the same greedy text as
+    # the non-streamed call, and the last chunk says why it ended.
     chunks = list(client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=0, stream=True))
-    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("length", "stop")
-    # The stream is the worker's, unchanged: the same greedy text as the non-streamed call.
+    assert chunks and chunks[-1].choices[0].finish_reason in ("length", "stop")
     again = client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=0)
     assert "".join(c.choices[0].text for c in chunks) == again.choices[0].text
+    hi = [{"role": "user", "content": "Hi"}]
     chat_chunks = list(
-        client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
-        )
+        client.chat.completions.create(model="tiny", messages=hi, max_tokens=4, temperature=0, stream=True)
     )
-    assert len(chat_chunks) >= 2
+    assert chat_chunks[0].choices[0].delta.role == "assistant"  # a chat stream starts with the role
+    assert chat_chunks[-1].choices[0].finish_reason in ("length", "stop")
+    greedy = client.chat.completions.create(model="tiny", messages=hi, max_tokens=4, temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == greedy.choices[0].message.content
     # Atropos' `vllm` server type uses /generate.
     r = httpx.post(
         f"{router.base}/generate",
