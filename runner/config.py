@@ -110,8 +110,8 @@ class LearnerConfig:
     loss: str = field(default="grpo", metadata=_one_of("grpo", "gspo", "cispo"))
     # "constant" = Dr.GRPO: sum over tokens / (max_tokens * sequences), no per-length normalisation.
     loss_agg: str = field(default="token", metadata=_one_of("token", "sequence", "constant"))
-    # Optimizer updates per batch = ppo_epochs * minibatches (the batch is split into `minibatches` parts and gone
-    # through `ppo_epochs` times); one version is published per batch. Clipping only acts from the second update.
+    # Optimizer updates per batch = ppo_epochs * minibatches (the batch is split into `minibatches` runs of whole
+    # groups, gone through `ppo_epochs` times); one version is published per batch. Clipping acts from the 2nd update.
     ppo_epochs: int = field(default=1, metadata=_positive("integer"))
     minibatches: int = field(default=1, metadata=_positive("integer"))
     scale_rewards: bool = True  # False = Dr.GRPO (no std scaling of advantages)

@@ -10,8 +10,8 @@ calls it bare; the learner process under a coordinator (workers.learner.main) ad
 workers before a step and publish and report after it. The loss math and the log-prob helper are workers.learner.grpo.
 
 One step = one batch = one published version. Inside a step the learner makes `ppo_epochs * minibatches` optimizer
-updates: the batch's rows are split into `minibatches` contiguous parts (advantages are computed on the whole batch
-first), and the parts are gone through `ppo_epochs` times. `step_count` and `version` count batches, not updates;
+updates: the batch is split into `minibatches` contiguous runs of whole groups (advantages are computed on the whole
+batch first), and the parts are gone through `ppo_epochs` times. `step_count` and `version` count batches, not updates;
 Adam's own step counter counts updates.
 
 Proximal and behaviour log-probs (decoupled PPO, see workers.learner.grpo). The clipped ratio is taken against the
@@ -307,21 +307,23 @@ class Trainer:
         local = batch if self.world_size == 1 else dist.shard_batch(batch, self.rank, self.world_size)
         # A rank whose shard is empty (fewer groups than ranks) still takes part in every collective below.
         arr = prepare_batch(local, cfg.scale_rewards, self.params.eps) if local.groups else None
-        rows = np.array_split(np.arange(0 if arr is None else len(arr["tokens"])), cfg.minibatches)
+        rows = self._minibatch_rows(arr, len(batch.groups))
         # Each update is normalised by its minibatch's counts over all ranks: [tokens, sequences] per minibatch.
         counts = [loss_normalizer(arr["mask"][r], agg) if arr is not None else 0.0 for r in rows for agg in AGGS]
         if self.world_size > 1:
             counts = dist.all_sum_scalars(counts, self.group)
         # Rank r > 0 draws its own dropout masks; rank 0 (and a single process) draws exactly as before.
         mx.random.seed(_step_seed(cfg.seed, self.step_count + 1) + self.rank)
-        updates = cfg.ppo_epochs * cfg.minibatches
+        # A minibatch with nothing to train on (fewer groups than minibatches) makes no update: Adam would still move.
+        live = [k for k in range(cfg.minibatches) if counts[2 * k] > 0]
+        updates = cfg.ppo_epochs * len(live)
         prox = self._proximal_logprobs(arr) if updates > 1 and arr is not None else None
 
         total = dict.fromkeys(ACC_KEYS, 0.0)
         grad_norms = []
         for _ in range(cfg.ppo_epochs):
-            for k, r in enumerate(rows):
-                grads, acc = self._accumulate(arr, r, prox, counts[2 * k], counts[2 * k + 1])
+            for k in live:
+                grads, acc = self._accumulate(arr, rows[k], prox, counts[2 * k], counts[2 * k + 1])
                 if self.world_size > 1:
                     # A sum, not a mean: with the global normaliser each shard's gradient is already its share.
                     grads = dist.all_sum_tree(grads, self.group)
@@ -350,13 +352,13 @@ class Trainer:
         self.last_metrics = {
             "step": self.step_count,
             "version": self.version,
-            "loss": total["loss"] / updates,
+            "loss": total["loss"] / max(updates, 1),
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             "kl": total["kl"] / denom,
             "clip_frac": total["clip_frac"] / denom,
             "entropy": total["entropy"] / denom,
-            "grad_norm": float(np.mean(grad_norms)),
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "sampler_diff": total["diff_sum"] / total["diff_w"] if total["diff_w"] else 0.0,
             "updates": updates,
             "groups": len(batch.groups),
@@ -372,6 +374,18 @@ class Trainer:
         if self.world_size > 1:
             self.last_metrics["ranks"] = self.world_size
         return self.last_metrics
+
+    def _minibatch_rows(self, arr: dict[str, np.ndarray] | None, n_groups: int) -> list[np.ndarray]:
+        """This process's rows of each minibatch. Minibatches are contiguous runs of whole groups of the WHOLE batch,
+        so a data-parallel rank (which holds groups rank, rank + size, ...) trains its part of the same minibatch
+        one process would: the ranks still make the single process's updates."""
+        if arr is None:
+            return [np.arange(0)] * self.cfg.minibatches
+        chunk = np.zeros(n_groups, dtype=np.int64)
+        for k, groups in enumerate(np.array_split(np.arange(n_groups), self.cfg.minibatches)):
+            chunk[groups] = k
+        global_group = self.rank + arr["group"] * self.world_size  # see distributed.shard_batch
+        return [np.nonzero(chunk[global_group] == k)[0] for k in range(self.cfg.minibatches)]
 
     def _micro_batches(self, arr: dict[str, np.ndarray], rows: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
         """(row indices, token width without trailing padding) of each micro-batch of `rows`."""
