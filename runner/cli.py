@@ -71,9 +71,10 @@ def cmd_worker_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from runner.args import curve_from_args
     from runner.status import show_status
 
-    return show_status(args.coordinator, as_json=args.json)
+    return show_status(args.coordinator, as_json=args.json, curve=curve_from_args(args))
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -210,6 +211,8 @@ def _add_status_command(sub) -> None:
     p = sub.add_parser("status", help="show the workers and progress of a running job")
     p.add_argument("--coordinator", default="tcp://127.0.0.1:5555")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--key", default=None, help="a CURVE secret key file (when the coordinator uses CURVE)")
+    p.add_argument("--server-key", default=None, help="the coordinator's CURVE public key file")
     p.set_defaults(func=cmd_status)
 
 

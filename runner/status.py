@@ -9,8 +9,8 @@ import time
 from runner.control import ControlClient, CoordinatorGone
 
 
-def fetch_status(endpoint: str, timeout: float = 5.0) -> dict:
-    client = ControlClient(endpoint, name=f"status-{time.time_ns()}", role="cli")
+def fetch_status(endpoint: str, timeout: float = 5.0, curve: dict | None = None) -> dict:
+    client = ControlClient(endpoint, name=f"status-{time.time_ns()}", role="cli", curve=curve)
     try:
         return client.request({"type": "status"}, ("status",), timeout=timeout)[1]
     finally:
@@ -40,9 +40,9 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def show_status(endpoint: str, as_json: bool = False) -> int:
+def show_status(endpoint: str, as_json: bool = False, curve: dict | None = None) -> int:
     try:
-        status = fetch_status(endpoint)
+        status = fetch_status(endpoint, curve=curve)
     except CoordinatorGone:
         print(f"runner: error: no coordinator answered at {endpoint}; is a job running?", file=sys.stderr)
         return 1

@@ -1,7 +1,16 @@
 """Two machines on one: network namespaces A (coordinator, learner) and B (a remote generation worker), joined by a
-veth pair 10.123.0.1/24 <-> 10.123.0.2/24. The worker joins over TCP with CURVE, serves the latest adapter version
-(checked from A over HTTP with the bearer token) and is the only worker a full `runner launch` job trains with; a
-worker with a stranger's key is refused and the coordinator logs it. Skipped only where `ip netns` is not permitted.
+veth pair 10.123.0.1/24 <-> 10.123.0.2/24 (A also has 10.123.0.3, for a weights socket B can be cut off from). The
+worker is started as the README says (`--host 0.0.0.0`, no `--advertise-url`), joins over TCP with CURVE and
+advertises its address on the veth; it serves the latest adapter version (checked from A over HTTP with the bearer
+token) and takes the training requests of a `runner launch` job; a worker with a stranger's key is refused and the
+coordinator logs it. Liveness: `kill -9` of `runner launch` ends its local children within the heartbeat timeout,
+and the remote worker serves on, rejoins the restarted job and catches up; a version it never received (its weights
+SUB socket cut off by a `prohibit` route) is re-sent as soon as its heartbeat reports the older version.
+
+The namespaces share the hostname and /dev/shm, so a worker in B could take versions through the coordinator's
+shared-memory slots; every job here sets `[coordinator] shared_memory = false`, so B takes them from the weights PUB
+socket over the veth, as another Mac does (each test checks `weights_via == "pub"`). Skipped only where `ip netns` is
+not permitted.
 
 Traffic stays on the two private test addresses inside namespaces this test creates. Everything it starts (namespaces,
 veth, processes) is removed in teardown, also on failure. The helpers at the bottom run inside namespace A as
@@ -23,9 +32,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ADDR_A, ADDR_B = "10.123.0.1", "10.123.0.2"
+ADDR_A, ADDR_B, ADDR_A2 = "10.123.0.1", "10.123.0.2", "10.123.0.3"
 CONTROL = f"tcp://{ADDR_A}:5555"  # fixed ports are safe: the namespaces are new and empty
 WEIGHTS = f"tcp://{ADDR_A}:5556"
+HEARTBEAT_TIMEOUT = 10.0  # the default, and the issue's bound for a killed launch's children
 WORKER_PORT = 8000
 TOKEN = "netns-test-token"
 LORA = {"rank": 4, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
@@ -60,6 +70,10 @@ class Netns:
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")  # the coordinator's status page and local children use loopback
+        _ip("-n", self.a, "addr", "add", f"{ADDR_A2}/24", "dev", self.veth_a)
+
+    def pids(self, ns: str) -> list[int]:
+        return [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
 
     def spawn(self, ns: str, args: list[str], log: Path) -> subprocess.Popen:
         out = open(log, "ab")
@@ -185,7 +199,7 @@ def job_config(model: Path, run_dir: Path, keys: dict, **learner) -> dict:
         "generation": {"workers": 0, "port": 0},  # no local worker: only the one in namespace B serves
         "learner": {"steps": 3, "group_size": 2, "batch_size": 2, "max_tokens": 4, **learner},
         "checkpoint": {"dir": str(run_dir), "interval": 10},
-        "coordinator": {"control": CONTROL, "weights": WEIGHTS, "heartbeat_timeout": 30.0},
+        "coordinator": {"control": CONTROL, "weights": WEIGHTS, "heartbeat_timeout": 30.0, "shared_memory": False},
         "security": {
             "curve_secret_key": str(keys["server_secret"]),
             "curve_public_key": str(keys["server_public"]),
@@ -206,6 +220,7 @@ def to_toml(config: dict) -> str:
 def remote_worker(
     net: Netns, secret: Path, server_public: Path, name: str, port: int, log: Path, model: Path
 ) -> subprocess.Popen:
+    """The README's command on the worker Mac: bound to every interface, no --advertise-url."""
     return net.spawn(
         net.b,
         _python(
@@ -222,7 +237,7 @@ def remote_worker(
             "--name",
             name,
             "--host",
-            ADDR_B,
+            "0.0.0.0",
             "--port",
             str(port),
             "--model",
@@ -233,7 +248,21 @@ def remote_worker(
 
 
 def status_from_a(net: Netns, keys: dict) -> dict:
-    r = net.run(net.a, _helper("status", CONTROL, str(keys["server_secret"]), str(keys["server_public"])), timeout=60)
+    """`runner status --json` run in A, as a user on the coordinator's Mac would."""
+    secret, public = str(keys["server_secret"]), str(keys["server_public"])
+    cmd = ["-m", "runner.cli", "status", "--coordinator", CONTROL, "--key", secret, "--server-key", public, "--json"]
+    r = net.run(net.a, _python(*cmd), timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def worker_row(status: dict, name: str) -> dict | None:
+    return next((w for w in status["workers"] if w["name"] == name), None)
+
+
+def http_from_a(net: Netns, url: str) -> dict:
+    """GET /health and /metrics of a worker from namespace A (with the token): status code and request count."""
+    r = net.run(net.a, _helper("http", url, TOKEN), timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -255,14 +284,16 @@ def test_remote_worker_joins_with_curve_serves_latest_and_strangers_are_refused(
     r = netns.run(
         netns.a,
         _helper(
-            "publish", CONTROL, str(keys["server_secret"]), str(keys["server_public"]), str(tiny_model), "3", TOKEN
+            "publish", CONTROL, str(keys["server_secret"]), str(keys["server_public"]), str(tiny_model), "1", "3", TOKEN
         ),
         timeout=240,
     )
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["worker"]["name"] == "remote-b" and result["worker"]["local"] is False
+    # Bound to 0.0.0.0, it advertises its address on the interface that reaches the coordinator.
     assert result["worker"]["http_url"] == f"http://{ADDR_B}:{WORKER_PORT}"
+    assert result["worker"]["weights_via"] == "pub"
     assert result["worker"]["version"] == 3 and result["latest_version"] == 3
     assert result["policy_version"] == 3 and result["completion_tokens"] >= 1
     assert result["without_token"] == 401
@@ -286,30 +317,128 @@ def test_remote_worker_joins_with_curve_serves_latest_and_strangers_are_refused(
     assert f"{ADDR_B}:{WORKER_PORT + 1}" not in stranger_log.read_text(errors="replace")  # it never served
 
 
-def test_launch_trains_with_a_remote_worker_only(netns, keys, tiny_model, tmp_path):
-    """`runner launch` in A with no local generation worker: the learner's rollouts can only come from B."""
+def test_launch_trains_on_a_remote_worker_which_outlives_a_killed_coordinator(netns, keys, tiny_model, tmp_path):
+    """`runner launch` in A with no local generation worker (so the job waits for B) and the README's worker in B.
+    Training requests land on B; `kill -9` of the launch ends its learner within the heartbeat timeout while B serves
+    on; the launch started again resumes from its newest checkpoint, B rejoins and catches up, and the job finishes
+    with versions never going backwards."""
+    steps = 40  # the kill comes at step 2: most of the job runs after the restart
     run_dir = tmp_path / "run"
+    config = job_config(tiny_model, run_dir, keys, steps=steps)
+    config["checkpoint"]["interval"] = 1
+    config["coordinator"]["heartbeat_timeout"] = HEARTBEAT_TIMEOUT
     config_path = tmp_path / "job.toml"
-    config_path.write_text(to_toml(job_config(tiny_model, run_dir, keys)))
-    launch_log, worker_log = tmp_path / "launch.log", tmp_path / "worker.log"
-    logs = (launch_log, worker_log, run_dir / "logs" / "learner.log")
+    config_path.write_text(to_toml(config))
+    launch_log, relaunch_log, worker_log = tmp_path / "launch.log", tmp_path / "relaunch.log", tmp_path / "worker.log"
+    logs = (launch_log, relaunch_log, worker_log, run_dir / "logs" / "learner.log")
     job = netns.spawn(netns.a, _python("-m", "runner.cli", "launch", str(config_path)), launch_log)
-    wait_until(lambda: "job started" in launch_log.read_text(errors="replace"), 60, "the job to start", (job,), logs)
     worker = remote_worker(
         netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log, tiny_model
     )
+
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180, "two steps", (job,), logs)
+    assert [p for p in netns.pids(netns.a) if p != job.pid]  # the learner
+    job.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    job.wait(10)
+    wait_until(lambda: not netns.pids(netns.a), HEARTBEAT_TIMEOUT, "A's processes to exit", (worker,), logs)
+    assert time.monotonic() - killed <= HEARTBEAT_TIMEOUT
+    assert "exiting, as this process was started by it" in (run_dir / "logs" / "learner.log").read_text()
+
+    # B serves on at its version, reachable from A at the address it advertised; the training requests went to it.
+    url = f"http://{ADDR_B}:{WORKER_PORT}"
+    seen = http_from_a(netns, url)
+    assert seen["health"] == 200 and seen["requests"] > 0, seen
+    served_before = seen["version"]
+    assert worker.poll() is None
+
+    job = netns.spawn(netns.a, _python("-m", "runner.cli", "launch", str(config_path)), relaunch_log)
+
+    def rejoined():
+        row = worker_row(status_from_a(netns, keys), "remote-b")
+        return row if row and row["state"] == "serving" else None
+
+    row = wait_until(rejoined, 120, "B to rejoin", (job, worker), logs)
+    assert row["http_url"] == url and row["weights_via"] == "pub" and row["version"] >= served_before, row
+    assert "rejoined at adapter version" in worker_log.read_text()
     try:
         code = job.wait(300)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the job did not finish within 300s\n{_tails(logs)}") from None
+        raise AssertionError(f"the restarted job did not finish within 300s\n{_tails(logs)}") from None
     assert code == 0, _tails(logs)
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-    output = launch_log.read_text(errors="replace")
-    assert re.search(r"step 3/3 .*remote-b:v\d", output), output[-2000:]
-    # The coordinator told the remote worker to stop when the job ended.
-    assert worker.wait(60) == 0, _tails(logs)
-    assert "serving on http://10.123.0.2" in worker_log.read_text(errors="replace")
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert lines[-1]["step"] == steps and {x["step"] for x in lines} == set(range(1, steps + 1))
+    versions = [x["version"] for x in lines]
+    assert versions == sorted(versions), versions  # across the restart too
+    worker_text = worker_log.read_text(errors="replace")
+    live = [int(v) for v in re.findall(r"adapter version (\d+) is live", worker_text)]
+    assert live == sorted(set(live)) and live[-1] > served_before, live
+    assert re.search(rf"step {steps}/{steps} .*\[remote-b:v\d+\]", relaunch_log.read_text()), _tails(logs)
+    assert worker.wait(60) == 0, _tails(logs)  # the coordinator told it to stop when the job ended
+
+
+def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_path):
+    """`runner launch` as on one Mac (defaults: shared memory, children on the Unix socket), a local generation worker
+    and the learner: after `kill -9` of the launch, every process in its namespace is gone within the heartbeat
+    timeout (its children hear no coordinator beats and exit)."""
+    run_dir = tmp_path / "run"
+    config = job_config(tiny_model, run_dir, keys, steps=1000)
+    config["generation"]["workers"] = 1
+    config["coordinator"].update(heartbeat_timeout=HEARTBEAT_TIMEOUT, shared_memory=True)
+    config_path = tmp_path / "job.toml"
+    config_path.write_text(to_toml(config))
+    launch_log = tmp_path / "launch.log"
+    logs = (launch_log, run_dir / "logs" / "learner.log", run_dir / "logs" / "gen-0.log")
+    job = netns.spawn(netns.a, _python("-m", "runner.cli", "launch", str(config_path)), launch_log)
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().strip(), 180, "a training step", (job,), logs)
+    status = status_from_a(netns, keys)
+    assert {w["name"]: w["state"] for w in status["workers"]} == {"gen-0": "serving", "learner": "training"}, status
+    children = {w["pid"] for w in status["workers"]}
+    assert children <= set(netns.pids(netns.a))
+    job.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    job.wait(10)
+    wait_until(lambda: not netns.pids(netns.a), HEARTBEAT_TIMEOUT, "every child of the launch to exit", (), logs)
+    assert time.monotonic() - killed <= HEARTBEAT_TIMEOUT
+    for name in ("learner", "gen-0"):
+        assert "exiting, as this process was started by it" in (run_dir / "logs" / f"{name}.log").read_text()
+
+
+def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, keys, tiny_model, tmp_path):
+    """B's weights SUB socket cannot reach the PUB socket (a `prohibit` route to its address), so the PUB message
+    of version 1 is dropped for B. B's next heartbeat reports version 0; the coordinator sends version 1 again on
+    the control socket and B serves it well before any timeout. With the route gone, version 2 arrives as usual."""
+    config = job_config(tiny_model, tmp_path / "run", keys)
+    config["coordinator"]["weights"] = f"tcp://{ADDR_A2}:5556"
+    logs = coord_log, worker_log = tmp_path / "coordinator.log", tmp_path / "worker.log"
+    _ip("-n", netns.b, "route", "add", "prohibit", f"{ADDR_A2}/32")
+    coord = netns.spawn(netns.a, _helper("coordinator", json.dumps(config)), coord_log)
+    wait_until(lambda: "control tcp://" in coord_log.read_text(errors="replace"), 60, "the coordinator", (coord,), logs)
+    worker = remote_worker(
+        netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log, tiny_model
+    )
+    secret, public = str(keys["server_secret"]), str(keys["server_public"])
+    r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "1", "1", TOKEN), timeout=240)
+    assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["worker"]["version"] == 1 and result["worker"]["resent_version"] == 1, result
+    assert result["worker"]["weights_via"] == "pub"
+    assert result["served_after"] < config["coordinator"]["heartbeat_timeout"], result
+    assert "remote-b serves version 0, the latest is 1: sending it again" in coord_log.read_text()
+
+    _ip("-n", netns.b, "route", "del", "prohibit", f"{ADDR_A2}/32")
+
+    def subscribed() -> bool:  # B's SUB socket reconnects by itself
+        out = netns.run(netns.b, ["ss", "-Htn", "state", "established", "dst", f"{ADDR_A2}:5556"], timeout=30).stdout
+        return bool(out.strip())
+
+    wait_until(subscribed, 60, "B's SUB socket to connect", (coord, worker), logs)
+    r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "2", "2", TOKEN), timeout=240)
+    assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["worker"]["version"] == 2
+    assert worker.poll() is None and coord.poll() is None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,18 +471,9 @@ def main_coordinator(config_json: str) -> int:
     return coord.run()
 
 
-def main_status(endpoint: str, secret: str, public: str) -> int:
-    client = _client(endpoint, secret, public, f"status-{os.getpid()}")
-    try:
-        print(json.dumps(_status(client)))
-    finally:
-        client.close()
-    return 0
-
-
-def main_publish(endpoint: str, secret: str, public: str, model: str, versions: str, token: str) -> int:
-    """Publish `versions` random adapters as the learner would, wait until every worker serves the last, then ask
-    the remote worker for a completion over the veth."""
+def main_publish(endpoint: str, secret: str, public: str, model: str, first: str, last: str, token: str) -> int:
+    """Publish random adapters `first`..`last` as the learner would, wait until every worker serves the last (how
+    long that took: served_after), then ask the remote worker for a completion over the veth."""
     import httpx
     import mlx.core as mx
     import mlx_lm
@@ -373,9 +493,9 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
             time.sleep(0.2)
         model_obj, _ = mlx_lm.load(model)
         apply_lora(model_obj, LoraSpec(rank=LORA["rank"], keys=LORA["keys"]))
-        rng = np.random.default_rng(0)
-        last = int(versions)
-        for v in range(1, last + 1):
+        rng = np.random.default_rng(int(first))
+        last = int(last)
+        for v in range(int(first), last + 1):
             tensors = {
                 n: mx.array(rng.normal(0, 0.5, size=shape).astype(np.float32))
                 for n, (shape, _) in lora_layout(model_obj).items()
@@ -384,8 +504,10 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
             reply = client.wait_for(("published", "rejected"), timeout=30)[1]
             if reply["type"] != "published":
                 raise SystemExit(f"version {v} was rejected: {reply}")
+        published = time.monotonic()
         client.send({"type": "wait_serving", "version": last})
         client.wait_for(("serving",), timeout=60)
+        served_after = time.monotonic() - published
         status = _status(client)
         worker = next(w for w in status["workers"] if w["role"] == "generate")
         url = worker["http_url"]
@@ -401,6 +523,7 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
                     "policy_version": ok.json()["policy_version"],
                     "completion_tokens": ok.json()["usage"]["completion_tokens"],
                     "without_token": denied.status_code,
+                    "served_after": served_after,
                 }
             )
         )
@@ -409,6 +532,19 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, versions: 
     return 0
 
 
+def main_http(url: str, token: str) -> int:
+    """A worker's /health (status code, adapter version) and its request counter (/metrics), from this namespace."""
+    import httpx
+
+    health = httpx.get(f"{url}/health", timeout=30)
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30).text
+    requests = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("runner_requests_total "))
+    version = health.json()["adapter_version"]
+    print(json.dumps({"health": health.status_code, "version": version, "requests": requests}))
+    return 0
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    sys.exit({"coordinator": main_coordinator, "status": main_status, "publish": main_publish}[command](*rest))
+    helpers = {"coordinator": main_coordinator, "publish": main_publish, "http": main_http}
+    sys.exit(helpers[command](*rest))
