@@ -616,6 +616,7 @@ class Coordinator:
                 break
             self.control.poll(50)  # keep answering the learner (its last publish, its final progress)
             self._drain_control()
+            self._beat(time.time())  # and beating: a child finishing its last step must not think us gone
         for name, w in self.watchers.items():
             if w.exit_code() is None:
                 log.warning(
