@@ -173,15 +173,15 @@ class ControlClient:
 
     @property
     def silence_limit(self) -> float:
-        """How long the coordinator may be silent: one interval less than its own heartbeat_timeout, so a child of a
-        killed coordinator is gone within that timeout of the kill."""
+        """How long the coordinator may be silent: one interval less than its own heartbeat_timeout, counted from
+        its last beat (which came before it died), so a child of a killed coordinator is gone within that timeout."""
         return max(self.heartbeat_timeout - self.heartbeat_interval, self.heartbeat_timeout / 2)
 
     def _heartbeat_loop(self) -> None:
         hb = self._socket(zmq.DEALER, immediate=True)
         hb.connect(self.endpoint)
         self._last_beat = time.monotonic()
-        next_beat = time.monotonic() + self.heartbeat_interval
+        next_beat = time.monotonic()  # at once: the coordinator beats back to the socket it hears from
         try:
             while not self._stop.is_set():
                 now = time.monotonic()

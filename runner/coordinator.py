@@ -371,6 +371,8 @@ class Coordinator:
             return
         if rec.state in ("failed", "stopped"):
             return
+        if rec.beat_identity != identity:  # a new heartbeat socket: it hears from us at once, not an interval later
+            self._reply(identity, {"type": "heartbeat", "name": "coordinator"})
         rec.last_heartbeat, rec.beat_identity = time.time(), identity
         rec.state, rec.version = msg.get("state", rec.state), msg.get("version", rec.version)
         rec.http_url = msg.get("http_url") or rec.http_url

@@ -223,6 +223,7 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
         "--model": "models/tiny",
         "--name": "mini-2",
         "--config": "run/config.resolved.toml",
+        "--advertise-url": "http://mini-2.local:8001",
     }
     expected = {
         "join": "tcp://10.0.0.5:5555",
@@ -233,6 +234,7 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
         "model": str(tmp_path / "models" / "tiny"),
         "name": "mini-2",
         "config": str(tmp_path / "run" / "config.resolved.toml"),
+        "advertise_url": "http://mini-2.local:8001",
     }
     # Every flag of `runner worker generate` is exercised here: a new flag must be given a value above, and it
     # reaches the service only if it is added where deploy gets its flags too (cli.add_worker_generate_arguments).

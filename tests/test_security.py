@@ -165,3 +165,19 @@ def test_open_non_loopback_bind_is_refused(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="0.0.0.0"):
         create_coordinator(config, tmp_path / "job.toml")
     assert not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--host", "127.0.0.1"], "is a loopback address, unreachable from the coordinator at 192.0.2.1"),
+        (["--host", "0.0.0.0", "--advertise-url", "http://0.0.0.0:8000"], "is a wildcard address"),
+        (["--host", "0.0.0.0", "--advertise-url", "localhost:8000"], "is not an http(s)://HOST[:PORT] URL"),
+    ],
+)
+def test_a_worker_refuses_to_advertise_an_address_the_coordinator_cannot_reach(flags, reason):
+    """Refused at start, in one line, before it connects or loads anything (192.0.2.1 is TEST-NET: nobody there)."""
+    cmd = [sys.executable, "-m", "runner.cli", "worker", "generate", "--join", "tcp://192.0.2.1:5555", *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and reason in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
