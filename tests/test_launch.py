@@ -124,11 +124,15 @@ def child_pids(control: str) -> list[int]:
 
 
 def is_running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit status waits for whoever adopted it to reap it)."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): os.kill said it exists
+        return True
 
 
 def stop_within_grace(job: Job, control: str, grace: float) -> float:
@@ -372,3 +376,38 @@ def test_children_start_from_the_resolved_config_and_only_the_first_learner_resu
             watcher.signal(signal.SIGKILL)
             watcher.proc.wait(30)
         coord.shutdown()
+
+
+def test_a_child_that_ignores_sigterm_is_killed_with_its_group_at_the_grace(tmp_path, tiny_model):
+    """[coordinator] stop_grace bounds the whole stop: a child that ignores SIGTERM (as a learner deep in a long step
+    would, for a while) and a process it started are SIGKILLed together when the grace runs out; one that obeys
+    stops at once."""
+    from runner.config import build_config
+    from runner.coordinator import create_coordinator
+
+    config = build_config(
+        {
+            "model": {"path": str(tiny_model)},
+            "checkpoint": {"dir": str(tmp_path / "run")},
+            "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "stop_grace": 3.0},
+        }
+    )
+    coord = create_coordinator(config)
+    grandchild = tmp_path / "grandchild.pid"
+    stubborn = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(grandchild)!r}, 'w').write(str(p.pid)); time.sleep(600)"
+    )
+    coord.add_watcher("stubborn", "learner", [sys.executable, "-c", stubborn])
+    coord.add_watcher("obedient", "generate", [sys.executable, "-c", "import time; time.sleep(600)"])
+    poll(lambda: grandchild.exists() and grandchild.read_text(), 30, "the grandchild")
+    pids = [coord.watchers[n].proc.pid for n in ("stubborn", "obedient")] + [int(grandchild.read_text())]
+    coord.request_stop("test")
+    tic = time.monotonic()
+    assert coord.shutdown() == 0
+    took = time.monotonic() - tic
+    assert 3.0 <= took < 20, took  # the grace, then the kill (20: the default stop_grace, the bound stated)
+    assert coord.watchers["obedient"].proc.returncode == -signal.SIGTERM
+    assert coord.watchers["stubborn"].proc.returncode == -signal.SIGKILL
+    poll(lambda: not any(is_running(p) for p in pids), 10, "the grandchild to be reaped")
