@@ -189,6 +189,37 @@ def _aggregate(
     return seq_mean.sum() / mx.maximum(n_seqs, 1.0)
 
 
+def _policy_objective(
+    lp: mx.array, prox: mx.array, w: mx.array | None, adv: mx.array, mask: mx.array, params: GRPOParams
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Per-token objective (to maximise) of the chosen loss, the ratio to the proximal policy, and where clipping
+    cuts the gradient off. `w`: the behaviour weight (constant), or None."""
+    sg = mx.stop_gradient
+    f32 = mx.float32
+    log_ratio = lp - prox
+    if params.loss == "gspo":
+        # Value: the sequence's geometric-mean ratio; gradient: that ratio times this token's grad(logprob).
+        log_ratio = sg(_row_mean(log_ratio, mask)) + lp - sg(lp)
+    ratio = mx.exp(log_ratio)
+    clipped = mx.clip(ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
+
+    if params.loss == "cispo":
+        weight = sg(clipped) if w is None else sg(clipped * w)
+        obj = weight * adv * lp
+        clip_active = (clipped != ratio).astype(f32)
+    else:
+        unclipped_obj = ratio * adv
+        clipped_obj = clipped * adv
+        obj = mx.minimum(unclipped_obj, clipped_obj)
+        if w is not None:
+            obj = obj * w
+        # Clipping is "active" where min() picked the clipped branch strictly, i.e. where the token's gradient
+        # is cut off: A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low.
+        clip_active = (clipped_obj < unclipped_obj).astype(f32)
+
+    return obj, ratio, clip_active
+
+
 def grpo_token_loss(
     logprobs: mx.array,
     proximal_logprobs: mx.array,
@@ -226,33 +257,13 @@ def grpo_token_loss(
     prox = sg(clean(proximal_logprobs))
     adv = sg(advantages.astype(f32))[:, None]
 
-    log_ratio = lp - prox
-    if params.loss == "gspo":
-        # Value: the sequence's geometric-mean ratio; gradient: that ratio times this token's grad(logprob).
-        log_ratio = sg(_row_mean(log_ratio, mask)) + lp - sg(lp)
-    ratio = mx.exp(log_ratio)
-    clipped = mx.clip(ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
-
     w = None
     if sampler_logprobs is not None and params.tis_cap > 0:
         log_w = prox - clean(sampler_logprobs)
         if params.loss == "gspo":
             log_w = _row_mean(log_w, mask)
         w = sg(mx.minimum(mx.exp(log_w), params.tis_cap))
-
-    if params.loss == "cispo":
-        weight = sg(clipped) if w is None else sg(clipped * w)
-        obj = weight * adv * lp
-        clip_active = (clipped != ratio).astype(f32)
-    else:
-        unclipped_obj = ratio * adv
-        clipped_obj = clipped * adv
-        obj = mx.minimum(unclipped_obj, clipped_obj)
-        if w is not None:
-            obj = obj * w
-        # Clipping is "active" where min() picked the clipped branch strictly, i.e. where the token's gradient
-        # is cut off: A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low.
-        clip_active = (clipped_obj < unclipped_obj).astype(f32)
+    obj, ratio, clip_active = _policy_objective(lp, prox, w, adv, mask, params)
 
     loss_tok = -obj
     metrics: dict[str, mx.array] = {}
