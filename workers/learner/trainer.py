@@ -74,7 +74,7 @@ class StaleBatch(ValueError):
 
 
 AGGS = ("token", "sequence")  # the two counts a loss normaliser is made of (see grpo.loss_normalizer)
-ACC_KEYS = ("loss", "kl", "entropy", "clip_frac", "diff_sum", "diff_w")  # per-update sums behind the metrics
+ACC_KEYS = ("loss", "kl", "entropy", "clip_frac", "diff_sum", "skl_sum", "diff_w")  # per-update sums behind the metrics
 PAD_ID = 0  # any id works: padded positions are masked out and come after the real tokens (causal attention)
 
 
@@ -127,6 +127,18 @@ def prepare_batch(batch: Batch, scale_rewards: bool = True, eps: float = 1e-6) -
         "rewards": rewards.astype(np.float32),
         "group": group,
     }
+
+
+def token_staleness(batch: Batch, version: int) -> np.ndarray:
+    """How many versions behind `version` each trained token of the batch was sampled (its own version from
+    `Sample.versions`, else the sample's); tokens of unknown version are left out. Never below 0."""
+    out = []
+    for s in batch.samples:
+        if s.versions is not None:
+            out += [version - v for v, m in zip(s.versions, s.mask) if m]
+        elif s.version is not None:
+            out += [version - s.version] * sum(1 for m in s.mask if m)
+    return np.maximum(np.asarray(out, dtype=np.int64), 0)
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -255,11 +267,15 @@ class Trainer:
         loss, m = grpo_token_loss(
             lp, prox, ref, samp, adv, mask, self.params, entropy=ent, num_tokens_total=n_tokens, num_seqs_total=n_seqs
         )
-        diff = mx.array(0.0)
+        diff = skl = mx.array(0.0)
         if sampler is not None:
             v = sampler_valid * mask
-            diff = (mx.abs(prox - sampler) * v).sum() / mx.maximum(v.sum(), 1.0)
-        return loss, (m["kl"], m.get("entropy", mx.array(0.0)), m["clip_frac"], diff)
+            n = mx.maximum(v.sum(), 1.0)
+            diff = (mx.abs(prox - sampler) * v).sum() / n
+            # k3 estimate of KL(sampler || proximal) on tokens the sampler drew: r - 1 - log r, r = pi / mu (>= 0).
+            d = mx.stop_gradient(prox - samp)
+            skl = ((mx.exp(d) - 1.0 - d) * v).sum() / n
+        return loss, (m["kl"], m.get("entropy", mx.array(0.0)), m["clip_frac"], diff, skl)
 
     def _eval_logprobs(self, tokens: mx.array) -> mx.array:
         """Log-probs of the current parameters without dropout and without gradient."""
@@ -323,18 +339,8 @@ class Trainer:
         grad_norms = []
         for _ in range(cfg.ppo_epochs):
             for k in live:
-                grads, acc = self._accumulate(arr, rows[k], prox, counts[2 * k], counts[2 * k + 1])
-                if self.world_size > 1:
-                    # A sum, not a mean: with the global normaliser each shard's gradient is already its share.
-                    grads = dist.all_sum_tree(grads, self.group)
-                    acc = dict(zip(acc, dist.all_sum_scalars(list(acc.values()), self.group)))
-                if cfg.max_grad_norm > 0:
-                    grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-                else:
-                    grad_norm = mx.sqrt(sum((x.astype(mx.float32) ** 2).sum() for _, x in tree_flatten(grads)))
-                self.optimizer.update(self.model, grads)
-                mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
-                grad_norms.append(float(grad_norm.item()))
+                acc, grad_norm = self._update(arr, rows[k], prox, counts[2 * k], counts[2 * k + 1])
+                grad_norms.append(grad_norm)
                 total = {key: total[key] + acc[key] for key in ACC_KEYS}
         if self.ema is not None:
             a = cfg.ref_ema
@@ -346,6 +352,7 @@ class Trainer:
         seconds = time.perf_counter() - tic
         n_tokens = sum(counts[0::2])
         versions = [s.version for s in batch.samples if s.version is not None]
+        stale = token_staleness(batch, self.version - 1)
         tokens_total = sum(len(s.tokens) for s in batch.samples)  # the whole batch's, on every rank
         rewards = np.array([s.reward for s in batch.samples], dtype=np.float64).astype(np.float32)
         denom = max(n_tokens * cfg.ppo_epochs, 1.0)  # every trained token is seen once per epoch
@@ -360,6 +367,7 @@ class Trainer:
             "entropy": total["entropy"] / denom,
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "sampler_diff": total["diff_sum"] / total["diff_w"] if total["diff_w"] else 0.0,
+            "sampler_kl": total["skl_sum"] / total["diff_w"] if total["diff_w"] else 0.0,
             "updates": updates,
             "groups": len(batch.groups),
             "sequences": len(batch.samples),
@@ -368,12 +376,32 @@ class Trainer:
             "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0,
             # versions trained on vs the version this step started from
             "staleness": (self.version - 1 - min(versions)) if versions else None,
+            # per trained token, token-weighted: mean and counts of 0, 1, 2, ... versions behind
+            "staleness_mean": float(stale.mean()) if stale.size else None,
+            "staleness_hist": np.bincount(stale).tolist() if stale.size else None,
             "dropped_groups": dropped,
             "seconds": seconds,
         }
         if self.world_size > 1:
             self.last_metrics["ranks"] = self.world_size
         return self.last_metrics
+
+    def _update(
+        self, arr: dict[str, np.ndarray] | None, rows: np.ndarray, prox: mx.array | None, n_tokens: float, n_seqs: float
+    ) -> tuple[dict[str, float], float]:
+        """One optimizer update on this process's `rows` of a minibatch; returns its metric sums and grad norm."""
+        grads, acc = self._accumulate(arr, rows, prox, n_tokens, n_seqs)
+        if self.world_size > 1:
+            # A sum, not a mean: with the global normaliser each shard's gradient is already its share.
+            grads = dist.all_sum_tree(grads, self.group)
+            acc = dict(zip(acc, dist.all_sum_scalars(list(acc.values()), self.group)))
+        if self.cfg.max_grad_norm > 0:
+            grads, grad_norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
+        else:
+            grad_norm = mx.sqrt(sum((x.astype(mx.float32) ** 2).sum() for _, x in tree_flatten(grads)))
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
+        return acc, float(grad_norm.item())
 
     def _minibatch_rows(self, arr: dict[str, np.ndarray] | None, n_groups: int) -> list[np.ndarray]:
         """This process's rows of each minibatch. Minibatches are contiguous runs of whole groups of the WHOLE batch,
@@ -427,11 +455,11 @@ class Trainer:
                 sampler = mx.array(arr["sampler"][idx, cols])
                 valid = mx.array(arr["sampler_valid"][idx, cols])
             ref = self._ref_logprobs(tokens) if self.cfg.kl_coef > 0 else None
-            (loss, (kl, ent, clip, diff)), g = self._value_and_grad(
+            (loss, (kl, ent, clip, diff, skl)), g = self._value_and_grad(
                 self.model, tokens, mask, adv, p, sampler, valid, ref, n_tokens, n_seqs
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, loss, kl, ent, clip, diff)
+            mx.eval(grads, loss, kl, ent, clip, diff, skl)
             w = float(mask_np.sum())
             acc["loss"] += loss.item()
             acc["kl"] += kl.item() * w
@@ -440,6 +468,7 @@ class Trainer:
             if has_sampler:
                 vw = float((arr["sampler_valid"][idx, cols] * mask_np).sum())
                 acc["diff_sum"] += diff.item() * vw
+                acc["skl_sum"] += skl.item() * vw
                 acc["diff_w"] += vw
         if grads is None:
             grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
@@ -640,11 +669,11 @@ def fit(
                 break
             metrics = trainer.step(batch)
             if writer:
+                if callbacks.after_step is not None:
+                    callbacks.after_step(metrics)  # first: it adds the step's publish time and worker busy fraction
                 print(progress_line(metrics, steps), flush=True)
                 if run_dir is not None:
                     ck.append_metrics(run_dir, metrics)
-                if callbacks.after_step is not None:
-                    callbacks.after_step(metrics)
                 if run_dir is not None and (trainer.step_count % interval == 0 or trainer.step_count == steps):
                     save()
             if step_delay:
