@@ -1,0 +1,568 @@
+"""Synchronous vs asynchronous RL on the quickstart, and the peer (mlx-lm-lora's `train_grpo`) on the same task.
+
+    python bench/rl.py [--steps 40] [--depths 0 1 2] [--workers 1 2] [--skip-peer] [--keep DIR]
+
+Every runner row is one `runner launch configs/quickstart.toml` (tiny random llama, `target_tokens` task, group 8 x 4
+prompts, 16 tokens, LoRA rank 8 on all seven linears, lr 5e-4) in a temp run dir, with `--set generation.workers=W`
+and, for D > 0 only (0 is the default), `--set learner.async_depth=D --set learner.max_staleness=D` (the config
+requires max_staleness >= async_depth; the quickstart's is 1). The peer row calls mlx-lm-lora's `train_grpo`
+in this process on the same model, the same prompts (`TargetTokensTask.prompt(0 .. steps*4-1)`), the same reward
+(`TargetTokensTask.reward` on the sampled token ids), group size, batch, completion length, LoRA rank/scale/targets,
+optimizer (Adam, lr 5e-4), temperature 1 with no top-k/top-p truncation, no KL term and token-summed loss ("bnpo",
+like runner's `loss_agg = "token"`), for the same number of steps. The peer is optional (`pip install -e
+".[bench]"`): when `mlx_lm_lora` does not import, a line says so and its row is skipped.
+
+Columns of the table:
+- `s/step`: mean wall time per step = (time of the last step's metrics line - time of the first's) / (steps - 1),
+  from the `time` field of metrics.jsonl (the peer: the same from its per-step report callback). Step 1 (model load,
+  first compile, first rollouts) is left out.
+- `speed-up`: the synchronous run's s/step (same worker count) / this row's.
+- `ideal`, `% ideal`: the ideal speed-up of overlapping rollouts with training, (rollout + train) / max(rollout,
+  train), from the synchronous run's own per-step breakdown (same worker count); `% ideal` = speed-up / ideal.
+  Rollout = mean `wait_s` (the learner waiting for the workers' version and the batch's rollouts), train = mean
+  `train_s` (Trainer.step), from metrics.jsonl, steps 2..N; a learner that does not record `wait_s` (before
+  async_depth existed) gives train = `seconds` and rollout = s/step - train. Publishing (`publish_s`, ~10 ms) counts
+  in neither; it is printed with the breakdown below the table.
+- `gen busy`: the generation workers' busy fraction, mean over steps 2..N of the metrics' `gen_busy` (time in decode
+  steps from each worker's /metrics over wall time x workers), `-` when the metrics do not have it.
+- `staleness`: mean over steps of the metrics' staleness (versions between the oldest token trained on and the
+  learner).
+- `reward`: final reward = mean of `reward_mean` over the last 10 steps; `d reward` = this row's minus synchronous.
+- `/peer`: this row's s/step / the peer's (target: <= 0.40 at a final reward >= the peer's).
+- `CPU learner`, `CPU gen`, `CPU coord`, `CPU other`: how the processes share the cores while they overlap: CPU
+  seconds (utime + stime from /proc/PID/stat, sampled every 0.5 s) per wall second between the first and the last
+  step, for the learner, each generation worker (`a+b`), the coordinator (`runner launch`), and every other process
+  on the machine (from /proc/stat: busy time of all cores minus ours), so a loaded machine shows. The peer row's
+  `CPU learner` is this process. Linux only (`-` elsewhere).
+
+Every process the bench starts is stopped when it ends, on an error or on Ctrl-C/SIGTERM: `runner launch` gets
+SIGTERM (its own bounded shutdown), then SIGKILL after its stop_grace, and any of its children still alive is
+SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The quickstart's task shape (configs/quickstart.toml); the peer is given the same.
+GROUP, BATCH, MAX_TOKENS, RANK, SCALE, LR = 8, 4, 16, 8, 20.0, 5e-4
+KEYS = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
+FINAL = 10  # final reward = mean over this many last steps
+STOP_GRACE = 20.0  # [coordinator] stop_grace default: how long `runner launch` may take to stop
+
+# The learner's per-step metrics (workers/learner/main.py): wait for the workers' version and the rollouts, training,
+# publishing, generation busy fraction; `seconds` (Trainer.step) and `staleness` are there in every version.
+WAIT_KEYS = ("wait_s",)
+TRAIN_KEYS = ("train_s", "seconds")
+PUBLISH_KEYS = ("publish_s",)
+BUSY_KEYS = ("gen_busy",)
+STALE_KEYS = ("staleness_mean", "staleness")
+
+HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- CPU sampling (/proc)
+
+
+def _proc_stat(pid: int) -> tuple[int, float, int] | None:
+    """(ppid, CPU seconds utime+stime, start time in ticks) of a process, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command: state ppid ... utime(12) stime(13) ... starttime(20), 0-based from state.
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / HZ, int(fields[19])
+
+
+def machine_busy() -> float | None:
+    """CPU seconds all cores have been busy since boot (/proc/stat), or None without /proc."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal: everything but idle and iowait is busy.
+    return (sum(v[:8]) - v[3] - v[4]) / HZ
+
+
+def _role(pid: int, root: int) -> str:
+    if pid == root:
+        return "coord"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    if "--name" in argv and argv.index("--name") + 1 < len(argv):
+        return argv[argv.index("--name") + 1]
+    return Path(argv[0]).name or f"pid {pid}"
+
+
+class CpuSampler:
+    """Every `interval` s: the CPU seconds of `root` and each of its descendants, and the machine's busy seconds.
+    It also remembers every descendant (pid, start time), so they can be killed after `root` has gone."""
+
+    def __init__(self, root: int, interval: float = 0.5):
+        self.root, self.interval = root, interval
+        self.samples: list[tuple[float, float | None, dict[tuple[int, int], float]]] = []
+        self.seen: dict[tuple[int, int], str] = {}  # (pid, start time) -> role
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        if not Path("/proc/self/stat").exists():
+            return
+        stats = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                s = _proc_stat(int(d))
+                if s is not None:
+                    stats[int(d)] = s
+        tree, frontier = set(), [self.root]
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            pid = frontier.pop()
+            if pid in stats and pid not in tree:
+                tree.add(pid)
+                frontier += children.get(pid, [])
+        cpu = {}
+        for pid in tree:
+            key = (pid, stats[pid][2])
+            if key not in self.seen:
+                self.seen[key] = _role(pid, self.root)
+            cpu[key] = stats[pid][1]
+        self.samples.append((time.time(), machine_busy(), cpu))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def rates(self, t0: float, t1: float) -> dict[str, float] | None:
+        """CPU seconds per wall second between t0 and t1 for each role, and `other` (the rest of the machine)."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return None
+        (a_t, a_busy, a), (b_t, b_busy, b) = inside[0], inside[-1]
+        wall = b_t - a_t
+        out: dict[str, float] = {}
+        for key, cpu in b.items():
+            role = self.seen[key]
+            out[role] = out.get(role, 0.0) + (cpu - a.get(key, 0.0)) / wall
+        if a_busy is not None and b_busy is not None:
+            out["other"] = max(0.0, (b_busy - a_busy) / wall - sum(out.values()))
+        return out
+
+    def kill_leftovers(self) -> list[str]:
+        """SIGKILL every descendant seen that still runs (same pid and start time); returns their roles."""
+        killed = []
+        for (pid, start), role in self.seen.items():
+            s = _proc_stat(pid)
+            if pid != self.root and s is not None and s[2] == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(f"{role} ({pid})")
+        return killed
+
+
+# ------------------------------------------------------------------------------------------------------ runner rows
+
+
+def _first(record: dict, keys: tuple[str, ...]) -> float | None:
+    for k in keys:
+        if isinstance(record.get(k), (int, float)):
+            return float(record[k])
+    return None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(metrics: list[dict]) -> dict:
+    """s/step, final reward and the time breakdown of one run's metrics.jsonl lines (step 1 left out)."""
+    metrics = sorted((m for m in metrics if isinstance(m.get("step"), int)), key=lambda m: m["step"])
+    n = len(metrics)
+    steady = metrics[1:] if n > 1 else metrics
+    per_step = (metrics[-1]["time"] - metrics[0]["time"]) / (n - 1) if n > 1 else float("nan")
+    train = _mean([_first(m, TRAIN_KEYS) for m in steady])
+    rollout = _mean([_first(m, WAIT_KEYS) for m in steady])  # the learner waiting for the version and rollouts
+    measured = rollout is not None
+    if rollout is None and train is not None:
+        rollout = max(per_step - train, 0.0)  # everything but Trainer.step: rollouts, publishing, waiting
+    return {
+        "steps": n,
+        "s_step": per_step,
+        "train": train,
+        "rollout": rollout,
+        "rollout_measured": measured,
+        "publish": _mean([_first(m, PUBLISH_KEYS) for m in steady]),
+        "busy": _mean([_first(m, BUSY_KEYS) for m in steady]),
+        "staleness": _mean([_first(m, STALE_KEYS) for m in steady]),
+        "reward": statistics.fmean(m["reward_mean"] for m in metrics[-FINAL:]) if metrics else float("nan"),
+        "t0": metrics[0]["time"] if metrics else 0.0,
+        "t1": metrics[-1]["time"] if metrics else 0.0,
+    }
+
+
+def stop_launch(proc: subprocess.Popen, sampler: CpuSampler | None) -> list[str]:
+    """SIGTERM (runner launch's bounded stop), SIGKILL after its grace, then SIGKILL any child of it still alive."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE + 5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if sampler is None:
+        return []
+    sampler.sample()  # the children it had at the end, too
+    sampler.stop()
+    return sampler.kill_leftovers()
+
+
+def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, timeout: float) -> dict:
+    """One `runner launch` of the quickstart with these overrides; its summary row."""
+    name = f"async {depth}" if depth else "sync"
+    label = f"{name}, {workers} worker{'s' if workers > 1 else ''}"
+    run_dir = work / f"run-d{depth}-w{workers}"
+    sets = [
+        f"model.path={json.dumps(str(model))}",
+        f"checkpoint.dir={json.dumps(str(run_dir))}",
+        f"learner.steps={steps}",
+        f"generation.workers={workers}",
+        'coordinator.control="tcp://127.0.0.1:0"',  # free ports: other jobs may run on this machine
+        'coordinator.weights="tcp://127.0.0.1:0"',
+        "generation.port=0",
+    ]
+    if depth:  # 0 is the default; giving it only when needed keeps the synchronous row runnable everywhere
+        # A batch started d steps ahead is trained d versions later: the config requires max_staleness >= d.
+        sets += [f"learner.async_depth={depth}", f"learner.max_staleness={max(depth, 1)}"]
+    cmd = [sys.executable, "-m", "runner.cli", "launch", str(ROOT / "configs" / "quickstart.toml")]
+    for s in sets:
+        cmd += ["--set", s]
+    row = {"label": label, "depth": depth, "workers": workers, "run_dir": str(run_dir)}
+    log_path = work / f"launch-d{depth}-w{workers}.log"
+    say(f"[{label}] runner launch ... (log {log_path})")
+    tic = time.monotonic()
+    # Its own session: a Ctrl-C in the terminal reaches the bench, which stops the launch (and so its children).
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        sampler = CpuSampler(proc.pid)
+        # A hung launch prints nothing, so the read below would never see the deadline: a timer stops it instead.
+        watchdog = threading.Timer(timeout, proc.send_signal, (signal.SIGTERM,))
+        watchdog.start()
+        try:
+            last = ""
+            for line in proc.stdout:  # ends when the launch (and every child sharing its stdout) has exited
+                log.write(line)
+                last = line.strip() or last
+                if line.startswith("step ") and "/" in line.split()[1]:
+                    done = int(line.split()[1].split("/")[0])
+                    if done == 1 or done % 10 == 0 or done == steps:
+                        say(f"[{label}]   {line.split('  [')[0].strip()}   ({time.monotonic() - tic:.0f} s)")
+            code = proc.wait()
+            if time.monotonic() - tic >= timeout:
+                last = f"stopped after the --timeout of {timeout:.0f} s; {last}"
+        finally:
+            watchdog.cancel()
+            leftovers = stop_launch(proc, sampler)
+    if leftovers:
+        say(f"[{label}] killed processes left running: {', '.join(leftovers)}")
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = (
+        [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
+    )
+    if code != 0 or len(metrics) < steps:
+        row["error"] = f"exit {code}, {len(metrics)} step(s): {last[:160]}"
+        say(f"[{label}] FAILED: {row['error']}")
+        return row
+    row.update(summarize(metrics))
+    row["cpu"] = sampler.rates(row["t0"], row["t1"])
+    say(
+        f"[{label}] done in {time.monotonic() - tic:.0f} s: {row['s_step']:.3f} s/step, final reward "
+        f"{row['reward']:.3f}"
+    )
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------- the peer
+
+
+def run_peer(model: Path, work: Path, steps: int) -> dict | None:
+    """mlx-lm-lora's train_grpo in this process on the same model, prompts, reward and shape; its summary row."""
+    try:
+        from mlx_lm_lora.trainer import grpo_trainer
+    except ImportError as e:
+        say(f"[peer] skipped: mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it")
+        return None
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from workers.learner.tasks import TargetTokensTask
+
+    label = "mlx-lm-lora train_grpo"
+    mx.random.seed(0)
+    net, tokenizer = load(str(model))
+    net.freeze()
+    linear_to_lora_layers(net, len(net.layers), {"rank": RANK, "scale": SCALE, "dropout": 0.0, "keys": KEYS})
+    task = TargetTokensTask(tokenizer, max_tokens=MAX_TOKENS)
+    prompts = [task.prompt(i) for i in range(steps * BATCH)]  # the prompts runner's built-in source uses
+    dataset = [(p.ids, [], p.text, "") for p in prompts]
+
+    # Its reward functions see decoded texts; runner's reward counts sampled token ids. Keep the ids of the
+    # latest rollouts (same order as the texts) so the reward is computed on exactly what was sampled.
+    generated: dict[str, list[list[int]]] = {}
+    original = grpo_trainer.generate_grpo
+
+    def generate_recording(*args, **kwargs):
+        completions, texts, indices = original(*args, **kwargs)
+        generated["ids"] = [c.tolist() for c in completions]
+        return completions, texts, indices
+
+    def target_tokens(prompts, completions, answer, types=None):
+        ids = generated["ids"]
+        assert len(ids) == len(completions)
+        return [task.reward(None, c, t) for c, t in zip(ids, completions)]
+
+    out = sys.stdout
+    times: list[float] = []
+    rewards: list[float] = []
+    cpu: list[tuple[float, float | None]] = []  # (our CPU seconds, machine busy seconds) at each step
+    tic = time.monotonic()
+
+    class Record(TrainingCallback):
+        def on_train_loss_report(self, info: dict) -> None:
+            times.append(time.time())
+            t = os.times()
+            cpu.append((t.user + t.system, machine_busy()))
+            rewards.append(float(info["train_total_rewards_mean"]))
+            it = info["iteration"]
+            if it == 1 or it % 10 == 0 or it == steps:
+                print(
+                    f"[peer]   step {it}/{steps}  reward {rewards[-1]:.3f}   ({time.monotonic() - tic:.0f} s)",
+                    file=out,
+                    flush=True,
+                )
+
+        def on_val_loss_report(self, info: dict) -> None:
+            pass
+
+    args = grpo_trainer.GRPOTrainingArgs(
+        batch_size=BATCH,
+        iters=steps,
+        group_size=GROUP,
+        max_completion_length=MAX_TOKENS,
+        beta=0.0,  # runner's kl_coef = 0: no reference model forward
+        epsilon=0.2,  # runner's clip band (inactive anyway: one update per batch, ratio 1)
+        epsilon_high=0.28,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        grpo_loss_type="bnpo",  # token sum / tokens: runner's loss_agg "token"
+        steps_per_report=1,
+        steps_per_eval=10**9,
+        steps_per_save=10**9,
+        max_seq_length=512,
+        adapter_file=str(work / "peer" / "adapters.safetensors"),
+    )
+    (work / "peer").mkdir(exist_ok=True)
+    log_path = work / "peer.log"
+    say(f"[peer] {label} ... (log {log_path})")
+    grpo_trainer.generate_grpo = generate_recording
+    try:
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            grpo_trainer.train_grpo(
+                net,
+                None,
+                tokenizer,
+                optim.Adam(learning_rate=LR, bias_correction=True),
+                dataset,
+                None,
+                reward_funcs=[target_tokens],
+                args=args,
+                training_callback=Record(),
+                end_answer_token="",
+            )
+    finally:
+        grpo_trainer.generate_grpo = original
+    n = len(times)
+    row = {
+        "label": label,
+        "steps": n,
+        "s_step": (times[-1] - times[0]) / (n - 1) if n > 1 else float("nan"),
+        "reward": statistics.fmean(rewards[-FINAL:]),
+        "cpu": None,
+    }
+    if n > 1:
+        wall = times[-1] - times[0]
+        row["cpu"] = {"learner": (cpu[-1][0] - cpu[0][0]) / wall}
+        if cpu[0][1] is not None:
+            row["cpu"]["other"] = max(0.0, (cpu[-1][1] - cpu[0][1]) / wall - row["cpu"]["learner"])
+    say(f"[peer] done in {time.monotonic() - tic:.0f} s: {row['s_step']:.3f} s/step, final reward {row['reward']:.3f}")
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+
+
+def _f(v: float | None, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _cpu(row: dict, role: str) -> str:
+    cpu = row.get("cpu")
+    if not cpu:
+        return "-"
+    if role == "gen":
+        gens = [cpu[k] for k in sorted(cpu) if k.startswith("gen-")]
+        return "+".join(f"{v:.2f}" for v in gens) if gens else "-"
+    return _f(cpu.get(role), ".2f")
+
+
+def report(rows: list[dict], peer: dict | None) -> str:
+    sync = {r["workers"]: r for r in rows if r["depth"] == 0 and "error" not in r}
+    head = (
+        "| run | s/step | speed-up | ideal | % ideal | gen busy | staleness | reward | d reward | /peer "
+        "| CPU learner | CPU gen | CPU coord | CPU other |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * 12)
+            continue
+        base = sync.get(r["workers"])
+        ideal = None
+        if base and base["train"] is not None and base["rollout"] is not None:
+            ideal = (base["rollout"] + base["train"]) / max(base["rollout"], base["train"])
+        speedup = base["s_step"] / r["s_step"] if base else None
+        reach = speedup / ideal if speedup is not None and ideal and r["depth"] else None
+        lines.append(
+            f"| {r['label']} | {r['s_step']:.3f} | {_f(speedup, '.2f')}x | {_f(ideal, '.2f')}x | "
+            f"{'-' if reach is None else format(reach * 100, '.0f') + '%'} | {_f(r['busy'], '.2f')} | "
+            f"{_f(r['staleness'], '.2f')} | {r['reward']:.3f} | "
+            f"{_f(r['reward'] - base['reward'] if base else None, '+.3f')} | "
+            f"{_f(r['s_step'] / peer['s_step'] if peer else None, '.2f')} | {_cpu(r, 'learner')} | {_cpu(r, 'gen')} | "
+            f"{_cpu(r, 'coord')} | {_cpu(r, 'other')} |"
+        )
+    if peer:
+        lines.append(
+            f"| {peer['label']} | {peer['s_step']:.3f} | | | | | | {peer['reward']:.3f} | | 1.00 | "
+            f"{_cpu(peer, 'learner')} | | | {_cpu(peer, 'other')} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict], peer: dict | None) -> list[str]:
+    out = []
+    for w, base in sorted({r["workers"]: r for r in rows if r["depth"] == 0 and "error" not in r}.items()):
+        if base["train"] is not None:
+            how = "wait_s" if base["rollout_measured"] else "s/step minus Trainer.step seconds"
+            publish = f", publish {base['publish']:.3f} s" if base["publish"] is not None else ""
+            out.append(
+                f"sync, {w} worker(s) per step: rollout {base['rollout']:.3f} s ({how}) + train {base['train']:.3f} s"
+                f"{publish}; wall {base['s_step']:.3f} s"
+            )
+    ok = [r for r in rows if "error" not in r]
+    if peer and ok:
+        best = min(ok, key=lambda r: r["s_step"])
+        for r in {id(x): x for x in [ok[0], best]}.values():
+            ratio = r["s_step"] / peer["s_step"]
+            met = ratio <= 0.4 and r["reward"] >= peer["reward"]
+            out.append(
+                f"runner ({r['label']}) / peer s/step = {ratio:.2f} (target <= 0.40), final reward {r['reward']:.3f} "
+                f"vs peer {peer['reward']:.3f}: {'met' if met else 'NOT met'}"
+            )
+    return out
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--depths", type=int, nargs="+", default=[0, 1, 2], help="[learner] async_depth values")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="[generation] workers values")
+    ap.add_argument("--skip-peer", action="store_true", help="do not run mlx-lm-lora's train_grpo")
+    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds one runner launch may take")
+    ap.add_argument("--keep", help="a directory to keep the runs in (default: a temp dir, removed at the end)")
+    args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (s/step is measured between the first and the last step)")
+    if any(d < 0 for d in args.depths) or any(w < 1 for w in args.workers):
+        ap.error("--depths must be >= 0 and --workers >= 1")
+    # SIGTERM ends the bench like Ctrl-C: the finally clauses stop what it started.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = Path(args.keep).resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rl-")))
+        model = work / "tiny"
+        if not (model / "config.json").exists():
+            say(f"preparing the tiny model in {model}")
+            subprocess.run(
+                [sys.executable, "-m", "runner.cli", "models", "prepare", "tiny", "--out", str(model)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        say(f"{os.cpu_count()} cores; load average at start {_f(os.getloadavg()[0], '.2f')}; runs in {work}")
+        rows = []
+        for workers in args.workers:
+            for depth in sorted(set(args.depths)):
+                rows.append(run_runner(model, work, args.steps, depth, workers, args.timeout))
+        peer = None if args.skip_peer else run_peer(model, work, args.steps)
+        say("")
+        say(
+            f"tiny model, target_tokens, group {GROUP} x {BATCH} prompts, {MAX_TOKENS} tokens, LoRA r{RANK} on all "
+            f"linears, {args.steps} steps; load average at end {_f(os.getloadavg()[0], '.2f')} on "
+            f"{os.cpu_count()} cores"
+        )
+        say("")
+        say(report(rows, peer))
+        say("")
+        for line in verdicts(rows, peer):
+            say(line)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: every process the bench started has been stopped", file=sys.stderr)
+        sys.exit(130)
