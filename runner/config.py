@@ -119,6 +119,10 @@ class LearnerConfig:
     ref_ema: float = field(default=1.0, metadata=_unit_interval())  # 1 = reference is the base model
     max_grad_norm: float = field(default=1.0, metadata=_non_negative())  # 0 = no clipping
     max_staleness: int = field(default=1, metadata=_non_negative("integer"))
+    # Batches whose rollouts run on the generation workers while the learner trains (0 = synchronous: collect a
+    # batch, train, publish, repeat). The batch trained d steps from now starts once the workers serve a version
+    # within max_staleness of the one it will be trained at, so async_depth must be <= max_staleness.
+    async_depth: int = field(default=0, metadata=_non_negative("integer"))
     seed: int = 0
     # Data-parallel learner ranks (mx.distributed ring, started with mlx.launch): one rank per entry, rank 0 first
     # and on this machine. An entry is an ssh host, optionally `host=ip` for the ring's interface; "localhost"
@@ -249,6 +253,13 @@ def build_config(data: dict, where: str = "config") -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: '{section}' = {values!r} is not valid; expected a [{section}] table")
         built[section] = _build_section(sections[section], values, where, section)
+    learner = built.get("learner")
+    if learner is not None and learner.async_depth > learner.max_staleness:
+        raise ConfigError(
+            f"{where}: 'learner.async_depth' = {learner.async_depth} needs learner.max_staleness >= "
+            f"{learner.async_depth} (is {learner.max_staleness}): a batch started d steps ahead is trained d versions "
+            "later"
+        )
     return Config(**built)
 
 

@@ -450,7 +450,10 @@ class Coordinator:
         self.job.update(
             {
                 k: metrics.get(k)
-                for k in ("step", "reward_mean", "tokens_per_s", "loss", "kl", "staleness")
+                for k in (
+                    *("step", "reward_mean", "tokens_per_s", "loss", "kl", "staleness", "staleness_mean"),
+                    *("sampler_kl", "wait_s", "train_s", "publish_s", "step_s", "gen_busy"),
+                )
                 if k in metrics
             }
         )

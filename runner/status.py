@@ -23,6 +23,15 @@ def format_table(status: dict) -> str:
         f"job: {job['state']}  step {job['step'] or 0}/{job['steps']}  reward {_num(job.get('reward_mean'), '.3f')}  "
         f"tok/s {_num(job.get('tokens_per_s'), '.0f')}  latest version {job['latest_version']}  "
         f"oldest serving {job['oldest_serving_version']}  uptime {job['uptime']}s",
+    ]
+    if job.get("step_s") is not None:  # the last step: where its time went, how busy the workers were, staleness
+        lines.append(
+            f"last step: {_num(job.get('step_s'), '.2f')}s = wait {_num(job.get('wait_s'), '.2f')}s + train "
+            f"{_num(job.get('train_s'), '.2f')}s + publish {_num(job.get('publish_s'), '.3f')}s  "
+            f"workers busy {_pct(job.get('gen_busy'))}  staleness mean {_num(job.get('staleness_mean'), '.2f')} "
+            f"max {_num(job.get('staleness'), 'd')}  sampler KL {_num(job.get('sampler_kl'), '.2e')}"
+        )
+    lines += [
         "",
         f"{'WORKER':<20} {'ROLE':<9} {'STATE':<12} {'PID':>7} {'HOST':<16} {'VERSION':>7} {'RESTARTS':>8} "
         f"{'HEARTBEAT':>9}  URL",
@@ -38,6 +47,10 @@ def format_table(status: dict) -> str:
 
 def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def show_status(endpoint: str, as_json: bool = False, curve: dict | None = None) -> int:

@@ -6,7 +6,12 @@
 The config comes from the file (any learner can be started by hand from it); the coordinator's `welcome` adds the
 runtime facts (base model id, latest version, where versions go). `fit` resumes from `--resume` or else the newest
 loadable checkpoint of the run dir, and around each step the callbacks wait until the generation workers serve a
-recent enough version (`max_staleness`), then publish the new adapter as version v+1 and report progress. Versions
+recent enough version (`max_staleness`), then publish the new adapter as version v+1 and report progress. With
+`[learner] async_depth` d > 0 the source keeps the next d batches' rollouts running meanwhile, each started once the
+workers serve a version within max_staleness of the one it will be trained at (workers.learner.sources). Each step's
+metrics get where its time went (`wait_s` for the workers' version and the rollouts, `train_s`, `publish_s`,
+`step_s` = wall time since the previous step ended) and `gen_busy`, the generation workers' busy fraction over it
+(time in decode steps from their /metrics, summed, over wall time x workers). Versions
 never go backwards: a learner continues above the latest version the coordinator has seen and republishes a resumed
 adapter before the first rollout. SIGTERM during a step finishes it; during the wait for rollouts (or an Atropos
 batch) it abandons them at once; either way the learner checkpoints the last completed step and exits 0 (a step
@@ -24,7 +29,10 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+
+import httpx
 
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
@@ -56,7 +64,14 @@ def run_learner(args: argparse.Namespace) -> int:
 
     trainer = Trainer.from_config(config, group=group)
     publisher = Publisher(client, welcome, trainer.spec.adapter_config(len(trainer.model.layers)))
-    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, stop=stopping)
+    max_staleness = config.learner.max_staleness
+
+    def ready(j: int) -> bool:
+        # The batch trained j steps after the next one (at version trainer.version + j) may start now only if every
+        # worker serves a version within max_staleness of that; they never go back, so every token it gets will be.
+        return publisher.wait_for_workers(trainer.version + j - max_staleness, stopping) is not None
+
+    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, stop=stopping, ready=ready)
     # A batch stale as a whole (e.g. rollouts from a worker restarted at an old version) would make Trainer.step
     # raise StaleBatch: drop it and wait for the workers instead of crashing into a restart.
     source = FreshSource(
@@ -108,15 +123,69 @@ def _publishing_callbacks(
             publisher.publish(trainer.version, trainer.step_count, trainer.lora_buffers())
         client.status.update(state="training", version=trainer.version)
 
+    busy = BusyMeter(publisher.serving_urls, config.security.api_token)
+    clock = {"begin": 0.0, "ended": None}  # this step's before_step; the previous step's end
+
     def before_step() -> None:
+        clock["begin"] = time.perf_counter()
+        if clock["ended"] is None:
+            clock["ended"] = clock["begin"]
+            busy.sample()  # the baseline of the first step
         publisher.wait_for_workers(trainer.version - config.learner.max_staleness, stopping)
 
     def after_step(metrics: dict) -> None:
+        trained = time.perf_counter()
         publisher.publish(trainer.version, trainer.step_count, trainer.lora_buffers())
+        now = time.perf_counter()
+        metrics.update(
+            wait_s=max(trained - clock["begin"] - metrics["seconds"], 0.0),
+            train_s=metrics["seconds"],
+            publish_s=now - trained,
+            step_s=now - clock["ended"],
+            gen_busy=busy.sample(),
+        )
+        clock["ended"] = now
         client.status["version"] = trainer.version
         client.send({"type": "progress", "name": client.name, "metrics": _plain(metrics)})
 
     return Callbacks(on_start=on_start, before_step=before_step, after_step=after_step)
+
+
+class BusyMeter:
+    """The generation workers' busy fraction between two calls: seconds spent in decode steps (each worker's
+    `runner_decode_seconds_total` on /metrics) over wall time, summed over the workers seen both times."""
+
+    def __init__(self, urls, api_token: str = ""):
+        self.urls = urls
+        headers = {"Authorization": f"Bearer {api_token}"} if api_token else None
+        self._client = httpx.Client(timeout=2.0, headers=headers)
+        self._last: dict[str, tuple[float, float]] = {}  # url -> (time, decode seconds)
+
+    def sample(self) -> float | None:
+        now, seen = time.perf_counter(), {}
+        try:
+            urls = self.urls()
+        except Exception as e:  # a metric must not fail a step
+            log.debug("no worker list for the busy fraction: %s", e)
+            return None
+        for url in urls:
+            try:
+                text = self._client.get(f"{url.rstrip('/')}/metrics").text
+                seen[url] = (now, _prometheus_value(text, "runner_decode_seconds_total"))
+            except (httpx.HTTPError, ValueError) as e:
+                log.debug("no /metrics from %s: %s", url, e)
+        pairs = [(seen[u], self._last[u]) for u in seen if u in self._last]
+        self._last = seen
+        wall = sum(t1 - t0 for (t1, _), (t0, _) in pairs)
+        # max(.., 0): a restarted worker's counter starts again from 0
+        return sum(max(d1 - d0, 0.0) for (_, d1), (_, d0) in pairs) / wall if wall > 0 else None
+
+
+def _prometheus_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise ValueError(f"{name} is not in the metrics")
 
 
 def run_follower(group: dist.Group) -> int:

@@ -8,7 +8,15 @@
 A `Batch` is a list of groups; a group is the completions of one prompt (GRPO compares within a group). Every
 `Sample` carries the whole sequence (`tokens` = prompt + completion) with a per-token `mask` (1 = trained), so
 built-in rollouts and Atropos' multi-turn masks look the same to the trainer. `logprobs` are the sampling
-log-probs per token, aligned with `tokens` (0 where unknown/untrained).
+log-probs per token, aligned with `tokens` (0 where unknown/untrained); `versions` the adapter version that sampled
+each token (a sequence continues under a version installed while it is generated), aligned the same way.
+
+Asynchronous rollouts (`[learner] async_depth` d > 0): `BuiltinSource.next_batch` keeps the rollouts of the next d
+batches in flight while the learner trains the one it returns. Pacing rule: the batch that will be trained j steps
+after the one being handed out (at learner version V + j, V = the learner's version now) starts only once every
+serving worker serves a version >= V + j - max_staleness (the `ready(j)` hook; versions on a worker never go back),
+so every token it gets is at most max_staleness versions old when trained. `AtroposSource` fetches the next d
+batches in the background (one poll after another) while the learner trains.
 
 Implementations:
 - `BuiltinSource`: sends the task's prompts to the generation workers (`POST /v1/completions`, n = group size),
@@ -24,6 +32,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import asdict, dataclass, field
@@ -55,12 +64,15 @@ class Sample:
     logprobs: list[float] | None = None  # sampling log-prob of each token, aligned with tokens; None = unknown
     advantage: float | None = None  # supplied by the source (Atropos); None = computed from the group's rewards
     version: int | None = None  # adapter version that generated it (oldest, if it spans versions); None = unknown
+    versions: list[int] | None = None  # adapter version of each token, aligned with tokens (-1 on the prompt)
 
     def __post_init__(self) -> None:
         if len(self.mask) != len(self.tokens):
             raise ValueError(f"mask has {len(self.mask)} entries for {len(self.tokens)} tokens")
         if self.logprobs is not None and len(self.logprobs) != len(self.tokens):
             raise ValueError(f"logprobs has {len(self.logprobs)} entries for {len(self.tokens)} tokens")
+        if self.versions is not None and len(self.versions) != len(self.tokens):
+            raise ValueError(f"versions has {len(self.versions)} entries for {len(self.tokens)} tokens")
 
     @classmethod
     def from_completion(
@@ -70,10 +82,19 @@ class Sample:
         reward: float,
         logprobs: list[float] | None = None,
         version: int | None = None,
+        versions: list[int] | None = None,
     ) -> Sample:
         p, c = list(prompt_ids), list(completion_ids)
         lp = None if logprobs is None else [0.0] * len(p) + [float(x) for x in logprobs]
-        return cls(tokens=p + c, mask=[0] * len(p) + [1] * len(c), reward=float(reward), logprobs=lp, version=version)
+        vs = None if versions is None else [-1] * len(p) + [int(v) for v in versions]
+        return cls(
+            tokens=p + c,
+            mask=[0] * len(p) + [1] * len(c),
+            reward=float(reward),
+            logprobs=lp,
+            version=version,
+            versions=vs,
+        )
 
 
 @dataclass
@@ -214,6 +235,10 @@ class BuiltinSource:
     retry (and avoided by other requests for `FAILED_COOLDOWN` seconds) unless it is the only one. Connection errors
     and 429/5xx answers are retried with backoff up to `retry_seconds`. Once `stop` is set, `next_batch` raises
     `Stopped` at once and the batch's requests are abandoned (see `_in_daemon_thread`).
+
+    `depth` > 0: the next `depth` batches are started (paced by `ready`, module doc) before `next_batch` waits for
+    the one it returns, none past step `steps`. At most `batch_size` requests are sent at once, oldest batch first
+    as slots free up, so the batch the learner waits for is never queued behind prefetched ones.
     """
 
     FAILED_COOLDOWN = 5.0
@@ -233,8 +258,13 @@ class BuiltinSource:
         seeded: bool = False,
         api_token: str = "",
         stop: threading.Event | None = None,
+        depth: int = 0,
+        ready: Callable[[int], bool] | None = None,
+        steps: int | None = None,
     ):
         self.task = task
+        self.depth, self.ready, self.steps = depth, ready, steps
+        self._ahead: deque[tuple[int, list, list[Future]]] = deque()  # started batches: (position, prompts, futures)
         self.stop = stop or threading.Event()
         self.urls = urls
         self.group_size = group_size
@@ -293,10 +323,17 @@ class BuiltinSource:
             retrying = _retrying(self.stop, self.retry_seconds, (_Retryable, httpx.TransportError), "rollout request")
             return retrying(call)
 
+    def _start(self, position: int) -> tuple[int, list, list[Future]]:
+        prompts = [self.task.prompt(position + i) for i in range(self.batch_size)]
+        return position, prompts, [_in_daemon_thread(self._complete, p.ids, p.index) for p in prompts]
+
     def next_batch(self, step: int) -> Batch:
-        start = self.position
-        prompts = [self.task.prompt(start + i) for i in range(self.batch_size)]
-        futures = [_in_daemon_thread(self._complete, p.ids, p.index) for p in prompts]
+        start, prompts, futures = self._ahead.popleft() if self._ahead else self._start(self.position)
+        while len(self._ahead) < self.depth and (self.steps is None or step + len(self._ahead) < self.steps):
+            j = len(self._ahead) + 1  # trained j steps after this batch
+            if self.ready is not None and not self.ready(j):
+                raise Stopped(f"stopped while waiting to start the rollouts of step {step + j}")
+            self._ahead.append(self._start(start + j * self.batch_size))
         wait_unless_stopped(futures, self.stop, f"the rollouts of step {step}")
         groups = []
         for p, fut in zip(prompts, futures):
@@ -307,7 +344,10 @@ class BuiltinSource:
                 reward = self.task.reward(p, ids, choice.get("text", ""))
                 pv = choice.get("policy_versions") or []
                 version = min(pv) if pv else resp.get("policy_version")
-                group.append(Sample.from_completion(p.ids, ids, reward, choice.get("token_logprobs"), version))
+                versions = pv if len(pv) == len(ids) else None
+                group.append(
+                    Sample.from_completion(p.ids, ids, reward, choice.get("token_logprobs"), version, versions)
+                )
             groups.append(group)
         self.position = start + self.batch_size
         batch = Batch(groups=groups, info={"source": "builtin", "task": self.task.name, "prompt_index": start})
@@ -320,8 +360,10 @@ class BuiltinSource:
 
     def load_state(self, d: dict) -> None:
         self.position = int(d.get("position", 0))
+        self._ahead.clear()  # started from another position: abandoned
 
     def close(self) -> None:
+        self._ahead.clear()
         self._client.close()
 
 
@@ -367,7 +409,9 @@ class AtroposSource:
     """Batches from an Atropos API server (`run-api`): `POST /register`, then `GET /batch` until it is not null.
 
     Atropos counts `batch_size` in sequences (not groups). A trainer that resumes registers with
-    `starting_step` = the step it resumes at, so environments see the right step.
+    `starting_step` = the step it resumes at, so environments see the right step. With `depth` > 0 the next `depth`
+    batches are fetched in the background, one after another, while the learner trains (a batch fetched but not
+    trained when the learner stops is lost, as with any Atropos trainer; the API has handed it out).
     """
 
     def __init__(
@@ -386,8 +430,11 @@ class AtroposSource:
         wait_timeout: float | None = None,
         record: str | Path | None = None,
         stop: threading.Event | None = None,
+        depth: int = 0,
     ):
         self.url = url.rstrip("/")
+        self.depth = depth
+        self._ahead: deque[Future] = deque()  # background fetches, oldest first; each polls after the one before
         self.registration = {
             "wandb_group": wandb_group,
             "wandb_project": wandb_project,
@@ -425,9 +472,10 @@ class AtroposSource:
         self._registered = True
         log.info("registered with Atropos at %s (trainer %s, starting step %d)", self.url, uuid, self.steps_done)
 
-    def next_batch(self, step: int) -> Batch:
-        if not self._registered:
-            self.register()
+    def _fetch(self, after: Future | None = None) -> dict:
+        """Poll GET /batch until it returns a batch (after the fetch `after` has, so batches keep their order)."""
+        if after is not None:
+            after.result()
         delay = self.poll_interval
         deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
         while True:
@@ -442,6 +490,19 @@ class AtroposSource:
             if self.stop.wait(delay):
                 raise Stopped("stopped while waiting for an Atropos batch")
             delay = min(delay * 1.5, self.max_poll_interval)
+        return data
+
+    def next_batch(self, step: int) -> Batch:
+        if not self._registered:
+            self.register()
+        if self.depth == 0:
+            data = self._fetch()
+        else:
+            fut = self._ahead.popleft() if self._ahead else _in_daemon_thread(self._fetch)
+            while len(self._ahead) < self.depth:
+                self._ahead.append(_in_daemon_thread(self._fetch, self._ahead[-1] if self._ahead else fut))
+            wait_unless_stopped([fut], self.stop, "an Atropos batch")
+            data = fut.result()
         groups = [scored_data_to_group(item) for item in data["batch"]]
         self.steps_done += 1
         batch = Batch(groups=groups, info={"source": "atropos", "env_ids": [i.get("env_id") for i in data["batch"]]})
@@ -456,6 +517,7 @@ class AtroposSource:
         self.steps_done = int(d.get("steps_done", self.steps_done))
 
     def close(self) -> None:
+        self._ahead.clear()
         self._client.close()
 
 
@@ -507,11 +569,12 @@ def make_source(
     urls: Callable[[], list[str]] | None = None,
     tokenizer=None,
     stop: threading.Event | None = None,
+    ready: Callable[[int], bool] | None = None,
 ) -> Source:
     """The source a job config asks for. `urls` returns the generation workers' base URLs (builtin source);
     `tokenizer` is needed for built-in tasks (the trainer's); once `stop` is set, a wait for rollouts or for an
-    Atropos batch ends at once with `Stopped`. Where a resumed source starts comes from the checkpoint
-    (`load_state`)."""
+    Atropos batch ends at once with `Stopped`; `ready(j)` paces the rollouts started ahead (`[learner] async_depth`,
+    module doc). Where a resumed source starts comes from the checkpoint (`load_state`)."""
     lc, sc = config.learner, config.source
     if sc.type == "builtin":
         if urls is None or tokenizer is None:
@@ -527,6 +590,9 @@ def make_source(
             lc.seed,
             api_token=config.security.api_token,
             stop=stop,
+            depth=lc.async_depth,
+            ready=ready,
+            steps=lc.steps,
         )
     if sc.type == "atropos":
         if not sc.url:
@@ -538,5 +604,6 @@ def make_source(
             checkpoint_dir=str(Path(config.checkpoint.dir) / "checkpoints"),
             save_checkpoint_interval=config.checkpoint.interval,
             stop=stop,
+            depth=lc.async_depth,
         )
     raise ValueError(f"unknown source type {sc.type!r}")
