@@ -409,7 +409,8 @@ def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_pa
 def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, keys, tiny_model, tmp_path):
     """B's weights SUB socket cannot reach the PUB socket (a `prohibit` route to its address), so the PUB message
     of version 1 is dropped for B. B's next heartbeat reports version 0; the coordinator sends version 1 again on
-    the control socket and B serves it well before any timeout. With the route gone, version 2 arrives as usual."""
+    the control socket and B serves it well before any timeout. With the route gone, version 2 arrives as usual.
+    Then a coordinator restart: B rejoins at once and versions continue above the one it serves."""
     config = job_config(tiny_model, tmp_path / "run", keys)
     config["coordinator"]["weights"] = f"tcp://{ADDR_A2}:5556"
     logs = coord_log, worker_log = tmp_path / "coordinator.log", tmp_path / "worker.log"
@@ -438,6 +439,20 @@ def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, 
     r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "2", "2", TOKEN), timeout=240)
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
     assert json.loads(r.stdout.strip().splitlines()[-1])["worker"]["version"] == 2
+
+    # The coordinator is killed and started again at once: B's heartbeats reach a coordinator that does not know
+    # it, which tells it to say hello again (well before B's own silence limit); B reports version 2, so the new
+    # coordinator refuses to go back to 2 and takes 3.
+    coord.send_signal(signal.SIGKILL)
+    coord.wait(10)
+    coord = netns.spawn(netns.a, _helper("coordinator", json.dumps(config)), coord_log)
+    wait_until(lambda: worker_log.read_text().count("rejoined at adapter version 2") == 1, 60, "B to rejoin", (coord,))
+    assert "the coordinator does not know this worker (it restarted)" in worker_log.read_text()
+    r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "2", "2", TOKEN), timeout=240)
+    assert r.returncode != 0 and "version 2 is not newer than 2" in r.stderr, r.stderr[-2000:]
+    r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "3", "3", TOKEN), timeout=240)
+    assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["worker"]["version"] == 3
     assert worker.poll() is None and coord.poll() is None
 
 
