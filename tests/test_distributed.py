@@ -38,7 +38,10 @@ KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
 SPEC = LoraSpec(rank=4, scale=10.0, keys=KEYS)
 # micro-batches of 3 (shards are micro-batched too), a KL term (reference forward per micro-batch), and a gradient
 # norm cap the updates exceed, so the clipping must use the global norm to match.
-LEARNER = LearnerConfig(learning_rate=1e-3, micro_batch_size=3, kl_coef=0.05, max_grad_norm=0.05, seed=3)
+# Two epochs over three minibatches: ranks must also make the single process's updates when a batch gets several.
+LEARNER = LearnerConfig(
+    learning_rate=1e-3, micro_batch_size=3, kl_coef=0.05, max_grad_norm=0.05, seed=3, ppo_epochs=2, minibatches=3
+)
 SETS = [
     "lora.rank=4",
     "lora.scale=10.0",
@@ -48,8 +51,10 @@ SETS = [
     "learner.kl_coef=0.05",
     "learner.max_grad_norm=0.05",
     "learner.seed=3",
+    "learner.ppo_epochs=2",
+    "learner.minibatches=3",
 ]
-GROUPS_PER_STEP = [5, 4, 1]  # odd split (3 + 2 groups), even split, and one group: rank 1 trains nothing
+GROUPS_PER_STEP = [5, 6, 1]  # odd split (3 + 2 groups), even split, and one group: rank 1 trains nothing
 
 
 def make_batches(seed: int = 11, group_size: int = 4, vocab: int = 512) -> list[Batch]:
