@@ -38,8 +38,14 @@ PLOTS = (
     PlotSpec("loss", "loss", "GRPO loss", "loss"),
     PlotSpec("kl", "kl", "KL divergence to the reference policy", "KL (per token)"),
     PlotSpec("tokens_per_s", "tokens_per_s", "Learner throughput", "tokens / s"),
-    PlotSpec("staleness", "staleness", "Policy staleness", "versions behind"),
+    PlotSpec("staleness", "staleness", "Policy staleness (oldest token)", "versions behind"),
+    PlotSpec("staleness_mean", "staleness_mean", "Token-weighted staleness", "mean versions behind"),
+    PlotSpec("gen_busy", "gen_busy", "Generation workers busy", "fraction of the step's wall time"),
+    PlotSpec("sampler_kl", "sampler_kl", "KL(sampler || trainer), k3 estimate", "KL (per token)"),
 )
+# "Where the time goes": the parts of each step's wall time (`step_s`) the learner logs, stacked; the rest is "other"
+# (checkpoints, logging, metrics).
+TIME_PARTS = (("wait_s", "waiting for rollouts"), ("train_s", "training"), ("publish_s", "publishing"))
 
 
 @dataclass
@@ -126,6 +132,20 @@ def summarize(records: list[dict], window: int = 10) -> dict:
     s["wall_seconds"] = times[-1] - times[0] if len(times) >= 2 else None
     versions = series(records, "version")[1]
     s["last_version"] = int(versions[-1]) if versions else None
+    for key in ("step_s", *(k for k, _ in TIME_PARTS)):
+        s[f"{key}_total"] = sum(series(records, key)[1]) if series(records, key)[1] else None
+    s["step_s_mean"] = _mean(series(records, "step_s")[1])
+    s["gen_busy_mean"] = _mean(series(records, "gen_busy")[1])
+    s["sampler_kl_mean"] = _mean(series(records, "sampler_kl")[1])
+    hist: list[int] = []  # trained tokens by versions behind, over the whole run
+    for r in records:
+        h = r.get("staleness_hist")
+        if isinstance(h, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in h):
+            hist += [0] * (len(h) - len(hist))
+            for i, n in enumerate(h):
+                hist[i] += n
+    s["staleness_hist"] = hist or None
+    s["staleness_mean"] = sum(i * n for i, n in enumerate(hist)) / sum(hist) if sum(hist) else None
     return s
 
 
@@ -197,6 +217,28 @@ def _draw(ax, records: list[dict], spec: PlotSpec) -> bool:
     return True
 
 
+def _draw_time(ax, records: list[dict]) -> bool:
+    """Stacked bars per step: each part of the step's wall time; the remainder of `step_s` as "other"."""
+    rows = [r for r in records if number(r.get("step_s")) is not None]
+    if not rows:
+        return False
+    steps = [r["step"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for i, (key, label) in enumerate(TIME_PARTS):
+        part = [max(number(r.get(key)) or 0.0, 0.0) for r in rows]
+        ax.bar(steps, part, bottom=bottom, width=0.85, color=f"C{i}", label=label)
+        bottom = [b + p for b, p in zip(bottom, part)]
+    other = [max(number(r["step_s"]) - b, 0.0) for r, b in zip(rows, bottom)]
+    ax.bar(steps, other, bottom=bottom, width=0.85, color="0.75", label="other (checkpoints, logging)")
+    ax.set_ylim(0, max(max(number(r["step_s"]) for r in rows), max(bottom)) * 1.08)
+    ax.set_title("Where the time goes")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return True
+
+
 def _save(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -227,6 +269,13 @@ def make_plots(records: list[dict], out: Path, run_name: str) -> tuple[list[Path
                 notes.append(f"`{spec.key}` is {fmt(values[0])} at every step")
         else:
             notes.append(f"`{spec.key}` has no numeric values in {METRICS_FILE}; {spec.name} plot skipped")
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    if _draw_time(fig.add_subplot(), records):
+        fig.suptitle(run_name, fontsize="small", color="0.4")
+        _save(fig, out / "time.png")
+        written.append(out / "time.png")
+    else:
+        notes.append(f"`step_s` has no numeric values in {METRICS_FILE}; time plot skipped")
     if present:
         cols = 2 if len(present) > 1 else 1
         rows = math.ceil(len(present) / cols)
@@ -261,6 +310,14 @@ def _duration(seconds: float | None) -> str:
     return f"{fmt(seconds)} s ({h}:{rem // 60:02d}:{rem % 60:02d})"
 
 
+def _shares(s: dict) -> str:
+    """The time parts as shares of the summed step wall time."""
+    total = s["step_s_total"]
+    if not total:
+        return "-"
+    return " / ".join(f"{100 * (s[f'{k}_total'] or 0.0) / total:.0f}%" for k, _ in TIME_PARTS)
+
+
 def render_markdown(run: Path, m: Metrics, s: dict, plots: list[Path], notes: list[str], checkpoints: list) -> str:
     w = s["reward_window"]
     best = "-" if s["reward_best"] is None else f"{fmt(s['reward_best'])} (step {s['reward_best_step']})"
@@ -275,6 +332,12 @@ def render_markdown(run: Path, m: Metrics, s: dict, plots: list[Path], notes: li
         ("final KL", fmt(s["kl_final"])),
         ("mean tokens/s", fmt(s["tokens_per_s_mean"])),
         ("max staleness", fmt(s["staleness_max"])),
+        ("token-weighted staleness (mean)", fmt(s["staleness_mean"])),
+        ("trained tokens by versions behind (0, 1, ...)", ", ".join(map(str, s["staleness_hist"] or [])) or "-"),
+        ("mean step wall time", "-" if s["step_s_mean"] is None else f"{fmt(s['step_s_mean'])} s"),
+        ("time waiting / training / publishing", _shares(s)),
+        ("generation workers busy (mean)", fmt(s["gen_busy_mean"])),
+        ("KL(sampler || trainer), mean", fmt(s["sampler_kl_mean"])),
         ("train time (sum of step seconds)", _duration(s["train_seconds"])),
         ("wall time (first to last step)", _duration(s["wall_seconds"])),
         ("last version", fmt(s["last_version"])),

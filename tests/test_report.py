@@ -42,6 +42,15 @@ def realistic_records(n: int = 40, seed: int = 0) -> list[dict]:
                 "tokens_per_s": 1200 + rng.gauss(0, 80),
                 "staleness": None if s == 1 else rng.choice([0, 1, 1, 2]),
                 "seconds": seconds,
+                # the learner process adds these (async pipeline observability)
+                "wait_s": 0.1 * (s % 3),
+                "train_s": seconds,
+                "publish_s": 0.004,
+                "step_s": seconds + 0.1 * (s % 3) + 0.004 + 0.02,
+                "gen_busy": 0.5 + 0.01 * (s % 10),
+                "staleness_hist": [3, 5 * (s % 2)],
+                "staleness_mean": 5 * (s % 2) / (3 + 5 * (s % 2)),
+                "sampler_kl": 1e-3 / s,
                 "time": t,
             }
         )
@@ -209,7 +218,10 @@ def test_plots_are_valid_pngs(run, tmp_path):
     out = tmp_path / "elsewhere"
     R.write_report(run, out)
     names = sorted(p.name for p in out.glob("*.png"))
-    assert names == sorted(["reward.png", "loss.png", "kl.png", "tokens_per_s.png", "staleness.png", "overview.png"])
+    assert names == sorted(
+        ["reward.png", "loss.png", "kl.png", "tokens_per_s.png", "staleness.png", "overview.png"]
+        + ["staleness_mean.png", "gen_busy.png", "sampler_kl.png", "time.png"]
+    )
     for p in out.glob("*.png"):
         w, h = check_png(p)
         assert w >= 600 and h >= 400, p
@@ -241,3 +253,31 @@ def test_empty_and_missing_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
         R.write_report(tmp_path / "nope")
     assert R.cmd_report(argparse.Namespace(run=str(tmp_path / "nope"), out=None)) == 2
+
+
+def test_time_breakdown_staleness_histogram_and_sampler_kl(tmp_path):
+    """The async pipeline's numbers: time parts as shares of the summed step wall time, the run's token-weighted
+    staleness histogram (per-step histograms of different lengths summed) and its mean, mean busy fraction and
+    sampler KL; a run without step_s (replay training) gets a note instead of the time plot."""
+    records = realistic_records(12)
+    records[3]["staleness_hist"] = [1, 2, 4]  # a step with tokens 2 versions behind
+    write_metrics(tmp_path / "run", records)
+    md = R.write_report(tmp_path / "run").read_text()
+    s = json.loads((tmp_path / "run" / "report" / "summary.json").read_text())
+    hist = [sum((r["staleness_hist"] + [0, 0])[i] for r in records) for i in range(3)]
+    assert s["staleness_hist"] == hist and hist[2] == 4
+    assert s["staleness_mean"] == pytest.approx((hist[1] + 2 * hist[2]) / sum(hist))
+    total = sum(r["step_s"] for r in records)
+    assert s["step_s_total"] == pytest.approx(total) and s["step_s_mean"] == pytest.approx(total / 12)
+    assert s["gen_busy_mean"] == pytest.approx(np.mean([r["gen_busy"] for r in records]))
+    assert s["sampler_kl_mean"] == pytest.approx(np.mean([r["sampler_kl"] for r in records]))
+    got = table(md)
+    shares = [100 * sum(r[k] for r in records) / total for k in ("wait_s", "train_s", "publish_s")]
+    assert got["time waiting / training / publishing"] == " / ".join(f"{x:.0f}%" for x in shares)
+    assert got["trained tokens by versions behind (0, 1, ...)"] == ", ".join(map(str, hist))
+    check_png(tmp_path / "run" / "report" / "time.png")
+
+    write_metrics(tmp_path / "replay", [{k: v for k, v in r.items() if k != "step_s"} for r in records])
+    md = R.write_report(tmp_path / "replay").read_text()
+    assert "`step_s` has no numeric values in metrics.jsonl; time plot skipped" in md
+    assert not (tmp_path / "replay" / "report" / "time.png").exists()
