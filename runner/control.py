@@ -65,7 +65,8 @@ class ControlClient:
     `heartbeat_interval` and hears the coordinator's beats on the same socket. Silence for `silence_limit`, or a beat
     saying `rejoin` (a restarted coordinator that does not know us), means the coordinator is gone: a process it
     started (`supervised`, from the welcome) exits with EXIT_ORPHANED, so a killed `runner launch` leaves nothing
-    behind; any other sets `coordinator_lost` and its owner rejoins (`reconnect`, then `hello` again)."""
+    behind (at once when its parent process is gone, else within the heartbeat timeout); any other sets
+    `coordinator_lost` and its owner rejoins (`reconnect`, then `hello` again)."""
 
     def __init__(self, endpoint: str, name: str, role: str, heartbeat_interval: float = 1.0, curve: dict | None = None):
         self.endpoint, self.name, self.role = endpoint, name, role
@@ -74,6 +75,7 @@ class ControlClient:
         self.supervised = False  # started by the coordinator: ends with it
         self.coordinator_lost = threading.Event()
         self._last_beat = time.monotonic()  # when the coordinator was last heard
+        self._parent = 0
         self.curve = curve  # {"secret": path, "server_public": path} when the coordinator requires CURVE
         self.ctx = zmq.Context.instance()
         self.sock = self._socket(zmq.DEALER)
@@ -154,6 +156,7 @@ class ControlClient:
         }
         welcome = self.request(info, ("welcome",), timeout=timeout)[1]
         self.supervised = welcome.get("supervised", False)
+        self._parent = os.getppid()  # a supervised process's parent is the coordinator (or a wrapper it started)
         self._last_beat = time.monotonic()
         return welcome
 
@@ -187,7 +190,7 @@ class ControlClient:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
-                    msg = {"type": "heartbeat", "name": self.name}
+                    msg = {"type": "heartbeat", "name": self.name, "pid": os.getpid()}
                     msg.update((k, self.status[k]) for k in ("state", "version", "http_url") if k in self.status)
                     try:
                         hb.send_multipart([CONTROL, messages.pack(msg)], flags=zmq.NOBLOCK)
@@ -206,6 +209,8 @@ class ControlClient:
                             self._lost("the coordinator does not know this worker (it restarted)")
                 elif not self.coordinator_lost.is_set() and time.monotonic() - self._last_beat > self.silence_limit:
                     self._lost(f"the coordinator has been silent for {time.monotonic() - self._last_beat:.1f}s")
+                if self.supervised and os.getppid() != self._parent:  # reparented: it died (no need to wait)
+                    self._lost(f"the coordinator (parent pid {self._parent}) exited")
         finally:
             hb.close()
 

@@ -366,7 +366,9 @@ class Coordinator:
     def _on_heartbeat(self, identity: bytes, msg: dict) -> None:
         self.seen_version = max(self.seen_version, msg.get("version", 0))
         rec = self.workers.get(msg["name"])
-        if rec is None or not rec.identity:  # a worker of a coordinator that ran before us: it should say hello
+        # A worker of a coordinator that ran before us, or (same name, another pid) a child of one: say hello again
+        # (such a child exits instead, so two learners never share a run dir).
+        if rec is None or not rec.identity or msg.get("pid", rec.pid) != rec.pid:
             self._reply(identity, {"type": "heartbeat", "name": "coordinator", "rejoin": True})
             return
         if rec.state in ("failed", "stopped"):

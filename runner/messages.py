@@ -18,7 +18,8 @@ Who sends what (W = a worker or learner, C = the coordinator):
   ``published`` or ``rejected``, as for a weight message sent as frames. C→W the same notice fans the version out
   to same-host workers.
 - C→W ``heartbeat`` (``name`` "coordinator") every heartbeat interval to the socket each worker heartbeats from
-  (Paranoid Pirate: liveness both ways); ``rejoin`` when it does not know the sender (it restarted): say hello again.
+  (Paranoid Pirate: liveness both ways); ``rejoin`` when it does not know the sender (it restarted), or the sender
+  is not the process that said hello under that name: say hello again (a child of a dead coordinator exits).
   A weight message on the control socket, unasked, when a worker's heartbeat reports a version older than the latest
   (it missed one).
 - C→W ``stop``: a remote worker should exit (the job ended).
@@ -52,7 +53,14 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
         "weights_slots": (dict, type(None)),
         "supervised": (bool,),
     },
-    "heartbeat": {"name": (str,), "state": (str,), "version": (int,), "http_url": (str,), "rejoin": (bool,)},
+    "heartbeat": {
+        "name": (str,),
+        "state": (str,),
+        "version": (int,),
+        "http_url": (str,),
+        "pid": (int,),
+        "rejoin": (bool,),
+    },
     "ack": {"name": (str,), "version": (int,), "state": (str,), "http_url": (str,)},
     "status": {"job": (dict,), "workers": (list,)},
     "get_latest": {"name": (str,), "slots": (bool,)},

@@ -378,10 +378,12 @@ def test_launch_trains_on_a_remote_worker_which_outlives_a_killed_coordinator(ne
     assert worker.wait(60) == 0, _tails(logs)  # the coordinator told it to stop when the job ended
 
 
-def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill-9", "stopped"])
+def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_path, sig):
     """`runner launch` as on one Mac (defaults: shared memory, children on the Unix socket), a local generation worker
     and the learner: after `kill -9` of the launch, every process in its namespace is gone within the heartbeat
-    timeout (its children hear no coordinator beats and exit)."""
+    timeout (a child sees its parent go, or hears no coordinator beats). A launch that is stopped (SIGSTOP: alive
+    but silent) loses its children the same way, by the heartbeats alone."""
     run_dir = tmp_path / "run"
     config = job_config(tiny_model, run_dir, keys, steps=1000)
     config["generation"]["workers"] = 1
@@ -397,13 +399,15 @@ def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_pa
     assert {w["name"]: w["state"] for w in status["workers"]} == {"gen-0": "serving", "learner": "training"}, status
     children = {w["pid"] for w in status["workers"]}
     assert children <= set(netns.pids(netns.a))
-    job.send_signal(signal.SIGKILL)
+    job.send_signal(sig)
     killed = time.monotonic()
-    job.wait(10)
-    wait_until(lambda: not netns.pids(netns.a), HEARTBEAT_TIMEOUT, "every child of the launch to exit", (), logs)
+    wait_until(lambda: set(netns.pids(netns.a)) <= {job.pid}, HEARTBEAT_TIMEOUT, "every child to exit", (), logs)
     assert time.monotonic() - killed <= HEARTBEAT_TIMEOUT
+    job.kill()  # the stopped one
+    job.wait(10)
+    why = "exiting, as this process was started by it" if sig == signal.SIGKILL else "silent for"
     for name in ("learner", "gen-0"):
-        assert "exiting, as this process was started by it" in (run_dir / "logs" / f"{name}.log").read_text()
+        assert why in (run_dir / "logs" / f"{name}.log").read_text()
 
 
 def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, keys, tiny_model, tmp_path):
