@@ -6,6 +6,11 @@ file and restart policy (exponential backoff, and a flapping limit of `restart_a
 seconds past which the job stops with the reason). Remote generation workers (`runner worker generate --join`)
 appear in the same worker table without a watcher: if they die they are dropped, not restarted.
 
+Liveness both ways (Paranoid Pirate): every worker heartbeats, and the coordinator beats back to each one's heartbeat
+socket (`_beat`); its children exit when the beats stop, remote workers say hello again, reporting the version they
+serve (`seen_version`: a restarted coordinator continues above it). A heartbeat reporting an older version than the
+latest gets the latest re-sent (`_heal`).
+
 Config: `create_coordinator` writes the resolved job config (absolute paths, every key) to
 `RUN/config.resolved.toml`; every child starts from it (`--config`), the learner's first start also with `--resume`
 when asked, and a remote worker without the file asks for it (`get_config`). `welcome` carries runtime facts only.
