@@ -494,6 +494,12 @@ def verdicts(rows: list[dict], peer: dict | None) -> list[str]:
                 f"{publish}; wall {base['s_step']:.3f} s"
             )
     ok = [r for r in rows if "error" not in r]
+    other = [r["cpu"]["other"] for r in ok + ([peer] if peer else []) if r.get("cpu") and "other" in r["cpu"]]
+    if other and statistics.fmean(other) > 0.25:
+        out.append(
+            f"other processes kept {statistics.fmean(other):.2f} of the {os.cpu_count()} cores busy on average during "
+            "the runs (CPU other): the timings are those of a shared machine, not of an idle one"
+        )
     if peer and ok:
         best = min(ok, key=lambda r: r["s_step"])
         for r in {id(x): x for x in [ok[0], best]}.values():
