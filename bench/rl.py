@@ -33,7 +33,9 @@ Columns of the table:
   seconds (utime + stime from /proc/PID/stat, sampled every 0.5 s) per wall second between the first and the last
   step, for the learner, each generation worker (`a+b`), the coordinator (`runner launch`), and every other process
   on the machine (from /proc/stat: busy time of all cores minus ours), so a loaded machine shows. The peer row's
-  `CPU learner` is this process. Linux only (`-` elsewhere).
+  `CPU learner` is this process. `CPU-s/step`: s/step x the job's own CPU seconds per wall second (all but `CPU
+  other`): the CPU time a step costs, which depends less on what else runs on the machine than s/step does. Linux
+  only (`-` elsewhere).
 
 Every process the bench starts is stopped when it ends, on an error or on Ctrl-C/SIGTERM: `runner launch` gets
 SIGTERM (its own bounded shutdown), then SIGKILL after its stop_grace, and any of its children still alive is
@@ -450,16 +452,24 @@ def _cpu(row: dict, role: str) -> str:
     return _f(cpu.get(role), ".2f")
 
 
+def _cpu_per_step(row: dict) -> str:
+    """CPU seconds the job's own processes spent per step: s/step x their CPU seconds per wall second."""
+    cpu = row.get("cpu")
+    if not cpu:
+        return "-"
+    return f"{row['s_step'] * sum(v for k, v in cpu.items() if k != 'other'):.2f}"
+
+
 def report(rows: list[dict], peer: dict | None) -> str:
     sync = {r["workers"]: r for r in rows if r["depth"] == 0 and "error" not in r}
     head = (
         "| run | s/step | speed-up | ideal | % ideal | gen busy | staleness | reward | d reward | /peer "
-        "| CPU learner | CPU gen | CPU coord | CPU other |"
+        "| CPU learner | CPU gen | CPU coord | CPU other | CPU-s/step |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * 12)
+            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * 13)
             continue
         base = sync.get(r["workers"])
         ideal = None
@@ -473,12 +483,12 @@ def report(rows: list[dict], peer: dict | None) -> str:
             f"{_f(r['staleness'], '.2f')} | {r['reward']:.3f} | "
             f"{_f(r['reward'] - base['reward'] if base else None, '+.3f')} | "
             f"{_f(r['s_step'] / peer['s_step'] if peer else None, '.2f')} | {_cpu(r, 'learner')} | {_cpu(r, 'gen')} | "
-            f"{_cpu(r, 'coord')} | {_cpu(r, 'other')} |"
+            f"{_cpu(r, 'coord')} | {_cpu(r, 'other')} | {_cpu_per_step(r)} |"
         )
     if peer:
         lines.append(
             f"| {peer['label']} | {peer['s_step']:.3f} | | | | | | {peer['reward']:.3f} | | 1.00 | "
-            f"{_cpu(peer, 'learner')} | | | {_cpu(peer, 'other')} |"
+            f"{_cpu(peer, 'learner')} | | | {_cpu(peer, 'other')} | {_cpu_per_step(peer)} |"
         )
     return "\n".join(lines)
 
