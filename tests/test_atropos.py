@@ -199,6 +199,41 @@ def test_trainer_trains_on_run_api_batches(atropos_api, tiny_model):
     assert status["current_step"] == 2 and status["queue_size"] == 0
 
 
+def test_atropos_source_fetches_the_next_batch_while_the_learner_trains(atropos_api, tiny_model):
+    """async_depth 1: once next_batch(1) has returned, batch 2 is fetched from the API with no further call (in the
+    background, while the learner would train), next_batch(2) returns it, and batch 3 is fetched the same way."""
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    groups = [make_group(tok, i, with_advantages=False) for i in range(3 * GROUPS_PER_BATCH)]
+    stop = threading.Event()
+    source = AtroposSource(
+        atropos_api, batch_size=GROUP * GROUPS_PER_BATCH, max_token_len=512, wait_timeout=60, depth=1, stop=stop
+    )
+    env = MinimalEnv(atropos_api, groups)
+    env.start()
+
+    def fetched() -> bool:
+        return len(source._ahead) == 1 and source._ahead[0].done()
+
+    try:
+        first = source.next_batch(1)
+        poll(fetched, 30, "batch 2 to be fetched unasked")
+        prefetched = source._ahead[0].result()["batch"]
+        second = source.next_batch(2)
+        poll(fetched, 30, "batch 3 to be fetched unasked")
+    finally:
+        stop.set()
+        env.join(10)
+        source.close()
+    assert env.error is None
+    got = [tuple(s.tokens) for b in (first, second) for s in b.samples]
+    sent = {tuple(t) for g in groups for t in g["tokens"]}
+    assert len(got) == 2 * GROUP * GROUPS_PER_BATCH and len(set(got)) == len(got) and set(got) <= sent
+    assert [tuple(s.tokens) for s in second.samples] == [tuple(t) for item in prefetched for t in item["tokens"]]
+    assert source.state() == {"type": "atropos", "steps_done": 2}  # batch 3 was fetched, not trained
+
+
 def test_atropos_source_registers_at_resume_step(atropos_api):
     source = AtroposSource(atropos_api, batch_size=GROUP, starting_step=0, wait_timeout=0.3)
     source.load_state({"type": "atropos", "steps_done": 7})

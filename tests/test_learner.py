@@ -449,3 +449,120 @@ def test_clipping_acts_over_several_epochs(tiny_model):
     assert m_narrow["clip_frac"] > 0.1  # 0.38 here
     assert m_wide["clip_frac"] < 0.01  # 0 here
     assert max_diff(narrow, wide) > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Asynchronous rollouts ([learner] async_depth)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_depth_0_is_the_synchronous_loop(tiny_model, rollout_server):
+    """async_depth 0: each batch's requests go out only once the previous step's adapter is live, prompts in order,
+    none ahead, and the pacing hook is never asked. (With seeded rollouts this loop gives, bit for bit, the adapters
+    and tokens of the code before async_depth existed: 5 steps compared against commit daa0423.)"""
+    engine = rollout_server.engine
+    trainer = Trainer.load(tiny_model, QUICK, QUICK_SPEC)
+    trainer.version = engine.version
+    task = make_task("target_tokens", trainer.tokenizer, QUICK.max_tokens, seed=QUICK.seed)
+    sent = []  # (learner step, learner version, served version) at every request attempt
+
+    def urls() -> list[str]:
+        sent.append((trainer.step_count, trainer.version, engine.version))
+        return [rollout_server.base]
+
+    def ready(j: int) -> bool:
+        raise AssertionError("depth 0 starts no rollouts ahead")
+
+    source = BuiltinSource(task, urls, 8, 4, 16, seed=0, seeded=True, depth=0, ready=ready, steps=3)
+    try:
+        for step in (1, 2, 3):
+            v = trainer.version
+            batch = source.next_batch(step)
+            assert len(sent) == 4 * step and set(sent[-4:]) == {(step - 1, v, v)}
+            assert batch.info["prompt_index"] == 4 * (step - 1)
+            assert {x for s in batch.samples for x, m in zip(s.versions, s.mask) if m} == {v}
+            m = trainer.step(batch)
+            assert m["staleness_hist"] == [m["trained_tokens"]] and m["staleness_mean"] == 0.0
+            assert engine.install_adapter(trainer.version, trainer.lora_tensors()).wait(30)
+    finally:
+        source.close()
+
+
+def test_async_rollouts_stay_within_max_staleness(tiny_model, rollout_server):
+    """async_depth 2, max_staleness 2, adapters installed without waiting (as a publish does): the batch trained j
+    steps ahead starts only once the engine serves >= version now + j - max_staleness, so no trained token is more
+    than 2 versions old, none is dropped, per-token versions never go back within a sequence, and nothing is started
+    past the last step. That a version installed mid-sequence shows in the per-token versions is proven token by
+    token in test_generation.py::test_adapter_switch_under_load_is_atomic; the source copies them as they come."""
+    from dataclasses import replace
+
+    engine = rollout_server.engine
+    ms, depth, steps = 2, 2, 6
+    trainer = Trainer.load(tiny_model, replace(QUICK, max_staleness=ms), QUICK_SPEC)
+    trainer.version = v0 = engine.version
+    task = make_task("target_tokens", trainer.tokenizer, QUICK.max_tokens, seed=QUICK.seed)
+    asked = []
+
+    def ready(j: int) -> bool:
+        asked.append((trainer.version, j))
+        need = trainer.version + j - ms
+        poll(lambda: engine.version >= need, 60, f"the engine to serve version {need}")
+        return True
+
+    source = BuiltinSource(task, lambda: [rollout_server.base], 8, 4, 16, depth=depth, ready=ready, steps=steps)
+    hist: list[int] = []
+    spans = 0
+    try:
+        for step in range(1, steps + 1):
+            v = trainer.version
+            batch = source.next_batch(step)
+            assert batch.info["prompt_index"] == 4 * (step - 1)
+            for s in batch.samples:
+                versions = [x for x, m in zip(s.versions, s.mask) if m]
+                assert versions == sorted(versions) and min(versions) == s.version
+                assert v - ms <= s.version and max(versions) <= v, (v, versions)
+                spans += len(set(versions)) > 1
+            if step == 1:  # make the rollouts of step 2 run (and end) while step 1 trains: they are 1 version old
+                poll(lambda: all(f.done() for f in source._ahead[0][2]), 60, "the rollouts of step 2")
+            m = trainer.step(batch)
+            assert m["dropped_groups"] == 0 and m["staleness"] <= ms
+            assert sum(m["staleness_hist"]) == m["trained_tokens"] and len(m["staleness_hist"]) <= ms + 1
+            hist += [0] * (len(m["staleness_hist"]) - len(hist))
+            for i, n in enumerate(m["staleness_hist"]):
+                hist[i] += n
+            engine.install_adapter(trainer.version, trainer.lora_tensors())  # not waited for
+        assert not source._ahead  # nothing started past the last step
+    finally:
+        source.close()
+    print(f"staleness histogram over {steps} steps: {hist}; sequences spanning versions: {spans}")
+    assert asked == [(v0, 1), (v0, 2), (v0 + 1, 2), (v0 + 2, 2), (v0 + 3, 2)]
+    assert hist[1] > 0  # rollouts ran ahead of the learner
+
+
+def test_async_launch_records_where_the_time_goes(tmp_path, tiny_model):
+    """`runner launch` of the quickstart with async_depth 1: the pacing keeps every trained token within
+    max_staleness (1) of the learner, the rollouts ran ahead, each step's metrics say where its time went and how
+    busy the worker was, and `runner report` draws the time plot."""
+    from runner.report import write_report
+
+    config = tmp_path / "job.toml"
+    text = (REPO / "configs" / "quickstart.toml").read_text().replace('path = "models/tiny"', f'path = "{tiny_model}"')
+    config.write_text(text)
+    sets = ["learner.steps=8", "learner.async_depth=1", "checkpoint.interval=4", 'checkpoint.dir="run"']
+    sets += ['coordinator.control="tcp://127.0.0.1:0"', 'coordinator.weights="tcp://127.0.0.1:0"']
+    cmd = [sys.executable, "-m", "runner.cli", "launch", str(config)] + [a for s in sets for a in ("--set", s)]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    for row in rows:
+        assert row["staleness"] <= 1 and row["dropped_groups"] == 0
+        assert sum(row["staleness_hist"]) == row["trained_tokens"]
+        assert all(row[k] >= 0 for k in ("wait_s", "train_s", "publish_s", "sampler_kl"))
+        assert row["wait_s"] + row["train_s"] + row["publish_s"] <= row["step_s"] + 1e-6
+    assert any(len(row["staleness_hist"]) > 1 and row["staleness_hist"][1] > 0 for row in rows)  # ran ahead
+    assert all(0 <= row["gen_busy"] <= 1.05 for row in rows[1:])  # the first step has no baseline before it
+    write_report(tmp_path / "run")
+    assert (tmp_path / "run" / "report" / "time.png").stat().st_size > 0
