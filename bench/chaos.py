@@ -1,7 +1,8 @@
 """Chaos: a quickstart (tiny model, 200 steps) during which a random process of the job is SIGKILLed every few seconds.
 
 A kill falls due every `--every` seconds, and is made once the job is up again and has written a newer checkpoint
-than at the previous kill, so that kills faster than the job recovers cannot stall it (the job must finish).
+than at the previous kill (so that kills faster than the job recovers cannot stall it: the job must finish), up to
+`--jitter` seconds after that checkpoint (so that a kill lands within a checkpoint interval and costs steps).
 Targets: the coordinator (`runner launch` itself), gen-0 and the learner. A killed child is restarted by the
 coordinator (its restart policy); a killed coordinator is started again the way launchd would (KeepAlive): the same
 `runner launch` command on the same config, which resumes the job from its newest checkpoint, while the killed
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     served: dict[int, list[int]] = {}  # generation worker pid -> versions it served, in sampling order
     step = 0
     checkpoint_at_kill = -1
+    gate_opened = None  # when a newer checkpoint than at the last kill was first seen
     chaos_started = None
     next_kill = None
     deadline = time.monotonic() + args.timeout
@@ -133,6 +135,10 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         # checkpoint exists than at the previous kill (else kills faster than the job recovers would stall it
         # forever; this way the job must finish), on a target drawn among those running then.
         checkpoint = newest_checkpoint(run_dir)
+        if checkpoint > checkpoint_at_kill and gate_opened is None and next_kill is not None:
+            # Not at once: somewhere in the next checkpoint interval, so that a kill can cost steps to redo.
+            gate_opened = time.monotonic()
+            next_kill = max(next_kill, gate_opened + rng.uniform(0, args.jitter))
         if (
             next_kill is not None
             and time.monotonic() >= next_kill
@@ -141,7 +147,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             and step < args.steps - 1
         ):
             next_kill = time.monotonic() + rng.uniform(*args.every)
-            checkpoint_at_kill = checkpoint
+            checkpoint_at_kill, gate_opened = checkpoint, None
             running = {w["name"]: w["pid"] for w in status["workers"] if w["pid"] and alive(w["pid"])}
             candidates = [t for t in targets if t == "coordinator" or t in running]
             target = rng.choice(candidates) if candidates else None
@@ -217,6 +223,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=float, nargs=2, default=[5.0, 15.0], help="seconds between kills (uniform)")
     p.add_argument("--interval", type=int, default=5, help="checkpoint interval (steps)")
+    p.add_argument("--jitter", type=float, default=4.0, help="a due kill waits up to this long after a checkpoint")
     p.add_argument("--no-coordinator", action="store_true", help="kill only the children, never `runner launch`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600)
