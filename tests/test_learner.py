@@ -558,7 +558,7 @@ def test_async_launch_records_where_the_time_goes(tmp_path, tiny_model):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 9))
     for row in rows:
-        assert row["staleness"] <= 1 and row["dropped_groups"] == 0
+        assert row["staleness"] <= 1 and row["dropped_groups"] == 0 and row["dropped_batches"] == 0
         assert sum(row["staleness_hist"]) == row["trained_tokens"]
         assert all(row[k] >= 0 for k in ("wait_s", "train_s", "publish_s", "sampler_kl"))
         assert row["wait_s"] + row["train_s"] + row["publish_s"] <= row["step_s"] + 1e-6

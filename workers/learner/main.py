@@ -74,14 +74,16 @@ def run_learner(args: argparse.Namespace) -> int:
     source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, stop=stopping, ready=ready)
     # A batch stale as a whole (e.g. rollouts from a worker restarted at an old version) would make Trainer.step
     # raise StaleBatch: drop it and wait for the workers instead of crashing into a restart.
-    source = FreshSource(
+    source = fresh = FreshSource(
         source,
         min_version=lambda: trainer.version - config.learner.max_staleness,
         wait=lambda version: publisher.wait_for_workers(version, stopping) is not None,
     )
     if dist.size_of(group) > 1:
         source = dist.BroadcastSource(source, group)  # rank 0 gets the rollouts; every rank trains its share
-    callbacks = _publishing_callbacks(trainer, client, publisher, config, welcome["latest_version"], stopping)
+    callbacks = _publishing_callbacks(
+        trainer, client, publisher, config, welcome["latest_version"], stopping, lambda: fresh.dropped_batches
+    )
     try:
         fit(
             trainer,
@@ -113,6 +115,7 @@ def _publishing_callbacks(
     config: Config,
     latest_version: int,
     stopping: threading.Event,
+    dropped_batches=lambda: 0,
 ) -> Callbacks:
     def on_start(resumed: Path | None) -> None:
         # Versions never go backwards: continue above whatever the workers may already serve, and make them serve
@@ -143,6 +146,7 @@ def _publishing_callbacks(
             publish_s=now - trained,
             step_s=now - clock["ended"],
             gen_busy=busy.sample(),
+            dropped_batches=dropped_batches(),  # so far: batches stale as a whole, dropped and waited out (logged)
         )
         clock["ended"] = now
         client.status["version"] = trainer.version
