@@ -3,9 +3,9 @@
     python bench/rl.py [--steps 40] [--depths 0 1 2] [--workers 1 2] [--skip-peer] [--keep DIR]
 
 Every runner row is one `runner launch configs/quickstart.toml` (tiny random llama, `target_tokens` task, group 8 x 4
-prompts, 16 tokens, LoRA rank 8 on all seven linears, lr 5e-4) in a temp run dir, with `--set generation.workers=W`
-and, for D > 0 only (0 is the default), `--set learner.async_depth=D --set learner.max_staleness=D` (the config
-requires max_staleness >= async_depth; the quickstart's is 1). The peer row calls mlx-lm-lora's `train_grpo`
+prompts, 16 tokens, LoRA rank 8 on all seven linears, lr 5e-4) in a temp run dir, with `--set generation.workers=W
+--set learner.async_depth=D` (the quickstart's own default is 1), and `--set learner.max_staleness=D` for D > 1
+(the config requires max_staleness >= async_depth; the quickstart's is 1). The peer row calls mlx-lm-lora's `train_grpo`
 in this process on the same model, the same prompts (`TargetTokensTask.prompt(0 .. steps*4-1)`), the same reward
 (`TargetTokensTask.reward` on the sampled token ids), group size, batch, completion length, LoRA rank/scale/targets,
 optimizer (Adam, lr 5e-4), temperature 1 with no top-k/top-p truncation, no KL term and token-summed loss ("bnpo",
@@ -110,10 +110,10 @@ def _role(pid: int, root: int) -> str:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
-        return f"pid {pid}"
+        return f"?pid {pid}"
     if "--name" in argv and argv.index("--name") + 1 < len(argv):
         return argv[argv.index("--name") + 1]
-    return Path(argv[0]).name or f"pid {pid}"
+    return "?" + " ".join(argv)[:80]  # not (yet) a named child: looked at again at the next sample
 
 
 class CpuSampler:
@@ -153,6 +153,8 @@ class CpuSampler:
         cpu = {}
         for pid in tree:
             key = (pid, stats[pid][2])
+            if self.seen.get(key, "").startswith("?"):  # seen between fork and exec: its command line was the parent's
+                del self.seen[key]
             if key not in self.seen:
                 self.seen[key] = _role(pid, self.root)
             cpu[key] = stats[pid][1]
@@ -261,9 +263,9 @@ def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, ti
         'coordinator.weights="tcp://127.0.0.1:0"',
         "generation.port=0",
     ]
-    if depth:  # 0 is the default; giving it only when needed keeps the synchronous row runnable everywhere
-        # A batch started d steps ahead is trained d versions later: the config requires max_staleness >= d.
-        sets += [f"learner.async_depth={depth}", f"learner.max_staleness={max(depth, 1)}"]
+    sets.append(f"learner.async_depth={depth}")  # always given: the quickstart's own default is 1
+    if depth > 1:  # a batch started d steps ahead is trained d versions later: the config requires max_staleness >= d
+        sets.append(f"learner.max_staleness={depth}")
     cmd = [sys.executable, "-m", "runner.cli", "launch", str(ROOT / "configs" / "quickstart.toml")]
     for s in sets:
         cmd += ["--set", s]
