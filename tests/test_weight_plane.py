@@ -388,9 +388,8 @@ def test_receiver_drops_malformed_messages_over_a_real_socket(tiny_model):
             else:
                 frames = [frame, b"extra"]  # a protocol 4 message is one frame
             bad.append(frames)
-        for frames in bad:
+        for frames in bad:  # one at a time: PUB silently drops what is past its high-water mark
             pub.send_multipart(frames)
-        for _ in range(1000):
             assert sub.poll(5000)
             assert receiver.offer(sub.recv_multipart(copy=False)) is None
         assert receiver.rejected == 1000 and engine.version == 0
