@@ -566,3 +566,17 @@ def test_async_launch_records_where_the_time_goes(tmp_path, tiny_model):
     assert all(0 <= row["gen_busy"] <= 1.05 for row in rows[1:])  # the first step has no baseline before it
     write_report(tmp_path / "run")
     assert (tmp_path / "run" / "report" / "time.png").stat().st_size > 0
+
+
+def test_status_table_shows_the_last_steps_breakdown():
+    from runner.status import format_table
+
+    job = {"state": "running", "step": 3, "steps": 40, "latest_version": 3, "oldest_serving_version": 3, "uptime": 5}
+    assert "last step" not in format_table({"job": job, "workers": []})  # before the first step
+    job |= {"step_s": 0.35, "wait_s": 0.1, "train_s": 0.24, "publish_s": 0.004, "gen_busy": 0.71}
+    job |= {"staleness_mean": 0.4, "staleness": 1, "sampler_kl": 1.2e-5}
+    line = format_table({"job": job, "workers": []}).splitlines()[1]
+    assert line == (
+        "last step: 0.35s = wait 0.10s + train 0.24s + publish 0.004s  workers busy 71%  staleness mean 0.40 max 1  "
+        "sampler KL 1.20e-05"
+    )
