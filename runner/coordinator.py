@@ -46,8 +46,11 @@ import zmq
 from runner import control, messages, wire
 from runner.config import Config, ConfigError, build_config, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
+from runner.files import write_atomic
 
 log = logging.getLogger(__name__)
+
+PUBLISHED_VERSION = "published_version"  # file in the run dir: the newest version the job published
 
 LIVE_STATES = ("starting", "loading", "catching_up", "serving", "training")
 
@@ -193,9 +196,10 @@ class Coordinator:
         self.watchers: dict[str, Watcher] = {}
         self.latest: wire.WeightMessage | None = None  # the newest accepted version, verified on our own copy
         self.latest_at = 0.0  # when it was accepted
-        # The newest version any worker says it has: after a restart, remote workers may serve versions this
-        # coordinator never saw, and versions never go backwards (welcome and _accept continue above it).
-        self.seen_version = 0
+        # The newest version this job published (kept in the run dir across coordinator restarts) or any worker says
+        # it has (a remote worker may serve one this coordinator never saw): versions never go backwards (welcome and
+        # _accept continue above it), even when the learner resumes from a checkpoint older than the last version.
+        self.seen_version = _published_version(self.run_dir)
         self._next_beat = 0.0
         self.job = {
             "step": 0,
@@ -502,6 +506,7 @@ class Coordinator:
             if w.weights_via == "slots" and w.identity:
                 self.control.send_multipart([w.identity, *same_host])
         self._reply(identity, {"type": "published", "version": message.version})
+        write_atomic(self.run_dir / PUBLISHED_VERSION, f"{message.version}\n")
 
     # ----- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -662,6 +667,14 @@ class Coordinator:
                 self._handle(self.control.recv_multipart(zmq.NOBLOCK, copy=False))
             except zmq.Again:
                 return
+
+
+def _published_version(run_dir: Path) -> int:
+    """The newest version a coordinator of this run dir published (0 if none, or if the file is unreadable)."""
+    try:
+        return int((run_dir / PUBLISHED_VERSION).read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:

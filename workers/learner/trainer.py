@@ -633,8 +633,9 @@ def fit(
 
     Rank 0 (or a single process) resumes from `resume` (a checkpoint dir, or True: the newest loadable one in
     `run_dir`), drops metrics lines past it, appends one line per step, prints progress, checkpoints every `interval`
-    steps and at exit (also on an exception or a stop). With data-parallel ranks (`trainer.group`) the others get
-    rank 0's state and source position before the first step; rank 0's `BroadcastSource` stops them."""
+    steps and at exit (also on a stop, or an exception between steps). With data-parallel ranks (`trainer.group`)
+    the others get rank 0's state and source position before the first step; rank 0's `BroadcastSource` stops
+    them."""
     writer = dist.is_writer(trainer.group)
     run_dir = Path(run_dir) if run_dir is not None and writer else None  # only rank 0 touches the run dir
     checkpoint = _resume(trainer, source, run_dir, resume) if run_dir is not None else None
@@ -644,6 +645,7 @@ def fit(
         trainer.sync_ranks()
         source.load_state(dist.broadcast_json(source.state(), trainer.group))
     saved_at = trainer.step_count
+    in_step = False  # between the start of a step and its metrics line: its state may be half made
 
     def save() -> None:
         nonlocal saved_at
@@ -667,6 +669,7 @@ def fit(
                 batch = source.next_batch(trainer.step_count + 1)
             except dist.StopTraining:  # rank 0 told this rank to stop
                 break
+            in_step = True
             metrics = trainer.step(batch)
             if writer:
                 if callbacks.after_step is not None:
@@ -676,10 +679,13 @@ def fit(
                     ck.append_metrics(run_dir, metrics)
                 if run_dir is not None and (trainer.step_count % interval == 0 or trainer.step_count == steps):
                     save()
+            in_step = False
             if step_delay:
                 time.sleep(step_delay)  # test hook: lets a test stop the process between steps
     finally:
-        if run_dir is not None and trainer.step_count > saved_at:  # stopped (or failed) between checkpoints
+        # Stopped, or failed between steps: keep what was done. A failure inside a step leaves the newest checkpoint
+        # as it is (the adapter may hold part of that step's updates); the steps after it are redone.
+        if run_dir is not None and trainer.step_count > saved_at and not in_step:
             save()
     return trainer.last_metrics
 
