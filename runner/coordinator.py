@@ -505,8 +505,8 @@ class Coordinator:
         for w in self.workers.values():
             if w.weights_via == "slots" and w.identity:
                 self.control.send_multipart([w.identity, *same_host])
+        write_atomic(self.run_dir / PUBLISHED_VERSION, f"{message.version}\n")  # before the sender hears of it
         self._reply(identity, {"type": "published", "version": message.version})
-        write_atomic(self.run_dir / PUBLISHED_VERSION, f"{message.version}\n")
 
     # ----- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict:

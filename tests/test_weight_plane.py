@@ -492,3 +492,32 @@ def test_children_start_from_the_resolved_config_and_remote_workers_can_ask_for_
         }
     finally:
         welcome.close()
+
+
+def test_a_restarted_coordinator_continues_above_the_newest_published_version(job, tiny_model):
+    """The newest published version is kept in the run dir, so a coordinator started again on it (after a crash,
+    before any worker is back) tells the learner to continue above it: versions never go backwards."""
+    coord, client, _ = job
+    version = status(client)["job"]["latest_version"]
+    assert publish(job, version + 1, random_adapter(tiny_layout(tiny_model), 7)) == "published"
+    assert (coord.run_dir / "published_version").read_text().strip() == str(version + 1)
+    config = build_config(
+        {
+            "model": {"path": str(tiny_model)},
+            "checkpoint": {"dir": str(coord.run_dir)},
+            "coordinator": {"control": "tcp://127.0.0.1:0", "weights": "tcp://127.0.0.1:0", "shared_memory": False},
+        }
+    )
+    again = create_coordinator(config, coord.run_dir / "job.toml")
+    try:
+        thread = threading.Thread(target=again.run, daemon=True)
+        thread.start()
+        probe = ControlClient(again.control_endpoint, "probe", role="cli")
+        try:
+            assert probe.hello()["latest_version"] == version + 1
+        finally:
+            probe.close()
+    finally:
+        again.request_stop("test over")
+        thread.join(30)
+    assert not thread.is_alive()
