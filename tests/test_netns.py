@@ -395,8 +395,15 @@ def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_pa
     job = netns.spawn(netns.a, _python("-m", "runner.cli", "launch", str(config_path)), launch_log)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and metrics.read_text().strip(), 180, "a training step", (job,), logs)
-    status = status_from_a(netns, keys)
-    assert {w["name"]: w["state"] for w in status["workers"]} == {"gen-0": "serving", "learner": "training"}, status
+    # A state reaches the coordinator with the next heartbeat, which may come after the first step's metrics line.
+    expected = {"gen-0": "serving", "learner": "training"}
+    status = wait_until(
+        lambda: (s := status_from_a(netns, keys)) and {w["name"]: w["state"] for w in s["workers"]} == expected and s,
+        30,
+        f"worker states {expected}",
+        (job,),
+        logs,
+    )
     children = {w["pid"] for w in status["workers"]}
     assert children <= set(netns.pids(netns.a))
     job.send_signal(sig)
