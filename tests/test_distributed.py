@@ -127,9 +127,10 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outs
 
 
+# One write per rank: print() writes its arguments piece by piece, and the two ranks' pieces interleaved.
 PROBE = (
-    "import mlx.core as mx; g = mx.distributed.init(strict=True, backend='ring'); "
-    "print('size', g.size(), 'sum', mx.distributed.all_sum(mx.array([1.0])).item(), flush=True)"
+    "import os, mlx.core as mx; g = mx.distributed.init(strict=True, backend='ring'); "
+    "os.write(1, f'size {g.size()} sum {mx.distributed.all_sum(mx.array([1.0])).item()}\\n'.encode())"
 )
 
 
