@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from runner.control import process_running  # noqa: E402
 from runner.status import fetch_status  # noqa: E402
 
 
@@ -57,18 +58,6 @@ class Launch:
             m = re.search(r"control (tcp://\S+)", line)
             if m:
                 self.control = m.group(1)
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, exited but not reaped by whoever adopted it, does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS): os.kill said it exists
-        return True
 
 
 def newest_checkpoint(run_dir: Path) -> int:
@@ -148,7 +137,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         ):
             next_kill = time.monotonic() + rng.uniform(*args.every)
             checkpoint_at_kill, gate_opened = checkpoint, None
-            running = {w["name"]: w["pid"] for w in status["workers"] if w["pid"] and alive(w["pid"])}
+            running = {w["name"]: w["pid"] for w in status["workers"] if w["pid"] and process_running(w["pid"])}
             candidates = [t for t in targets if t == "coordinator" or t in running]
             target = rng.choice(candidates) if candidates else None
             if target == "coordinator":
@@ -198,7 +187,7 @@ def report(args, work: Path, run_dir: Path, kills, launches, served, pids, took)
     # Children of a killed coordinator exit within its heartbeat timeout; give them that long before calling them
     # survivors.
     deadline = time.monotonic() + 15
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(process_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     return {
         "steps": args.steps,
@@ -214,7 +203,7 @@ def report(args, work: Path, run_dir: Path, kills, launches, served, pids, took)
         "versions increasing within each coordinator": all(all(a < b for a, b in zip(v, v[1:])) for v in lives),
         "version drops across coordinator restarts": restarts,
         "final adapter loads": loads,
-        "processes left": [p for p in pids if alive(p)],
+        "processes left": [p for p in pids if process_running(p)],
     }
 
 

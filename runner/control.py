@@ -459,7 +459,7 @@ def create_slot_dir() -> Path:
             pid = int(old.name[len(_SLOT_DIR_PREFIX) :].split("-")[0])
         except ValueError:
             continue
-        if old.is_dir() and old.stat().st_uid == os.getuid() and not _pid_alive(pid):
+        if old.is_dir() and old.stat().st_uid == os.getuid() and not process_running(pid):
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed the slot directory %s of a coordinator that is gone", old)
     return Path(tempfile.mkdtemp(prefix=f"{_SLOT_DIR_PREFIX}{os.getpid()}-", dir=root))
@@ -470,14 +470,18 @@ def advertise_slot_dir(directory: Path | None) -> dict[str, Any] | None:
     return {"dir": str(directory), "host": socket.gethostname()} if directory else None
 
 
-def _pid_alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited orphan whose status waits for whoever adopted it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # exists, another user's
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): os.kill said it exists
+        return True
 
 
 # ----- the two ends of a version's trip ------------------------------------------------------------------------

@@ -19,21 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import poll as wait_for  # noqa: E402  (tests/ is on sys.path)
+from helpers import ALL_PROJECTIONS  # noqa: E402  (tests/ is on sys.path)
+from helpers import poll as wait_for  # noqa: E402
 
 START_TIMEOUT = 30.0  # seconds to wait for uvicorn to bind and /health to answer
 STOP_TIMEOUT = 10.0
 HTTP_TIMEOUT = 30.0  # default per-call timeout of the `http` client
-
-ALL_PROJECTIONS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
 
 
 @pytest.fixture(scope="session")

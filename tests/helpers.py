@@ -8,6 +8,17 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+# Every projection of a llama block: LoRA on all of them (the quickstart's targets).
+ALL_PROJECTIONS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
 
 def poll(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Call `predicate` until it returns something truthy (returned); fail after `timeout` seconds."""

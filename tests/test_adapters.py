@@ -11,20 +11,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import ALL_PROJECTIONS
 from mlx.utils import tree_unflatten
 
 from runner import adapters as A
 
 KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
-ALL_KEYS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
 PROMPTS = ["What is 2+3?", "hello world", "The cat and the dog", "one two three"]
 
 
@@ -182,7 +174,7 @@ def test_peft_layout_names_shapes_and_config(adapters_tiny, mixed_adapter, tmp_p
     full = make_adapter(
         adapters_tiny,
         tmp_path / "full",
-        keys=ALL_KEYS,
+        keys=ALL_PROJECTIONS,
         num_layers=-1,
         rank=8,
         scale=20.0,
@@ -191,7 +183,7 @@ def test_peft_layout_names_shapes_and_config(adapters_tiny, mixed_adapter, tmp_p
     A.convert(full, tmp_path / "full_peft")
     cfg = json.loads((tmp_path / "full_peft" / "adapter_config.json").read_text())
     assert "layers_to_transform" not in cfg and cfg["lora_alpha"] == 160
-    assert sorted(cfg["target_modules"]) == sorted(k.split(".")[1] for k in ALL_KEYS)
+    assert sorted(cfg["target_modules"]) == sorted(k.split(".")[1] for k in ALL_PROJECTIONS)
     from safetensors.numpy import load_file
 
     stock = load_file(str(tmp_path / "full_peft" / "adapter_model.safetensors"))
@@ -411,7 +403,7 @@ def strong_adapter(adapters_tiny, tmp_path_factory) -> Path:
     return make_adapter(
         adapters_tiny,
         tmp_path_factory.mktemp("strong") / "adapter",
-        keys=ALL_KEYS,
+        keys=ALL_PROJECTIONS,
         num_layers=-1,
         rank=8,
         scale=20.0,

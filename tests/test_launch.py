@@ -18,6 +18,7 @@ import mlx_lm
 import pytest
 from helpers import poll
 
+from runner.control import process_running
 from runner.status import fetch_status
 
 pytestmark = pytest.mark.slow
@@ -123,18 +124,6 @@ def child_pids(control: str) -> list[int]:
     return [w["pid"] for w in fetch_status(control)["workers"] if w["pid"]]
 
 
-def is_running(pid: int) -> bool:
-    """The process exists and is not a zombie (an orphan's exit status waits for whoever adopted it to reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS): os.kill said it exists
-        return True
-
-
 def stop_within_grace(job: Job, control: str, grace: float) -> float:
     """SIGTERM the launch; it must exit 0 within `grace` seconds (the job's [coordinator] stop_grace) with every
     child gone, none of them SIGKILLed. Returns the seconds the stop took."""
@@ -149,7 +138,7 @@ def stop_within_grace(job: Job, control: str, grace: float) -> float:
     took = time.monotonic() - tic
     job.finish(10)
     assert code == 0, job.output[-3000:]
-    assert [pid for pid in pids if is_running(pid)] == [], "a process of the job outlived it"
+    assert [pid for pid in pids if process_running(pid)] == [], "a process of the job outlived it"
     assert "did not stop within stop_grace" not in job.output  # each child reacted to SIGTERM on its own
     return took
 
@@ -410,4 +399,4 @@ def test_a_child_that_ignores_sigterm_is_killed_with_its_group_at_the_grace(tmp_
     assert 3.0 <= took < 20, took  # the grace, then the kill (20: the default stop_grace, the bound stated)
     assert coord.watchers["obedient"].proc.returncode == -signal.SIGTERM
     assert coord.watchers["stubborn"].proc.returncode == -signal.SIGKILL
-    poll(lambda: not any(is_running(p) for p in pids), 10, "the grandchild to be reaped")
+    poll(lambda: not any(process_running(p) for p in pids), 10, "the grandchild to be reaped")

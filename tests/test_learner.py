@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import poll
+from helpers import ALL_PROJECTIONS, poll
 
 from runner.config import LearnerConfig
 from workers.learner import checkpoint as ck
@@ -27,15 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The quickstart settings: they take target_tokens on the tiny model from ~0.15 to ~0.9 in 30 steps (~15-20 s on
 # 2 CPU cores). LoRA on every projection learns much more reliably than q/v only (which stalls on some seeds).
-ALL_PROJECTIONS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
 QUICK_SPEC = LoraSpec(rank=8, scale=20.0, keys=ALL_PROJECTIONS)
 QUICK = LearnerConfig(learning_rate=5e-4, group_size=8, batch_size=4, max_tokens=16, temperature=1.0, seed=0)
 
