@@ -571,3 +571,21 @@ def test_status_table_shows_the_last_steps_breakdown():
         "last step: 0.35s = wait 0.10s + train 0.24s + publish 0.004s  workers busy 71%  staleness mean 0.40 max 1  "
         "sampler KL 1.20e-05"
     )
+
+
+def test_a_failure_inside_a_step_keeps_the_last_checkpoint(tiny_model, tmp_path):
+    """A step that raises part-way may have changed the adapter: fit keeps the newest checkpoint as it is (the steps
+    after it are redone) rather than saving that state as if the steps were complete."""
+    from workers.learner.trainer import fit
+
+    good = synthetic_batches(2, seed=5)
+    bad = Batch(groups=[[Sample(tokens=[3], mask=[1], reward=1.0), Sample(tokens=[4], mask=[1], reward=0.0)]])
+    replay = tmp_path / "batches.jsonl"
+    replay.write_text("".join(b.to_json() + "\n" for b in [*good, bad]))
+    trainer = Trainer.load(tiny_model, LearnerConfig(seed=0), LoraSpec(rank=4))
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        fit(trainer, ReplaySource(replay), 5, run_dir, interval=10)
+    assert trainer.step_count == 2  # two steps completed, the third failed inside Trainer.step
+    assert ck.find_latest(run_dir) is None  # no checkpoint was written for a failed run between checkpoints
+    assert [m["step"] for m in ck.read_metrics(run_dir)] == [1, 2]
