@@ -59,6 +59,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.resume:
         sets.append(f"checkpoint.resume={json.dumps(str(Path(args.resume).resolve()))}")
     config = load_config(args.config, sets)
+    check_inputs(config)
     from runner.coordinator import launch
 
     return launch(config, config_path=Path(args.config))
@@ -106,8 +107,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_inputs(config) -> None:
+    """A dataset task's files and reward functions, checked before anything starts (ConfigError otherwise)."""
+    if config.source.type == "dataset":
+        from workers.learner.dataset import check_dataset_config  # no MLX: datasets, numpy, the reward modules
+
+        check_dataset_config(config)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
-    load_config(args.config, args.set or [])
+    check_inputs(load_config(args.config, args.set or []))
     print(f"{args.config}: ok")
     return 0
 

@@ -134,9 +134,32 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    type: str = field(default="builtin", metadata=_one_of("builtin", "atropos"))
+    type: str = field(default="builtin", metadata=_one_of("builtin", "atropos", "dataset"))
     task: str = field(default="target_tokens", metadata=_one_of("target_tokens", "arithmetic"))
     url: str = ""  # Atropos API server, e.g. http://127.0.0.1:8000
+    # type = "dataset" (workers/learner/dataset.py): a JSONL file, a local dataset directory or a `datasets` id.
+    path: str = ""
+    split: str = "train"  # for a `datasets` id or directory
+    chat_template: bool = True  # apply the tokenizer's chat template to each prompt; false = the raw text
+    shuffle: bool = True  # a new order each epoch, drawn from [learner] seed
+    # Reward functions: built-in names or "module:function" / "path/to/file.py:function"; summed with the weights.
+    rewards: list[str] = field(default_factory=lambda: ["exact_answer"])
+    reward_weights: list[float] = field(default_factory=list)  # [] = 1.0 each
+    reward_timeout: float = field(default=5.0, metadata=_positive())  # seconds per call; a raise or timeout scores 0
+    format_pattern: str = ""  # the regular expression of the built-in `regex_format` reward
+    length_limit: int = field(default=200, metadata=_positive("integer"))  # characters, for `length_penalty`
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    path: str = ""  # held-out set, same forms as [source] path; "" = no evaluation
+    split: str = "test"
+    every: int = field(default=0, metadata=_non_negative("integer"))  # every N steps (0 = only at the end)
+    limit: int = field(default=200, metadata=_positive("integer"))  # at most this many examples (the first ones)
+    pass_k: int = field(default=1, metadata=_positive("integer"))  # completions per example
+    temperature: float = field(default=0.0, metadata=_non_negative())  # 0 = greedy
+    # An example's completion is correct when the first reward function's score is >= threshold (accuracy, pass@k).
+    threshold: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -260,7 +284,25 @@ def build_config(data: dict, where: str = "config") -> Config:
             f"{learner.async_depth} (is {learner.max_staleness}): a batch started d steps ahead is trained d versions "
             "later"
         )
-    return Config(**built)
+    config = Config(**built)
+    _check_dataset_keys(config, where)
+    return config
+
+
+def _check_dataset_keys(config: Config, where: str) -> None:
+    """Cross-key checks of the dataset task and evaluation (the files and reward functions are checked at launch)."""
+    sc, ec = config.source, config.eval
+    if sc.type == "dataset" and not sc.path:
+        raise ConfigError(f"{where}: 'source.path' is empty; the dataset source needs a JSONL file or a dataset id")
+    if sc.reward_weights and len(sc.reward_weights) != len(sc.rewards):
+        raise ConfigError(
+            f"{where}: 'source.reward_weights' has {len(sc.reward_weights)} entries for {len(sc.rewards)} rewards "
+            f"{sc.rewards}; give one weight per reward (or none: 1.0 each)"
+        )
+    if ec.path and sc.type != "dataset":
+        raise ConfigError(f'{where}: [eval] needs source.type = "dataset" (its reward functions score the eval)')
+    if ec.pass_k > 1 and ec.temperature == 0:
+        raise ConfigError(f"{where}: 'eval.pass_k' = {ec.pass_k} needs eval.temperature > 0 (greedy repeats itself)")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -47,6 +47,7 @@ from runner import control, messages, wire
 from runner.config import Config, ConfigError, build_config, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
 from runner.files import write_atomic
+from runner.status import eval_summary
 
 log = logging.getLogger(__name__)
 
@@ -458,6 +459,10 @@ class Coordinator:
 
     def _on_progress(self, identity: bytes, msg: dict) -> None:
         metrics = msg.get("metrics", {})
+        if "eval_reward" in metrics:  # an evaluation row (workers/learner/evaluation.py), not a step
+            self.job["eval"] = {k: v for k, v in metrics.items() if k.startswith("eval_") or k in ("step", "version")}
+            print(f"eval at step {metrics.get('step')}: {eval_summary(metrics)}", flush=True)
+            return
         self.job.update(
             {
                 k: metrics.get(k)

@@ -31,6 +31,8 @@ def format_table(status: dict) -> str:
             f"workers busy {_pct(job.get('gen_busy'))}  staleness mean {_num(job.get('staleness_mean'), '.2f')} "
             f"max {_num(job.get('staleness'), 'd')}  sampler KL {_num(job.get('sampler_kl'), '.2e')}"
         )
+    if job.get("eval"):
+        lines.append(f"last eval: step {job['eval'].get('step')}  {eval_summary(job['eval'])}")
     lines += [
         "",
         f"{'WORKER':<20} {'ROLE':<9} {'STATE':<12} {'PID':>7} {'HOST':<16} {'VERSION':>7} {'RESTARTS':>8} "
@@ -43,6 +45,15 @@ def format_table(status: dict) -> str:
             f"{w['version']:>7} {w['restarts']:>8} {age:>9}  {w['http_url']}"
         )
     return "\n".join(lines)
+
+
+def eval_summary(row: dict) -> str:
+    """One line for an eval row (workers/learner/evaluation.py)."""
+    k = f"  pass@k {_pct(row['eval_pass_at_k'])}" if row.get("eval_pass_at_k") is not None else ""
+    return (
+        f"reward {_num(row.get('eval_reward'), '.3f')}  accuracy {_pct(row.get('eval_accuracy'))}{k}  "
+        f"v{row.get('version', '?')}  {row.get('eval_examples', '?')} examples  {_num(row.get('eval_s'), '.1f')}s"
+    )
 
 
 def _num(value, spec: str) -> str:

@@ -38,6 +38,7 @@ from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
 from runner.control import ControlClient, Publisher
 from workers.learner import distributed as dist
+from workers.learner.evaluation import make_evaluator
 from workers.learner.sources import FreshSource, Stopped, make_source
 from workers.learner.trainer import Callbacks, Trainer, fit
 
@@ -81,8 +82,23 @@ def run_learner(args: argparse.Namespace) -> int:
     )
     if dist.size_of(group) > 1:
         source = dist.BroadcastSource(source, group)  # rank 0 gets the rollouts; every rank trains its share
+    evaluator = make_evaluator(
+        config,
+        publisher.serving_urls,
+        trainer.tokenizer,
+        stopping,
+        serving_version=lambda: publisher.status()["job"]["oldest_serving_version"],
+        report=lambda row: client.send({"type": "progress", "name": args.name, "metrics": _plain(row)}),
+    )
     callbacks = _publishing_callbacks(
-        trainer, client, publisher, config, welcome["latest_version"], stopping, lambda: fresh.dropped_batches
+        trainer,
+        client,
+        publisher,
+        config,
+        welcome["latest_version"],
+        stopping,
+        lambda: fresh.dropped_batches,
+        evaluator,
     )
     try:
         fit(
@@ -97,11 +113,15 @@ def run_learner(args: argparse.Namespace) -> int:
             stopping=stopping,
             callbacks=callbacks,
         )
+        if evaluator is not None and not stopping.is_set():
+            evaluator.finish(trainer.step_count, trainer.version)  # the final eval; the job ends after it
     except Stopped as e:  # SIGTERM while waiting for rollouts: fit has checkpointed the last completed step
         log.info("%s; stopping at step %d", e, trainer.step_count)
     finally:
         client.status["state"] = "stopping"
         source.close()
+        if evaluator is not None:
+            evaluator.close()
     if not stopping.is_set():
         client.send({"type": "done", "name": args.name})
     client.close()
@@ -116,6 +136,7 @@ def _publishing_callbacks(
     latest_version: int,
     stopping: threading.Event,
     dropped_batches=lambda: 0,
+    evaluator=None,
 ) -> Callbacks:
     def on_start(resumed: Path | None) -> None:
         # Versions never go backwards: continue above whatever the workers may already serve, and make them serve
@@ -151,6 +172,8 @@ def _publishing_callbacks(
         clock["ended"] = now
         client.status["version"] = trainer.version
         client.send({"type": "progress", "name": client.name, "metrics": _plain(metrics)})
+        if evaluator is not None:
+            evaluator.step_done(trainer.step_count, trainer.version)  # in the background
 
     return Callbacks(on_start=on_start, before_step=before_step, after_step=after_step)
 

@@ -225,6 +225,20 @@ def wait_unless_stopped(futures: list[Future], stop: threading.Event, what: str)
                 raise f.exception()
 
 
+def choices(response: dict) -> list[dict]:
+    """The completions of a `/v1/completions` response, in order."""
+    return sorted(response["choices"], key=lambda c: c["index"])
+
+
+def score(task: Task, items: list[tuple[Any, dict]]) -> tuple[list[float], int | None]:
+    """Rewards of (prompt, choice) items, all at once when the task can (the dataset task: its reward calls run
+    concurrently), with the number of failed reward calls (None: the task does not count them)."""
+    triples = [(p, c["token_ids"], c.get("text", "")) for p, c in items]
+    if hasattr(task, "score"):
+        return task.score(triples)
+    return [task.reward(*t) for t in triples], None
+
+
 class BuiltinSource:
     """Rollouts from the generation workers for a built-in task.
 
@@ -294,7 +308,7 @@ class BuiltinSource:
     def _release_url(self, url: str, failed: bool) -> None:
         self._routing.release(url, failed)
 
-    def _complete(self, prompt_ids: list[int], prompt_index: int) -> dict:
+    def complete(self, prompt_ids: list[int], prompt_index: int) -> dict:
         last_failed: dict[str, str | None] = {"url": None}
 
         def call() -> dict:
@@ -325,7 +339,7 @@ class BuiltinSource:
 
     def _start(self, position: int) -> tuple[int, list, list[Future]]:
         prompts = [self.task.prompt(position + i) for i in range(self.batch_size)]
-        return position, prompts, [_in_daemon_thread(self._complete, p.ids, p.index) for p in prompts]
+        return position, prompts, [_in_daemon_thread(self.complete, p.ids, p.index) for p in prompts]
 
     def next_batch(self, step: int) -> Batch:
         start, prompts, futures = self._ahead.popleft() if self._ahead else self._start(self.position)
@@ -335,13 +349,15 @@ class BuiltinSource:
                 raise Stopped(f"stopped while waiting to start the rollouts of step {step + j}")
             self._ahead.append(self._start(start + j * self.batch_size))
         wait_unless_stopped(futures, self.stop, f"the rollouts of step {step}")
+        responses = [(p, fut.result()) for p, fut in zip(prompts, futures)]
+        rewards, reward_errors = score(self.task, [(p, c) for p, r in responses for c in choices(r)])
+        rewards = iter(rewards)
         groups = []
-        for p, fut in zip(prompts, futures):
-            resp = fut.result()
+        for p, resp in responses:
             group = []
-            for choice in sorted(resp["choices"], key=lambda c: c["index"]):
+            for choice in choices(resp):
                 ids = choice["token_ids"]
-                reward = self.task.reward(p, ids, choice.get("text", ""))
+                reward = next(rewards)
                 pv = choice.get("policy_versions") or []
                 version = min(pv) if pv else resp.get("policy_version")
                 versions = pv if len(pv) == len(ids) else None
@@ -351,6 +367,8 @@ class BuiltinSource:
             groups.append(group)
         self.position = start + self.batch_size
         batch = Batch(groups=groups, info={"source": "builtin", "task": self.task.name, "prompt_index": start})
+        if reward_errors is not None:
+            batch.info["metrics"] = {"reward_errors": reward_errors}  # the trainer adds these to the step's metrics
         if self.recorder:
             self.recorder.write(batch)
         return batch
@@ -576,10 +594,15 @@ def make_source(
     Atropos batch ends at once with `Stopped`; `ready(j)` paces the rollouts started ahead (`[learner] async_depth`,
     module doc). Where a resumed source starts comes from the checkpoint (`load_state`)."""
     lc, sc = config.learner, config.source
-    if sc.type == "builtin":
+    if sc.type in ("builtin", "dataset"):
         if urls is None or tokenizer is None:
-            raise ValueError("the builtin source needs the generation workers' URLs and the tokenizer")
-        task = make_task(sc.task, tokenizer, lc.max_tokens, seed=lc.seed)
+            raise ValueError(f"the {sc.type} source needs the generation workers' URLs and the tokenizer")
+        if sc.type == "dataset":
+            from workers.learner.dataset import make_dataset_task  # it imports this module (daemon threads)
+
+            task = make_dataset_task(config, tokenizer)
+        else:
+            task = make_task(sc.task, tokenizer, lc.max_tokens, seed=lc.seed)
         return BuiltinSource(
             task,
             urls,

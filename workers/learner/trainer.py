@@ -382,6 +382,7 @@ class Trainer:
             "dropped_groups": dropped,
             "seconds": seconds,
         }
+        self.last_metrics.update(batch.info.get("metrics", {}))  # the source's own counts (e.g. reward_errors)
         if self.world_size > 1:
             self.last_metrics["ranks"] = self.world_size
         return self.last_metrics
