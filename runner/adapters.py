@@ -610,7 +610,7 @@ def read_metrics_by_step(run: Path) -> dict[int, dict]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and "eval_reward" not in rec:  # not evals
                 out[rec["step"]] = rec
     return out
 

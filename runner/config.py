@@ -155,6 +155,7 @@ class EvalConfig:
     path: str = ""  # held-out set, same forms as [source] path; "" = no evaluation
     split: str = "test"
     every: int = field(default=0, metadata=_non_negative("integer"))  # every N steps (0 = only at the end)
+    at_start: bool = False  # also before the first step (the base model, or the checkpoint resumed from)
     limit: int = field(default=200, metadata=_positive("integer"))  # at most this many examples (the first ones)
     pass_k: int = field(default=1, metadata=_positive("integer"))  # completions per example
     temperature: float = field(default=0.0, metadata=_non_negative())  # 0 = greedy

@@ -48,11 +48,18 @@ PLOTS = (
 TIME_PARTS = (("wait_s", "waiting for rollouts"), ("train_s", "training"), ("publish_s", "publishing"))
 
 
+# Evaluation rows (workers/learner/evaluation.py) share the step numbers of training rows; they are told apart by
+# this key and kept apart, one per step.
+EVAL_KEY = "eval_reward"
+EVAL_PLOT = (("eval_reward", "mean reward"), ("eval_accuracy", "accuracy (pass@1)"), ("eval_pass_at_k", "pass@k"))
+
+
 @dataclass
 class Metrics:
     records: list[dict]  # one per step, sorted by step
     problems: list[str] = field(default_factory=list)  # "line N: why", for the report
     lines: int = 0
+    evals: list[dict] = field(default_factory=list)  # evaluation rows, one per step, sorted by step
 
 
 def number(v) -> float | None:
@@ -66,6 +73,7 @@ def read_metrics(path: Path) -> Metrics:
     """Parse metrics.jsonl; bad lines become `problems`, duplicate steps keep the last record."""
     path = Path(path)
     by_step: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
     problems = []
     text = path.read_text(errors="replace")
     lines = text.splitlines()
@@ -84,10 +92,11 @@ def read_metrics(path: Path) -> Metrics:
         if isinstance(step, bool) or not isinstance(step, int):
             problems.append(f"line {lineno}: 'step' is {step!r}, expected an integer")
             continue
-        if step in by_step:
+        rows = evals if EVAL_KEY in rec else by_step
+        if step in rows:
             problems.append(f"line {lineno}: step {step} logged again; keeping this later record")
-        by_step[step] = rec
-    return Metrics([by_step[s] for s in sorted(by_step)], problems, len(lines))
+        rows[step] = rec
+    return Metrics([by_step[s] for s in sorted(by_step)], problems, len(lines), [evals[s] for s in sorted(evals)])
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -239,6 +248,23 @@ def _draw_time(ax, records: list[dict]) -> bool:
     return True
 
 
+def _draw_eval(ax, evals: list[dict]) -> bool:
+    """The held-out evaluation by step: mean reward, accuracy and (when measured) pass@k."""
+    drawn = False
+    for i, (key, label) in enumerate(EVAL_PLOT):
+        steps, values = series(evals, key)
+        if steps:
+            ax.plot(steps, values, marker="o", markersize=4, linewidth=1.4, color=f"C{i}", label=label)
+            drawn = True
+    if drawn:
+        ax.set_title("Held-out evaluation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("score")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    return drawn
+
+
 def _save(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -250,7 +276,7 @@ def _save(fig, path: Path) -> None:
         raise
 
 
-def make_plots(records: list[dict], out: Path, run_name: str) -> tuple[list[Path], list[str]]:
+def make_plots(records: list[dict], out: Path, run_name: str, evals: list[dict] = ()) -> tuple[list[Path], list[str]]:
     """One PNG per metric plus overview.png; returns (written files, notes about skipped plots)."""
     from matplotlib.figure import Figure  # Figure without pyplot: Agg canvas, no global state, no display needed
 
@@ -276,6 +302,11 @@ def make_plots(records: list[dict], out: Path, run_name: str) -> tuple[list[Path
         written.append(out / "time.png")
     else:
         notes.append(f"`step_s` has no numeric values in {METRICS_FILE}; time plot skipped")
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    if evals and _draw_eval(fig.add_subplot(), evals):
+        fig.suptitle(run_name, fontsize="small", color="0.4")
+        _save(fig, out / "eval.png")
+        written.append(out / "eval.png")
     if present:
         cols = 2 if len(present) > 1 else 1
         rows = math.ceil(len(present) / cols)
@@ -342,6 +373,15 @@ def render_markdown(run: Path, m: Metrics, s: dict, plots: list[Path], notes: li
         ("wall time (first to last step)", _duration(s["wall_seconds"])),
         ("last version", fmt(s["last_version"])),
     ]
+    for e in m.evals[:1] + m.evals[1:][-1:]:  # the first and the last
+        k = f", pass@k {fmt(number(e.get('eval_pass_at_k')))}" if "eval_pass_at_k" in e else ""
+        rows.append(
+            (
+                f"eval at step {e['step']}",
+                f"reward {fmt(number(e.get('eval_reward')))}, accuracy "
+                f"{fmt(number(e.get('eval_accuracy')))}{k} ({fmt(e.get('eval_examples'))} examples)",
+            )
+        )
     out = [
         f"# Run report: {run.name}",
         "",
@@ -389,12 +429,13 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     s = summarize(m.records)
     try:
-        plots, notes = make_plots(m.records, out, run.resolve().name)
+        plots, notes = make_plots(m.records, out, run.resolve().name, m.evals)
     except ImportError:
         plots, notes = [], ["matplotlib is not installed (pip install matplotlib); no plots were drawn"]
     checkpoints = run_checkpoints(run)
     write_atomic(out / "report.md", render_markdown(run, m, s, plots, notes, checkpoints))
     s["problems"] = m.problems
+    s["evals"] = [{k: v for k, v in e.items() if k.startswith("eval_") or k in ("step", "version")} for e in m.evals]
     s["plots"] = [p.name for p in plots]
     s["checkpoints"] = [
         {"name": c.path.name, "step": c.step, "version": c.version, "latest": c.latest} for c in checkpoints

@@ -1,7 +1,7 @@
 """Evaluation during training (`[eval]`): a held-out dataset, sent through the generation workers every `every` steps
 and at the end, scored with the `[source]` reward functions.
 
-It runs in a background thread, so training goes on meanwhile: the learner only starts it after publishing a version.
+With `at_start`, one also runs before the first step. It runs in a background thread, so training goes on meanwhile: the learner only starts it after publishing a version.
 It first waits (polling the coordinator's status, at most `VERSION_WAIT` seconds) until every serving worker serves
 that version, then sends each example once with n = `pass_k` at `[eval] temperature` (0 = greedy) and
 `[learner] max_tokens`, at most `[learner] batch_size` requests at once. One eval at a time: one that comes due while
@@ -43,15 +43,22 @@ class Evaluator:
     ):
         self.task, self.client, self.serving_version, self.report = task, client, serving_version, report
         self.every, self.steps = config.eval.every, config.learner.steps
-        self.pass_k, self.threshold = config.eval.pass_k, config.eval.threshold
+        self.pass_k, self.threshold, self.at_start = config.eval.pass_k, config.eval.threshold, config.eval.at_start
         self.run_dir = config.checkpoint.dir
         self._thread: threading.Thread | None = None
         self.last_step: int | None = None  # the step of the last eval row written
 
+    def started(self, step: int, version: int) -> None:
+        """Training starts (or resumes) at `step`, `version`: evaluate it in the background if `at_start` asks."""
+        if self.at_start and step < self.steps:
+            self._start(step, version)
+
     def step_done(self, step: int, version: int) -> None:
         """After step `step` published `version`: start an eval in the background if one is due."""
-        if not self.every or step % self.every or step >= self.steps:  # the last step's eval is `finish`'s
-            return
+        if self.every and step % self.every == 0 and step < self.steps:  # the last step's eval is `finish`'s
+            self._start(step, version)
+
+    def _start(self, step: int, version: int) -> None:
         if self._thread is not None and self._thread.is_alive():
             log.warning("the evaluation started earlier still runs; skipping the one of step %d", step)
             return

@@ -146,6 +146,8 @@ def _publishing_callbacks(
             trainer.version += 1
             publisher.publish(trainer.version, trainer.step_count, trainer.lora_buffers())
         client.status.update(state="training", version=trainer.version)
+        if evaluator is not None:
+            evaluator.started(trainer.step_count, trainer.version)
 
     busy = BusyMeter(publisher.serving_urls, config.security.api_token)
     clock = {"begin": 0.0, "ended": None}  # this step's before_step; the previous step's end

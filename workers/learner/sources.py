@@ -367,8 +367,9 @@ class BuiltinSource:
             groups.append(group)
         self.position = start + self.batch_size
         batch = Batch(groups=groups, info={"source": "builtin", "task": self.task.name, "prompt_index": start})
+        batch.info["metrics"] = {"prompt_index": start}  # the trainer adds these to the step's metrics
         if reward_errors is not None:
-            batch.info["metrics"] = {"reward_errors": reward_errors}  # the trainer adds these to the step's metrics
+            batch.info["metrics"]["reward_errors"] = reward_errors
         if self.recorder:
             self.recorder.write(batch)
         return batch
