@@ -1,7 +1,7 @@
 """Evaluation during training (`[eval]`): a held-out dataset, sent through the generation workers every `every` steps
-and at the end, scored with the `[source]` reward functions.
+and at the end (and before the first step with `at_start`), scored with the `[source]` reward functions.
 
-With `at_start`, one also runs before the first step. It runs in a background thread, so training goes on meanwhile: the learner only starts it after publishing a version.
+It runs in a background thread, so training goes on meanwhile: the learner only starts it after publishing a version.
 It first waits (polling the coordinator's status, at most `VERSION_WAIT` seconds) until every serving worker serves
 that version, then sends each example once with n = `pass_k` at `[eval] temperature` (0 = greedy) and
 `[learner] max_tokens`, at most `[learner] batch_size` requests at once. One eval at a time: one that comes due while
