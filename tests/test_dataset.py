@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,3 +250,34 @@ def test_dataset_task_needs_a_chat_template_when_asked(tmp_path, tokenizer):
 
     with pytest.raises(ConfigError, match="has no chat template"):
         DatasetTask(NoTemplate(), [{"prompt": "x"}], Rewards([], [], [], 1.0))
+
+
+def test_evaluation_row_counts_correct_examples_with_pass_at_k(tmp_path, tokenizer, tiny_engine, serve):
+    """Accuracy is per example, by the first reward function against the threshold; metadata reaches it."""
+    from workers.learner.evaluation import make_evaluator
+
+    server = serve(tiny_engine)
+    (tmp_path / "meta_rewards.py").write_text("def odd(example, **_):\n    return float(example['level'] % 2)\n")
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"q{i}", "level": i} for i in range(8)])
+    config = build_config(
+        {
+            **dataset_config(tmp_path, rewards=[f"{tmp_path / 'meta_rewards.py'}:odd", "exact_answer"]),
+            "learner": {"max_tokens": 4, "batch_size": 3},
+            "eval": {"path": str(held_out), "limit": 6, "pass_k": 2, "temperature": 1.0, "threshold": 0.5},
+            "checkpoint": {"dir": str(tmp_path / "run")},
+        }
+    )
+    rows = []
+    evaluator = make_evaluator(config, lambda: [server.base], tokenizer, threading.Event(), lambda: 7, rows.append)
+    evaluator.step_done(5, 7)  # every = 0: only at the end
+    evaluator.finish(5, 7)
+    evaluator.close()
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["step"], row["eval_examples"], row["eval_reward_errors"]) == (5, 6, 0)
+    assert row["eval_accuracy"] == row["eval_pass_at_k"] == 0.5  # levels 1, 3, 5 of 0..5
+    assert row["eval_reward"] == 0.5  # odd scores 1 on half the completions; exact_answer has no answer: 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text()) == {
+        **row,
+        "time": pytest.approx(time.time(), abs=600),
+    }
