@@ -281,3 +281,21 @@ def test_evaluation_row_counts_correct_examples_with_pass_at_k(tmp_path, tokeniz
         **row,
         "time": pytest.approx(time.time(), abs=600),
     }
+
+
+def test_report_keeps_eval_rows_apart_from_the_steps_they_share(tmp_path):
+    from runner.report import read_metrics, write_report
+
+    rows = [
+        {"step": 1, "version": 1, "reward_mean": 0.1},
+        {"step": 2, "version": 2, "eval_reward": 0.3, "eval_accuracy": 0.25, "eval_examples": 4},
+        {"step": 2, "version": 2, "reward_mean": 0.2},
+    ]
+    write_jsonl(tmp_path / "metrics.jsonl", rows)
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["reward_mean"] for r in m.records] == [0.1, 0.2] and m.problems == []
+    assert [e["eval_accuracy"] for e in m.evals] == [0.25]
+    md = write_report(tmp_path)
+    assert (md.parent / "eval.png").stat().st_size > 0
+    assert "| eval at step 2 | reward 0.3, accuracy 0.25 (4 examples) |" in md.read_text()
+    assert json.loads((md.parent / "summary.json").read_text())["evals"][0]["eval_reward"] == 0.3
