@@ -39,6 +39,7 @@ from runner.config import Config, build_config, load_config
 from runner.control import ControlClient, Publisher
 from workers.learner import distributed as dist
 from workers.learner.sources import FreshSource, Stopped, make_source
+from workers.learner.tracking import make_sink
 from workers.learner.trainer import Callbacks, Trainer, fit
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def run_learner(args: argparse.Namespace) -> int:
     if not dist.is_writer(group):
         return run_follower(group)
     config = load_config(args.config)
+    sink = make_sink(config)  # metrics.jsonl and the [logging] trackers; fails here if a tracker's package is missing
     client = ControlClient(args.join, args.name, role="learner", curve=curve_from_args(args))
     welcome = client.hello(capabilities={"algorithm": "grpo", "ranks": dist.size_of(group)})
     dist.broadcast_json(config.to_dict(), group)  # the other ranks build the same trainer (they never say hello)
@@ -96,12 +98,14 @@ def run_learner(args: argparse.Namespace) -> int:
             resume=args.resume or config.checkpoint.resume or True,
             stopping=stopping,
             callbacks=callbacks,
+            sink=sink,
         )
     except Stopped as e:  # SIGTERM while waiting for rollouts: fit has checkpointed the last completed step
         log.info("%s; stopping at step %d", e, trainer.step_count)
     finally:
         client.status["state"] = "stopping"
         source.close()
+        sink.close()
     if not stopping.is_set():
         client.send({"type": "done", "name": args.name})
     client.close()
