@@ -200,6 +200,30 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """Where the learner's metrics go besides RUN/metrics.jsonl (rank 0 only; workers/learner/tracking.py)."""
+
+    wandb_project: str = ""  # Weights & Biases project ("" = no W&B); needs `pip install 'runner[tracking]'`
+    # "" = wandb's own default (the WANDB_MODE environment variable, else online); "offline" needs no network.
+    wandb_mode: str = field(default="", metadata=_one_of("", "online", "offline"))
+    tensorboard: bool = False  # TensorBoard event files under RUN/tensorboard (tensorboardX)
+
+    def require_packages(self) -> None:
+        """Raise ConfigError if a tracker is asked for but its package is not installed (found without importing
+        it, so the coordinator checks at start and stays light)."""
+        import importlib.util
+
+        wanted = {"wandb_project": "wandb"} if self.wandb_project else {}
+        wanted.update({"tensorboard": "tensorboardX"} if self.tensorboard else {})
+        for key, package in wanted.items():
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"logging.{key} is set but the {package} package is not installed; "
+                    f"pip install {package} (or the runner[tracking] extra), or unset logging.{key}"
+                )
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -210,6 +234,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -712,6 +712,7 @@ def create_coordinator(config: Config, config_path: Path | None = None) -> Coord
         config.security.api_token,
         authorized_keys=config.security.authorized_keys,
     )
+    config.logging.require_packages()
     resolved, resume = resolve(config)
     _prepare_model(resolved)
     path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")

@@ -40,6 +40,7 @@ from runner.control import ControlClient, Publisher
 from workers.learner import distributed as dist
 from workers.learner.evaluation import make_evaluator
 from workers.learner.sources import FreshSource, Stopped, make_source
+from workers.learner.tracking import make_sink
 from workers.learner.trainer import Callbacks, Trainer, fit
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def run_learner(args: argparse.Namespace) -> int:
     if not dist.is_writer(group):
         return run_follower(group)
     config = load_config(args.config)
+    sink = make_sink(config)  # metrics.jsonl and the [logging] trackers; fails here if a tracker's package is missing
     client = ControlClient(args.join, args.name, role="learner", curve=curve_from_args(args))
     welcome = client.hello(capabilities={"algorithm": "grpo", "ranks": dist.size_of(group)})
     dist.broadcast_json(config.to_dict(), group)  # the other ranks build the same trainer (they never say hello)
@@ -112,6 +114,7 @@ def run_learner(args: argparse.Namespace) -> int:
             resume=args.resume or config.checkpoint.resume or True,
             stopping=stopping,
             callbacks=callbacks,
+            sink=sink,
         )
         if evaluator is not None and not stopping.is_set():
             evaluator.finish(trainer.step_count, trainer.version)  # the final eval; the job ends after it
@@ -122,6 +125,7 @@ def run_learner(args: argparse.Namespace) -> int:
         source.close()
         if evaluator is not None:
             evaluator.close()
+        sink.close()
     if not stopping.is_set():
         client.send({"type": "done", "name": args.name})
     client.close()

@@ -64,6 +64,7 @@ from workers.learner.grpo import (
     sequence_logprobs,
 )
 from workers.learner.sources import Batch, ReplaySource, Source
+from workers.learner.tracking import JsonlSink, MetricsSink
 from workers.lora import LoraSpec, apply_lora, lora_tensors, read_adapter, save_adapter, set_lora
 
 log = logging.getLogger(__name__)
@@ -629,17 +630,20 @@ def fit(
     stopping: threading.Event | None = None,
     callbacks: Callbacks = Callbacks(),
     step_delay: float = 0.0,
+    sink: MetricsSink | None = None,
 ) -> dict:
     """Train until `trainer.step_count == steps`, or until `stopping` is set (checked between steps).
 
     Rank 0 (or a single process) resumes from `resume` (a checkpoint dir, or True: the newest loadable one in
-    `run_dir`), drops metrics lines past it, appends one line per step, prints progress, checkpoints every `interval`
-    steps and at exit (also on a stop, or an exception between steps). With data-parallel ranks (`trainer.group`)
-    the others get rank 0's state and source position before the first step; rank 0's `BroadcastSource` stops
-    them."""
+    `run_dir`), drops metrics lines past it, hands each step's metrics to `sink` (default: RUN/metrics.jsonl alone;
+    workers.learner.tracking), prints progress, checkpoints every `interval` steps and at exit (also on a stop, or an
+    exception between steps). With data-parallel ranks (`trainer.group`) the others get rank 0's state and source
+    position before the first step; rank 0's `BroadcastSource` stops them."""
     writer = dist.is_writer(trainer.group)
     run_dir = Path(run_dir) if run_dir is not None and writer else None  # only rank 0 touches the run dir
     checkpoint = _resume(trainer, source, run_dir, resume) if run_dir is not None else None
+    if sink is None and run_dir is not None:
+        sink = JsonlSink(run_dir)
     if callbacks.on_start is not None:
         callbacks.on_start(checkpoint)
     if trainer.world_size > 1:
@@ -676,8 +680,8 @@ def fit(
                 if callbacks.after_step is not None:
                     callbacks.after_step(metrics)  # first: it adds the step's publish time and worker busy fraction
                 print(progress_line(metrics, steps), flush=True)
-                if run_dir is not None:
-                    ck.append_metrics(run_dir, metrics)
+                if sink is not None:
+                    sink.write(metrics)
                 if run_dir is not None and (trainer.step_count % interval == 0 or trainer.step_count == steps):
                     save()
             in_step = False
