@@ -168,7 +168,10 @@ def quickstart_step_ms(tmp: Path, steps: int, warmup: int = 3) -> float:
     """Mean wall time of one quickstart step, from a real `runner launch configs/quickstart.toml` run."""
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml"
     run_dir = tmp / "quickstart-run"
-    sets = ["--set", f"checkpoint.dir={json.dumps(str(run_dir))}", "--set", f"learner.steps={steps}"]
+    # Free ports, so the run does not collide with another job (or a test) on this machine.
+    overrides = {"checkpoint.dir": str(run_dir), "learner.steps": steps}
+    overrides.update({f"coordinator.{k}": "tcp://127.0.0.1:0" for k in ("control", "weights")})
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     with open(tmp / "quickstart.log", "wb") as out:
         code = subprocess.run(
             [sys.executable, "-m", "runner.cli", "launch", str(config), *sets], cwd=tmp, stdout=out, stderr=out

@@ -510,7 +510,10 @@ class Coordinator:
         for w in self.workers.values():
             if w.weights_via == "slots" and w.identity:
                 self.control.send_multipart([w.identity, *same_host])
-        write_atomic(self.run_dir / PUBLISHED_VERSION, f"{message.version}\n")  # before the sender hears of it
+        # Recorded before the sender hears of it. Not flushed to disk: an fsync per version would put a disk round
+        # trip on every publish, and the file only has to outlive the coordinator process (an OS crash takes the
+        # local workers with it, and remote ones report the version they serve when they say hello again).
+        write_atomic(self.run_dir / PUBLISHED_VERSION, f"{message.version}\n", durable=False)
         self._reply(identity, {"type": "published", "version": message.version})
 
     # ----- status ----------------------------------------------------------------------------------------------

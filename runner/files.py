@@ -8,15 +8,18 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`."""
+def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644, durable: bool = True) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`. With ``durable=False`` there
+    is no fsync (a disk round trip): still atomic for readers and across a crash of any process, but a crash of the
+    OS may leave the previous content (or an empty file)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
