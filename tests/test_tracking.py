@@ -143,3 +143,19 @@ def test_a_failing_tracker_does_not_stop_the_metrics_rows(tmp_path, caplog):
     sink.close()
     assert [json.loads(line)["reward_mean"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0.5]
     assert "TensorBoardSink could not log step 1" in caplog.text
+
+
+def test_a_restarted_learner_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    from workers.learner.tracking import make_sink
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "run"
+    for steps in ((1, 2), (2, 3)):  # the second learner resumed from step 1
+        sink = make_sink(tracking_config(run_dir, wandb_project="p", wandb_mode="offline"))
+        for step in steps:
+            sink.write({"step": step, "reward_mean": step / 10})
+        sink.close()
+    run_id = (run_dir / "wandb-run-id").read_text().strip()
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # one run, two offline pieces for `wandb sync`
+    assert sorted(wandb_history(files[1])) == [2, 3]
