@@ -255,6 +255,7 @@ def test_dataset_task_needs_a_chat_template_when_asked(tmp_path, tokenizer):
 def test_evaluation_row_counts_correct_examples_with_pass_at_k(tmp_path, tokenizer, tiny_engine, serve):
     """Accuracy is per example, by the first reward function against the threshold; metadata reaches it."""
     from workers.learner.evaluation import make_evaluator
+    from workers.learner.tracking import JsonlSink
 
     server = serve(tiny_engine)
     (tmp_path / "meta_rewards.py").write_text("def odd(example, **_):\n    return float(example['level'] % 2)\n")
@@ -268,7 +269,10 @@ def test_evaluation_row_counts_correct_examples_with_pass_at_k(tmp_path, tokeniz
         }
     )
     rows = []
-    evaluator = make_evaluator(config, lambda: [server.base], tokenizer, threading.Event(), lambda: 7, rows.append)
+    sink = JsonlSink(tmp_path / "run")
+    evaluator = make_evaluator(
+        config, lambda: [server.base], tokenizer, threading.Event(), lambda: 7, rows.append, sink.write
+    )
     evaluator.step_done(5, 7)  # every = 0: only at the end
     evaluator.finish(5, 7)
     evaluator.close()

@@ -52,10 +52,10 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
             record.ParseFromString(pending)
             pending = b""
             if record.WhichOneof("record_type") == "history":
-                history = record.history
-                rows[history.step.num] = {
-                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in history.item
+                row = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
                 }
+                rows[row["step"]] = row  # the row's own step (W&B's call counter `_step` differs once evals log)
     return rows
 
 

@@ -23,7 +23,6 @@ from collections.abc import Callable
 import numpy as np
 
 from runner.config import Config
-from workers.learner import checkpoint as ck
 from workers.learner.dataset import DatasetTask, make_dataset_task
 from workers.learner.sources import BuiltinSource, Stopped, _in_daemon_thread, choices, wait_unless_stopped
 
@@ -40,11 +39,12 @@ class Evaluator:
         config: Config,
         serving_version: Callable[[], int | None],
         report: Callable[[dict], None],
+        write: Callable[[dict], None],
     ):
         self.task, self.client, self.serving_version, self.report = task, client, serving_version, report
+        self.write = write  # the learner's metrics sink (metrics.jsonl and the trackers)
         self.every, self.steps = config.eval.every, config.learner.steps
         self.pass_k, self.threshold, self.at_start = config.eval.pass_k, config.eval.threshold, config.eval.at_start
-        self.run_dir = config.checkpoint.dir
         self._thread: threading.Thread | None = None
         self.last_step: int | None = None  # the step of the last eval row written
 
@@ -80,7 +80,7 @@ class Evaluator:
         except Exception:  # an eval must never stop training
             log.exception("the evaluation of step %d failed", step)
             return
-        ck.append_metrics(self.run_dir, row)
+        self.write(row)
         self.last_step = step
         log.info(
             "eval at step %d (v%d): reward %.4f accuracy %.3f%s in %.1fs",
@@ -130,7 +130,8 @@ def make_evaluator(
     tokenizer,
     stop: threading.Event,
     serving_version: Callable[[], int | None],
-    report: Callable[[dict], None] = lambda row: None,
+    report: Callable[[dict], None],
+    write: Callable[[dict], None],
 ) -> Evaluator | None:
     """The `[eval]` of a job config, or None when it has none."""
     if not config.eval.path:
@@ -148,4 +149,4 @@ def make_evaluator(
         api_token=config.security.api_token,
         stop=stop,
     )
-    return Evaluator(task, client, config, serving_version, report)
+    return Evaluator(task, client, config, serving_version, report, write)

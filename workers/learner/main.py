@@ -91,6 +91,7 @@ def run_learner(args: argparse.Namespace) -> int:
         stopping,
         serving_version=lambda: publisher.status()["job"]["oldest_serving_version"],
         report=lambda row: client.send({"type": "progress", "name": args.name, "metrics": _plain(row)}),
+        write=sink.write,
     )
     callbacks = _publishing_callbacks(
         trainer,

@@ -17,6 +17,7 @@ are redone after a resume replace the old points instead of doubling them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -78,10 +79,14 @@ class WandbSink:
             mode=mode or None,
             settings=wandb.Settings(console="off"),  # the learner's own output stays as it is (logs/learner.log)
         )
+        # Rows are plotted against their own `step`, not W&B's call counter: an eval row (written from the eval
+        # thread) can arrive after the next step's row, and W&B drops a `step=` that goes backwards.
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
         log.info("logging metrics to W&B project %r, run %s (%s)", project, run_id, self.run.settings.mode)
 
     def write(self, metrics: dict) -> None:
-        self.run.log(scalars(metrics), step=metrics["step"])
+        self.run.log({"step": metrics["step"], **scalars(metrics)})
 
     def close(self) -> None:
         self.run.finish()
@@ -116,14 +121,16 @@ class Sinks:
 
     def __init__(self, sinks: list[MetricsSink]):
         self.sinks = sinks
+        self.lock = threading.Lock()  # the training loop and the eval thread both write rows
 
     def write(self, metrics: dict) -> None:
-        self.sinks[0].write(metrics)
-        for sink in self.sinks[1:]:
-            try:
-                sink.write(metrics)
-            except Exception as e:  # a tracker must not stop training
-                log.warning("%s could not log step %s: %s", type(sink).__name__, metrics.get("step"), e)
+        with self.lock:
+            self.sinks[0].write(metrics)
+            for sink in self.sinks[1:]:
+                try:
+                    sink.write(metrics)
+                except Exception as e:  # a tracker must not stop training
+                    log.warning("%s could not log step %s: %s", type(sink).__name__, metrics.get("step"), e)
 
     def close(self) -> None:
         for sink in self.sinks:
