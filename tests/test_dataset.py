@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -303,3 +304,23 @@ def test_report_keeps_eval_rows_apart_from_the_steps_they_share(tmp_path):
     assert (md.parent / "eval.png").stat().st_size > 0
     assert "| eval at step 2 | reward 0.3, accuracy 0.25 (4 examples) |" in md.read_text()
     assert json.loads((md.parent / "summary.json").read_text())["evals"][0]["eval_reward"] == 0.3
+
+
+def test_a_hub_dataset_id_loads_offline_from_the_hub_cache(tmp_path):
+    """HF_HOME's hub cache holds the dataset repo's files (as a download leaves them): the id loads offline."""
+    snapshot = tmp_path / "hf" / "hub" / "datasets--acme--tiny-arith" / "snapshots" / "abc123"
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    (snapshot / "data" / "train.jsonl").write_text((EXAMPLE / "train.jsonl").read_text())
+    code = (
+        "from workers.learner.dataset import load_examples; from runner.config import ConfigError\n"
+        "print(len(load_examples('acme/tiny-arith', 'train')))\n"
+        "try:\n    load_examples('acme/missing', 'train')\nexcept ConfigError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "96"
+    assert lines[1].startswith("source.path = 'acme/missing': cannot load split 'train'")
