@@ -24,6 +24,11 @@ enter as the truncated importance weight min(pi_prox / mu, tis_cap); an unknown 
 All log-probs are of softmax(logits / temperature) (`[learner] temperature`), the distribution the workers sample
 from; with Atropos set it to the environment's sampling temperature.
 
+The completions of a group share its prompt: every forward pass (training, proximal, reference) runs the leading
+untrained tokens a micro-batch's groups have in common once per group (`grpo.shared_prefix`, `sequence_logprobs`), which
+on short completions is most of the batch's tokens. Not in the training pass with LoRA dropout, where every row draws
+its own masks.
+
 Reference policy (only computed when kl_coef > 0): the base model with LoRA switched off (every LoRA layer's
 `scale` set to 0 for one forward: no second copy of the model), or an EMA of the adapter when ref_ema < 1.
 
