@@ -62,7 +62,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 ATROPOS_PROMPT = -100  # Atropos marks non-trained (prompt) positions with this value in `masks`.
 
@@ -337,6 +336,8 @@ def _token_logprobs(
 def _prefix_cache(model, tokens: mx.array, P: int, owner: np.ndarray) -> list | None:
     """KV caches holding the first P positions of every row, computed once per owner; None if the model's cache is
     not a plain KVCache (sliding windows, state-space layers: run the whole rows instead)."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache  # here: importing mlx_lm takes seconds
+
     cache = make_prompt_cache(model)
     if any(type(c) is not KVCache for c in cache):
         return None
