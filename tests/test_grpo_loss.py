@@ -16,6 +16,7 @@ from workers.learner.grpo import (
     grpo_token_loss,
     loss_normalizer,
     sequence_logprobs,
+    shared_prefix,
 )
 from workers.learner.sources import Batch, scored_data_to_group
 from workers.learner.trainer import prepare_batch
@@ -624,3 +625,68 @@ def test_end_to_end_model_gradient(tiny_model):
     assert metrics["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)
     flat = [np.array(g) for _, g in tree_flatten(grads)]
     assert all(np.all(np.isfinite(g)) for g in flat) and any(np.any(g != 0) for g in flat)
+
+
+def test_shared_prefix_stops_at_the_first_trained_column_and_the_first_difference():
+    prompt = [5, 6, 7, 8]
+    rows = [prompt + [9, 10, 11], prompt + [9, 12, 0], prompt[:3] + [1, 2, 3, 4], [4, 4, 4, 4, 4, 4, 4]]
+    tokens = np.array(rows)
+    mask = np.zeros((4, 6), dtype=np.float32)
+    mask[:, 3:] = 1  # column 3 scores token 4: the first completion token
+    group = np.array([0, 0, 0, 1])
+    P, owner = shared_prefix(tokens, mask, group)
+    assert owner.tolist() == [0, 0, 0, 3]
+    assert P == 3  # row 2 differs at position 3; column 3 is trained anyway
+    mask[1, 1] = 1  # a trained column inside the common prefix: only what comes before it is shared
+    assert shared_prefix(tokens, mask, group)[0] == 1
+    mask[1, 1] = 0
+    assert shared_prefix(tokens[:2], mask[:2, :], np.array([0, 1]))[0] == 0  # one row per group: nothing to share
+    mask[:3] = 0  # the rows of group 0 train nothing: only row 3 constrains P (with itself as owner)
+    assert shared_prefix(tokens, mask, group)[0] == 3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_shared_prefix_logprobs_and_gradient_equal_whole_rows(tiny_model, temperature):
+    """Two groups with prompts of 6 and 7 tokens and ragged, padded completions: running the shared prefix once per
+    group gives the log-probs, entropies and gradient of running every row whole, on every trained column."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    rng = np.random.default_rng(4)
+    rows, prompt_lens, group = [], [], []
+    for g, n in enumerate((6, 7)):
+        prompt = rng.integers(1, 50, n).tolist()
+        for _ in range(3):
+            rows.append(prompt + rng.integers(1, 50, int(rng.integers(2, 6))).tolist())
+            prompt_lens.append(n)
+            group.append(g)
+    W = max(map(len, rows))
+    tokens = np.zeros((len(rows), W), dtype=np.int32)
+    mask = np.zeros((len(rows), W - 1), dtype=np.float32)
+    for i, (r, n) in enumerate(zip(rows, prompt_lens)):
+        tokens[i, : len(r)] = r
+        mask[i, n - 1 : len(r) - 1] = 1  # column n-1 scores the first completion token
+    shared = shared_prefix(tokens, mask, np.array(group))
+    assert shared[0] == 5  # the shorter prompt's first 5 input positions; position 5 scores its first completion token
+
+    x = mx.array(tokens)
+    whole_lp, whole_ent = sequence_logprobs(tiny_model, x, temperature=temperature)
+    lp, ent = sequence_logprobs(tiny_model, x, temperature=temperature, shared=shared)
+    assert lp.shape == whole_lp.shape and ent.shape == whole_ent.shape
+    on = mask > 0
+    np.testing.assert_allclose(np.array(lp)[on], np.array(whole_lp)[on], atol=TOL)
+    np.testing.assert_allclose(np.array(ent)[on], np.array(whole_ent)[on], atol=TOL)
+    assert not np.array(lp)[:, :5].any() and not np.array(ent)[:, :5].any()
+
+    adv = mx.array(rng.normal(size=len(rows)).astype(np.float32))[:, None]
+    m = mx.array(mask)
+
+    def loss(model, shared):
+        lp, _ = sequence_logprobs(model, x, temperature=temperature, shared=shared)
+        return -(adv * lp * m).sum() / m.sum()
+
+    want = tree_flatten(nn.value_and_grad(tiny_model, loss)(tiny_model, None)[1])
+    got = tree_flatten(nn.value_and_grad(tiny_model, loss)(tiny_model, shared)[1])
+    for (name, a), (_, b) in zip(want, got):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-6, err_msg=name)
+    assert any(np.abs(np.array(a)).max() > 1e-4 for _, a in want)  # a gradient that could differ

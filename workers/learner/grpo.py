@@ -295,8 +295,68 @@ def grpo_token_loss(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def shared_prefix(tokens: np.ndarray, mask: np.ndarray, group: np.ndarray) -> tuple[int, np.ndarray]:
+    """How many leading model-input positions the rows of each group can share: (P, owner).
+
+    ``tokens`` [B, W], ``mask`` [B, W-1] (the shift convention below), ``group`` [B] group ids. ``owner[i]`` is the
+    first row of row i's run of equal group ids; every row with a trained column has the same first P tokens as its
+    owner and no trained column before P, so the first P input positions can be run once per owner (a group's
+    completions share its prompt: most of the batch's tokens). P = 0: nothing to share.
+    """
+    B, W = tokens.shape
+    starts = np.r_[True, group[1:] != group[:-1]]
+    owner = np.nonzero(starts)[0][np.cumsum(starts) - 1]
+    n_in = W - 1
+    trained = mask != 0
+    rows = trained.any(axis=1)  # rows with nothing to train constrain nothing: their values are masked out
+    if n_in < 2 or starts.all() or not rows.any():
+        return 0, owner
+    first_trained = trained.argmax(axis=1)
+    same = np.cumprod(tokens[:, :n_in] == tokens[owner, :n_in], axis=1).sum(axis=1)
+    P = int(np.minimum(first_trained, same)[rows].min())
+    return min(P, n_in - 1), owner  # at least one input position per row after the prefix
+
+
+def _token_logprobs(
+    logits: mx.array, targets: mx.array, entropy: bool, entropy_grad: bool, temperature: float
+) -> tuple[mx.array, mx.array | None]:
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits * (1.0 / temperature)
+    lse = mx.logsumexp(logits, axis=-1)
+    lp = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
+    ent = None
+    if entropy:
+        lg = logits if entropy_grad else mx.stop_gradient(logits)
+        z = lse if entropy_grad else mx.stop_gradient(lse)
+        ent = z - (mx.softmax(lg, axis=-1) * lg).sum(axis=-1)
+    return lp, ent
+
+
+def _prefix_cache(model, tokens: mx.array, P: int, owner: np.ndarray) -> list | None:
+    """KV caches holding the first P positions of every row, computed once per owner; None if the model's cache is
+    not a plain KVCache (sliding windows, state-space layers: run the whole rows instead)."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache  # here: importing mlx_lm takes seconds
+
+    cache = make_prompt_cache(model)
+    if any(type(c) is not KVCache for c in cache):
+        return None
+    heads, row_head = np.unique(owner, return_inverse=True)
+    model(tokens[mx.array(heads), :P], cache=cache)
+    take = mx.array(row_head.reshape(-1))
+    for c in cache:
+        keys, values, _ = c.state
+        c.state = (keys[take, :, :P], values[take, :, :P], P)
+    return cache
+
+
 def sequence_logprobs(
-    model, tokens: mx.array, entropy: bool = True, entropy_grad: bool = False, temperature: float = 1.0
+    model,
+    tokens: mx.array,
+    entropy: bool = True,
+    entropy_grad: bool = False,
+    temperature: float = 1.0,
+    shared: tuple[int, np.ndarray] | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """Per-token log-probs of ``tokens`` under ``model`` and (optionally) the entropies of the same next-token
     distributions, both float32 [B, T-1].
@@ -307,19 +367,20 @@ def sequence_logprobs(
     Shift: the model sees ``tokens[:, :-1]``; column t holds log p(tokens[:, t+1] | tokens[:, :t+1]), so column t
     belongs to token t+1. Padding after a row's real tokens leaves its real columns unchanged (causal attention).
 
+    ``shared`` = (P, owner) from ``shared_prefix``: the first P positions run once per owner row and the other rows
+    attend to copies of its keys and values (the same numbers: causal attention), so a group's prompt costs one
+    row instead of group-size rows; columns before P are 0 (not computed: they must be untrained).
+
     Written like mlx-lm's cross-entropy (logsumexp minus the target logit) rather than materialising a full
     log-softmax: over a large vocabulary that tensor is the most expensive thing in the step. The entropy is only
     differentiated through when it is part of the loss (``entropy_grad``).
     """
-    logits = model(tokens[:, :-1]).astype(mx.float32)  # [B, T-1, V]
-    if temperature != 1.0:
-        logits = logits * (1.0 / temperature)
-    targets = tokens[:, 1:]
-    lse = mx.logsumexp(logits, axis=-1)
-    lp = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
-    ent = None
-    if entropy:
-        lg = logits if entropy_grad else mx.stop_gradient(logits)
-        z = lse if entropy_grad else mx.stop_gradient(lse)
-        ent = z - (mx.softmax(lg, axis=-1) * lg).sum(axis=-1)
-    return lp, ent
+    P = shared[0] if shared is not None else 0
+    cache = _prefix_cache(model, tokens, P, shared[1]) if P > 0 else None
+    if cache is None:
+        return _token_logprobs(model(tokens[:, :-1]), tokens[:, 1:], entropy, entropy_grad, temperature)
+    lp, ent = _token_logprobs(
+        model(tokens[:, P:-1], cache=cache), tokens[:, P + 1 :], entropy, entropy_grad, temperature
+    )
+    pad = mx.zeros((tokens.shape[0], P), dtype=mx.float32)
+    return mx.concatenate([pad, lp], axis=1), None if ent is None else mx.concatenate([pad, ent], axis=1)

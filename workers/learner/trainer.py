@@ -24,6 +24,11 @@ enter as the truncated importance weight min(pi_prox / mu, tis_cap); an unknown 
 All log-probs are of softmax(logits / temperature) (`[learner] temperature`), the distribution the workers sample
 from; with Atropos set it to the environment's sampling temperature.
 
+The completions of a group share its prompt: every forward pass (training, proximal, reference) runs the leading
+untrained tokens a micro-batch's groups have in common once per group (`grpo.shared_prefix`, `sequence_logprobs`), which
+on short completions is most of the batch's tokens. Not in the training pass with LoRA dropout, where every row draws
+its own masks.
+
 Reference policy (only computed when kl_coef > 0): the base model with LoRA switched off (every LoRA layer's
 `scale` set to 0 for one forward: no second copy of the model), or an EMA of the adapter when ref_ema < 1.
 
@@ -62,6 +67,7 @@ from workers.learner.grpo import (
     grpo_token_loss,
     loss_normalizer,
     sequence_logprobs,
+    shared_prefix,
 )
 from workers.learner.sources import Batch, ReplaySource, Source
 from workers.learner.tracking import JsonlSink, MetricsSink
@@ -253,11 +259,11 @@ class Trainer:
         )
 
     # ----- the update ------------------------------------------------------------------------------------------
-    def _loss(self, model, tokens, mask, adv, prox, sampler, sampler_valid, ref, n_tokens, n_seqs):
+    def _loss(self, model, tokens, mask, adv, prox, sampler, sampler_valid, ref, n_tokens, n_seqs, shared):
         cfg = self.cfg
         # The entropy is always computed for the metric; it only carries gradient when it is in the loss.
         lp, ent = sequence_logprobs(
-            model, tokens, entropy=True, entropy_grad=cfg.entropy_coef > 0, temperature=cfg.temperature
+            model, tokens, entropy=True, entropy_grad=cfg.entropy_coef > 0, temperature=cfg.temperature, shared=shared
         )
         if prox is None:  # one update per step: the proximal policy is these very parameters (module doc)
             prox = mx.stop_gradient(lp)
@@ -278,26 +284,28 @@ class Trainer:
             skl = ((mx.exp(d) - 1.0 - d) * v).sum() / n
         return loss, (m["kl"], m.get("entropy", mx.array(0.0)), m["clip_frac"], diff, skl)
 
-    def _eval_logprobs(self, tokens: mx.array) -> mx.array:
+    def _eval_logprobs(self, tokens: mx.array, shared: tuple[int, np.ndarray]) -> mx.array:
         """Log-probs of the current parameters without dropout and without gradient."""
         self.model.eval()
         try:
-            lp, _ = sequence_logprobs(self.model, tokens, entropy=False, temperature=self.cfg.temperature)
+            lp, _ = sequence_logprobs(
+                self.model, tokens, entropy=False, temperature=self.cfg.temperature, shared=shared
+            )
         finally:
             self.model.train()
         lp = mx.stop_gradient(lp)
         mx.eval(lp)
         return lp
 
-    def _ref_logprobs(self, tokens: mx.array) -> mx.array:
+    def _ref_logprobs(self, tokens: mx.array, shared: tuple[int, np.ndarray]) -> mx.array:
         """Reference log-probs: base model (LoRA off) or the EMA adapter; no gradient."""
         if self.ema is None:
             with lora_disabled(self.model):
-                return self._eval_logprobs(tokens)
+                return self._eval_logprobs(tokens, shared)
         current = self.lora_tensors()
         set_lora(self.model, self.ema)
         try:
-            return self._eval_logprobs(tokens)
+            return self._eval_logprobs(tokens, shared)
         finally:
             set_lora(self.model, current)
 
@@ -417,19 +425,27 @@ class Trainer:
         global_group = self.rank + arr["group"] * self.world_size  # see distributed.shard_batch
         return [np.nonzero(chunk[global_group] == k)[0] for k in range(self.cfg.minibatches)]
 
-    def _micro_batches(self, arr: dict[str, np.ndarray], rows: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
-        """(row indices, token width without trailing padding) of each micro-batch of `rows`."""
+    def _micro_batches(
+        self, arr: dict[str, np.ndarray], rows: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, int, tuple[int, np.ndarray]]]:
+        """(row indices, token width without trailing padding, the prefix its groups share: grpo.shared_prefix) of
+        each micro-batch of `rows`."""
         mb = self.cfg.micro_batch_size or max(len(rows), 1)
         for lo in range(0, len(rows), mb):
             idx = rows[lo : lo + mb]
-            yield idx, int(arr["lengths"][idx].max())
+            width = int(arr["lengths"][idx].max())
+            yield (
+                idx,
+                width,
+                shared_prefix(arr["tokens"][idx, :width], arr["mask"][idx, : width - 1], arr["group"][idx]),
+            )
 
     def _proximal_logprobs(self, arr: dict[str, np.ndarray]) -> np.ndarray:
         """The policy's log-probs at the start of the step, aligned with arr["mask"] (0 past each micro-batch's
         width, where the mask is 0 too)."""
         out = np.zeros_like(arr["mask"])
-        for idx, width in self._micro_batches(arr, np.arange(len(arr["tokens"]))):
-            out[idx, : width - 1] = np.array(self._eval_logprobs(mx.array(arr["tokens"][idx, :width])))
+        for idx, width, shared in self._micro_batches(arr, np.arange(len(arr["tokens"]))):
+            out[idx, : width - 1] = np.array(self._eval_logprobs(mx.array(arr["tokens"][idx, :width]), shared))
         return out
 
     def _accumulate(
@@ -445,7 +461,7 @@ class Trainer:
         acc = dict.fromkeys(ACC_KEYS, 0.0)
         grads = None
         has_sampler = arr is not None and bool(arr["sampler_valid"].any())
-        for idx, width in self._micro_batches(arr, rows) if arr is not None else ():
+        for idx, width, shared in self._micro_batches(arr, rows) if arr is not None else ():
             cols = slice(0, width - 1)
             tokens = mx.array(arr["tokens"][idx, :width])  # this micro-batch's padding trimmed
             mask_np = arr["mask"][idx, cols]
@@ -456,9 +472,11 @@ class Trainer:
             if has_sampler:
                 sampler = mx.array(arr["sampler"][idx, cols])
                 valid = mx.array(arr["sampler_valid"][idx, cols])
-            ref = self._ref_logprobs(tokens) if self.cfg.kl_coef > 0 else None
+            ref = self._ref_logprobs(tokens, shared) if self.cfg.kl_coef > 0 else None
+            # With LoRA dropout every row draws its own masks, on the prompt too: a shared prefix would share them.
+            train_shared = shared if self.spec.dropout == 0 else None
             (loss, (kl, ent, clip, diff, skl)), g = self._value_and_grad(
-                self.model, tokens, mask, adv, p, sampler, valid, ref, n_tokens, n_seqs
+                self.model, tokens, mask, adv, p, sampler, valid, ref, n_tokens, n_seqs, train_shared
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(grads, loss, kl, ent, clip, diff, skl)
