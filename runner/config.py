@@ -58,10 +58,13 @@ def _zmq_endpoint() -> dict:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "models/tiny"
+    path: str = "models/tiny"  # a local model directory or a Hugging Face repo id (as mlx-lm takes them)
     # Which model `runner models prepare` builds at `path` when it is missing ("" = never prepare, fail instead).
     prepare: str = field(default="", metadata=_one_of("", "tiny", "smollm2"))
     adapter: str = ""  # an mlx-lm adapter directory to start from
+    # "" / "auto": load the weights as stored; a float dtype: dequantize quantized weights and cast at load (both the
+    # generation workers and the learner). float32 runs fastest on a Linux CPU with an optimized BLAS.
+    dtype: str = field(default="", metadata=_one_of("", "auto", "float16", "bfloat16", "float32"))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from runner import control, messages, wire
 from runner.config import Config, ConfigError, build_config, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
 from runner.files import write_atomic
+from runner.hub import is_local, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -707,11 +708,16 @@ def create_coordinator(config: Config, config_path: Path | None = None) -> Coord
         config.security.api_token,
         authorized_keys=config.security.authorized_keys,
     )
+    # A local directory or a hub id (downloaded now, once, into the hub cache), checked before anything is written.
+    # Every child resolves the name itself (a hub id stays an id in the resolved config) and compares what it
+    # resolved, by content, with this id.
+    model_dir = None if config.model.prepare else resolve_model(config.model.path, "[model] path")
     resolved, resume = resolve(config)
     _prepare_model(resolved)
+    base_model_id = model_id(model_dir or resolved.model.path)
     path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
     log.info("job config %s resolved into %s", config_path or "(given)", path)
-    return Coordinator(resolved, path, model_id(resolved.model.path), resume)
+    return Coordinator(resolved, path, base_model_id, resume)
 
 
 def resolve(config: Config) -> tuple[Config, str]:
@@ -728,20 +734,16 @@ def resolve(config: Config) -> tuple[Config, str]:
                 f"state.json and adapters.safetensors (e.g. {run_dir}/checkpoints/step_000010)"
             )
     data = config.to_dict()
-    data["model"]["path"] = str(Path(config.model.path).resolve())
+    if config.model.prepare or is_local(config.model.path):  # else a Hugging Face repo id, kept as it is
+        data["model"]["path"] = str(Path(config.model.path).expanduser().resolve())
     data["checkpoint"].update(dir=str(run_dir), resume="")
     return build_config(data, where="resolved config"), resume
 
 
 def _prepare_model(config: Config) -> None:
     model_path = Path(config.model.path)
-    if (model_path / "config.json").exists():
+    if not config.model.prepare or (model_path / "config.json").exists():
         return
-    if not config.model.prepare:
-        raise FileNotFoundError(
-            f"model directory {model_path} does not exist; prepare it with "
-            f"`runner models prepare` or set [model] prepare"
-        )
     print(f"preparing the {config.model.prepare} model in {model_path} (first run only)", flush=True)
     subprocess.run(
         _child_cmd("runner.cli", "models", "prepare", config.model.prepare, "--out", str(model_path)), check=True
