@@ -168,6 +168,14 @@ class CoordinatorConfig:
     # SIGTERM/SIGINT to `runner launch`: every child gets SIGTERM at once, and whatever still runs `stop_grace` seconds
     # later is SIGKILLed with its whole process group. One bound for the whole shutdown, not one per child.
     stop_grace: float = field(default=20.0, metadata=_positive())
+    # The BLAS of the MLX children on Linux (runner/blas.py): "auto" preloads an optimized one when installed
+    # (Debian's libopenblas0-pthread), "bundled" keeps MLX's reference BLAS, or the path of a library. Never on macOS.
+    blas: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v in ("auto", "bundled") or Path(v).is_absolute(), "'auto', 'bundled' or an absolute path"
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ import tenacity
 import zmq
 
 from runner import control, messages, wire
+from runner.blas import blas_library, child_environment
 from runner.config import Config, ConfigError, build_config, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
 from runner.files import write_atomic
@@ -85,8 +86,16 @@ class WorkerRecord:
 class Watcher:
     """One supervised local child process and its restart policy."""
 
-    def __init__(self, name: str, cmd: list[str], log_path: Path, config: Config, restart_cmd: list[str] | None = None):
-        self.name, self.cmd, self.log_path = name, cmd, log_path
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        log_path: Path,
+        config: Config,
+        restart_cmd: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.name, self.cmd, self.log_path, self.env = name, cmd, log_path, env
         self.restart_cmd = restart_cmd or cmd  # e.g. without the learner's --resume, which is for its first start
         policy = config.coordinator
         self.attempts, self.window = policy.restart_attempts, policy.restart_window
@@ -100,7 +109,9 @@ class Watcher:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             # A new session: Ctrl-C in the terminal reaches the coordinator only, which then stops children in order.
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
         log.info("started %s (pid %d)", self.name, self.proc.pid)
         self.cmd = self.restart_cmd
 
@@ -175,9 +186,12 @@ def _status_handler(coordinator: Coordinator):
 
 
 class Coordinator:
-    def __init__(self, config: Config, resolved_path: Path, base_model_id: str, resume: str = ""):
+    def __init__(
+        self, config: Config, resolved_path: Path, base_model_id: str, resume: str = "", blas: str | None = None
+    ):
         self.config, self.resolved_path, self.run_dir = config, resolved_path, Path(config.checkpoint.dir)
         self.base_model_id = base_model_id
+        self.child_env = child_environment(blas)  # the BLAS preloaded into the MLX children (None: MLX's own)
         self.resume = resume  # the checkpoint the learner's first start resumes from ("" = its run dir's newest)
         self.ctx = zmq.Context.instance()
         self.control = self.ctx.socket(zmq.ROUTER)
@@ -209,6 +223,7 @@ class Coordinator:
             "tokens_per_s": None,
             "started": time.time(),
             "state": "running",
+            "blas": blas or "bundled",
         }
         self.stop_reason: str | None = None
         self.exit_code = 0
@@ -267,7 +282,8 @@ class Coordinator:
 
     # ----- children --------------------------------------------------------------------------------------------
     def add_watcher(self, name: str, role: str, cmd: list[str], restart_cmd: list[str] | None = None) -> None:
-        self.watchers[name] = Watcher(name, cmd, self.run_dir / "logs" / f"{name}.log", self.config, restart_cmd)
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        self.watchers[name] = Watcher(name, cmd, log_path, self.config, restart_cmd, env=self.child_env)
         self.workers[name] = WorkerRecord(name=name, role=role)
         self.watchers[name].start()
         self.workers[name].pid = self.watchers[name].proc.pid
@@ -712,12 +728,15 @@ def create_coordinator(config: Config, config_path: Path | None = None) -> Coord
     # Every child resolves the name itself (a hub id stays an id in the resolved config) and compares what it
     # resolved, by content, with this id.
     model_dir = None if config.model.prepare else resolve_model(config.model.path, "[model] path")
+    blas = blas_library(config.coordinator.blas)
     resolved, resume = resolve(config)
     _prepare_model(resolved)
     base_model_id = model_id(model_dir or resolved.model.path)
     path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
     log.info("job config %s resolved into %s", config_path or "(given)", path)
-    return Coordinator(resolved, path, base_model_id, resume)
+    if blas:
+        log.info("MLX children start with %s preloaded ([coordinator] blas)", blas)
+    return Coordinator(resolved, path, base_model_id, resume, blas)
 
 
 def resolve(config: Config) -> tuple[Config, str]:
