@@ -190,7 +190,7 @@ def add_worker_generate_arguments(parser) -> list[argparse.Action]:
     add_join_arguments(recorder)
     recorder.add_argument("--name", default=None, help="worker name (default gen-HOSTNAME-PID)")
     recorder.add_argument(
-        "--model", default=None, help="local model directory if it differs from the coordinator's path"
+        "--model", default=None, help="model directory or Hugging Face id if it differs from the job's [model] path"
     )
     recorder.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     recorder.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")
