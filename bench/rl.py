@@ -249,11 +249,21 @@ def stop_launch(proc: subprocess.Popen, sampler: CpuSampler | None) -> list[str]
     return sampler.kill_leftovers()
 
 
-def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, timeout: float) -> dict:
-    """One `runner launch` of the quickstart with these overrides; its summary row."""
+def run_runner(
+    model: Path,
+    work: Path,
+    steps: int,
+    depth: int,
+    workers: int,
+    timeout: float,
+    extra: tuple[str, ...] = (),
+    tag: str = "",
+) -> dict:
+    """One `runner launch` of the quickstart with these overrides (and `extra` --set ones, named `tag` in the
+    label and run dir); its summary row."""
     name = f"async {depth}" if depth else "sync"
-    label = f"{name}, {workers} worker{'s' if workers > 1 else ''}"
-    run_dir = work / f"run-d{depth}-w{workers}"
+    label = f"{name}, {workers} worker{'s' if workers > 1 else ''}" + (f", {tag}" if tag else "")
+    run_dir = work / (f"run-d{depth}-w{workers}" + (f"-{tag}" if tag else ""))
     sets = [
         f"model.path={json.dumps(str(model))}",
         f"checkpoint.dir={json.dumps(str(run_dir))}",
@@ -262,6 +272,7 @@ def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, ti
         'coordinator.control="tcp://127.0.0.1:0"',  # free ports: other jobs may run on this machine
         'coordinator.weights="tcp://127.0.0.1:0"',
         "generation.port=0",
+        *extra,
     ]
     sets.append(f"learner.async_depth={depth}")  # always given: the quickstart's own default is 1
     if depth > 1:  # a batch started d steps ahead is trained d versions later: the config requires max_staleness >= d
@@ -270,7 +281,7 @@ def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, ti
     for s in sets:
         cmd += ["--set", s]
     row = {"label": label, "depth": depth, "workers": workers, "run_dir": str(run_dir)}
-    log_path = work / f"launch-d{depth}-w{workers}.log"
+    log_path = work / f"launch-{run_dir.name.removeprefix('run-')}.log"
     say(f"[{label}] runner launch ... (log {log_path})")
     tic = time.monotonic()
     # Its own session: a Ctrl-C in the terminal reaches the bench, which stops the launch (and so its children).
