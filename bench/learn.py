@@ -165,106 +165,74 @@ def cmd_eval(config_path: str, model: str, adapter: str, limit: int) -> dict:
 
 def cmd_peer(config_path: str, model: str, out_dir: str, steps: int) -> dict:
     """mlx-lm-lora's train_grpo on the config's data, reward and shape, in this process; saves the adapter."""
+    tic = time.time()  # its wall time counts loading, as runner's does
     import mlx.core as mx
-    import mlx.optimizers as optim
     from mlx_lm import load
-    from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm_lora.trainer import grpo_trainer
 
+    from bench.rl import train_grpo_peer
     from workers.learner.dataset import encode, load_examples
     from workers.learner.rewards import numeric_answer
     from workers.lora import LoraSpec
 
-    tic = time.time()
     config = load_config(config_path)
     lc, lora = config.learner, config.lora
     mx.random.seed(lc.seed)
     net, tokenizer = load(model)
     net.freeze()
     layers = len(net.layers) if lora.num_layers == -1 else lora.num_layers
-    spec = {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": lora.keys}
-    linear_to_lora_layers(net, layers, spec)
+    linear_to_lora_layers(
+        net, layers, {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": lora.keys}
+    )
     rows = load_examples(config.source.path, config.source.split)
     dataset = [(encode(tokenizer, r, config.source.chat_template), [], r["prompt"], str(r["answer"])) for r in rows]
 
     def numeric(prompts, completions, answer, types=None):
         return [numeric_answer(completion=c, answer=a) for c, a in zip(completions, answer)]
 
-    # Time in rollouts and the tokens generated: wrap its generation function.
     rollout = {"seconds": 0.0, "tokens": 0}
-    original = grpo_trainer.generate_grpo
-
-    def generate_timed(*args, **kwargs):
-        t = time.perf_counter()
-        completions, texts, indices = original(*args, **kwargs)
-        rollout["seconds"] += time.perf_counter() - t
-        rollout["tokens"] += sum(int(c.size) for c in completions)
-        return completions, texts, indices
-
     times: list[float] = []
     rewards: list[float] = []
 
-    class Record(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            times.append(time.time())
-            rewards.append(float(info["train_total_rewards_mean"]))
-            print(
-                f"step {info['iteration']}/{steps} reward {rewards[-1]:.3f} ({times[-1] - tic:.0f} s)", file=sys.stderr
-            )
+    def record_rollouts(completions, texts, seconds):
+        rollout["seconds"] += seconds
+        rollout["tokens"] += sum(int(c.size) for c in completions)
 
-        def on_val_loss_report(self, info: dict) -> None:
-            pass
+    def record_step(info: dict) -> None:
+        times.append(time.time())
+        rewards.append(float(info["train_total_rewards_mean"]))
+        print(f"step {info['iteration']}/{steps} reward {rewards[-1]:.3f} ({times[-1] - tic:.0f} s)", file=sys.stderr)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    args = grpo_trainer.GRPOTrainingArgs(
-        batch_size=lc.batch_size,
-        iters=steps,
-        group_size=lc.group_size,
-        max_completion_length=lc.max_tokens,
-        beta=lc.kl_coef,
-        epsilon=lc.clip_low,
-        epsilon_high=lc.clip_high,
-        temperature=lc.temperature,
-        top_p=1.0,
-        top_k=0,
-        min_p=0.0,
-        grpo_loss_type="bnpo",  # token sum / tokens: runner's loss_agg "token"
-        steps_per_report=1,
-        steps_per_eval=10**9,
-        steps_per_save=10**9,
-        max_seq_length=512,
-        adapter_file=str(out / "adapters.safetensors"),
-    )
-    grpo_trainer.generate_grpo = generate_timed
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            grpo_trainer.train_grpo(
-                net,
-                None,
-                tokenizer,
-                optim.Adam(learning_rate=lc.learning_rate, bias_correction=True),
-                dataset,
-                None,
-                reward_funcs=[numeric],
-                args=args,
-                training_callback=Record(),
-                end_answer_token="",
-            )
-    finally:
-        grpo_trainer.generate_grpo = original
-    cfg = LoraSpec(rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=layers)
-    (out / "adapter_config.json").write_text(json.dumps(cfg.adapter_config(len(net.layers)), indent=2))
-    wall = times[-1] - tic if times else float("nan")
+    started = time.time()  # the model is loaded: training starts
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
+        train_grpo_peer(
+            net,
+            tokenizer,
+            dataset,
+            numeric,
+            steps,
+            out / "adapters.safetensors",
+            group=lc.group_size,
+            batch=lc.batch_size,
+            max_tokens=lc.max_tokens,
+            lr=lc.learning_rate,
+            temperature=lc.temperature,
+            beta=lc.kl_coef,
+            clip=(lc.clip_low, lc.clip_high),
+            on_step=record_step,
+            on_rollouts=record_rollouts,
+        )
+    spec = LoraSpec(rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=layers)
+    (out / "adapter_config.json").write_text(json.dumps(spec.adapter_config(len(net.layers)), indent=2))
     return {
         "steps": len(times),
-        "wall": wall,
+        "wall": times[-1] - tic if times else float("nan"),
         "s_step": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan"),
         "reward": statistics.fmean(rewards[-FINAL:]) if rewards else float("nan"),
         "tokens": rollout["tokens"],
         "wait": rollout["seconds"],
-        "train": (times[-1] - times[0]) - rollout["seconds"] if times else float("nan"),
+        "train": times[-1] - started - rollout["seconds"] if times else float("nan"),  # all but rollouts
         "publish": None,
         "peak_rss": peak_rss(),
         "adapter": str(out),
@@ -498,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         say("")
         say(table(base, rows))
+        if r_after:
+            gain = (r_after["accuracy"] - base["accuracy"]) * 100
+            say(
+                f"runner: held-out accuracy {base['accuracy'] * 100:.1f}% -> {r_after['accuracy'] * 100:.1f}% "
+                f"({gain:+.1f} points) in {r['wall'] / 60:.1f} min (target: >= +15 points within 30 min): "
+                + ("met" if gain >= 15 and r["wall"] <= 1800 else "NOT met")
+            )
         for m in r["evals"]:
             say(f"runner in-job eval at step {m['step']}: accuracy {m['eval_accuracy'] * 100:.1f}%")
         if curve:
