@@ -18,7 +18,7 @@ from workers.gguf import prepare_smollm2
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).parent.parent
-STEPS = 8
+STEPS = 10
 # Problems SmolLM2 answered right 1-3 times in 8 samples at temperature 0.7 (12 tokens): groups differ, so GRPO
 # has a signal from the first step, and there is room above.
 PROBLEMS = [(24, 26), (19, 8), (31, 47), (20, 12)]
