@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,3 +251,72 @@ def test_dataset_task_needs_a_chat_template_when_asked(tmp_path, tokenizer):
 
     with pytest.raises(ConfigError, match="has no chat template"):
         DatasetTask(NoTemplate(), [{"prompt": "x"}], Rewards([], [], [], 1.0))
+
+
+def test_evaluation_row_counts_correct_examples_with_pass_at_k(tmp_path, tokenizer, tiny_engine, serve):
+    """Accuracy is per example, by the first reward function against the threshold; metadata reaches it."""
+    from workers.learner.evaluation import make_evaluator
+
+    server = serve(tiny_engine)
+    (tmp_path / "meta_rewards.py").write_text("def odd(example, **_):\n    return float(example['level'] % 2)\n")
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"q{i}", "level": i} for i in range(8)])
+    config = build_config(
+        {
+            **dataset_config(tmp_path, rewards=[f"{tmp_path / 'meta_rewards.py'}:odd", "exact_answer"]),
+            "learner": {"max_tokens": 4, "batch_size": 3},
+            "eval": {"path": str(held_out), "limit": 6, "pass_k": 2, "temperature": 1.0, "threshold": 0.5},
+            "checkpoint": {"dir": str(tmp_path / "run")},
+        }
+    )
+    rows = []
+    evaluator = make_evaluator(config, lambda: [server.base], tokenizer, threading.Event(), lambda: 7, rows.append)
+    evaluator.step_done(5, 7)  # every = 0: only at the end
+    evaluator.finish(5, 7)
+    evaluator.close()
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["step"], row["eval_examples"], row["eval_reward_errors"]) == (5, 6, 0)
+    assert row["eval_accuracy"] == row["eval_pass_at_k"] == 0.5  # levels 1, 3, 5 of 0..5
+    assert row["eval_reward"] == 0.5  # odd scores 1 on half the completions; exact_answer has no answer: 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text()) == {
+        **row,
+        "time": pytest.approx(time.time(), abs=600),
+    }
+
+
+def test_report_keeps_eval_rows_apart_from_the_steps_they_share(tmp_path):
+    from runner.report import read_metrics, write_report
+
+    rows = [
+        {"step": 1, "version": 1, "reward_mean": 0.1},
+        {"step": 2, "version": 2, "eval_reward": 0.3, "eval_accuracy": 0.25, "eval_examples": 4},
+        {"step": 2, "version": 2, "reward_mean": 0.2},
+    ]
+    write_jsonl(tmp_path / "metrics.jsonl", rows)
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["reward_mean"] for r in m.records] == [0.1, 0.2] and m.problems == []
+    assert [e["eval_accuracy"] for e in m.evals] == [0.25]
+    md = write_report(tmp_path)
+    assert (md.parent / "eval.png").stat().st_size > 0
+    assert "| eval at step 2 | reward 0.3, accuracy 0.25 (4 examples) |" in md.read_text()
+    assert json.loads((md.parent / "summary.json").read_text())["evals"][0]["eval_reward"] == 0.3
+
+
+def test_a_hub_dataset_id_loads_offline_from_the_hub_cache(tmp_path):
+    """HF_HOME's hub cache holds the dataset repo's files (as a download leaves them): the id loads offline."""
+    snapshot = tmp_path / "hf" / "hub" / "datasets--acme--tiny-arith" / "snapshots" / "abc123"
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    (snapshot / "data" / "train.jsonl").write_text((EXAMPLE / "train.jsonl").read_text())
+    code = (
+        "from workers.learner.dataset import load_examples; from runner.config import ConfigError\n"
+        "print(len(load_examples('acme/tiny-arith', 'train')))\n"
+        "try:\n    load_examples('acme/missing', 'train')\nexcept ConfigError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "96"
+    assert lines[1].startswith("source.path = 'acme/missing': cannot load split 'train'")

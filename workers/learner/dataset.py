@@ -4,8 +4,8 @@ scored by weighted reward functions (workers/learner/rewards.py).
 A row is `{"prompt": "What is 12+7?", "answer": "19", ...}`: `prompt` a string, or `messages` a list of chat
 messages instead; `answer` optional; every other key is metadata, passed to the reward functions with the whole row
 (`example`). `path` is a JSONL file; a directory (written by `Dataset.save_to_disk`, or holding parquet/JSON/CSV
-files that `datasets.load_dataset` reads); or a dataset id on the hub (its `split`; offline, from the `datasets`
-cache with HF_HUB_OFFLINE=1).
+files that `datasets.load_dataset` reads); or a dataset id on the hub (its `split`; offline with HF_HUB_OFFLINE=1,
+from the `datasets` cache or else the repo's files in the huggingface_hub cache).
 
 `DatasetTask` is a `Task` (workers/learner/tasks.py), so `BuiltinSource` serves it unchanged (pipelining, pacing,
 versions, log-probs): prompt i is row order[i mod n] of epoch i // n, where order is the identity or, with `shuffle`,
@@ -73,8 +73,23 @@ def _load_datasets(path: str, split: str, key: str) -> list[dict]:
         else:
             data = datasets.load_dataset(path, split=split)
     except Exception as e:
-        raise ConfigError(f"{key} = {path!r}: cannot load split {split!r} ({type(e).__name__}: {e})") from None
+        snapshot = None if p.exists() else _hub_snapshot(path)
+        if snapshot is None:
+            raise ConfigError(f"{key} = {path!r}: cannot load split {split!r} ({type(e).__name__}: {e})") from None
+        log.info("%s: loading the copy in the hub cache, %s (%s)", path, snapshot, e)
+        return _load_datasets(snapshot, split, key)
     return [dict(row) for row in data]
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The dataset repo's files in the huggingface_hub cache (offline, `datasets` finds only what it has converted
+    itself), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except Exception:
+        return None
 
 
 def _check_row(row: Any, where: str) -> None:

@@ -45,6 +45,7 @@ import tenacity
 
 from runner.config import Config
 from runner.routing import LeastLoaded
+from workers.learner.dataset import make_dataset_task
 from workers.learner.grpo import ATROPOS_PROMPT
 from workers.learner.tasks import Task, make_task
 
@@ -599,8 +600,6 @@ def make_source(
         if urls is None or tokenizer is None:
             raise ValueError(f"the {sc.type} source needs the generation workers' URLs and the tokenizer")
         if sc.type == "dataset":
-            from workers.learner.dataset import make_dataset_task  # it imports this module (daemon threads)
-
             task = make_dataset_task(config, tokenizer)
         else:
             task = make_task(sc.task, tokenizer, lc.max_tokens, seed=lc.seed)
