@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from bench.rl import CpuSampler, say, stop_launch  # noqa: E402
 from runner.blas import blas_library, child_environment  # noqa: E402
 from runner.config import Config, load_config  # noqa: E402
+from runner.hub import resolve_model  # noqa: E402
 
 FINAL = 10  # final training reward = mean over this many last steps
 
@@ -399,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-learn-")))
         say(f"{os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; runs in {work}")
-        model = Path(config.model.path)
-        model = model if model.is_absolute() else ROOT / model
+        model = ROOT / config.model.path  # the launch runs in ROOT; an absolute path stays as it is
         if not (model / "config.json").exists() and config.model.prepare:
             say(f"preparing {config.model.prepare} in {model}")
             subprocess.run(
@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
+        elif not model.exists():  # a Hugging Face id: its directory in the hub cache
+            model = resolve_model(config.model.path, "[model] path")
         weights = model
         if config.model.dtype not in ("", "auto"):
             weights = work / f"{model.name}-{config.model.dtype}"
