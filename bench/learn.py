@@ -9,8 +9,9 @@
 2. Held-out accuracy before training: the shared evaluator (below) on the base weights.
 3. runner: `runner launch CONFIG` for `--steps` steps, or until `--minutes` have passed (then it is stopped with
    SIGTERM and the last completed step's checkpoint counts); the config's in-job `[eval]` is switched off (the peer
-   has none; `--job-eval` keeps it). Every `[checkpoint] interval` steps a checkpoint is kept; with `--curve` each is
-   evaluated afterwards, which gives accuracy against wall time.
+   has none; `--job-eval` keeps it). Every step is checkpointed (a deadline may fall mid-step; the last completed
+   step counts); with `--curve` the checkpoints every `[checkpoint] interval` steps are evaluated afterwards, which
+   gives accuracy against wall time.
 4. The peer (skipped when `mlx_lm_lora` does not import): `train_grpo` in a child process on the same weights
    directory, training rows, reward (`numeric_answer`), group size, batch, completion length, temperature, learning
    rate, KL coefficient, clip band and LoRA rank/scale/keys/layers, for as many steps as runner made.
@@ -249,7 +250,10 @@ def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes
         f"model.path={json.dumps(model)}",
         f"checkpoint.dir={json.dumps(str(run_dir))}",
         f"learner.steps={steps}",
-        "checkpoint.keep_last=1000",  # every interval's adapter, for --curve
+        # Every step's adapter: a --minutes deadline can fall mid-step (that step is lost when the learner is killed
+        # after stop_grace), and the last completed step is what gets evaluated. Small files (LoRA + Adam state).
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=100000",
         'coordinator.control="tcp://127.0.0.1:0"',  # free ports: other jobs may run on this machine
         'coordinator.weights="tcp://127.0.0.1:0"',
         "generation.port=0",
@@ -437,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         final = max(kept, key=lambda c: c[0]) if kept else None
         r_after = evaluate(f"runner step {final[0]}", final[2]) if final else None
         curve = []
-        if args.curve:
-            for step, written, path in kept:
+        if args.curve:  # the config's checkpoint interval, and the last step
+            every = config.checkpoint.interval
+            for step, written, path in [c for c in kept if c[0] % every == 0 or c is final]:
                 res = r_after if final and path == final[2] else evaluate(f"runner step {step}", path)
                 curve.append((step, written - r["t0"], res["accuracy"]))
         rows = [("runner", r, r_after)]
