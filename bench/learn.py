@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"runner reached the peer's final accuracy ({peer_after['accuracy'] * 100:.1f}%) at "
                     + (
                         f"{reach:.0f} s = {reach / peer['wall']:.2f} of the peer's wall time"
-                        if reach
+                        if reach is not None
                         else "no checkpoint"
                     )
                     + " (target <= 0.50)"
