@@ -249,11 +249,21 @@ def stop_launch(proc: subprocess.Popen, sampler: CpuSampler | None) -> list[str]
     return sampler.kill_leftovers()
 
 
-def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, timeout: float) -> dict:
-    """One `runner launch` of the quickstart with these overrides; its summary row."""
+def run_runner(
+    model: Path,
+    work: Path,
+    steps: int,
+    depth: int,
+    workers: int,
+    timeout: float,
+    extra: tuple[str, ...] = (),
+    tag: str = "",
+) -> dict:
+    """One `runner launch` of the quickstart with these overrides (and `extra` --set ones, named `tag` in the
+    label and run dir); its summary row."""
     name = f"async {depth}" if depth else "sync"
-    label = f"{name}, {workers} worker{'s' if workers > 1 else ''}"
-    run_dir = work / f"run-d{depth}-w{workers}"
+    label = f"{name}, {workers} worker{'s' if workers > 1 else ''}" + (f", {tag}" if tag else "")
+    run_dir = work / (f"run-d{depth}-w{workers}" + (f"-{tag}" if tag else ""))
     sets = [
         f"model.path={json.dumps(str(model))}",
         f"checkpoint.dir={json.dumps(str(run_dir))}",
@@ -262,6 +272,7 @@ def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, ti
         'coordinator.control="tcp://127.0.0.1:0"',  # free ports: other jobs may run on this machine
         'coordinator.weights="tcp://127.0.0.1:0"',
         "generation.port=0",
+        *extra,
     ]
     sets.append(f"learner.async_depth={depth}")  # always given: the quickstart's own default is 1
     if depth > 1:  # a batch started d steps ahead is trained d versions later: the config requires max_staleness >= d
@@ -270,7 +281,7 @@ def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, ti
     for s in sets:
         cmd += ["--set", s]
     row = {"label": label, "depth": depth, "workers": workers, "run_dir": str(run_dir)}
-    log_path = work / f"launch-d{depth}-w{workers}.log"
+    log_path = work / f"launch-{run_dir.name.removeprefix('run-')}.log"
     say(f"[{label}] runner launch ... (log {log_path})")
     tic = time.monotonic()
     # Its own session: a Ctrl-C in the terminal reaches the bench, which stops the launch (and so its children).
@@ -319,17 +330,97 @@ def run_runner(model: Path, work: Path, steps: int, depth: int, workers: int, ti
 # ---------------------------------------------------------------------------------------------------------- the peer
 
 
+def train_grpo_peer(
+    net,
+    tokenizer,
+    dataset: list[tuple],
+    reward,
+    steps: int,
+    adapter_file: Path,
+    *,
+    group: int,
+    batch: int,
+    max_tokens: int,
+    lr: float,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    clip: tuple[float, float] = (0.2, 0.28),
+    on_step=None,
+    on_rollouts=None,
+) -> None:
+    """mlx-lm-lora's `train_grpo` on `net` (LoRA layers already in place) in runner's terms: Adam at `lr`,
+    sampling at `temperature` with no top-k/top-p truncation, token-summed loss ("bnpo", runner's loss_agg "token"),
+    KL coefficient `beta`, clip band `clip`. `dataset`: (prompt ids, [], prompt text, answer text) rows; `reward`: an
+    mlx-lm-lora reward function. `on_step(info)` gets its per-step report; `on_rollouts(completions, texts,
+    seconds)` each batch of rollouts (token id arrays, texts, time taken)."""
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm_lora.trainer import grpo_trainer
+
+    class Record(TrainingCallback):
+        def on_train_loss_report(self, info: dict) -> None:
+            if on_step:
+                on_step(info)
+
+        def on_val_loss_report(self, info: dict) -> None:
+            pass
+
+    original = grpo_trainer.generate_grpo
+
+    def generate_recording(*args, **kwargs):
+        tic = time.perf_counter()
+        completions, texts, indices = original(*args, **kwargs)
+        if on_rollouts:
+            on_rollouts(completions, texts, time.perf_counter() - tic)
+        return completions, texts, indices
+
+    args = grpo_trainer.GRPOTrainingArgs(
+        batch_size=batch,
+        iters=steps,
+        group_size=group,
+        max_completion_length=max_tokens,
+        beta=beta,  # 0: no reference model forward
+        epsilon=clip[0],  # inactive with one update per batch (ratio 1), given anyway
+        epsilon_high=clip[1],
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        grpo_loss_type="bnpo",  # token sum / tokens: runner's loss_agg "token"
+        steps_per_report=1,
+        steps_per_eval=10**9,
+        steps_per_save=10**9,
+        max_seq_length=512,
+        adapter_file=str(adapter_file),
+    )
+    Path(adapter_file).parent.mkdir(parents=True, exist_ok=True)
+    grpo_trainer.generate_grpo = generate_recording
+    try:
+        grpo_trainer.train_grpo(
+            net,
+            None,
+            tokenizer,
+            optim.Adam(learning_rate=lr, bias_correction=True),
+            dataset,
+            None,
+            reward_funcs=[reward],
+            args=args,
+            training_callback=Record(),
+            end_answer_token="",
+        )
+    finally:
+        grpo_trainer.generate_grpo = original
+
+
 def run_peer(model: Path, work: Path, steps: int) -> dict | None:
     """mlx-lm-lora's train_grpo in this process on the same model, prompts, reward and shape; its summary row."""
     try:
-        from mlx_lm_lora.trainer import grpo_trainer
+        import mlx_lm_lora  # noqa: F401
     except ImportError as e:
         say(f"[peer] skipped: mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it")
         return None
     import mlx.core as mx
-    import mlx.optimizers as optim
     from mlx_lm import load
-    from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from workers.learner.tasks import TargetTokensTask
@@ -346,12 +437,9 @@ def run_peer(model: Path, work: Path, steps: int) -> dict | None:
     # Its reward functions see decoded texts; runner's reward counts sampled token ids. Keep the ids of the
     # latest rollouts (same order as the texts) so the reward is computed on exactly what was sampled.
     generated: dict[str, list[list[int]]] = {}
-    original = grpo_trainer.generate_grpo
 
-    def generate_recording(*args, **kwargs):
-        completions, texts, indices = original(*args, **kwargs)
+    def record_ids(completions, texts, seconds):
         generated["ids"] = [c.tolist() for c in completions]
-        return completions, texts, indices
 
     def target_tokens(prompts, completions, answer, types=None):
         ids = generated["ids"]
@@ -364,62 +452,36 @@ def run_peer(model: Path, work: Path, steps: int) -> dict | None:
     cpu: list[tuple[float, float | None]] = []  # (our CPU seconds, machine busy seconds) at each step
     tic = time.monotonic()
 
-    class Record(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            times.append(time.time())
-            t = os.times()
-            cpu.append((t.user + t.system, machine_busy()))
-            rewards.append(float(info["train_total_rewards_mean"]))
-            it = info["iteration"]
-            if it == 1 or it % 10 == 0 or it == steps:
-                print(
-                    f"[peer]   step {it}/{steps}  reward {rewards[-1]:.3f}   ({time.monotonic() - tic:.0f} s)",
-                    file=out,
-                    flush=True,
-                )
+    def record_step(info: dict) -> None:
+        times.append(time.time())
+        t = os.times()
+        cpu.append((t.user + t.system, machine_busy()))
+        rewards.append(float(info["train_total_rewards_mean"]))
+        it = info["iteration"]
+        if it == 1 or it % 10 == 0 or it == steps:
+            print(
+                f"[peer]   step {it}/{steps}  reward {rewards[-1]:.3f}   ({time.monotonic() - tic:.0f} s)",
+                file=out,
+                flush=True,
+            )
 
-        def on_val_loss_report(self, info: dict) -> None:
-            pass
-
-    args = grpo_trainer.GRPOTrainingArgs(
-        batch_size=BATCH,
-        iters=steps,
-        group_size=GROUP,
-        max_completion_length=MAX_TOKENS,
-        beta=0.0,  # runner's kl_coef = 0: no reference model forward
-        epsilon=0.2,  # runner's clip band (inactive anyway: one update per batch, ratio 1)
-        epsilon_high=0.28,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        min_p=0.0,
-        grpo_loss_type="bnpo",  # token sum / tokens: runner's loss_agg "token"
-        steps_per_report=1,
-        steps_per_eval=10**9,
-        steps_per_save=10**9,
-        max_seq_length=512,
-        adapter_file=str(work / "peer" / "adapters.safetensors"),
-    )
-    (work / "peer").mkdir(exist_ok=True)
     log_path = work / "peer.log"
     say(f"[peer] {label} ... (log {log_path})")
-    grpo_trainer.generate_grpo = generate_recording
-    try:
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            grpo_trainer.train_grpo(
-                net,
-                None,
-                tokenizer,
-                optim.Adam(learning_rate=LR, bias_correction=True),
-                dataset,
-                None,
-                reward_funcs=[target_tokens],
-                args=args,
-                training_callback=Record(),
-                end_answer_token="",
-            )
-    finally:
-        grpo_trainer.generate_grpo = original
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        train_grpo_peer(
+            net,
+            tokenizer,
+            dataset,
+            target_tokens,
+            steps,
+            work / "peer" / "adapters.safetensors",
+            group=GROUP,
+            batch=BATCH,
+            max_tokens=MAX_TOKENS,
+            lr=LR,
+            on_step=record_step,
+            on_rollouts=record_ids,
+        )
     n = len(times)
     row = {
         "label": label,

@@ -42,11 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = f"[{host}]" if ":" in host else host  # an IPv6 address
     # Checked before MLX loads: a refused bind answers at once.
     require_api_token([f"http://{host}:{args.port}"], args.api_token, "pass --api-token with a long random string")
-    if not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {args.model} is not a model directory; expected a local directory with config.json "
-            "(`runner models prepare` writes one)"
-        )
+    from runner.hub import resolve_model
+
+    resolve_model(args.model, "--model")  # a local directory or a hub id (fetched now); one line when neither
     if args.adapter and not Path(args.adapter).exists():
         raise FileNotFoundError(f"--adapter {args.adapter} not found; expected an adapter directory or .npz")
     from workers.generation.server import serve_standalone
@@ -201,7 +199,7 @@ def add_worker_generate_arguments(parser) -> list[argparse.Action]:
     add_join_arguments(recorder)
     recorder.add_argument("--name", default=None, help="worker name (default gen-HOSTNAME-PID)")
     recorder.add_argument(
-        "--model", default=None, help="local model directory if it differs from the coordinator's path"
+        "--model", default=None, help="model directory or Hugging Face id if it differs from the job's [model] path"
     )
     recorder.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     recorder.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")

@@ -58,10 +58,13 @@ def _zmq_endpoint() -> dict:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "models/tiny"
+    path: str = "models/tiny"  # a local model directory or a Hugging Face repo id (as mlx-lm takes them)
     # Which model `runner models prepare` builds at `path` when it is missing ("" = never prepare, fail instead).
     prepare: str = field(default="", metadata=_one_of("", "tiny", "smollm2"))
     adapter: str = ""  # an mlx-lm adapter directory to start from
+    # "" / "auto": load the weights as stored; a float dtype: dequantize quantized weights and cast at load (both the
+    # generation workers and the learner). float32 runs fastest on a Linux CPU with an optimized BLAS.
+    dtype: str = field(default="", metadata=_one_of("", "auto", "float16", "bfloat16", "float32"))
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,14 @@ class CoordinatorConfig:
     # SIGTERM/SIGINT to `runner launch`: every child gets SIGTERM at once, and whatever still runs `stop_grace` seconds
     # later is SIGKILLed with its whole process group. One bound for the whole shutdown, not one per child.
     stop_grace: float = field(default=20.0, metadata=_positive())
+    # The BLAS of the MLX children on Linux (runner/blas.py): "auto" preloads an optimized one when installed
+    # (Debian's libopenblas0-pthread), "bundled" keeps MLX's reference BLAS, or the path of a library. Never on macOS.
+    blas: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v in ("auto", "bundled") or Path(v).is_absolute(), "'auto', 'bundled' or an absolute path"
+        ),
+    )
 
 
 @dataclass(frozen=True)

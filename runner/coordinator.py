@@ -44,9 +44,11 @@ import tenacity
 import zmq
 
 from runner import control, messages, wire
+from runner.blas import blas_library, child_environment
 from runner.config import Config, ConfigError, build_config, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
 from runner.files import write_atomic
+from runner.hub import is_local, resolve_model
 from runner.status import eval_summary
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,16 @@ class WorkerRecord:
 class Watcher:
     """One supervised local child process and its restart policy."""
 
-    def __init__(self, name: str, cmd: list[str], log_path: Path, config: Config, restart_cmd: list[str] | None = None):
-        self.name, self.cmd, self.log_path = name, cmd, log_path
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        log_path: Path,
+        config: Config,
+        restart_cmd: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.name, self.cmd, self.log_path, self.env = name, cmd, log_path, env
         self.restart_cmd = restart_cmd or cmd  # e.g. without the learner's --resume, which is for its first start
         policy = config.coordinator
         self.attempts, self.window = policy.restart_attempts, policy.restart_window
@@ -100,7 +110,9 @@ class Watcher:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             # A new session: Ctrl-C in the terminal reaches the coordinator only, which then stops children in order.
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
         log.info("started %s (pid %d)", self.name, self.proc.pid)
         self.cmd = self.restart_cmd
 
@@ -175,9 +187,12 @@ def _status_handler(coordinator: Coordinator):
 
 
 class Coordinator:
-    def __init__(self, config: Config, resolved_path: Path, base_model_id: str, resume: str = ""):
+    def __init__(
+        self, config: Config, resolved_path: Path, base_model_id: str, resume: str = "", blas: str | None = None
+    ):
         self.config, self.resolved_path, self.run_dir = config, resolved_path, Path(config.checkpoint.dir)
         self.base_model_id = base_model_id
+        self.child_env = child_environment(blas)  # the BLAS preloaded into the MLX children (None: MLX's own)
         self.resume = resume  # the checkpoint the learner's first start resumes from ("" = its run dir's newest)
         self.ctx = zmq.Context.instance()
         self.control = self.ctx.socket(zmq.ROUTER)
@@ -209,6 +224,7 @@ class Coordinator:
             "tokens_per_s": None,
             "started": time.time(),
             "state": "running",
+            "blas": blas or "bundled",
         }
         self.stop_reason: str | None = None
         self.exit_code = 0
@@ -267,7 +283,8 @@ class Coordinator:
 
     # ----- children --------------------------------------------------------------------------------------------
     def add_watcher(self, name: str, role: str, cmd: list[str], restart_cmd: list[str] | None = None) -> None:
-        self.watchers[name] = Watcher(name, cmd, self.run_dir / "logs" / f"{name}.log", self.config, restart_cmd)
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        self.watchers[name] = Watcher(name, cmd, log_path, self.config, restart_cmd, env=self.child_env)
         self.workers[name] = WorkerRecord(name=name, role=role)
         self.watchers[name].start()
         self.workers[name].pid = self.watchers[name].proc.pid
@@ -716,11 +733,19 @@ def create_coordinator(config: Config, config_path: Path | None = None) -> Coord
         authorized_keys=config.security.authorized_keys,
     )
     config.logging.require_packages()
+    # A local directory or a hub id (downloaded now, once, into the hub cache), checked before anything is written.
+    # Every child resolves the name itself (a hub id stays an id in the resolved config) and compares what it
+    # resolved, by content, with this id.
+    model_dir = None if config.model.prepare else resolve_model(config.model.path, "[model] path")
+    blas = blas_library(config.coordinator.blas)
     resolved, resume = resolve(config)
     _prepare_model(resolved)
+    base_model_id = model_id(model_dir or resolved.model.path)
     path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
     log.info("job config %s resolved into %s", config_path or "(given)", path)
-    return Coordinator(resolved, path, model_id(resolved.model.path), resume)
+    if blas:
+        log.info("MLX children start with %s preloaded ([coordinator] blas)", blas)
+    return Coordinator(resolved, path, base_model_id, resume, blas)
 
 
 def resolve(config: Config) -> tuple[Config, str]:
@@ -737,20 +762,16 @@ def resolve(config: Config) -> tuple[Config, str]:
                 f"state.json and adapters.safetensors (e.g. {run_dir}/checkpoints/step_000010)"
             )
     data = config.to_dict()
-    data["model"]["path"] = str(Path(config.model.path).resolve())
+    if config.model.prepare or is_local(config.model.path):  # else a Hugging Face repo id, kept as it is
+        data["model"]["path"] = str(Path(config.model.path).expanduser().resolve())
     data["checkpoint"].update(dir=str(run_dir), resume="")
     return build_config(data, where="resolved config"), resume
 
 
 def _prepare_model(config: Config) -> None:
     model_path = Path(config.model.path)
-    if (model_path / "config.json").exists():
+    if not config.model.prepare or (model_path / "config.json").exists():
         return
-    if not config.model.prepare:
-        raise FileNotFoundError(
-            f"model directory {model_path} does not exist; prepare it with "
-            f"`runner models prepare` or set [model] prepare"
-        )
     print(f"preparing the {config.model.prepare} model in {model_path} (first run only)", flush=True)
     subprocess.run(
         _child_cmd("runner.cli", "models", "prepare", config.model.prepare, "--out", str(model_path)), check=True

@@ -22,7 +22,7 @@ def format_table(status: dict) -> str:
     lines = [
         f"job: {job['state']}  step {job['step'] or 0}/{job['steps']}  reward {_num(job.get('reward_mean'), '.3f')}  "
         f"tok/s {_num(job.get('tokens_per_s'), '.0f')}  latest version {job['latest_version']}  "
-        f"oldest serving {job['oldest_serving_version']}  uptime {job['uptime']}s",
+        f"oldest serving {job['oldest_serving_version']}  uptime {job['uptime']}s  blas {job.get('blas', '-')}",
     ]
     if job.get("step_s") is not None:  # the last step: where its time went, how busy the workers were, staleness
         lines.append(

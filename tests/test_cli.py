@@ -60,5 +60,5 @@ def test_serve_on_loopback_needs_no_token(tmp_path, host):
     r = run("serve", "--model", str(tmp_path / "missing"), "--host", host, "--port", "8123")
     assert r.returncode == 2 and r.stderr.splitlines() == [
         f"runner: error: --model {tmp_path / 'missing'} is not a model directory; expected a local directory with "
-        "config.json (`runner models prepare` writes one)"
+        "config.json (`runner models prepare` writes one) or a Hugging Face repo id"
     ]

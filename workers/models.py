@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from runner.files import replace_path
+from runner.hub import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +134,27 @@ def prepare_model(name: str, out_dir: Path, force: bool = False, seed: int = 0) 
 
         return prepare_smollm2(out_dir, force=force)
     raise ValueError(f"unknown model {name!r}; expected 'tiny' or 'smollm2'")
+
+
+def load_model(name: str | Path, dtype: str = "", what: str = "model"):
+    """Load a model by local directory or Hugging Face id (`runner.hub.resolve_model`) with mlx-lm, in `dtype`
+    (`[model] dtype`). Returns (model, tokenizer, config, the resolved directory)."""
+    from mlx_lm import load
+
+    path = resolve_model(name, what)
+    model, tokenizer, config = load(str(path), return_config=True)
+    cast_model(model, dtype)
+    return model, tokenizer, config, path
+
+
+def cast_model(model, dtype: str) -> None:
+    """ "" or "auto": keep the weights as stored. A float dtype: dequantize quantized layers (mlx-lm's own
+    `dequantize_model`), then cast every floating parameter. The generation workers and the learner both load
+    through here, so the LoRA deltas the learner computes apply to the very weights the workers hold."""
+    if dtype in ("", "auto"):
+        return
+    from mlx_lm.utils import dequantize_model
+
+    dequantize_model(model)
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())

@@ -560,15 +560,22 @@ def prometheus_text(engine: Engine) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_engine(model_path: str | Path, adapter_path: str | Path | None = None, lora_spec=None, **engine_kwargs):
-    """Load a base model (quantized or float) with mlx-lm, wrap it with LoRA when an adapter or a LoRA spec is
-    given (lora_b = 0 keeps a fresh spec equal to the base), and build an engine around it."""
+def load_engine(
+    model_path: str | Path,
+    adapter_path: str | Path | None = None,
+    lora_spec=None,
+    dtype: str = "",
+    **engine_kwargs,
+):
+    """Load a base model (a directory or hub id; quantized or float, cast to `dtype`) with mlx-lm, wrap it with LoRA
+    when an adapter or a LoRA spec is given (lora_b = 0 keeps a fresh spec equal to the base), and build an engine
+    around it."""
     import mlx.core as mx
-    from mlx_lm import load
 
     from workers.lora import apply_lora, read_adapter, set_lora
+    from workers.models import load_model
 
-    model, tokenizer, config = load(str(model_path), return_config=True)
+    model, tokenizer, config, _ = load_model(model_path, dtype)
     if adapter_path:
         lora_spec, tensors = read_adapter(Path(adapter_path))
         apply_lora(model, lora_spec)

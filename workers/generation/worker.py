@@ -38,6 +38,7 @@ from runner.control import (
     model_id,
     weight_transport,
 )
+from runner.hub import ModelNotFound, is_local, resolve_model
 from runner.webserver import start_in_thread
 from workers.generation.engine import Engine
 from workers.generation.server import Server, load_engine
@@ -72,7 +73,12 @@ def run_worker(
         client.heartbeat_timeout = config.coordinator.heartbeat_timeout
         client.status.update(state="loading", version=0)
         client.start_heartbeats()
-        model_path = Path(model_override or config.model.path)
+        model_name = model_override or config.model.path
+        try:
+            model_path = resolve_model(model_name, "--model" if model_override else "[model] path")
+        except ModelNotFound as e:
+            log.error("%s", e)
+            return 2
         if not _is_base_model(model_path, welcome["base_model_id"]):
             return 2
         engine = _start_engine(model_path, config)
@@ -83,7 +89,8 @@ def run_worker(
         client.status["state"] = "catching_up"
         receiver.catch_up(client)
         log.info("%s caught up at adapter version %d (new versions by %s)", name, engine.version, transport.name)
-        return _serve(client, receiver, sub, config, model_path.name, host, port, advertise_url, capabilities)
+        served_name = Path(model_name).name if is_local(model_name) else model_name  # a hub id as given
+        return _serve(client, receiver, sub, config, served_name, host, port, advertise_url, capabilities)
     finally:
         client.close()
 
@@ -97,9 +104,6 @@ def _job_config(client: ControlClient, config_path: str | None) -> Config:
 
 
 def _is_base_model(model_path: Path, base_model_id: str) -> bool:
-    if not (model_path / "config.json").exists():
-        log.error("model directory %s does not exist on this machine; pass --model PATH", model_path)
-        return False
     if model_id(model_path) != base_model_id:
         log.error(
             "model %s (id %s) is not the job's base model (id %s)", model_path, model_id(model_path), base_model_id
@@ -114,7 +118,12 @@ def _start_engine(model_path: Path, config: Config) -> Engine:
         rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=lora.num_layers
     )
     return load_engine(
-        model_path, lora_spec=spec, max_batch=gen.max_batch, prefill_batch=gen.prefill_batch, max_queue=gen.max_queue
+        model_path,
+        lora_spec=spec,
+        dtype=config.model.dtype,
+        max_batch=gen.max_batch,
+        prefill_batch=gen.prefill_batch,
+        max_queue=gen.max_queue,
     ).start()
 
 

@@ -234,7 +234,8 @@ class Trainer:
             keys=list(config.lora.keys),
             num_layers=config.lora.num_layers,
         )
-        return cls.load(config.model.path, config.learner, spec, adapter=config.model.adapter or None, group=group)
+        adapter = config.model.adapter or None
+        return cls.load(config.model.path, config.learner, spec, adapter=adapter, group=group, dtype=config.model.dtype)
 
     @classmethod
     def load(
@@ -244,10 +245,12 @@ class Trainer:
         spec: LoraSpec = LoraSpec(),
         adapter: str | Path | None = None,
         group: mx.distributed.Group | None = None,
+        dtype: str = "",
     ) -> Trainer:
-        from mlx_lm import load
+        """`model_path`: a directory or hub id; `dtype` as `[model] dtype`."""
+        from workers.models import load_model
 
-        model, tokenizer = load(str(model_path))
+        model, tokenizer, _, model_path = load_model(model_path, dtype)
         tensors = None
         if adapter:
             adapter_spec, tensors = read_adapter(Path(adapter))

@@ -1,0 +1,510 @@
+"""Does a real model learn? SmolLM2-135M-Instruct on held-out arithmetic, runner vs mlx-lm-lora's `train_grpo`.
+
+    python bench/learn.py [--config configs/smollm2_arithmetic.toml] [--steps N | --minutes M] [--skip-peer]
+                          [--curve] [--keep DIR]
+
+1. The model: `[model] path` (prepared with `runner models prepare` when missing), and a copy of it in `[model]
+   dtype` written by mlx-lm (`workers.models.cast_model`, the very cast the workers and learner do at load), so the
+   peer and the evaluator load exactly the weights runner trains on.
+2. Held-out accuracy before training: the shared evaluator (below) on the base weights.
+3. runner: `runner launch CONFIG` for `--steps` steps, or until `--minutes` have passed (then it is stopped with
+   SIGTERM and the last completed step's checkpoint counts); the config's in-job `[eval]` is switched off (the peer
+   has none; `--job-eval` keeps it). Every step is checkpointed (a deadline may fall mid-step; the last completed
+   step counts); with `--curve` the checkpoints every `[checkpoint] interval` steps are evaluated afterwards, which
+   gives accuracy against wall time.
+4. The peer (skipped when `mlx_lm_lora` does not import): `train_grpo` in a child process on the same weights
+   directory, training rows, reward (`numeric_answer`), group size, batch, completion length, temperature, learning
+   rate, KL coefficient, clip band and LoRA rank/scale/keys/layers, for as many steps as runner made.
+5. Held-out accuracy after: the same evaluator on each run's final adapter.
+
+The evaluator: mlx-lm `batch_generate`, greedy, `[learner] max_tokens` tokens, the first `--eval-limit` (200) rows of
+`[eval] path` through the chat template exactly as the dataset task encodes them, scored by the built-in
+`numeric_answer` (correct = 1). It runs in a child process with the same BLAS preloaded as runner's workers.
+
+Columns: `acc before/after` (held-out accuracy, %), `steps`, `wall` (process start to the last step: loading
+included, in-job or final evaluation not), `s/step`, `tokens` (completion tokens generated for training), `wait /
+train / publish` (runner: sums of the learner's wait_s, train_s, publish_s from metrics.jsonl; the peer: time in its
+rollout generation / the rest of its steps), `peak RSS` (sum over every process of the job of its peak resident set,
+VmHWM from /proc, read every 0.5 s while they run; the peer: its one process). `reward` is the mean training reward
+over the last 10 steps. The machine's load average is printed: on a shared machine the times are not an idle one's.
+Every process the bench starts is stopped when it ends, on an error or on Ctrl-C/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.rl import CpuSampler, say, stop_launch  # noqa: E402
+from runner.blas import blas_library, child_environment  # noqa: E402
+from runner.config import Config, load_config  # noqa: E402
+from runner.hub import resolve_model  # noqa: E402
+
+FINAL = 10  # final training reward = mean over this many last steps
+
+
+def _json_line(text: str) -> dict:
+    """The last line of a child's stdout that is a JSON object (its result)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no result line in: {text[-400:]}")
+
+
+def child(args: list[str], env: dict, log: Path, timeout: float) -> dict:
+    """Run `python bench/learn.py <args>` (one of the internal commands below) and return its JSON result."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=out, text=True
+        )
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:1])} failed (exit {proc.returncode}); see {log}")
+    return _json_line(stdout)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (VmHWM), 0 without /proc."""
+    return _vm_hwm(os.getpid()) or 0
+
+
+def _vm_hwm(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakRss(CpuSampler):
+    """CpuSampler (every process under `root`) that also keeps each process's last VmHWM (its peak RSS so far)."""
+
+    def __init__(self, root: int, interval: float = 0.5):
+        self.peaks: dict[tuple[int, int], int] = {}
+        super().__init__(root, interval)
+
+    def sample(self) -> None:
+        super().sample()
+        if self.samples:
+            for pid, start in self.samples[-1][2]:
+                hwm = _vm_hwm(pid)
+                if hwm:
+                    self.peaks[(pid, start)] = max(hwm, self.peaks.get((pid, start), 0))
+
+    def by_role(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key, hwm in self.peaks.items():
+            role = self.seen.get(key, "?")
+            out[role] = out.get(role, 0) + hwm
+        return out
+
+
+# ------------------------------------------------------------------------------------------ internal child commands
+
+
+def cmd_cast(src: str, dst: str, dtype: str) -> dict:
+    """Write `src` in `dtype` (dequantized) as an mlx-lm directory at `dst`."""
+    from mlx_lm.utils import save
+
+    from workers.models import load_model
+
+    model, tokenizer, config, path = load_model(src, dtype)
+    for key in ("quantization", "quantization_config"):
+        config.pop(key, None)
+    save(dst, path, model, tokenizer, config)
+    return {"path": dst}
+
+
+def _eval_rows(config: Config, limit: int) -> list[dict]:
+    from workers.learner.dataset import load_examples
+
+    return load_examples(config.eval.path, config.eval.split, "eval.path", limit=limit)
+
+
+def cmd_eval(config_path: str, model: str, adapter: str, limit: int) -> dict:
+    """Greedy held-out accuracy with mlx-lm's batch generation (the shared evaluator of every row)."""
+    from mlx_lm import load
+    from mlx_lm.generate import batch_generate
+
+    from workers.learner.dataset import encode
+    from workers.learner.rewards import numeric_answer
+
+    config = load_config(config_path)
+    rows = _eval_rows(config, limit)
+    net, tokenizer = load(model, adapter_path=adapter or None)
+    prompts = [encode(tokenizer, row, config.source.chat_template) for row in rows]
+    tic = time.perf_counter()
+    out = batch_generate(net, tokenizer, prompts, max_tokens=config.learner.max_tokens, verbose=False)
+    seconds = time.perf_counter() - tic
+    correct = [numeric_answer(completion=text, answer=row.get("answer")) >= 1.0 for row, text in zip(rows, out.texts)]
+    return {
+        "accuracy": sum(correct) / len(rows),
+        "n": len(rows),
+        "seconds": seconds,
+        "examples": [[row["prompt"], text] for row, text in list(zip(rows, out.texts))[:3]],
+    }
+
+
+def cmd_peer(config_path: str, model: str, out_dir: str, steps: int) -> dict:
+    """mlx-lm-lora's train_grpo on the config's data, reward and shape, in this process; saves the adapter."""
+    tic = time.time()  # its wall time counts loading, as runner's does
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from bench.rl import train_grpo_peer
+    from workers.learner.dataset import encode, load_examples
+    from workers.learner.rewards import numeric_answer
+    from workers.lora import LoraSpec
+
+    config = load_config(config_path)
+    lc, lora = config.learner, config.lora
+    mx.random.seed(lc.seed)
+    net, tokenizer = load(model)
+    net.freeze()
+    layers = len(net.layers) if lora.num_layers == -1 else lora.num_layers
+    linear_to_lora_layers(
+        net, layers, {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": lora.keys}
+    )
+    rows = load_examples(config.source.path, config.source.split)
+    dataset = [(encode(tokenizer, r, config.source.chat_template), [], r["prompt"], str(r["answer"])) for r in rows]
+
+    def numeric(prompts, completions, answer, types=None):
+        return [numeric_answer(completion=c, answer=a) for c, a in zip(completions, answer)]
+
+    rollout = {"seconds": 0.0, "tokens": 0}
+    times: list[float] = []
+    rewards: list[float] = []
+
+    def record_rollouts(completions, texts, seconds):
+        rollout["seconds"] += seconds
+        rollout["tokens"] += sum(int(c.size) for c in completions)
+
+    def record_step(info: dict) -> None:
+        times.append(time.time())
+        rewards.append(float(info["train_total_rewards_mean"]))
+        print(f"step {info['iteration']}/{steps} reward {rewards[-1]:.3f} ({times[-1] - tic:.0f} s)", file=sys.stderr)
+
+    out = Path(out_dir)
+    started = time.time()  # the model is loaded: training starts
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
+        train_grpo_peer(
+            net,
+            tokenizer,
+            dataset,
+            numeric,
+            steps,
+            out / "adapters.safetensors",
+            group=lc.group_size,
+            batch=lc.batch_size,
+            max_tokens=lc.max_tokens,
+            lr=lc.learning_rate,
+            temperature=lc.temperature,
+            beta=lc.kl_coef,
+            clip=(lc.clip_low, lc.clip_high),
+            on_step=record_step,
+            on_rollouts=record_rollouts,
+        )
+    spec = LoraSpec(rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=layers)
+    (out / "adapter_config.json").write_text(json.dumps(spec.adapter_config(len(net.layers)), indent=2))
+    return {
+        "steps": len(times),
+        "wall": times[-1] - tic if times else float("nan"),
+        "s_step": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan"),
+        "reward": statistics.fmean(rewards[-FINAL:]) if rewards else float("nan"),
+        "tokens": rollout["tokens"],
+        "wait": rollout["seconds"],
+        "train": times[-1] - started - rollout["seconds"] if times else float("nan"),  # all but rollouts
+        "publish": None,
+        "peak_rss": peak_rss(),
+        "adapter": str(out),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- runner's row
+
+
+def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes: float | None, job_eval: bool) -> dict:
+    """`runner launch` for `steps` steps or `minutes`; its summary row (peak RSS summed over its processes)."""
+    sets = [
+        f"model.path={json.dumps(model)}",
+        f"checkpoint.dir={json.dumps(str(run_dir))}",
+        f"learner.steps={steps}",
+        # Every step's adapter: a --minutes deadline can fall mid-step (that step is lost when the learner is killed
+        # after stop_grace), and the last completed step is what gets evaluated. Small files (LoRA + Adam state).
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=100000",
+        'coordinator.control="tcp://127.0.0.1:0"',  # free ports: other jobs may run on this machine
+        'coordinator.weights="tcp://127.0.0.1:0"',
+        "generation.port=0",
+    ]
+    if not job_eval:
+        sets.append('eval.path=""')
+    cmd = [sys.executable, "-m", "runner.cli", "launch", str(config_path)]
+    for s in sets:
+        cmd += ["--set", s]
+    log_path = run_dir.parent / "launch.log"
+    say(f"[runner] runner launch {config_path.name} ... (log {log_path})")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        sampler = PeakRss(proc.pid)
+        budget = minutes * 60 if minutes else None
+        # --minutes: SIGTERM at the deadline; the learner checkpoints its last completed step and the job stops.
+        watchdog = threading.Timer(budget, proc.send_signal, (signal.SIGTERM,)) if budget else None
+        if watchdog:
+            watchdog.start()
+        try:
+            shown = 0
+            while proc.poll() is None:
+                time.sleep(2.0)
+                metrics = _metrics(run_dir)
+                for m in metrics[shown:]:
+                    say(f"[runner]   step {m['step']}  reward {m['reward_mean']:.3f}  ({m['time'] - t0:.0f} s)")
+                shown = len(metrics)
+        finally:
+            if watchdog:
+                watchdog.cancel()
+            leftovers = stop_launch(proc, sampler)
+    if leftovers:
+        say(f"[runner] killed processes left running: {', '.join(leftovers)}")
+    metrics = _metrics(run_dir)
+    if not metrics:
+        raise RuntimeError(f"runner made no step (exit {proc.returncode}); see {log_path}")
+    rss = sampler.by_role()
+    say(f"[runner] peak RSS by process: {', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in sorted(rss.items()))}")
+    n = len(metrics)
+    return {
+        "steps": n,
+        "wall": metrics[-1]["time"] - t0,
+        "s_step": (metrics[-1]["time"] - metrics[0]["time"]) / (n - 1) if n > 1 else float("nan"),
+        "reward": statistics.fmean(m["reward_mean"] for m in metrics[-FINAL:]),
+        "tokens": sum(m.get("trained_tokens", 0) for m in metrics),
+        "wait": sum(m.get("wait_s", 0.0) for m in metrics),
+        "train": sum(m.get("train_s", 0.0) for m in metrics),
+        "publish": sum(m.get("publish_s", 0.0) for m in metrics),
+        "peak_rss": sum(rss.values()),
+        "t0": t0,
+        "evals": [m for m in _rows(run_dir) if "eval_accuracy" in m],
+    }
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """The step rows of metrics.jsonl (eval rows left out), in step order."""
+    rows = [m for m in _rows(run_dir) if "reward_mean" in m and isinstance(m.get("step"), int)]
+    return sorted(rows, key=lambda m: m["step"])
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, float, Path]]:
+    """(step, time written, directory) of every complete checkpoint of a run."""
+    out = []
+    for d in sorted((run_dir / "checkpoints").glob("step_*")):
+        state = d / "state.json"
+        if state.is_file():
+            s = json.loads(state.read_text())
+            out.append((int(s["step"]), float(s.get("time", 0.0)), d))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+
+
+def _gb(v: float | None) -> str:
+    return "-" if not v else f"{v / 2**30:.2f} GB"
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def table(base: dict, rows: list[tuple[str, dict, dict | None]]) -> str:
+    head = (
+        "| run | acc before | acc after | d acc | steps | wall s | s/step | tokens | wait / train / publish s "
+        "| reward (last 10) | peak RSS |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, r, after in rows:
+        acc = after["accuracy"] * 100 if after else None
+        gain = "-" if acc is None else f"{acc - base['accuracy'] * 100:+.1f}"
+        lines.append(
+            f"| {label} | {base['accuracy'] * 100:.1f}% | {'-' if acc is None else f'{acc:.1f}%'} | "
+            f"{gain} | {r['steps']} | {r['wall']:.0f} | "
+            f"{r['s_step']:.1f} | {r['tokens']} | {_s(r['wait'])} / {_s(r['train'])} / {_s(r['publish'])} | "
+            f"{r['reward']:.3f} | {_gb(r['peak_rss'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    internal = {"_cast": cmd_cast, "_eval": cmd_eval, "_peer": cmd_peer}
+    if argv and argv[0] in internal:  # a child process of this bench
+        fn = internal[argv[0]]
+        kinds = fn.__annotations__
+        names = [k for k in kinds if k != "return"]
+        values = [int(v) if kinds[k] == "int" else v for k, v in zip(names, argv[1:])]
+        print(json.dumps(fn(*values)), flush=True)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2_arithmetic.toml")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's [learner] steps)")
+    ap.add_argument(
+        "--minutes", type=float, help="stop runner after this many minutes (then the peer runs as many steps)"
+    )
+    ap.add_argument("--eval-limit", type=int, default=200, help="held-out problems evaluated before and after")
+    ap.add_argument("--curve", action="store_true", help="also evaluate every checkpoint runner kept")
+    ap.add_argument("--job-eval", action="store_true", help="keep the config's in-job [eval] (off: the peer has none)")
+    ap.add_argument("--skip-peer", action="store_true", help="do not run mlx-lm-lora's train_grpo")
+    ap.add_argument("--timeout", type=float, default=7200.0, help="seconds one evaluation or the peer may take")
+    ap.add_argument("--keep", help="a directory to keep the runs in (default: a temp dir, removed at the end)")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    config_path = args.config.resolve()
+    config = load_config(config_path)
+    steps = args.steps or config.learner.steps
+    if args.minutes:
+        steps = max(steps, 100_000)  # the clock stops it
+    env = child_environment(blas_library(config.coordinator.blas))
+
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = Path(args.keep).resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-learn-")))
+        say(f"{os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; runs in {work}")
+        model = ROOT / config.model.path  # the launch runs in ROOT; an absolute path stays as it is
+        if not (model / "config.json").exists() and config.model.prepare:
+            say(f"preparing {config.model.prepare} in {model}")
+            subprocess.run(
+                [sys.executable, "-m", "runner.cli", "models", "prepare", config.model.prepare, "--out", str(model)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        elif not model.exists():  # a Hugging Face id: its directory in the hub cache
+            model = resolve_model(config.model.path, "[model] path")
+        weights = model
+        if config.model.dtype not in ("", "auto"):
+            weights = work / f"{model.name}-{config.model.dtype}"
+            if not (weights / "config.json").exists():
+                child(["_cast", str(model), str(weights), config.model.dtype], env, work / "cast.log", args.timeout)
+        say(f"weights for the evaluator and the peer: {weights}")
+
+        def evaluate(what: str, adapter: Path | None) -> dict:
+            log = work / f"eval-{what}.log"
+            res = child(
+                ["_eval", str(config_path), str(weights), str(adapter or ""), str(args.eval_limit)],
+                env,
+                log,
+                args.timeout,
+            )
+            example = res["examples"][0]
+            say(f"[eval] {what}: {res['accuracy'] * 100:.1f}% of {res['n']} ({res['seconds']:.0f} s); e.g. {example}")
+            return res
+
+        base = evaluate("base", None)
+        run_dir = work / "runner" / "run"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        r = run_runner(config_path, str(model), run_dir, steps, args.minutes, args.job_eval)
+        kept = checkpoints(run_dir)
+        final = max(kept, key=lambda c: c[0]) if kept else None
+        r_after = evaluate(f"runner step {final[0]}", final[2]) if final else None
+        curve = []
+        if args.curve:  # the config's checkpoint interval, and the last step
+            every = config.checkpoint.interval
+            for step, written, path in [c for c in kept if c[0] % every == 0 or c is final]:
+                res = r_after if final and path == final[2] else evaluate(f"runner step {step}", path)
+                curve.append((step, written - r["t0"], res["accuracy"]))
+        rows = [("runner", r, r_after)]
+        peer = peer_after = None
+        if not args.skip_peer:
+            try:
+                import mlx_lm_lora  # noqa: F401
+            except ImportError as e:
+                say(f"[peer] skipped: mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it")
+            else:
+                say(f"[peer] mlx-lm-lora train_grpo, {r['steps']} steps ... (log {work / 'peer.log'})")
+                peer = child(
+                    ["_peer", str(config_path), str(weights), str(work / "peer"), str(r["steps"])],
+                    env,
+                    work / "peer.log",
+                    args.timeout,
+                )
+                peer_after = evaluate("mlx-lm-lora train_grpo", Path(peer["adapter"]))
+                rows.append(("mlx-lm-lora train_grpo", peer, peer_after))
+        lc = config.learner
+        say("")
+        say(
+            f"{config_path.name}: group {lc.group_size} x {lc.batch_size} prompts, {lc.max_tokens} tokens, LoRA r"
+            f"{config.lora.rank} on {len(config.lora.keys)} linears x {config.lora.num_layers} layers, lr "
+            f"{lc.learning_rate}, async_depth {lc.async_depth}; held-out accuracy: greedy, {base['n']} problems; "
+            f"load average at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+        )
+        say("")
+        say(table(base, rows))
+        if r_after:
+            gain = (r_after["accuracy"] - base["accuracy"]) * 100
+            say(
+                f"runner: held-out accuracy {base['accuracy'] * 100:.1f}% -> {r_after['accuracy'] * 100:.1f}% "
+                f"({gain:+.1f} points) in {r['wall'] / 60:.1f} min (target: >= +15 points within 30 min): "
+                + ("met" if gain >= 15 and r["wall"] <= 1800 else "NOT met")
+            )
+        for m in r["evals"]:
+            say(f"runner in-job eval at step {m['step']}: accuracy {m['eval_accuracy'] * 100:.1f}%")
+        if curve:
+            say("")
+            say(
+                "runner held-out accuracy by checkpoint: "
+                + ", ".join(f"step {s} ({t:.0f} s) {a * 100:.1f}%" for s, t, a in curve)
+            )
+            if peer_after:
+                reach = next((t for _, t, a in curve if a >= peer_after["accuracy"]), None)
+                say(
+                    f"runner reached the peer's final accuracy ({peer_after['accuracy'] * 100:.1f}%) at "
+                    + (
+                        f"{reach:.0f} s = {reach / peer['wall']:.2f} of the peer's wall time"
+                        if reach is not None
+                        else "no checkpoint"
+                    )
+                    + " (target <= 0.50)"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: every process the bench started has been stopped", file=sys.stderr)
+        sys.exit(130)
