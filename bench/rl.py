@@ -60,6 +60,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from runner.blas import blas_library, child_environment  # noqa: E402
+
 # The quickstart's task shape (configs/quickstart.toml); the peer is given the same.
 GROUP, BATCH, MAX_TOKENS, RANK, SCALE, LR = 8, 4, 16, 8, 20.0, 5e-4
 KEYS = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
@@ -603,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps must be at least 2 (s/step is measured between the first and the last step)")
     if any(d < 0 for d in args.depths) or any(w < 1 for w in args.workers):
         ap.error("--depths must be >= 0 and --workers >= 1")
+    # The peer runs in this process: give it the BLAS `runner launch` gives its MLX children ([coordinator] blas =
+    # "auto"), so both sides do their matmuls with the same library. The preload only acts from process start.
+    blas = blas_library("auto")
+    if blas and blas not in os.environ.get("LD_PRELOAD", ""):
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], child_environment(blas))
     # SIGTERM ends the bench like Ctrl-C: the finally clauses stop what it started.
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -612,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rl-")))
+        say(f"BLAS of the runner children and the peer: {blas or 'MLX bundled'}")
         model = work / "tiny"
         if not (model / "config.json").exists():
             say(f"preparing the tiny model in {model}")
