@@ -163,6 +163,7 @@ class Engine:
         self._by_uid: dict[int, tuple[Request, int]] = {}
         self._waiting: deque[tuple[Request, int]] = deque()  # (request, step it arrived at), not yet admitted
         self._steps = 0  # next() calls so far, the clock of admission waits
+        self._step_began: float | None = None  # perf_counter at the start of the step running now
         self._detok: dict[int, object] = {}
         self._samplers: dict[tuple, Callable] = {}
         self._launched_version = adapter_version  # version live when the in-flight step was launched
@@ -421,20 +422,29 @@ class Engine:
                 self._finish(u, "cancelled", notify=False)
         self._refresh_gauges()
 
+    def busy_seconds(self) -> float:
+        """Seconds spent in steps so far, the step running now included: a reader sampling it twice sees the busy
+        time between its samples, not whole steps counted at their end (a prefill can outlast the interval)."""
+        began = self._step_began
+        return self.stats.decode_seconds_total + (time.perf_counter() - began if began is not None else 0.0)
+
     def _step(self) -> None:
         version = self._launched_version
-        tic = time.perf_counter()
+        self._step_began = tic = time.perf_counter()
         # One BatchGenerator.next() per call (not next_generated(), which loops internally): the version rule
         # "tokens returned now were launched by the previous call" holds per next() call, idle gaps included.
-        _, responses = self._generator.next()
-        self._steps += 1
-        self._launched_version = self.stats.adapter_version
+        try:
+            _, responses = self._generator.next()
+            self._steps += 1
+            self._launched_version = self.stats.adapter_version
+            chosen, rows = _sampled_logprobs(responses, self._by_uid) if responses else (None, None)
+        finally:
+            elapsed = time.perf_counter() - tic
+            self.stats.decode_seconds_total += elapsed
+            self._step_began = None
         if not responses:
             return
-        chosen, rows = _sampled_logprobs(responses, self._by_uid)
-        elapsed = time.perf_counter() - tic
         self.stats.decode_steps_total += 1
-        self.stats.decode_seconds_total += elapsed
         self.stats.generation_tokens_total += len(responses)
         if self.on_step:
             self.on_step(elapsed, len(responses))

@@ -542,7 +542,12 @@ def prometheus_text(engine: Engine) -> str:
         ("runner_prompt_tokens_total", "counter", "Prompt tokens processed.", s.prompt_tokens_total),
         ("runner_generation_tokens_total", "counter", "Tokens generated.", s.generation_tokens_total),
         ("runner_decode_steps_total", "counter", "Batched decode steps.", s.decode_steps_total),
-        ("runner_decode_seconds_total", "counter", "Time spent in decode steps.", round(s.decode_seconds_total, 6)),
+        (
+            "runner_decode_seconds_total",
+            "counter",
+            "Time spent in batch steps (prefill and decode).",
+            round(engine.busy_seconds(), 6),
+        ),
         ("runner_active_sequences", "gauge", "Sequences in the running batch.", s.active_sequences),
         (
             "runner_batch_occupancy_ratio",
