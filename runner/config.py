@@ -341,7 +341,9 @@ def _check_dataset_keys(config: Config, where: str) -> None:
     if sc.type == "verifiers" and not sc.environment:
         raise ConfigError(f"{where}: 'source.environment' is empty; name the verifiers environment's module")
     if sc.type == "verifiers" and config.learner.async_depth:
-        raise ConfigError(f"{where}: the verifiers source runs each step's rollouts in turn; set learner.async_depth = 0")
+        raise ConfigError(
+            f"{where}: the verifiers source runs each step's rollouts in turn; set learner.async_depth = 0"
+        )
     if ec.path and sc.type != "dataset":
         raise ConfigError(f'{where}: [eval] needs source.type = "dataset" (its reward functions score the eval)')
     if ec.pass_k > 1 and ec.temperature == 0:

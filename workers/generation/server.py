@@ -405,7 +405,12 @@ class Server:
         vLLM sends it, the prompt's token ids (verifiers reads them to train on a chat rollout)."""
         body = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
         return _json(
-            {**body, "usage": self._usage(req), "policy_version": req.policy_version, "prompt_token_ids": req.prompt_ids}
+            {
+                **body,
+                "usage": self._usage(req),
+                "policy_version": req.policy_version,
+                "prompt_token_ids": req.prompt_ids,
+            }
         )
 
     def _chunk(self, rid: str, kind: str, created: int, choices: list[dict]) -> dict:

@@ -92,6 +92,7 @@ class VerifiersSource:
         self.dataset = self.env.get_dataset()
         if len(self.dataset) == 0:
             raise ValueError(f"verifiers environment {environment!r} has an empty dataset")
+        log.info("verifiers environment %s: %d examples", environment, len(self.dataset))
         self.urls, self.group_size, self.batch_size = urls, group_size, batch_size
         self.sampling_args = {"max_tokens": max_tokens, "temperature": temperature, "logprobs": True}
         self.api_token = api_token
