@@ -1,6 +1,7 @@
-"""`[source] type = "verifiers"`: a verifiers environment defined here (a SingleTurnEnv whose rubric scores the length
-of the answer) trains the tiny model through a real `runner launch`. Its rollouts go to the generation workers'
-chat endpoint; the learner trains on the token ids, sampler log-probs and per-token versions the workers returned."""
+"""`[source] type = "verifiers"`: a verifiers environment defined here (two model turns with a user turn between, its
+rubric scoring the length of the answers) trains the tiny model through a real `runner launch`. Its rollouts go to the
+generation workers' chat endpoint; the learner trains on the token ids, sampler log-probs and per-token versions the
+workers returned."""
 
 from __future__ import annotations
 
@@ -20,18 +21,28 @@ import verifiers as vf
 from datasets import Dataset
 
 
+class TwoTurns(vf.MultiTurnEnv):
+    async def env_response(self, messages, state, **kwargs):
+        return [{"role": "user", "content": "Say more."}]
+
+
 def load_environment(**kwargs):
     dataset = Dataset.from_list([{"question": f"Write about the number {i}.", "answer": str(i)} for i in range(6)])
 
     def length(completion, state, **_):
-        text = completion[-1]["content"]
-        reward = min(1.0, len(text) / 40)
-        tokens = state["trajectory"][-1]["tokens"]
+        reward = min(1.0, sum(len(m["content"]) for m in completion if m["role"] == "assistant") / 80)
+        first, second = (turn["tokens"] for turn in state["trajectory"])
+        before = first["prompt_ids"] + first["completion_ids"]
+        row = {
+            "reward": reward,
+            "extends": second["prompt_ids"][: len(before)] == before,
+            "lengths": [len(first["completion_ids"]), len(second["completion_ids"])],
+        }
         with open("scored.jsonl", "a") as f:  # what verifiers scored, for the test to compare with what was trained
-            f.write(json.dumps({"reward": reward, "completion_ids": tokens["completion_ids"]}) + "\\n")
+            f.write(json.dumps(row) + "\\n")
         return reward
 
-    return vf.SingleTurnEnv(dataset=dataset, rubric=vf.Rubric(funcs=[length]))
+    return TwoTurns(dataset=dataset, rubric=vf.Rubric(funcs=[length]), max_turns=2)
 """
 
 CONFIG = """
@@ -74,8 +85,12 @@ def test_a_verifiers_environment_trains_on_the_workers_tokens(tmp_path, tiny_mod
     # The rewards verifiers computed are the ones trained on, and its rubric's metric is recorded.
     assert sum(r["reward_mean"] * r["sequences"] for r in rows) == pytest.approx(sum(s["reward"] for s in scored))
     assert all(r["verifiers_length"] == pytest.approx(r["reward_mean"]) for r in rows)
-    # Every token verifiers got from the workers is trained, each with the worker's log-prob (so the learner's own
+    # Both model turns of a rollout are trained, the environment's turn between them not; when the chat template
+    # renders the first turn back to other ids than the model sampled, the sample restarts at the second turn (its
+    # prompt then holds the first, untrained). Each trained token carries the worker's log-prob (so the learner's own
     # log-prob of it is close: a missing or misaligned log-prob would be 0 or another token's) and its version.
-    assert sum(r["trained_tokens"] for r in rows) == sum(len(s["completion_ids"]) for s in scored)
+    expected = sum(sum(s["lengths"]) if s["extends"] else s["lengths"][1] for s in scored)
+    assert sum(r["trained_tokens"] for r in rows) == expected
+    assert sum(r["verifiers_restarts"] for r in rows) == sum(not s["extends"] for s in scored)
     assert all(0 < r["sampler_diff"] < 0.05 for r in rows), [r["sampler_diff"] for r in rows]
     assert all(r["staleness_hist"] is not None and r["staleness"] is not None for r in rows)

@@ -6,13 +6,15 @@ The environment is loaded the library's way, `verifiers.load_environment(name)` 
 `group_size` rollouts per example with `env.run_group`, each group on the least loaded worker's OpenAI endpoint.
 verifiers reads token ids and log-probs from the chat responses' vLLM-style fields (`prompt_token_ids`, per choice
 `token_ids` and `logprobs.content`), which the workers send; the per-token adapter versions (`policy_versions`, not
-kept by verifiers) are taken off the raw responses by an httpx hook, by response id. A multi-turn rollout becomes one
-sample when each turn's prompt extends the tokens before it (trained: the model's tokens only).
+kept by verifiers) are taken off the raw responses by an httpx hook, by response id. A multi-turn rollout is one sample
+(trained: the model's tokens only); where a turn's prompt does not extend the tokens before it (the chat template
+rendered them to other ids), the sample restarts at that turn, counted in the step's `verifiers_restarts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import httpx
 
 from runner.routing import LeastLoaded
-from workers.learner.sources import Batch, Sample, Stopped, wait_unless_stopped
+from workers.learner.sources import Batch, Sample, Stopped, _Retryable, _retrying, wait_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,14 @@ def load_environment(name: str):
     return verifiers.load_environment(name)
 
 
-def rollout_sample(output: dict, versions_by_id: dict[str, list[int]]) -> Sample:
+def rollout_sample(output: dict, versions_by_id: dict[str, list[int]]) -> tuple[Sample, int]:
     """One scored verifiers rollout -> one Sample: every turn's new prompt tokens (not trained) then the model's
-    tokens with their sampling log-probs and versions."""
+    tokens with their sampling log-probs and versions; and how many turns restarted the sample (below)."""
     tokens: list[int] = []
     mask: list[int] = []
     logprobs: list[float] = []
     versions: list[int] = []
+    restarts = 0
     if output.get("error"):
         raise RuntimeError(f"a verifiers rollout failed: {output['error']}")
     for turn in output["trajectory"]:
@@ -55,7 +58,10 @@ def rollout_sample(output: dict, versions_by_id: dict[str, list[int]]) -> Sample
             raise ValueError("a verifiers rollout turn has no token ids: the workers' chat response lacked them")
         prompt, completion = list(t["prompt_ids"]), list(t["completion_ids"])
         if prompt[: len(tokens)] != tokens:
-            raise ValueError("a multi-turn rollout's prompt does not extend its earlier turns; cannot train it as one")
+            # The chat template rendered the earlier turns to other ids (a template that drops reasoning, or text that
+            # re-tokenizes differently): train from this turn on, the earlier turns as its (untrained) prompt.
+            tokens, mask, logprobs, versions = [], [], [], []
+            restarts += 1
         response = turn["response"]
         response_id = response["id"] if isinstance(response, dict) else response.id
         turn_versions = versions_by_id.pop(response_id, None)
@@ -68,9 +74,10 @@ def rollout_sample(output: dict, versions_by_id: dict[str, list[int]]) -> Sample
         versions += [-1] * len(new) + [int(v) for v in turn_versions]
     trained = [v for v, m in zip(versions, mask) if m]
     version = min(trained) if trained else None
-    return Sample(
+    sample = Sample(
         tokens=tokens, mask=mask, reward=float(output["reward"]), logprobs=logprobs, version=version, versions=versions
     )
+    return sample, restarts
 
 
 class VerifiersSource:
@@ -106,8 +113,7 @@ class VerifiersSource:
 
     async def _record_versions(self, response: httpx.Response) -> None:
         if response.request.url.path.endswith("/chat/completions") and response.status_code == 200:
-            body = await response.aread()
-            data = httpx.Response(200, content=body).json()
+            data = json.loads(await response.aread())
             self._versions[data["id"]] = data["choices"][0].get("policy_versions") or []
 
     def _client(self, url: str) -> tuple:
@@ -124,10 +130,7 @@ class VerifiersSource:
 
     async def _group(self, index: int) -> list[dict]:
         row = dict(self.dataset[index % len(self.dataset)])
-        urls = [u.rstrip("/") for u in self.urls()]
-        if not urls:
-            raise RuntimeError("no generation worker is serving")
-        url = self._routing.acquire(urls)
+        url = await asyncio.to_thread(self._acquire_url)
         ok = False
         try:
             client, model = await asyncio.to_thread(self._client, url)
@@ -140,6 +143,17 @@ class VerifiersSource:
         finally:
             self._routing.release(url, failed=not ok)
 
+    def _acquire_url(self) -> str:
+        """The least loaded worker's URL, waiting (up to two minutes, or a stop) while none serves."""
+
+        def acquire() -> str:
+            urls = [u.rstrip("/") for u in self.urls()]
+            if not urls:
+                raise _Retryable("no generation worker is available yet")
+            return self._routing.acquire(urls)
+
+        return _retrying(self.stop, 120, (_Retryable,), "finding a generation worker")(acquire)
+
     async def _batch(self, start: int) -> list[list[dict]]:
         return list(await asyncio.gather(*(self._group(start + i) for i in range(self.batch_size))))
 
@@ -151,9 +165,10 @@ class VerifiersSource:
         except Stopped:
             future.cancel()
             raise
-        groups = [[rollout_sample(o, self._versions) for o in outputs] for outputs in future.result()]
+        samples = [[rollout_sample(o, self._versions) for o in outputs] for outputs in future.result()]
+        groups = [[s for s, _ in g] for g in samples]
         self.position = start + self.batch_size
-        metrics: dict[str, float] = {"prompt_index": start}
+        metrics: dict[str, float] = {"prompt_index": start, "verifiers_restarts": sum(r for g in samples for _, r in g)}
         outputs = [o for g in future.result() for o in g]
         for name in sorted({k for o in outputs for k in o.get("metrics", {})}):  # the rubric's functions, averaged
             values = [float(o["metrics"][name]) for o in outputs if name in o.get("metrics", {})]
