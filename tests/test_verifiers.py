@@ -6,6 +6,8 @@ workers returned."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from test_launch import QUICK, Job, metrics
@@ -94,3 +96,18 @@ def test_a_verifiers_environment_trains_on_the_workers_tokens(tmp_path, tiny_mod
     assert sum(r["verifiers_restarts"] for r in rows) == sum(not s["extends"] for s in scored)
     assert all(0 < r["sampler_diff"] < 0.05 for r in rows), [r["sampler_diff"] for r in rows]
     assert all(r["staleness_hist"] is not None and r["staleness"] is not None for r in rows)
+
+
+def test_an_environment_that_does_not_load_stops_the_launch_before_anything_starts(tmp_path, tiny_model):
+    config = tmp_path / "verifiers.toml"
+    config.write_text(CONFIG.format(model=tiny_model).replace("tiny_vf_env", "no_such_env"))
+    r = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "launch", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "source.environment = 'no_such_env'" in r.stderr and "No module named 'no_such_env'" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import httpx
 
+from runner.config import ConfigError
 from runner.routing import LeastLoaded
 from workers.learner.sources import Batch, Sample, Stopped, _Retryable, _retrying, wait_unless_stopped
 
@@ -30,16 +31,24 @@ log = logging.getLogger(__name__)
 
 
 def load_environment(name: str):
-    """The verifiers environment of module `name` (found in the working directory too, as reward modules are)."""
+    """The verifiers environment of module `name` (found in the working directory too, as reward modules are), with
+    a dataset; ConfigError otherwise."""
     try:
         import verifiers
     except ImportError:
-        raise ValueError(
-            "[source] type = 'verifiers' needs the verifiers package: pip install 'runner[verifiers]'"
+        raise ConfigError(
+            "source.type = 'verifiers' needs the verifiers package: pip install 'runner[verifiers]'"
         ) from None
     if os.getcwd() not in sys.path:  # a console script's sys.path lacks the working directory
         sys.path.append(os.getcwd())
-    return verifiers.load_environment(name)
+    try:
+        env = verifiers.load_environment(name)
+        if len(env.get_dataset()) == 0:
+            raise ValueError("its dataset is empty")
+    except Exception as e:
+        cause = f"{e}: {e.__cause__}" if e.__cause__ else str(e)
+        raise ConfigError(f"source.environment = {name!r}: {cause}".replace("\n", " ")) from None
+    return env
 
 
 def rollout_sample(output: dict, versions_by_id: dict[str, list[int]]) -> tuple[Sample, int]:
@@ -97,8 +106,6 @@ class VerifiersSource:
         self.name = environment
         self.env = load_environment(environment)
         self.dataset = self.env.get_dataset()
-        if len(self.dataset) == 0:
-            raise ValueError(f"verifiers environment {environment!r} has an empty dataset")
         log.info("verifiers environment %s: %d examples", environment, len(self.dataset))
         self.urls, self.group_size, self.batch_size = urls, group_size, batch_size
         self.sampling_args = {"max_tokens": max_tokens, "temperature": temperature, "logprobs": True}
