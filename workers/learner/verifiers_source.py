@@ -113,7 +113,9 @@ class VerifiersSource:
         self.stop = stop or threading.Event()
         self.position = 0
         self._versions: dict[str, list[int]] = {}  # response id -> per-token adapter versions, until trained
-        self._clients: dict[str, tuple] = {}  # worker URL -> (AsyncOpenAI client, the model name it serves)
+        self._clients: dict[
+            str, tuple
+        ] = {}  # worker URL -> (verifiers client over AsyncOpenAI, the model name it serves)
         self._routing = LeastLoaded()
         self._loop = asyncio.new_event_loop()  # rollouts run here; next_batch waits for them unless told to stop
         threading.Thread(target=self._loop.run_forever, name="verifiers", daemon=True).start()
