@@ -106,11 +106,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def check_inputs(config) -> None:
-    """A dataset task's files and reward functions, checked before anything starts (ConfigError otherwise)."""
+    """A dataset task's files and reward functions, or a verifiers environment, checked before anything starts
+    (ConfigError otherwise)."""
     if config.source.type == "dataset":
         from workers.learner.dataset import check_dataset_config  # no MLX: datasets, numpy, the reward modules
 
         check_dataset_config(config)
+    if config.source.type == "verifiers":  # the environment loads (this imports verifiers and the learner's modules)
+        from workers.learner.verifiers_source import load_environment
+
+        load_environment(config.source.environment)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

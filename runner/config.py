@@ -137,7 +137,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    type: str = field(default="builtin", metadata=_one_of("builtin", "atropos", "dataset"))
+    type: str = field(default="builtin", metadata=_one_of("builtin", "atropos", "dataset", "verifiers"))
     task: str = field(default="target_tokens", metadata=_one_of("target_tokens", "arithmetic"))
     url: str = ""  # Atropos API server, e.g. http://127.0.0.1:8000
     # type = "dataset" (workers/learner/dataset.py): a JSONL file, a local dataset directory or a `datasets` id.
@@ -151,6 +151,8 @@ class SourceConfig:
     reward_timeout: float = field(default=5.0, metadata=_positive())  # seconds per call; a raise or timeout scores 0
     format_pattern: str = ""  # the regular expression of the built-in `regex_format` reward
     length_limit: int = field(default=200, metadata=_positive("integer"))  # characters, for `length_penalty`
+    # type = "verifiers" (workers/learner/verifiers_source.py): the environment's module, loaded the verifiers way.
+    environment: str = ""
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,12 @@ def _check_dataset_keys(config: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: 'source.reward_weights' has {len(sc.reward_weights)} entries for {len(sc.rewards)} rewards "
             f"{sc.rewards}; give one weight per reward (or none: 1.0 each)"
+        )
+    if sc.type == "verifiers" and not sc.environment:
+        raise ConfigError(f"{where}: 'source.environment' is empty; name the verifiers environment's module")
+    if sc.type == "verifiers" and config.learner.async_depth:
+        raise ConfigError(
+            f"{where}: the verifiers source runs each step's rollouts in turn; set learner.async_depth = 0"
         )
     if ec.path and sc.type != "dataset":
         raise ConfigError(f'{where}: [eval] needs source.type = "dataset" (its reward functions score the eval)')

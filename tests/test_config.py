@@ -46,6 +46,11 @@ def test_int_accepted_where_float_expected(tmp_path):
         ("[learner]\nlearning_rate = -1.0\n", ["learner.learning_rate", "-1.0", "positive"]),
         ("[learner]\ngroup_size = 1\n", ["learner.group_size", ">= 2"]),
         ('[source]\ntype = "gym"\n', ["source.type", "'gym'", "builtin"]),
+        ('[source]\ntype = "verifiers"\n', ["source.environment", "empty"]),
+        (
+            '[learner]\nasync_depth = 1\nmax_staleness = 1\n[source]\ntype = "verifiers"\nenvironment = "e"\n',
+            ["async_depth = 0"],
+        ),
         ("[lora]\nkeys = [1, 2]\n", ["lora.keys", "list of strings"]),
         ("[generation]\nport = 70000\n", ["generation.port", "70000"]),
         ('[coordinator]\ncontrol = "localhost:5555"\n', ["coordinator.control", "tcp://"]),

@@ -122,6 +122,12 @@ def test_openai_chat_n_logprobs(base, client) -> None:
             assert 1 <= len(item.top_logprobs) <= 2
         total += len(ids)
     assert r.usage.completion_tokens == total
+    # The rendered prompt's ids, as vLLM sends them (verifiers trains on them): the chat template's own.
+    template = base.engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True
+    )
+    assert r.model_extra["prompt_token_ids"] == list(template)
+    assert r.usage.prompt_tokens == len(template)
 
 
 def test_openai_streaming(base, client) -> None:

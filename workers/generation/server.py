@@ -401,9 +401,17 @@ class Server:
 
     # ----- response formatters ---------------------------------------------------------------------------------
     def _response(self, rid: str, kind: str, created: int, req: EngineRequest, choices: list[dict]) -> JSONResponse:
-        """A finished completion or chat completion: the OpenAI envelope plus the oldest policy version used."""
+        """A finished completion or chat completion: the OpenAI envelope plus the oldest policy version used and, as
+        vLLM sends it, the prompt's token ids (verifiers reads them to train on a chat rollout)."""
         body = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
-        return _json({**body, "usage": self._usage(req), "policy_version": req.policy_version})
+        return _json(
+            {
+                **body,
+                "usage": self._usage(req),
+                "policy_version": req.policy_version,
+                "prompt_token_ids": req.prompt_ids,
+            }
+        )
 
     def _chunk(self, rid: str, kind: str, created: int, choices: list[dict]) -> dict:
         """One streamed event, stamped with the adapter version being served when it is sent."""

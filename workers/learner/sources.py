@@ -629,4 +629,19 @@ def make_source(
             stop=stop,
             depth=lc.async_depth,
         )
+    if sc.type == "verifiers":
+        if urls is None:
+            raise ValueError("the verifiers source needs the generation workers' URLs")
+        from workers.learner.verifiers_source import VerifiersSource  # imports verifiers only when asked for
+
+        return VerifiersSource(
+            sc.environment,
+            urls,
+            lc.group_size,
+            lc.batch_size,
+            lc.max_tokens,
+            lc.temperature,
+            api_token=config.security.api_token,
+            stop=stop,
+        )
     raise ValueError(f"unknown source type {sc.type!r}")
