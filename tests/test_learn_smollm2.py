@@ -37,7 +37,7 @@ def test_smollm2_reward_rises_on_arithmetic(tmp_path: Path) -> None:
         'eval.path=""',
         "learner.batch_size=2",
         "learner.max_tokens=12",
-        "learner.learning_rate=1e-3",
+        "learner.learning_rate=5e-4",
         "checkpoint.interval=100",
     ]
     job = Job(REPO / "configs" / "smollm2_arithmetic.toml", sets, tmp_path)

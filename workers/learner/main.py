@@ -67,21 +67,7 @@ def run_learner(args: argparse.Namespace) -> int:
 
     trainer = Trainer.from_config(config, group=group)
     publisher = Publisher(client, welcome, trainer.spec.adapter_config(len(trainer.model.layers)))
-    max_staleness = config.learner.max_staleness
-
-    def ready(j: int) -> bool:
-        # The batch trained j steps after the next one (at version trainer.version + j) may start now only if every
-        # worker serves a version within max_staleness of that; they never go back, so every token it gets will be.
-        return publisher.wait_for_workers(trainer.version + j - max_staleness, stopping) is not None
-
-    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, stop=stopping, ready=ready)
-    # A batch stale as a whole (e.g. rollouts from a worker restarted at an old version) would make Trainer.step
-    # raise StaleBatch: drop it and wait for the workers instead of crashing into a restart.
-    source = fresh = FreshSource(
-        source,
-        min_version=lambda: trainer.version - config.learner.max_staleness,
-        wait=lambda version: publisher.wait_for_workers(version, stopping) is not None,
-    )
+    source = fresh = _paced_source(config, trainer, publisher, stopping)
     if dist.size_of(group) > 1:
         source = dist.BroadcastSource(source, group)  # rank 0 gets the rollouts; every rank trains its share
     evaluator = make_evaluator(
@@ -131,6 +117,25 @@ def run_learner(args: argparse.Namespace) -> int:
         client.send({"type": "done", "name": args.name})
     client.close()
     return 0
+
+
+def _paced_source(config: Config, trainer: Trainer, publisher: Publisher, stopping: threading.Event) -> FreshSource:
+    """The job's source, paced by the workers' versions and wrapped to wait out batches that are stale as a whole."""
+    max_staleness = config.learner.max_staleness
+
+    def ready(j: int) -> bool:
+        # The batch trained j steps after the next one (at version trainer.version + j) may start now only if every
+        # worker serves a version within max_staleness of that; they never go back, so every token it gets will be.
+        return publisher.wait_for_workers(trainer.version + j - max_staleness, stopping) is not None
+
+    source = make_source(config, publisher.serving_urls, tokenizer=trainer.tokenizer, stop=stopping, ready=ready)
+    # A batch stale as a whole (e.g. rollouts from a worker restarted at an old version) would make Trainer.step
+    # raise StaleBatch: drop it and wait for the workers instead of crashing into a restart.
+    return FreshSource(
+        source,
+        min_version=lambda: trainer.version - max_staleness,
+        wait=lambda version: publisher.wait_for_workers(version, stopping) is not None,
+    )
 
 
 def _publishing_callbacks(

@@ -361,14 +361,21 @@ class Trainer:
 
         self.step_count += 1
         self.version += 1
-        seconds = time.perf_counter() - tic
+        self.last_metrics = self._step_metrics(batch, time.perf_counter() - tic, total, grad_norms, counts, updates)
+        self.last_metrics["dropped_groups"] = dropped
+        return self.last_metrics
+
+    def _step_metrics(
+        self, batch: Batch, seconds: float, total: dict, grad_norms: list[float], counts: list[float], updates: int
+    ) -> dict:
+        cfg = self.cfg
         n_tokens = sum(counts[0::2])
         versions = [s.version for s in batch.samples if s.version is not None]
         stale = token_staleness(batch, self.version - 1)
         tokens_total = sum(len(s.tokens) for s in batch.samples)  # the whole batch's, on every rank
         rewards = np.array([s.reward for s in batch.samples], dtype=np.float64).astype(np.float32)
         denom = max(n_tokens * cfg.ppo_epochs, 1.0)  # every trained token is seen once per epoch
-        self.last_metrics = {
+        metrics = {
             "step": self.step_count,
             "version": self.version,
             "loss": total["loss"] / max(updates, 1),
@@ -391,13 +398,12 @@ class Trainer:
             # per trained token, token-weighted: mean and counts of 0, 1, 2, ... versions behind
             "staleness_mean": float(stale.mean()) if stale.size else None,
             "staleness_hist": np.bincount(stale).tolist() if stale.size else None,
-            "dropped_groups": dropped,
             "seconds": seconds,
         }
-        self.last_metrics.update(batch.info.get("metrics", {}))  # the source's own counts (e.g. reward_errors)
+        metrics.update(batch.info.get("metrics", {}))  # the source's own counts (e.g. reward_errors)
         if self.world_size > 1:
-            self.last_metrics["ranks"] = self.world_size
-        return self.last_metrics
+            metrics["ranks"] = self.world_size
+        return metrics
 
     def _update(
         self, arr: dict[str, np.ndarray] | None, rows: np.ndarray, prox: mx.array | None, n_tokens: float, n_seqs: float
