@@ -609,7 +609,10 @@ def main(argv: list[str] | None = None) -> int:
     # "auto"), so both sides do their matmuls with the same library. The preload only acts from process start.
     blas = blas_library("auto")
     if blas and blas not in os.environ.get("LD_PRELOAD", ""):
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], child_environment(blas))
+        env = child_environment(blas)
+        if "OPENBLAS_NUM_THREADS" not in os.environ:  # the peer is one process: OpenBLAS' own default (every core),
+            env.pop("OPENBLAS_NUM_THREADS")  # and `runner launch` splits the cores over its children itself
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     # SIGTERM ends the bench like Ctrl-C: the finally clauses stop what it started.
     signal.signal(signal.SIGTERM, _interrupt)
 

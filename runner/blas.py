@@ -40,9 +40,13 @@ def blas_library(setting: str, platform: str = sys.platform) -> str | None:
     return setting
 
 
-def child_environment(library: str | None) -> dict[str, str]:
-    """This process's environment, with `library` first in LD_PRELOAD when given."""
+def child_environment(library: str | None, processes: int = 1) -> dict[str, str]:
+    """This process's environment, with `library` first in LD_PRELOAD when given. The `processes` MLX children of a
+    job share the machine's cores: each gets OpenBLAS threads for its share (at least 1) unless the caller set
+    OPENBLAS_NUM_THREADS, because every OpenBLAS process otherwise starts a thread per core, and on a machine the
+    processes share, those threads contend for the same cores (measured here: twice the CPU per step)."""
     env = dict(os.environ)
     if library:
         env["LD_PRELOAD"] = " ".join(filter(None, [library, env.get("LD_PRELOAD", "")]))
+        env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(processes, 1))))
     return env

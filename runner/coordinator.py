@@ -192,7 +192,11 @@ class Coordinator:
     ):
         self.config, self.resolved_path, self.run_dir = config, resolved_path, Path(config.checkpoint.dir)
         self.base_model_id = base_model_id
-        self.child_env = child_environment(blas)  # the BLAS preloaded into the MLX children (None: MLX's own)
+        # The BLAS preloaded into the MLX children (None: MLX's own), its threads split over the local children.
+        local_children = config.generation.workers + max(
+            1, sum(h.split("=")[0] == "localhost" for h in config.learner.hosts)
+        )
+        self.child_env = child_environment(blas, local_children)
         self.resume = resume  # the checkpoint the learner's first start resumes from ("" = its run dir's newest)
         self.ctx = zmq.Context.instance()
         self.control = self.ctx.socket(zmq.ROUTER)

@@ -43,6 +43,16 @@ def test_preload_goes_first_and_keeps_what_was_there(monkeypatch):
     assert child_environment(None)["LD_PRELOAD"] == "/x/other.so"
 
 
+def test_the_children_split_the_cores_between_their_blas_threads(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert child_environment("/y/blas.so", processes=2)["OPENBLAS_NUM_THREADS"] == "4"
+    assert child_environment("/y/blas.so", processes=16)["OPENBLAS_NUM_THREADS"] == "1"
+    assert "OPENBLAS_NUM_THREADS" not in child_environment(None, processes=2)  # MLX's own BLAS: nothing to split
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # the user's choice wins
+    assert child_environment("/y/blas.so", processes=2)["OPENBLAS_NUM_THREADS"] == "3"
+
+
 # A float32 matmul and a forward of the tiny model, written to argv[2]; prints whether the library argv[3] is mapped
 # in (numpy brings an OpenBLAS of its own, so the check is by path).
 PROBE = """
