@@ -83,7 +83,8 @@ def test_a_verifiers_environment_trains_on_the_workers_tokens(tmp_path, tiny_mod
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["prompt_index"] for r in rows] == [0, 2, 4]
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
-    assert len(scored) == 3 * 2 * 4
+    # More rows than rollouts means a step was redone (a learner restart): the job output says why.
+    assert len(scored) == 3 * 2 * 4, job.output[-3000:]
     # The rewards verifiers computed are the ones trained on, and its rubric's metric is recorded.
     assert sum(r["reward_mean"] * r["sequences"] for r in rows) == pytest.approx(sum(s["reward"] for s in scored))
     assert all(r["verifiers_length"] == pytest.approx(r["reward_mean"]) for r in rows)
