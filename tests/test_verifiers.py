@@ -72,11 +72,6 @@ dir = "runs/verifiers"
 """
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect: when the random tiny model answers with EOS at once, verifiers reports "
-    "EmptyModelResponseError, the source raises and the learner restarts, redoing a step (about 1 run in 3)",
-)
 def test_a_verifiers_environment_trains_on_the_workers_tokens(tmp_path, tiny_model):
     (tmp_path / "tiny_vf_env.py").write_text(ENVIRONMENT)
     config = tmp_path / "verifiers.toml"
@@ -88,8 +83,12 @@ def test_a_verifiers_environment_trains_on_the_workers_tokens(tmp_path, tiny_mod
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["prompt_index"] for r in rows] == [0, 2, 4]
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
-    # More rows than rollouts means a step was redone (a learner restart): the job output says why.
-    assert len(scored) == 3 * 2 * 4, job.output[-3000:]
+    # A rollout verifiers failed (the random model may answer nothing) is left out and counted, never restarting the
+    # learner: every other rollout was scored exactly once.
+    errors = sum(r["verifiers_errors"] for r in rows)
+    assert len(scored) == 3 * 2 * 4 - errors, job.output[-3000:]
+    assert sum(r["sequences"] for r in rows) == len(scored)
+    assert "restarting" not in job.output
     # The rewards verifiers computed are the ones trained on, and its rubric's metric is recorded.
     assert sum(r["reward_mean"] * r["sequences"] for r in rows) == pytest.approx(sum(s["reward"] for s in scored))
     assert all(r["verifiers_length"] == pytest.approx(r["reward_mean"]) for r in rows)

@@ -59,8 +59,6 @@ def rollout_sample(output: dict, versions_by_id: dict[str, list[int]]) -> tuple[
     logprobs: list[float] = []
     versions: list[int] = []
     restarts = 0
-    if output.get("error"):
-        raise RuntimeError(f"a verifiers rollout failed: {output['error']}")
     for turn in output["trajectory"]:
         t = turn["tokens"]
         if t is None:
@@ -174,11 +172,21 @@ class VerifiersSource:
         except Stopped:
             future.cancel()
             raise
-        samples = [[rollout_sample(o, self._versions) for o in outputs] for outputs in future.result()]
-        groups = [[s for s, _ in g] for g in samples]
+        # A rollout verifiers ended with an error (e.g. the model answered nothing) is left out of its group, logged and
+        # counted; the group keeps its other completions (dropping whole groups would bias toward what never fails).
+        kept = [[o for o in outputs if not o.get("error")] for outputs in future.result()]
+        errors = [o["error"] for outputs in future.result() for o in outputs if o.get("error")]
+        for error in errors:
+            log.warning("a verifiers rollout of step %d failed and is left out: %s", step, error)
+        samples = [[rollout_sample(o, self._versions) for o in outputs] for outputs in kept]
+        groups = [[s for s, _ in g] for g in samples if g]
         self.position = start + self.batch_size
-        metrics: dict[str, float] = {"prompt_index": start, "verifiers_restarts": sum(r for g in samples for _, r in g)}
-        outputs = [o for g in future.result() for o in g]
+        metrics: dict[str, float] = {
+            "prompt_index": start,
+            "verifiers_restarts": sum(r for g in samples for _, r in g),
+            "verifiers_errors": len(errors),
+        }
+        outputs = [o for g in kept for o in g]
         for name in sorted({k for o in outputs for k in o.get("metrics", {})}):  # the rubric's functions, averaged
             values = [float(o["metrics"][name]) for o in outputs if name in o.get("metrics", {})]
             metrics[f"verifiers_{name}"] = sum(values) / len(values)
