@@ -24,7 +24,7 @@ import numpy as np
 
 from runner.config import Config
 from workers.learner.dataset import DatasetTask, make_dataset_task
-from workers.learner.sources import BuiltinSource, Stopped, _in_daemon_thread, choices, wait_unless_stopped
+from workers.learner.sources import BuiltinSource, Stopped, choices, in_daemon_thread, wait_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Evaluator:
             if self.client.stop.wait(0.1):
                 raise Stopped("stopped while the evaluation waited for the workers' version")
         prompts = [self.task.prompt(i) for i in range(len(self.task.rows))]
-        futures = [_in_daemon_thread(self.client.complete, p.ids, p.index) for p in prompts]
+        futures = [in_daemon_thread(self.client.complete, p.ids, p.index) for p in prompts]
         wait_unless_stopped(futures, self.client.stop, f"the evaluation of step {step}")
         responses = [f.result() for f in futures]
         items = [(p, c.get("text", "")) for p, r in zip(prompts, responses) for c in choices(r)]

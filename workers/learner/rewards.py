@@ -133,10 +133,10 @@ class Rewards:
 
     def score(self, items: list[dict]) -> Scored:
         """Score each item (keywords `completion`, `answer`, `prompt`, `example`) with every function, concurrently."""
-        from workers.learner.sources import _in_daemon_thread  # here: `runner launch` checks rewards without MLX
+        from workers.learner.sources import in_daemon_thread  # here: `runner launch` checks rewards without MLX
 
         # Each call in a daemon thread of its own: one that hangs must not keep the process alive at exit.
-        calls = [[(time.monotonic(), _in_daemon_thread(_call, fn, item)) for fn in self.functions] for item in items]
+        calls = [[(time.monotonic(), in_daemon_thread(_call, fn, item)) for fn in self.functions] for item in items]
         parts, failures = [], {}
         for row in calls:
             scores = []

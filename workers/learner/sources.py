@@ -177,7 +177,7 @@ class ReplaySource:
 RETRY_STATUS = {429, 502, 503, 504}
 
 
-class _Retryable(Exception):
+class Retryable(Exception):
     pass
 
 
@@ -185,7 +185,7 @@ class Stopped(InterruptedError):
     """The learner was told to stop while the source waited; nothing is wrong (the caller checkpoints and exits)."""
 
 
-def _retrying(stop: threading.Event, seconds: float, retry_on: tuple, what: str) -> tenacity.Retrying:
+def retrying(stop: threading.Event, seconds: float, retry_on: tuple, what: str) -> tenacity.Retrying:
     """Retry `retry_on` with backoff for up to `seconds`, or until `stop` is set (its backoff sleeps wake on it)."""
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(retry_on),
@@ -197,7 +197,7 @@ def _retrying(stop: threading.Event, seconds: float, retry_on: tuple, what: str)
     )
 
 
-def _in_daemon_thread(fn: Callable, *args) -> Future:
+def in_daemon_thread(fn: Callable, *args) -> Future:
     """Run `fn(*args)` in a daemon thread. Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a
     learner told to stop would wait for every in-flight rollout (minutes with a long max_tokens). A stopping learner
     abandons them instead; its exit closes their connections, and the workers cancel requests whose client went."""
@@ -249,7 +249,7 @@ class BuiltinSource:
     time so a restarted, re-addressed or newly joined worker is picked up. A URL that just failed is skipped by the
     retry (and avoided by other requests for `FAILED_COOLDOWN` seconds) unless it is the only one. Connection errors
     and 429/5xx answers are retried with backoff up to `retry_seconds`. Once `stop` is set, `next_batch` raises
-    `Stopped` at once and the batch's requests are abandoned (see `_in_daemon_thread`).
+    `Stopped` at once and the batch's requests are abandoned (see `in_daemon_thread`).
 
     `depth` > 0: the next `depth` batches are started (paced by `ready`, module doc) before `next_batch` waits for
     the one it returns, none past step `steps`. At most `batch_size` requests are sent at once, oldest batch first
@@ -303,7 +303,7 @@ class BuiltinSource:
         count a request against it (release with `_release_url`)."""
         urls = [u.rstrip("/") for u in self.urls()]
         if not urls:
-            raise _Retryable("no generation worker is available yet")
+            raise Retryable("no generation worker is available yet")
         return self._routing.acquire([u for u in urls if u != last_failed] or urls)
 
     def _release_url(self, url: str, failed: bool) -> None:
@@ -326,7 +326,7 @@ class BuiltinSource:
             try:
                 r = self._client.post(f"{url}/v1/completions", json=body)
                 if r.status_code in RETRY_STATUS:
-                    raise _Retryable(f"{url} answered {r.status_code}")
+                    raise Retryable(f"{url} answered {r.status_code}")
                 ok = True  # a 4xx is our request's fault, not the worker's: no cooldown for it
             finally:
                 self._release_url(url, failed=not ok)
@@ -335,12 +335,12 @@ class BuiltinSource:
             return r.json()
 
         with self._slots:
-            retrying = _retrying(self.stop, self.retry_seconds, (_Retryable, httpx.TransportError), "rollout request")
-            return retrying(call)
+            retry = retrying(self.stop, self.retry_seconds, (Retryable, httpx.TransportError), "rollout request")
+            return retry(call)
 
     def _start(self, position: int) -> tuple[int, list, list[Future]]:
         prompts = [self.task.prompt(position + i) for i in range(self.batch_size)]
-        return position, prompts, [_in_daemon_thread(self.complete, p.ids, p.index) for p in prompts]
+        return position, prompts, [in_daemon_thread(self.complete, p.ids, p.index) for p in prompts]
 
     def next_batch(self, step: int) -> Batch:
         start, prompts, futures = self._ahead.popleft() if self._ahead else self._start(self.position)
@@ -480,7 +480,7 @@ class AtroposSource:
             return r.json()
 
         try:
-            return _retrying(self.stop, 120, (httpx.TransportError,), f"Atropos {method} {path}")(call)
+            return retrying(self.stop, 120, (httpx.TransportError,), f"Atropos {method} {path}")(call)
         except httpx.TransportError:
             if self.stop.is_set():
                 raise Stopped(f"stopped while retrying Atropos {method} {path}") from None
@@ -518,9 +518,9 @@ class AtroposSource:
         if self.depth == 0:
             data = self._fetch()
         else:
-            fut = self._ahead.popleft() if self._ahead else _in_daemon_thread(self._fetch)
+            fut = self._ahead.popleft() if self._ahead else in_daemon_thread(self._fetch)
             while len(self._ahead) < self.depth:
-                self._ahead.append(_in_daemon_thread(self._fetch, self._ahead[-1] if self._ahead else fut))
+                self._ahead.append(in_daemon_thread(self._fetch, self._ahead[-1] if self._ahead else fut))
             wait_unless_stopped([fut], self.stop, "an Atropos batch")
             data = fut.result()
         groups = [scored_data_to_group(item) for item in data["batch"]]

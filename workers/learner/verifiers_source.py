@@ -25,7 +25,7 @@ import httpx
 
 from runner.config import ConfigError
 from runner.routing import LeastLoaded
-from workers.learner.sources import Batch, Sample, Stopped, _Retryable, _retrying, wait_unless_stopped
+from workers.learner.sources import Batch, Retryable, Sample, Stopped, retrying, wait_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,10 @@ class VerifiersSource:
         def acquire() -> str:
             urls = [u.rstrip("/") for u in self.urls()]
             if not urls:
-                raise _Retryable("no generation worker is available yet")
+                raise Retryable("no generation worker is available yet")
             return self._routing.acquire(urls)
 
-        return _retrying(self.stop, 120, (_Retryable,), "finding a generation worker")(acquire)
+        return retrying(self.stop, 120, (Retryable,), "finding a generation worker")(acquire)
 
     async def _batch(self, start: int) -> list[list[dict]]:
         return list(await asyncio.gather(*(self._group(start + i) for i in range(self.batch_size))))
