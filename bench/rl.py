@@ -595,9 +595,9 @@ def verdicts(rows: list[dict], peer: dict | None) -> list[str]:
         # The ideal assumes the overlapped work has cores to itself; a step's own CPU time over the cores is a floor
         # no schedule beats, and on a small machine it, not the ideal, bounds the async rows.
         cores = os.cpu_count() or 1
-        floors = [(r["label"], _cpu_seconds(r) / cores, r["s_step"]) for r in ok if r["depth"] and r.get("cpu")]
-        floors = [f"{label} {floor:.3f} s ({floor / s_step * 100:.0f}%)" for label, floor, s_step in floors]
-        out.append(f"CPU floor (CPU-s/step / {cores} cores) and the share of it reached: " + ", ".join(floors))
+        floors = {r["label"]: (_cpu_seconds(r) / cores, r["s_step"]) for r in ok if r["depth"] and r.get("cpu")}
+        shares = [f"{label} {floor:.3f} s ({floor / s_step * 100:.0f}%)" for label, (floor, s_step) in floors.items()]
+        out.append(f"CPU floor (CPU-s/step / {cores} cores) and the share of it reached: " + ", ".join(shares))
     if peer and ok:
         best = min(ok, key=lambda r: r["s_step"])
         for r in {id(x): x for x in [ok[0], best]}.values():
