@@ -1,7 +1,7 @@
 """Does a real model learn? SmolLM2-135M-Instruct on held-out arithmetic, runner vs mlx-lm-lora's `train_grpo`.
 
     python bench/learn.py [--config configs/smollm2_arithmetic.toml] [--steps N | --minutes M] [--skip-peer]
-                          [--curve] [--keep DIR]
+                          [--race] [--curve] [--keep DIR]
 
 1. The model: `[model] path` (prepared with `runner models prepare` when missing), and a copy of it in `[model]
    dtype` written by mlx-lm (`workers.models.cast_model`, the very cast the workers and learner do at load), so the
@@ -16,6 +16,10 @@
    directory, training rows, reward (`numeric_answer`), group size, batch, completion length, temperature, learning
    rate, KL coefficient, clip band and LoRA rank/scale/keys/layers, for as many steps as runner made.
 5. Held-out accuracy after: the same evaluator on each run's final adapter.
+
+`--race` asks the wall-time question instead of the per-step one: the peer runs `--steps` steps first, then runner
+gets half the peer's wall time (`--minutes`, as many steps as fit) and its last checkpoint written within that budget
+is evaluated: does runner reach the peer's final accuracy in at most half the peer's wall time?
 
 The evaluator: mlx-lm `batch_generate`, greedy, `[learner] max_tokens` tokens, the first `--eval-limit` (200) rows of
 `[eval] path` through the chat template exactly as the dataset task encodes them, scored by the built-in
@@ -289,6 +293,8 @@ def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes
     if leftovers:
         say(f"[runner] killed processes left running: {', '.join(leftovers)}")
     metrics = _metrics(run_dir)
+    if budget:  # a step the learner finished in its stop grace, after the deadline, does not count
+        metrics = [m for m in metrics if m["time"] - t0 <= budget]
     if not metrics:
         raise RuntimeError(f"runner made no step (exit {proc.returncode}); see {log_path}")
     rss = sampler.by_role()
@@ -305,6 +311,7 @@ def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes
         "publish": sum(m.get("publish_s", 0.0) for m in metrics),
         "peak_rss": sum(rss.values()),
         "t0": t0,
+        "budget": budget,
         "evals": [m for m in _rows(run_dir) if "eval_accuracy" in m],
     }
 
@@ -386,9 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve", action="store_true", help="also evaluate every checkpoint runner kept")
     ap.add_argument("--job-eval", action="store_true", help="keep the config's in-job [eval] (off: the peer has none)")
     ap.add_argument("--skip-peer", action="store_true", help="do not run mlx-lm-lora's train_grpo")
+    ap.add_argument(
+        "--race", action="store_true", help="the peer runs --steps steps first; runner gets half its wall time"
+    )
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds one evaluation or the peer may take")
     ap.add_argument("--keep", help="a directory to keep the runs in (default: a temp dir, removed at the end)")
     args = ap.parse_args(argv)
+    if args.race and (args.skip_peer or args.minutes):
+        ap.error("--race sets runner's budget from the peer's run: it goes with neither --skip-peer nor --minutes")
     signal.signal(signal.SIGTERM, _interrupt)
     config_path = args.config.resolve()
     config = load_config(config_path)
@@ -434,10 +446,37 @@ def main(argv: list[str] | None = None) -> int:
             return res
 
         base = evaluate("base", None)
+
+        def run_peer(peer_steps: int) -> tuple[dict, dict] | tuple[None, None]:
+            try:
+                import mlx_lm_lora  # noqa: F401
+            except ImportError as e:
+                if args.race:
+                    raise SystemExit(f"--race needs mlx-lm-lora: {e}; `pip install -e '.[bench]'` adds it") from e
+                say(f"[peer] skipped: mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it")
+                return None, None
+            say(f"[peer] mlx-lm-lora train_grpo, {peer_steps} steps ... (log {work / 'peer.log'})")
+            peer = child(
+                ["_peer", str(config_path), str(weights), str(work / "peer"), str(peer_steps)],
+                env,
+                work / "peer.log",
+                args.timeout,
+            )
+            say(f"[peer] {peer['steps']} steps in {peer['wall']:.0f} s")
+            return peer, evaluate("mlx-lm-lora train_grpo", Path(peer["adapter"]))
+
+        peer = peer_after = None
+        minutes = args.minutes
+        if args.race:
+            peer, peer_after = run_peer(steps)
+            minutes = peer["wall"] / 2 / 60
+            steps = 100_000  # the clock stops it
+            say(f"[runner] budget: half the peer's wall time, {minutes * 60:.0f} s")
         run_dir = work / "runner" / "run"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        r = run_runner(config_path, str(model), run_dir, steps, args.minutes, args.job_eval)
-        kept = checkpoints(run_dir)
+        r = run_runner(config_path, str(model), run_dir, steps, minutes, args.job_eval)
+        # the last step completed within the budget (every step is checkpointed)
+        kept = [c for c in checkpoints(run_dir) if c[0] <= r["steps"]]
         final = max(kept, key=lambda c: c[0]) if kept else None
         r_after = evaluate(f"runner step {final[0]}", final[2]) if final else None
         curve = []
@@ -446,23 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             for step, written, path in [c for c in kept if c[0] % every == 0 or c is final]:
                 res = r_after if final and path == final[2] else evaluate(f"runner step {step}", path)
                 curve.append((step, written - r["t0"], res["accuracy"]))
+        if not args.skip_peer and not args.race:
+            peer, peer_after = run_peer(r["steps"])
         rows = [("runner", r, r_after)]
-        peer = peer_after = None
-        if not args.skip_peer:
-            try:
-                import mlx_lm_lora  # noqa: F401
-            except ImportError as e:
-                say(f"[peer] skipped: mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it")
-            else:
-                say(f"[peer] mlx-lm-lora train_grpo, {r['steps']} steps ... (log {work / 'peer.log'})")
-                peer = child(
-                    ["_peer", str(config_path), str(weights), str(work / "peer"), str(r["steps"])],
-                    env,
-                    work / "peer.log",
-                    args.timeout,
-                )
-                peer_after = evaluate("mlx-lm-lora train_grpo", Path(peer["adapter"]))
-                rows.append(("mlx-lm-lora train_grpo", peer, peer_after))
+        if peer_after:
+            rows.append(("mlx-lm-lora train_grpo", peer, peer_after))
         lc = config.learner
         say("")
         say(
@@ -479,6 +506,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"runner: held-out accuracy {base['accuracy'] * 100:.1f}% -> {r_after['accuracy'] * 100:.1f}% "
                 f"({gain:+.1f} points) in {r['wall'] / 60:.1f} min (target: >= +15 points within 30 min): "
                 + ("met" if gain >= 15 and r["wall"] <= 1800 else "NOT met")
+            )
+        if args.race and r_after:
+            won = r_after["accuracy"] >= peer_after["accuracy"]
+            say(
+                f"race: runner in half the peer's wall time ({r['budget']:.0f} s, {r['steps']} steps) reached "
+                f"{r_after['accuracy'] * 100:.1f}%, the peer in {peer['wall']:.0f} s ({peer['steps']} steps) "
+                f"{peer_after['accuracy'] * 100:.1f}% (target: runner >= peer): " + ("met" if won else "NOT met")
             )
         for m in r["evals"]:
             say(f"runner in-job eval at step {m['step']}: accuracy {m['eval_accuracy'] * 100:.1f}%")
