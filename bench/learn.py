@@ -451,9 +451,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 import mlx_lm_lora  # noqa: F401
             except ImportError as e:
+                missing = f"mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it"
                 if args.race:
-                    raise SystemExit(f"--race needs mlx-lm-lora: {e}; `pip install -e '.[bench]'` adds it") from e
-                say(f"[peer] skipped: mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it")
+                    raise SystemExit(f"--race needs the peer: {missing}") from e
+                say(f"[peer] skipped: {missing}")
                 return None, None
             say(f"[peer] mlx-lm-lora train_grpo, {peer_steps} steps ... (log {work / 'peer.log'})")
             peer = child(

@@ -591,11 +591,11 @@ def verdicts(rows: list[dict], peer: dict | None) -> list[str]:
             f"other processes kept {statistics.fmean(other):.2f} of the {os.cpu_count()} cores busy on average during "
             "the runs (CPU other): the timings are those of a shared machine, not of an idle one"
         )
-    if any(r.get("cpu") for r in ok):
-        # The ideal assumes the overlapped work has cores to itself; a step's own CPU time over the cores is a floor
-        # no schedule beats, and on a small machine it, not the ideal, bounds the async rows.
-        cores = os.cpu_count() or 1
-        floors = {r["label"]: (_cpu_seconds(r) / cores, r["s_step"]) for r in ok if r["depth"] and r.get("cpu")}
+    # The ideal assumes the overlapped work has cores to itself; a step's own CPU time over the cores is a floor
+    # no schedule beats, and on a small machine it, not the ideal, bounds the async rows.
+    cores = os.cpu_count() or 1
+    floors = {r["label"]: (_cpu_seconds(r) / cores, r["s_step"]) for r in ok if r["depth"] and r.get("cpu")}
+    if floors:
         shares = [f"{label} {floor:.3f} s ({floor / s_step * 100:.0f}%)" for label, (floor, s_step) in floors.items()]
         out.append(f"CPU floor (CPU-s/step / {cores} cores) and the share of it reached: " + ", ".join(shares))
     if peer and ok:
