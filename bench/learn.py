@@ -140,7 +140,7 @@ def cmd_cast(src: str, dst: str, dtype: str) -> dict:
 
 
 def _eval_rows(config: Config, limit: int) -> list[dict]:
-    from workers.learner.dataset import load_examples
+    from workers.learner.sources.dataset import load_examples
 
     return load_examples(config.eval.path, config.eval.split, "eval.path", limit=limit)
 
@@ -150,7 +150,7 @@ def cmd_eval(config_path: str, model: str, adapter: str, limit: int) -> dict:
     from mlx_lm import load
     from mlx_lm.generate import batch_generate
 
-    from workers.learner.dataset import encode
+    from workers.learner.sources.dataset import encode
     from workers.learner.rewards import numeric_answer
 
     config = load_config(config_path)
@@ -177,7 +177,7 @@ def cmd_peer(config_path: str, model: str, out_dir: str, steps: int) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from bench.rl import train_grpo_peer
-    from workers.learner.dataset import encode, load_examples
+    from workers.learner.sources.dataset import encode, load_examples
     from workers.learner.rewards import numeric_answer
     from workers.lora import LoraSpec
 

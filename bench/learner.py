@@ -27,7 +27,7 @@ import numpy as np
 from mlx_lm.tuner.trainer import default_loss
 
 from runner.config import LearnerConfig
-from workers.learner.sources import Batch, Sample
+from workers.learner.sources.base import Batch, Sample
 from workers.learner.trainer import Trainer
 from workers.lora import LoraSpec
 

@@ -109,11 +109,11 @@ def check_inputs(config) -> None:
     """A dataset task's files and reward functions, or a verifiers environment, checked before anything starts
     (ConfigError otherwise)."""
     if config.source.type == "dataset":
-        from workers.learner.dataset import check_dataset_config  # no MLX: datasets, numpy, the reward modules
+        from workers.learner.sources.dataset import check_dataset_config  # no MLX: datasets, numpy, the reward modules
 
         check_dataset_config(config)
     if config.source.type == "verifiers":  # the environment loads (this imports verifiers and the learner's modules)
-        from workers.learner.verifiers_source import load_environment
+        from workers.learner.sources.verifiers import load_environment
 
         load_environment(config.source.environment)
 

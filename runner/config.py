@@ -140,7 +140,7 @@ class SourceConfig:
     type: str = field(default="builtin", metadata=_one_of("builtin", "atropos", "dataset", "verifiers"))
     task: str = field(default="target_tokens", metadata=_one_of("target_tokens", "arithmetic"))
     url: str = ""  # Atropos API server, e.g. http://127.0.0.1:8000
-    # type = "dataset" (workers/learner/dataset.py): a JSONL file, a local dataset directory or a `datasets` id.
+    # type = "dataset" (workers/learner/sources/dataset.py): a JSONL file, a local dataset directory or a `datasets` id.
     path: str = ""
     split: str = "train"  # for a `datasets` id or directory
     chat_template: bool = True  # apply the tokenizer's chat template to each prompt; false = the raw text
@@ -151,7 +151,7 @@ class SourceConfig:
     reward_timeout: float = field(default=5.0, metadata=_positive())  # seconds per call; a raise or timeout scores 0
     format_pattern: str = ""  # the regular expression of the built-in `regex_format` reward
     length_limit: int = field(default=200, metadata=_positive("integer"))  # characters, for `length_penalty`
-    # type = "verifiers" (workers/learner/verifiers_source.py): the environment's module, loaded the verifiers way.
+    # type = "verifiers" (workers/learner/sources/verifiers.py): the environment's module, loaded the verifiers way.
     environment: str = ""
 
 

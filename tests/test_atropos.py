@@ -19,7 +19,7 @@ import pytest
 from helpers import poll
 
 from runner.config import LearnerConfig
-from workers.learner.sources import AtroposSource, scored_data_to_group
+from workers.learner.sources.atropos import AtroposSource, scored_data_to_group
 from workers.learner.trainer import Trainer, prepare_batch
 from workers.lora import LoraSpec
 
@@ -141,7 +141,7 @@ def test_scored_data_conversion():
     group = scored_data_to_group(item)
     assert [s.mask for s in group] == [[0, 0, 1, 1], [0, 0, 1]]
     assert [s.advantage for s in group] == [0.5, -0.5]
-    from workers.learner.sources import Batch
+    from workers.learner.sources.base import Batch
 
     arr = prepare_batch(Batch([group]))
     assert arr["mask"].tolist() == [[0, 1, 1], [0, 1, 0]]

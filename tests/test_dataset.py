@@ -1,6 +1,6 @@
-"""The dataset task (workers/learner/dataset.py, rewards.py): built-in rewards, scoring with failures and timeouts,
-loading JSONL and `datasets` sets, bad input caught before anything starts, prompt order and exact resume over a real
-generation server."""
+"""The dataset task (workers/learner/sources/dataset.py, rewards.py): built-in rewards, scoring with failures and
+timeouts, loading JSONL and `datasets` sets, bad input caught before anything starts, prompt order and exact resume
+over a real generation server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner.config import ConfigError, SourceConfig, build_config
-from workers.learner.dataset import DatasetTask, check_dataset_config, load_examples, make_dataset_task
+from workers.learner.sources.dataset import DatasetTask, check_dataset_config, load_examples, make_dataset_task
 from workers.learner.rewards import Rewards, exact_answer, length_penalty, load_reward, numeric_answer
 
 REPO = Path(__file__).parent.parent
@@ -216,7 +216,7 @@ def test_prompt_order_covers_each_epoch_once_and_is_a_function_of_the_index(tmp_
 
 def test_resume_continues_at_the_exact_next_prompt(tmp_path, tokenizer, tiny_engine, serve):
     """A source restored from another's state sends the prompts the first would have sent next."""
-    from workers.learner.sources import BuiltinSource
+    from workers.learner.sources.builtin import BuiltinSource
 
     server = serve(tiny_engine)
     task = make_dataset_task(build_config(dataset_config(tmp_path, rewards=["numeric_answer"])), tokenizer)
@@ -314,7 +314,7 @@ def test_a_hub_dataset_id_loads_offline_from_the_hub_cache(tmp_path):
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     (snapshot / "data" / "train.jsonl").write_text((EXAMPLE / "train.jsonl").read_text())
     code = (
-        "from workers.learner.dataset import load_examples; from runner.config import ConfigError\n"
+        "from workers.learner.sources.dataset import load_examples; from runner.config import ConfigError\n"
         "print(len(load_examples('acme/tiny-arith', 'train')))\n"
         "try:\n    load_examples('acme/missing', 'train')\nexcept ConfigError as e:\n    print(e)\n"
     )

@@ -25,7 +25,8 @@ import pytest
 
 from runner.config import LearnerConfig
 from workers.learner import distributed as dist
-from workers.learner.sources import Batch, ReplaySource, Sample
+from workers.learner.sources.base import Batch, Sample
+from workers.learner.sources.replay import ReplaySource
 from workers.learner.trainer import Trainer
 from workers.lora import LoraSpec, read_adapter
 

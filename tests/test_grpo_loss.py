@@ -18,7 +18,8 @@ from workers.learner.grpo import (
     sequence_logprobs,
     shared_prefix,
 )
-from workers.learner.sources import Batch, scored_data_to_group
+from workers.learner.sources.atropos import scored_data_to_group
+from workers.learner.sources.base import Batch
 from workers.learner.trainer import prepare_batch
 
 TOL = 1e-5

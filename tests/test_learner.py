@@ -18,7 +18,9 @@ from helpers import ALL_PROJECTIONS, poll
 from runner.config import LearnerConfig
 from workers.learner import checkpoint as ck
 from workers.learner.grpo import sequence_logprobs
-from workers.learner.sources import Batch, BuiltinSource, ReplaySource, Sample
+from workers.learner.sources.base import Batch, Sample
+from workers.learner.sources.builtin import BuiltinSource
+from workers.learner.sources.replay import ReplaySource
 from workers.learner.tasks import ArithmeticTask, TargetTokensTask, make_task
 from workers.learner.trainer import StaleBatch, Trainer, prepare_batch
 from workers.lora import LoraSpec

@@ -242,7 +242,7 @@ def test_least_outstanding_choice_in_router_pool_and_learner_source():
     """The same policy on both sides: fewest in flight first, ties to the least recently picked, a failed URL
     avoided."""
     from runner.router import WorkerPool
-    from workers.learner.sources import BuiltinSource
+    from workers.learner.sources.builtin import BuiltinSource
 
     urls = ["http://a", "http://b", "http://c"]
     pool = WorkerPool(lambda: [row(u, u) for u in urls] + [row("x", "http://x", "loading")])

@@ -8,7 +8,11 @@ import threading
 
 import pytest
 
-from workers.learner.sources import Batch, BuiltinSource, FreshSource, ReplaySource, Sample, Stopped
+from workers.learner.sources.base import Batch, FreshSource, Sample, Stopped
+
+from workers.learner.sources.builtin import BuiltinSource
+
+from workers.learner.sources.replay import ReplaySource
 
 
 def batch(*versions: int) -> Batch:

@@ -49,7 +49,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from workers.learner.sources import Batch, Source
+from workers.learner.sources.base import Batch, Source
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from collections.abc import Callable
 import numpy as np
 
 from runner.config import Config
-from workers.learner.dataset import DatasetTask, make_dataset_task
-from workers.learner.sources import BuiltinSource, Stopped, choices, in_daemon_thread, wait_unless_stopped
+from workers.learner.sources.dataset import DatasetTask, make_dataset_task
+from workers.learner.sources.base import Stopped, in_daemon_thread, wait_unless_stopped
+from workers.learner.sources.builtin import BuiltinSource, choices
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ from runner.config import Config, build_config, load_config
 from runner.control import ControlClient, Publisher
 from workers.learner import distributed as dist
 from workers.learner.evaluation import make_evaluator
-from workers.learner.sources import FreshSource, Stopped, make_source
+from workers.learner.sources.base import FreshSource, Stopped
+from workers.learner.sources.factory import make_source
 from workers.learner.tracking import make_sink
 from workers.learner.trainer import Callbacks, Trainer, fit
 

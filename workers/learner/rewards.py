@@ -1,14 +1,22 @@
-"""Reward functions for the dataset task: built-ins, loading by import path, and scoring with a per-call timeout.
+"""Reward functions for the dataset task: built-ins, loading by import path, and scoring in a bounded pool with a
+per-call timeout.
 
 A reward function is called with keywords `fn(completion=str, answer=Any, prompt=str, example=dict) -> float`
 (a plain function or `async def`). `example` is the whole dataset row, so metadata reaches the function. The
 built-ins take what they do not use as `**_`.
 
-`Rewards.score` calls every function on every completion at once, each in a thread of its own, and gives each call
-`timeout` seconds from its start. A call that raises, returns something that is not a finite number, or is still
-running at its deadline scores 0 for that completion, is counted (`Scored.errors`, the step's `reward_errors`) and
-logged; the job goes on. A call that hangs cannot be killed from Python: its daemon thread is abandoned and ends
-with the process.
+`Rewards.score` runs the calls (every function on every completion) on at most `POOL_SIZE` daemon threads at once
+and gives each call `timeout` seconds from its start. A call that raises anything (`BaseException` included:
+`SystemExit`, `KeyboardInterrupt`), returns something that is not a finite number, or is still running at its
+deadline scores 0 for that completion, is counted (`Scored.errors`, the step's `reward_errors`) and logged; the job
+goes on. Python cannot kill a thread, so a hung call is abandoned: its thread runs on, outside the pool, until the call
+returns or the process ends. At most `MAX_HUNG` abandoned calls are kept; while that many still run, further calls
+are not started and score 0 (counted, logged), so the thread count stays at most POOL_SIZE + MAX_HUNG however long
+the job runs.
+
+Threads, not processes: reward functions loaded from files (under a synthetic module name), closures and partials do
+not all pickle, and a process pool pays a start and the user modules' imports per worker. The cost: a CPU-bound reward
+written in Python runs one call at a time under the GIL; one that waits (an HTTP judge, a subprocess) overlaps.
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ import math
 import os
 import re
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -124,6 +135,7 @@ class Rewards:
         if len(weights) != len(functions):
             raise ConfigError(f"{len(weights)} reward weights for {len(functions)} reward functions")
         self.names, self.functions, self.weights, self.timeout = list(names), list(functions), list(weights), timeout
+        self.pool = RewardPool()
 
     @classmethod
     def from_config(cls, config: SourceConfig) -> Rewards:
@@ -132,24 +144,16 @@ class Rewards:
         return cls(config.rewards, functions, weights, config.reward_timeout)
 
     def score(self, items: list[dict]) -> Scored:
-        """Score each item (keywords `completion`, `answer`, `prompt`, `example`) with every function, concurrently."""
-        from workers.learner.sources import in_daemon_thread  # here: `runner launch` checks rewards without MLX
-
-        # Each call in a daemon thread of its own: one that hangs must not keep the process alive at exit.
-        calls = [[(time.monotonic(), in_daemon_thread(_call, fn, item)) for fn in self.functions] for item in items]
+        """Score each item (keywords `completion`, `answer`, `prompt`, `example`) with every function, in the pool."""
+        calls = [(fn, item) for item in items for fn in self.functions]
+        outcomes = iter(self.pool.run(calls, self.timeout))
         parts, failures = [], {}
-        for row in calls:
+        for _ in items:
             scores = []
-            for name, (started, fut) in zip(self.names, row):
-                try:
-                    value = float(fut.result(timeout=max(0.0, started + self.timeout - time.monotonic())))
-                    if not math.isfinite(value):
-                        raise ValueError(f"returned {value}")
-                except TimeoutError:
-                    failures.setdefault(name, []).append(f"no answer within {self.timeout:g}s")
-                    value = 0.0
-                except Exception as e:
-                    failures.setdefault(name, []).append(f"{type(e).__name__}: {e}")
+            for name in self.names:
+                value, error = next(outcomes)
+                if error is not None:
+                    failures.setdefault(name, []).append(error)
                     value = 0.0
                 scores.append(value)
             parts.append(scores)
@@ -161,11 +165,94 @@ class Rewards:
         return Scored(parts, totals, sum(len(why) for why in failures.values()))
 
 
-def _call(fn: Callable, kwargs: dict) -> Any:
-    result = fn(**kwargs)
-    if inspect.isawaitable(result):  # `async def` (or a function returning an awaitable): run it to the end here
-        result = asyncio.run(_awaited(result))
-    return result
+POOL_SIZE = 16  # reward calls running at once
+MAX_HUNG = 16  # abandoned calls (past their timeout, still running) kept before calls stop being started
+
+
+class RewardPool:
+    """Runs reward calls on at most `size` daemon threads at once; abandons a call still running `timeout` seconds
+    after it started, keeping at most `max_hung` such threads (module doc). Used from one thread at a time."""
+
+    def __init__(self, size: int = POOL_SIZE, max_hung: int = MAX_HUNG):
+        self.size, self.max_hung = size, max_hung
+        self._hung: set[Future] = set()  # abandoned calls still running; each removes itself when it returns
+        self._lock = threading.Lock()
+
+    @property
+    def hung(self) -> int:
+        with self._lock:
+            return len(self._hung)
+
+    def run(self, calls: list[tuple[Callable, dict]], timeout: float) -> list[tuple[float, str | None]]:
+        """(score, None) or (0.0, why it failed) for each `fn(**kwargs)` of `calls`, in order."""
+        results: list[tuple[float, str | None]] = [(0.0, "not run")] * len(calls)
+        pending = deque(range(len(calls)))
+        running: dict[Future, tuple[int, float]] = {}  # call -> (its index, its deadline)
+        while pending or running:
+            while pending and len(running) < self.size:
+                if self.hung >= self.max_hung:  # no room for another thread that might hang: fail the rest now
+                    why = f"not started: {self.max_hung} earlier reward calls still hang"
+                    for i in pending:
+                        results[i] = (0.0, why)
+                    pending.clear()
+                    break
+                i = pending.popleft()
+                running[_start(*calls[i])] = (i, time.monotonic() + timeout)
+            if not running:
+                break
+            soonest = min(deadline for _, deadline in running.values())
+            wait(running, timeout=max(0.0, soonest - time.monotonic()), return_when=FIRST_COMPLETED)
+            now = time.monotonic()
+            for fut, (i, deadline) in list(running.items()):
+                if fut.done():
+                    results[i] = _outcome(fut)
+                elif now >= deadline:
+                    results[i] = (0.0, f"no answer within {timeout:g}s")
+                    self._abandon(fut)
+                else:
+                    continue
+                del running[fut]
+        return results
+
+    def _abandon(self, fut: Future) -> None:
+        with self._lock:
+            self._hung.add(fut)
+        fut.add_done_callback(self._returned)  # runs at once if it returned meanwhile
+
+    def _returned(self, fut: Future) -> None:
+        with self._lock:
+            self._hung.discard(fut)
+
+
+def _start(fn: Callable, kwargs: dict) -> Future:
+    """`fn(**kwargs)` on a daemon thread of its own (a hung one must not keep the process alive at exit)."""
+    fut: Future = Future()
+    fut.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            result = fn(**kwargs)
+            if inspect.isawaitable(result):  # `async def` (or a function returning an awaitable): run it here
+                result = asyncio.run(_awaited(result))
+            fut.set_result(result)
+        except BaseException as e:  # user code: SystemExit and the like end this call, not the learner
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="reward", daemon=True).start()
+    return fut
+
+
+def _outcome(fut: Future) -> tuple[float, str | None]:
+    error = fut.exception()
+    if error is not None:
+        return 0.0, f"{type(error).__name__}: {error}"
+    try:
+        value = float(fut.result())
+    except Exception as e:
+        return 0.0, f"returned a {type(fut.result()).__name__}, not a number ({e})"
+    if not math.isfinite(value):
+        return 0.0, f"returned {value}"
+    return value, None
 
 
 async def _awaited(awaitable) -> Any:

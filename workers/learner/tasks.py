@@ -53,7 +53,8 @@ class Prompt:
 
 class Task(Protocol):
     """A prompt generator and a reward. A task may also have `score([(prompt, completion_ids, text), ...])` returning
-    (rewards, failed reward calls), to score a whole batch at once (the dataset task, workers/learner/dataset.py)."""
+    (rewards, failed reward calls), to score a whole batch at once (the dataset task,
+    workers/learner/sources/dataset.py)."""
 
     name: str
 

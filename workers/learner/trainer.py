@@ -69,7 +69,8 @@ from workers.learner.grpo import (
     sequence_logprobs,
     shared_prefix,
 )
-from workers.learner.sources import Batch, ReplaySource, Source
+from workers.learner.sources.base import Batch, Source
+from workers.learner.sources.replay import ReplaySource
 from workers.learner.tracking import JsonlSink, MetricsSink
 from workers.lora import LoraSpec, apply_lora, lora_tensors, read_adapter, save_adapter, set_lora
 

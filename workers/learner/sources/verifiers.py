@@ -25,7 +25,7 @@ import httpx
 
 from runner.config import ConfigError
 from runner.routing import LeastLoaded
-from workers.learner.sources import Batch, Retryable, Sample, Stopped, retrying, wait_unless_stopped
+from workers.learner.sources.base import Batch, Retryable, Sample, Stopped, retrying, wait_unless_stopped
 
 log = logging.getLogger(__name__)
 
