@@ -9,6 +9,11 @@ rather than `configure_curve(location=...)`, because the callback re-reads the d
 worker's key needs no restart), skips a malformed key file instead of refusing everyone, and logs refused clients at
 WARNING (pyzmq logs them only at DEBUG).
 
+Roles: where a client's public key sits in the authorized-keys directory says what it may do on the coordinator's
+control socket (`key_roles`): `workers/` (or the directory itself, as before roles existed) a generation worker,
+`learners/` a learner (publishes weights and progress), `observers/` only reads status. A key in several places has
+every role it is listed under. `runner keys authorize` copies a public key into the right place.
+
 Call `curve_server` / `curve_client` on a socket *before* `bind` / `connect`.
 """
 
@@ -38,6 +43,7 @@ PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 _LOCAL_TRANSPORTS = ("ipc", "inproc")
 ZAP_DOMAIN = "runner"
+ROLE_DIRS = {"worker": "workers", "learner": "learners", "observer": "observers"}  # role -> subdirectory
 
 
 class KeyFileError(ConfigError):
@@ -143,7 +149,45 @@ def authorized_key_files(directory: Path) -> list[Path]:
         raise KeyFileError(
             f"authorized keys directory {directory} not found; expected a directory of client *{PUBLIC_SUFFIX} files"
         )
-    return sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))
+    return sorted(
+        [*directory.glob(f"*{PUBLIC_SUFFIX}"), *(p for d in ROLE_DIRS.values() for p in directory.glob(f"{d}/*.key"))]
+    )
+
+
+def key_roles(directory: Path) -> dict[bytes, frozenset[str]]:
+    """Every authorized public key (z85) with its roles: from `workers/` (or the directory itself), `learners/` and
+    `observers/`. Malformed key files are skipped with a warning; raises if the directory is missing."""
+    directory = Path(directory)
+    roles: dict[bytes, set[str]] = {}
+    for path in authorized_key_files(directory):
+        parent = path.parent.name if path.parent != directory else ROLE_DIRS["worker"]
+        role = next(r for r, d in ROLE_DIRS.items() if d == parent)
+        try:
+            roles.setdefault(load_public_key(path), set()).add(role)
+        except KeyFileError as e:
+            log.warning("ignoring %s", e)
+    return {key: frozenset(r) for key, r in roles.items()}
+
+
+def authorize_key(public_file: Path, directory: Path, role: str, name: str | None = None) -> Path:
+    """Copy the public key in `public_file` into `directory/ROLE_DIR/NAME.key` (atomically; NAME defaults to the
+    file's), so a coordinator authorizing `directory` admits it in `role`. Refuses a secret key file, and a name
+    already taken by another key."""
+    if role not in ROLE_DIRS:
+        raise KeyFileError(f"role {role!r} is not one of {sorted(ROLE_DIRS)}")
+    public, secret = _load(public_file, "CURVE public key file")
+    if secret:
+        raise KeyFileError(f"{public_file} holds a secret key; give its public {PUBLIC_SUFFIX} file instead")
+    name = name or Path(public_file).name.split(".", 1)[0]
+    target, _ = key_paths(Path(directory) / ROLE_DIRS[role], name)
+    if target.exists() and load_public_key(target) != public:
+        raise FileExistsError(f"{target} already holds another key; pass another --name or remove it first")
+    from runner.files import write_atomic
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, Path(public_file).read_bytes())
+    log.info("authorized %s as a %s: %s", public.decode(), role, target)
+    return target
 
 
 # --------------------------------------------------------------------------- sockets
@@ -161,13 +205,7 @@ class AuthorizedKeys:
         self.also_allow = also_allow  # e.g. the server's own key, which its local child processes use
 
     def keys(self) -> set[bytes]:
-        found = set()
-        for path in authorized_key_files(self.directory):
-            try:
-                found.add(load_public_key(path))
-            except KeyFileError as e:
-                log.warning("ignoring %s", e)
-        return found
+        return set(key_roles(self.directory))
 
     def callback(self, domain: str, key: bytes) -> bool:
         try:

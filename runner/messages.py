@@ -23,15 +23,35 @@ Who sends what (W = a worker or learner, C = the coordinator):
   A weight message on the control socket, unasked, when a worker's heartbeat reports a version older than the latest
   (it missed one).
 - C→W ``stop``: a remote worker should exit (the job ended).
+
+Every message that names its sender (``hello``, ``heartbeat``, ``ack``, ``get_latest``, ``progress``, ``done``)
+carries its ``token``: a secret the sender made up for itself (or, for the coordinator's own children, was given in
+its environment), told once at ``hello``; the coordinator accepts the named messages only with that token.
+
+Field values are checked too (`check_values`): ints are in [0, 2**53), strings and maps are bounded, names use a
+safe charset, URLs are http(s), metrics hold names and finite numbers (or short strings).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import msgpack
 
 MAX_BYTES = 2**20
+MAX_INT = 2**53  # ints (versions, pids, sizes) are in [0, MAX_INT): exact as JSON numbers, far from overflow
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")  # worker names: what a log line or a label can hold
+WORKER_STATES = ("starting", "loading", "catching_up", "serving", "training", "stopping", "failed")
+_MAX_STR = {"host": 255, "role": 32, "http_url": 2048, "token": 128, "reason": 4096}
+_MAX_ENTRIES = {"capabilities": 32, "metrics": 256}
+# Metrics the coordinator formats as numbers (its progress line, eval summary, status, Prometheus).
+NUMERIC_METRICS = frozenset(
+    {"step", "version", "reward_mean", "loss", "kl", "tokens_per_s", "staleness", "staleness_mean", "sampler_kl"}
+    | {"wait_s", "train_s", "publish_s", "step_s", "gen_busy", "seconds"}
+    | {"eval_reward", "eval_accuracy", "eval_pass_at_k", "eval_s", "eval_examples"}
+)
 
 # Field types: a msgpack int is `int` (a bool is not), `dict`/`list` are maps/arrays of any msgpack values, None
 # allows nil. Every field is optional unless listed in REQUIRED.
@@ -45,6 +65,7 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
         "version": (int,),
         "state": (str,),
         "http_url": (str,),
+        "token": (str,),
     },
     "welcome": {
         "base_model_id": (str,),
@@ -60,10 +81,11 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
         "http_url": (str,),
         "pid": (int,),
         "rejoin": (bool,),
+        "token": (str,),
     },
-    "ack": {"name": (str,), "version": (int,), "state": (str,), "http_url": (str,)},
+    "ack": {"name": (str,), "version": (int,), "state": (str,), "http_url": (str,), "token": (str,)},
     "status": {"job": (dict,), "workers": (list,)},
-    "get_latest": {"name": (str,), "slots": (bool,)},
+    "get_latest": {"name": (str,), "slots": (bool,), "token": (str,)},
     "latest": {"version": (int,)},
     "get_config": {},
     "config": {"toml": (str,)},
@@ -72,8 +94,8 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "rejected": {"reason": (str,)},
     "wait_serving": {"version": (int,)},
     "serving": {"version": (int,)},
-    "progress": {"name": (str,), "metrics": (dict,)},
-    "done": {"name": (str,)},
+    "progress": {"name": (str,), "metrics": (dict,), "token": (str,)},
+    "done": {"name": (str,), "token": (str,)},
     "stop": {},
 }
 REQUIRED: dict[str, frozenset[str]] = {
@@ -128,7 +150,56 @@ def check(msg: Any) -> dict[str, Any]:
         if name in msg and (not isinstance(msg[name], types) or (isinstance(msg[name], bool) and bool not in types)):
             expected = " or ".join(t.__name__ for t in types)
             raise MessageError(f"{kind!r} field {name!r} must be {expected}, got {_type_name(msg[name])}", kind)
+    check_values(kind, msg)
     return msg
+
+
+def check_values(kind: str, msg: dict[str, Any]) -> None:
+    """Raise MessageError unless every field's value is in range (see the module docstring)."""
+    for field, value in msg.items():
+        if field == "type":
+            continue
+        where = f"{kind!r} field {field!r}"
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < MAX_INT:
+            raise MessageError(f"{where} must be in [0, 2**53)", kind)
+        if field == "name" and not NAME.fullmatch(value):
+            raise MessageError(
+                f"{where} must be 1-128 characters of A-Z a-z 0-9 . _ : @ + - (not starting with one)", kind
+            )
+        if field == "state" and value not in WORKER_STATES:
+            raise MessageError(f"{where} must be one of {list(WORKER_STATES)}", kind)
+        if field in _MAX_STR and (len(value) > _MAX_STR[field] or not value.isprintable()):
+            raise MessageError(f"{where} must be printable and at most {_MAX_STR[field]} characters", kind)
+        if field == "http_url" and value and not re.fullmatch(r"https?://[^/?#\s]+(/\S*)?", value):
+            raise MessageError(f"{where} must be an http(s)://HOST[:PORT] URL", kind)
+        if field in _MAX_ENTRIES:
+            _check_map(where, kind, value, _MAX_ENTRIES[field], numeric=NUMERIC_METRICS if field == "metrics" else ())
+
+
+def _check_map(where: str, kind: str, value: dict, max_entries: int, numeric) -> None:
+    """A map of at most `max_entries` short str keys to scalars (or lists of at most 64 scalars); `numeric` keys hold
+    numbers or None."""
+    if len(value) > max_entries:
+        raise MessageError(f"{where} has more than {max_entries} entries", kind)
+    for key, item in value.items():
+        if not isinstance(key, str) or not 0 < len(key) <= 64 or not key.isprintable():
+            raise MessageError(f"{where} keys must be printable str of 1-64 characters", kind)
+        items = item if isinstance(item, list) and len(item) <= 64 else [item]
+        for x in items:
+            if not _scalar(x):
+                raise MessageError(f"{where}[{key!r}] must be None, a bool, a finite number or a short str", kind)
+            if key in numeric and (isinstance(x, (str, bool)) or isinstance(item, list)):
+                raise MessageError(f"{where}[{key!r}] must be a number or None", kind)
+
+
+def _scalar(x: Any) -> bool:
+    if x is None or isinstance(x, bool):
+        return True
+    if isinstance(x, int):
+        return -MAX_INT < x < MAX_INT
+    if isinstance(x, float):
+        return math.isfinite(x)
+    return isinstance(x, str) and len(x) <= 256
 
 
 def pack(msg: dict[str, Any]) -> bytes:
