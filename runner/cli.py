@@ -12,6 +12,7 @@ from pathlib import Path
 from runner import __version__
 from runner.args import add_join_arguments
 from runner.config import ConfigError, load_config
+from runner.rundir import RunDirInUse
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError, RunDirInUse) as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

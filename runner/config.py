@@ -323,6 +323,13 @@ def build_config(data: dict, where: str = "config") -> Config:
             f"{learner.async_depth} (is {learner.max_staleness}): a batch started d steps ahead is trained d versions "
             "later"
         )
+    coordinator = built.get("coordinator")
+    if coordinator is not None and coordinator.heartbeat_timeout < 2 * coordinator.heartbeat_interval:
+        raise ConfigError(
+            f"{where}: 'coordinator.heartbeat_timeout' = {coordinator.heartbeat_timeout} must be at least twice "
+            f"coordinator.heartbeat_interval ({coordinator.heartbeat_interval}): a process is declared gone only "
+            "after missing more than one beat"
+        )
     config = Config(**built)
     _check_dataset_keys(config, where)
     return config

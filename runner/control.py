@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from runner import messages, wire
+from runner.rundir import check_job
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ WEIGHTS = b"W"
 SLOTS = 3
 _SLOT_DIR_PREFIX = "runner-weights-"
 EXIT_ORPHANED = 3  # a child of a coordinator that went silent exits with this code
+# The largest frame a control-only socket takes (ZMQ_MAXMSGSIZE): a control message, with room to spare.
+CONTROL_MAX_BYTES = messages.MAX_BYTES + 2**16
+# What a socket that may get weight messages takes when the adapter's size is not known yet: the format's own limits.
+WEIGHTS_MAX_BYTES = wire.MAX_HEADER_BYTES + wire.MAX_TOTAL_BYTES
 
 
 class CoordinatorGone(RuntimeError):
@@ -68,8 +73,20 @@ class ControlClient:
     behind (at once when its parent process is gone, else within the heartbeat timeout); any other sets
     `coordinator_lost` and its owner rejoins (`reconnect`, then `hello` again)."""
 
-    def __init__(self, endpoint: str, name: str, role: str, heartbeat_interval: float = 1.0, curve: dict | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        name: str,
+        role: str,
+        heartbeat_interval: float = 1.0,
+        curve: dict | None = None,
+        max_message_bytes: int = CONTROL_MAX_BYTES,
+    ):
         self.endpoint, self.name, self.role = endpoint, name, role
+        # ZMQ_MAXMSGSIZE of the sockets it opens from now on: a larger frame drops the connection before it is
+        # buffered. Control messages only, or for a generation worker weight messages too (it lowers this to its
+        # adapter's bound once its model is loaded, for the weights SUB socket and any new control socket).
+        self.max_message_bytes = max_message_bytes
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = 10.0  # the job's [coordinator] heartbeat_timeout, once the worker knows it
         self.supervised = False  # started by the coordinator: ends with it
@@ -87,9 +104,10 @@ class ControlClient:
         self._lock = threading.RLock()
         self._extra_sockets: list[zmq.Socket] = []
 
-    def _socket(self, kind: int, immediate: bool = False) -> zmq.Socket:
+    def _socket(self, kind: int, immediate: bool = False, max_message_bytes: int | None = None) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 1000)
+        s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes or self.max_message_bytes)  # fixed when it connects
         if immediate:  # for NOBLOCK senders: drop rather than queue for a coordinator that is not there
             s.setsockopt(zmq.IMMEDIATE, 1)
         if self.curve:
@@ -177,11 +195,13 @@ class ControlClient:
     @property
     def silence_limit(self) -> float:
         """How long the coordinator may be silent: one interval less than its own heartbeat_timeout, counted from
-        its last beat (which came before it died), so a child of a killed coordinator is gone within that timeout."""
-        return max(self.heartbeat_timeout - self.heartbeat_interval, self.heartbeat_timeout / 2)
+        its last beat (which came before it died), so a child of a killed coordinator is gone within that timeout;
+        never less than 1.5 intervals, since the coordinator beats once an interval (the config keeps
+        heartbeat_timeout >= 2 x heartbeat_interval, so this stays within the timeout)."""
+        return max(self.heartbeat_timeout - self.heartbeat_interval, 1.5 * self.heartbeat_interval)
 
     def _heartbeat_loop(self) -> None:
-        hb = self._socket(zmq.DEALER, immediate=True)
+        hb = self._socket(zmq.DEALER, immediate=True, max_message_bytes=CONTROL_MAX_BYTES)  # beats only
         hb.connect(self.endpoint)
         self._last_beat = time.monotonic()
         next_beat = time.monotonic()  # at once: the coordinator beats back to the socket it hears from
@@ -211,6 +231,8 @@ class ControlClient:
                     self._lost(f"the coordinator has been silent for {time.monotonic() - self._last_beat:.1f}s")
                 if self.supervised and os.getppid() != self._parent:  # reparented: it died (no need to wait)
                     self._lost(f"the coordinator (parent pid {self._parent}) exited")
+                if self.supervised and (why := check_job()):  # our launch died, or another took the run dir
+                    self._lost(why)
         finally:
             hb.close()
 

@@ -26,6 +26,7 @@ frames, on the control socket for same-host workers), and sent whole to any work
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import msgpack
 import tenacity
 import zmq
 
@@ -49,6 +51,7 @@ from runner.config import Config, ConfigError, build_config, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
 from runner.files import write_atomic
 from runner.hub import is_local, resolve_model
+from runner.rundir import job_environment, lock_run_dir
 from runner.status import eval_summary
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,12 @@ log = logging.getLogger(__name__)
 PUBLISHED_VERSION = "published_version"  # file in the run dir: the newest version the job published
 
 LIVE_STATES = ("starting", "loading", "catching_up", "serving", "training")
+MAX_REMOTE_WORKERS = 256  # rows of remote workers the table holds; a hello beyond that is refused
+LOST_ROW_TIMEOUTS = 3  # a remote row not live for this many heartbeat timeouts is removed
+STATUS_FIELD_CHARS = 200  # a status row's strings are cut to this many characters
+STATUS_CAPABILITIES_BYTES = 1024  # a status row's capabilities are left out when larger (msgpack)
+STATUS_HTTP_THREADS = 8
+STATUS_HTTP_TIMEOUT = 5.0
 
 
 @dataclass
@@ -161,12 +170,56 @@ class Watcher:
 
 
 class StatusHTTP(ThreadingHTTPServer):
+    """A thread per connection, at most `STATUS_HTTP_THREADS` at once: a connection beyond that gets 503 at once and
+    is closed, so idle connections cannot pile up threads (each also times out after `STATUS_HTTP_TIMEOUT`)."""
+
     daemon_threads = True
+
+    def __init__(self, address, handler):
+        self.slots = threading.BoundedSemaphore(STATUS_HTTP_THREADS)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def _status_handler(coordinator: Coordinator):
+    token = coordinator.config.security.api_token
+    expected = f"Bearer {token}".encode() if token else b""
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = STATUS_HTTP_TIMEOUT  # seconds a connection may sit idle or trickle its request
+
         def do_GET(self):
+            # With [security] api_token set (it must be to listen beyond loopback), every request shows it.
+            sent = (self.headers.get("Authorization") or "").encode("utf-8", "replace")
+            if expected and not hmac.compare_digest(sent, expected):
+                body = b'{"error": "missing or wrong bearer token"}'
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", "Bearer")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if self.path == "/status":
                 body, kind = json.dumps(coordinator.status()).encode(), "application/json"
             elif self.path == "/metrics":
@@ -188,7 +241,13 @@ def _status_handler(coordinator: Coordinator):
 
 class Coordinator:
     def __init__(
-        self, config: Config, resolved_path: Path, base_model_id: str, resume: str = "", blas: str | None = None
+        self,
+        config: Config,
+        resolved_path: Path,
+        base_model_id: str,
+        resume: str = "",
+        blas: str | None = None,
+        max_message_bytes: int = control.WEIGHTS_MAX_BYTES,
     ):
         self.config, self.resolved_path, self.run_dir = config, resolved_path, Path(config.checkpoint.dir)
         self.base_model_id = base_model_id
@@ -201,6 +260,9 @@ class Coordinator:
         self.ctx = zmq.Context.instance()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
+        # Anyone who reaches the socket can send: a frame larger than the largest legitimate message (a weight
+        # version of this job's adapter) drops that peer's connection before it is buffered.
+        self.control.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.weights = self.ctx.socket(zmq.PUB)
         self.weights.setsockopt(zmq.LINGER, 0)
         self.weights.setsockopt(zmq.SNDHWM, 16)
@@ -525,30 +587,43 @@ class Coordinator:
             log.warning("rejected a weight version: %s", e)
             self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
+        # Durable BEFORE any worker can hold it: a coordinator restarted after a kill (or an OS crash) at any point
+        # of the fan-out continues above every version a worker may serve, so a number never names two adapters.
+        try:
+            write_atomic(self.run_dir / PUBLISHED_VERSION, f"{message.version}\n")
+        except OSError as e:
+            log.error("rejected weight version %d: cannot record it in the run dir: %s", message.version, e)
+            self._reply(identity, {"type": "rejected", "reason": f"cannot record version {message.version}: {e}"})
+            return
         self.latest, self.latest_at = message, time.time()
         self.weights.send_multipart(message.frames)  # other hosts (received zmq.Frames go by reference)
         same_host = [CONTROL, messages.pack(notice)] if notice else [WEIGHTS, *message.frames]
         for w in self.workers.values():
             if w.weights_via == "slots" and w.identity:
                 self.control.send_multipart([w.identity, *same_host])
-        # Recorded before the sender hears of it. Not flushed to disk: an fsync per version would put a disk round
-        # trip on every publish, and the file only has to outlive the coordinator process (an OS crash takes the
-        # local workers with it, and remote ones report the version they serve when they say hello again).
-        write_atomic(self.run_dir / PUBLISHED_VERSION, f"{message.version}\n", durable=False)
         self._reply(identity, {"type": "published", "version": message.version})
 
     # ----- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict:
+        """The job and the worker table, always small enough for one control message (`messages.MAX_BYTES`):
+        strings cut, large capabilities left out, and rows beyond what fits dropped from the end (the local
+        children come first) with `workers_omitted` saying how many."""
         now = time.time()
-        return {
-            "job": {
-                **self.job,
-                "uptime": round(now - self.job["started"], 1),
-                "latest_version": self.latest_version,
-                "oldest_serving_version": self.oldest_serving_version(),
-            },
-            "workers": [w.row(now) for w in self.workers.values()],
+        job = {
+            **self.job,
+            "uptime": round(now - self.job["started"], 1),
+            "latest_version": self.latest_version,
+            "oldest_serving_version": self.oldest_serving_version(),
         }
+        rows = [_bounded_row(w.row(now)) for w in list(self.workers.values())]
+        room = messages.MAX_BYTES - 4096 - len(msgpack.packb(job, default=str))
+        for i, row in enumerate(rows):
+            room -= len(msgpack.packb(row, default=str))
+            if room < 0:
+                job["workers_omitted"] = len(rows) - i
+                rows = rows[:i]
+                break
+        return {"job": job, "workers": rows}
 
     def prometheus(self) -> str:
         s = self.status()
@@ -562,12 +637,12 @@ class Coordinator:
             "# HELP runner_worker_restarts_total Restarts per worker.",
             "# TYPE runner_worker_restarts_total counter",
         ]
-        lines += [f'runner_worker_restarts_total{{worker="{w["name"]}"}} {w["restarts"]}' for w in s["workers"]]
+        lines += [f"runner_worker_restarts_total{{worker={_label(w['name'])}}} {w['restarts']}" for w in s["workers"]]
         lines += [
             "# HELP runner_worker_version Adapter version each worker serves.",
             "# TYPE runner_worker_version gauge",
         ]
-        lines += [f'runner_worker_version{{worker="{w["name"]}"}} {w["version"]}' for w in s["workers"]]
+        lines += [f"runner_worker_version{{worker={_label(w['name'])}}} {w['version']}" for w in s["workers"]]
         if s["job"]["reward_mean"] is not None:
             lines += [
                 "# HELP runner_reward_mean Mean reward of the last step.",
@@ -603,14 +678,34 @@ class Coordinator:
 
     def _drop_lost_remotes(self, now: float) -> None:
         """Remote workers have no process to watch: one whose heartbeats stop leaves routing and wait_serving
-        (it is not restarted; its next heartbeat or hello brings it back)."""
+        (it is not restarted; its next heartbeat or hello brings it back). A row that stays lost (or failed) for
+        LOST_ROW_TIMEOUTS heartbeat timeouts is removed: a worker restarted under a new name (launchd's default is
+        host and pid) must not grow the table without bound."""
         timeout = self.config.coordinator.heartbeat_timeout
         for rec in list(self.workers.values()):
-            if not rec.local and rec.state in LIVE_STATES and rec.last_heartbeat and now - rec.last_heartbeat > timeout:
-                log.warning(
-                    "remote worker %s missed heartbeats for %.0fs; dropping it", rec.name, now - rec.last_heartbeat
-                )
+            if rec.local:
+                continue
+            silent = now - (rec.last_heartbeat or now)
+            if rec.state in LIVE_STATES and rec.last_heartbeat and silent > timeout:
+                log.warning("remote worker %s missed heartbeats for %.0fs; dropping it", rec.name, silent)
                 rec.state, rec.http_url = "lost", ""
+            elif rec.state not in LIVE_STATES and silent > LOST_ROW_TIMEOUTS * timeout:
+                log.info("forgetting remote worker %s (%s for %.0fs)", rec.name, rec.state, silent)
+                del self.workers[rec.name]
+
+    def _room_for(self, name: str) -> bool:
+        """Whether the table can take a row for `name`: it has one, or it holds fewer than MAX_REMOTE_WORKERS remote
+        rows, or the oldest remote row that is not live can make way."""
+        remote = [w for w in self.workers.values() if not w.local]
+        if name in self.workers or len(remote) < MAX_REMOTE_WORKERS:
+            return True
+        gone = [w for w in remote if w.state not in LIVE_STATES]
+        if not gone:
+            return False
+        oldest = min(gone, key=lambda w: w.last_heartbeat)
+        log.info("forgetting remote worker %s (%s) to make room for %s", oldest.name, oldest.state, name)
+        del self.workers[oldest.name]
+        return True
 
     def start_http(self) -> None:
         port = self.config.coordinator.status_port
@@ -698,6 +793,20 @@ class Coordinator:
                 return
 
 
+def _bounded_row(row: dict) -> dict:
+    """A status row with its strings cut to STATUS_FIELD_CHARS and capabilities over STATUS_CAPABILITIES_BYTES left
+    out (a remote worker chooses them)."""
+    row = {k: v[:STATUS_FIELD_CHARS] if isinstance(v, str) else v for k, v in row.items()}
+    if len(msgpack.packb(row.get("capabilities") or {}, default=str)) > STATUS_CAPABILITIES_BYTES:
+        row["capabilities"] = {"omitted": f"more than {STATUS_CAPABILITIES_BYTES} bytes"}
+    return row
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, quoted and escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 def _published_version(run_dir: Path) -> int:
     """The newest version a coordinator of this run dir published (0 if none, or if the file is unreadable)."""
     try:
@@ -745,11 +854,15 @@ def create_coordinator(config: Config, config_path: Path | None = None) -> Coord
     resolved, resume = resolve(config)
     _prepare_model(resolved)
     base_model_id = model_id(model_dir or resolved.model.path)
+    lora = resolved.lora
+    adapter_bound = wire.adapter_message_bound(model_dir or resolved.model.path, lora.rank, lora.keys, lora.num_layers)
     path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
     log.info("job config %s resolved into %s", config_path or "(given)", path)
     if blas:
         log.info("MLX children start with %s preloaded ([coordinator] blas)", blas)
-    return Coordinator(resolved, path, base_model_id, resume, blas)
+    return Coordinator(
+        resolved, path, base_model_id, resume, blas, max_message_bytes=max(control.CONTROL_MAX_BYTES, adapter_bound)
+    )
 
 
 def resolve(config: Config) -> tuple[Config, str]:
@@ -810,8 +923,18 @@ def learner_command(coord: Coordinator, extra: list[str]) -> list[str]:
 
 
 def launch(config: Config, config_path: Path | None = None) -> int:
-    """`runner launch`: prepare what is missing, start the pool, supervise it until the job ends."""
+    """`runner launch`: prepare what is missing, start the pool, supervise it until the job ends. The run dir is
+    locked for the whole time (`runner.rundir`): a second launch on it fails at once, before writing anything."""
+    run_lock = lock_run_dir(Path(config.checkpoint.dir).resolve())
+    try:
+        return _launch_locked(config, config_path)
+    finally:
+        os.close(run_lock)
+
+
+def _launch_locked(config: Config, config_path: Path | None) -> int:
     coord = create_coordinator(config, config_path)
+    coord.child_env.update(job_environment(coord.run_dir))  # children check that this launch still holds the lock
     (coord.run_dir / "logs").mkdir(exist_ok=True)
     file_log = logging.FileHandler(coord.run_dir / "logs" / "coordinator.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

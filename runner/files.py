@@ -9,9 +9,10 @@ from pathlib import Path
 
 
 def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644, durable: bool = True) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`. With ``durable=False`` there
-    is no fsync (a disk round trip): still atomic for readers and across a crash of any process, but a crash of the
-    OS may leave the previous content (or an empty file)."""
+    """Write `data` to a temp file beside `path`, fsync it, rename it over `path`, then fsync the directory (so the
+    rename itself survives an OS crash). With ``durable=False`` there is no fsync (a disk round trip): still atomic
+    for readers and across a crash of any process, but a crash of the OS may leave the previous content (or an empty
+    file)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -25,6 +26,12 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644, durable
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def replace_path(src: str | Path, dst: str | Path) -> None:

@@ -56,9 +56,11 @@ message a receiver rejects, and copy each tensor once, into the message.
 from __future__ import annotations
 
 import hmac
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
@@ -419,3 +421,27 @@ def decode_segment(
         raise WireError(f"message is {view.nbytes} bytes but its header lays out {size}")
     buffers = [view[o : o + s.nbytes] for o, s in zip(offsets, specs)]
     return _checked([segment], header, specs, buffers, expected, verify)
+
+
+def adapter_message_bound(model_dir: str | Path, rank: int, keys: Sequence[str], num_layers: int = -1) -> int:
+    """An upper bound on the size of one weight message for a LoRA of `rank` on `keys` of the model in `model_dir`
+    (its config.json), for receivers' ``ZMQ_MAXMSGSIZE``: each adapted linear of a block carries rank x (in + out)
+    values, both at most the model's widest dimension, in at most 4 bytes each (times the experts of a mixture);
+    plus each tensor's header entry and alignment. A model whose config cannot be read gets the format's own limits."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = {**config.get("text_config", {}), **config}  # multimodal configs nest the language model's
+        heads = int(config.get("num_attention_heads") or 0)
+        head_dim = int(config.get("head_dim") or 0) or (int(config["hidden_size"]) // heads if heads else 0)
+        widest = max(
+            int(config.get(k) or 0) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "n_embd")
+        )
+        widest = max(widest, heads * head_dim, int(config.get("num_key_value_heads") or 0) * head_dim)
+        experts = max(int(config.get(k) or 1) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+        layers = int(config.get("num_hidden_layers") or config.get("n_layer"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return MAX_HEADER_BYTES + MAX_TOTAL_BYTES
+    adapted = (layers if num_layers < 0 else min(num_layers, layers)) * len(keys)
+    tensors = 2 * adapted  # lora_a and lora_b
+    data = adapted * experts * rank * 2 * widest * 4
+    return data + tensors * (256 + SEGMENT_ALIGN) + 2**16

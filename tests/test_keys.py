@@ -11,13 +11,16 @@ import pytest
 import zmq
 
 from runner import keys
+from runner.cli import main as runner_main
 from runner.keys import (
     InsecureBindError,
     KeyFileError,
+    authorize_key,
     curve_client,
     curve_server,
     generate_keypair,
     is_loopback,
+    key_roles,
     load_keypair,
     load_public_key,
     require_security,
@@ -239,6 +242,36 @@ def test_malformed_authorized_key_is_skipped(net, pki):
     dealer.send_multipart([b"hello"])
     msg = _recv_within(router, 5.0)
     assert msg is not None and msg[-1] == b"hello"
+
+
+def test_a_keys_place_gives_its_roles_and_runner_keys_authorize_lays_it_out(net, pki, tmp_path, capsys):
+    learner_pub, _ = generate_keypair(tmp_path / "k", "learner-mac")
+    observer_pub, observer_sec = generate_keypair(tmp_path / "k", "laptop")
+    assert (
+        runner_main(["keys", "authorize", str(learner_pub), "--dir", str(pki["authorized"]), "--role", "learner"]) == 0
+    )
+    assert str(pki["authorized"] / "learners" / "learner-mac.key") in capsys.readouterr().out
+    authorize_key(observer_pub, pki["authorized"], "observer")
+    authorize_key(learner_pub, pki["authorized"], "worker")  # a key in two places has both roles
+    roles = key_roles(pki["authorized"])
+    assert roles == {
+        load_public_key(pki["client_sec"]): {"worker"},  # at the top level, as before roles existed: a worker
+        load_public_key(learner_pub): {"learner", "worker"},
+        load_public_key(observer_pub): {"observer"},
+    }
+    # A key in a role's subdirectory is admitted by the CURVE server like one at the top level.
+    router, endpoint = _router(net, pki)
+    _dealer(net, endpoint, observer_sec, pki["server_pub"]).send_multipart([b"status?"])
+    assert (_recv_within(router, 5.0) or [b""])[-1] == b"status?"
+    # Bad input changes nothing: a secret key file, an unknown role, a name taken by another key.
+    other_pub, _ = generate_keypair(tmp_path / "k", "other")
+    with pytest.raises(KeyFileError, match="secret"):
+        authorize_key(observer_sec, pki["authorized"], "worker")
+    with pytest.raises(KeyFileError, match="role 'admin'"):
+        authorize_key(observer_pub, pki["authorized"], "admin")
+    with pytest.raises(FileExistsError, match="another key"):
+        authorize_key(other_pub, pki["authorized"], "learner", name="learner-mac")
+    assert key_roles(pki["authorized"]) == roles
 
 
 # --------------------------------------------------------------------------- bind policy

@@ -27,9 +27,13 @@ from pathlib import Path
 import mlx.core as mx
 import tenacity
 
+from runner import wire
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
 from runner.control import (
+    CONTROL_MAX_BYTES,
+    EXIT_ORPHANED,
+    WEIGHTS_MAX_BYTES,
     ControlClient,
     CoordinatorGone,
     SlotTransport,
@@ -39,6 +43,7 @@ from runner.control import (
     weight_transport,
 )
 from runner.hub import ModelNotFound, is_local, resolve_model
+from runner.rundir import check_job
 from runner.webserver import start_in_thread
 from workers.generation.engine import Engine
 from workers.generation.server import Server, load_engine
@@ -63,7 +68,12 @@ def run_worker(
     advertise_url: str | None = None,
 ) -> int:
     """Join the coordinator at `join`, serve until told to stop (SIGTERM, SIGINT or the coordinator's `stop`)."""
-    client = ControlClient(join, name, role="generate", curve=curve)
+    if why := check_job():  # started by a launch that is gone, or whose run dir another launch took
+        log.error("%s; exiting", why)
+        return EXIT_ORPHANED
+    # Weight messages come on this socket too (catch-up, same-host fan-out): the format's limits until the adapter's
+    # size is known.
+    client = ControlClient(join, name, role="generate", curve=curve, max_message_bytes=WEIGHTS_MAX_BYTES)
     try:
         capabilities = {"api": ["openai", "atropos-vllm"], "device": str(mx.default_device())}
         capabilities["model_override"] = bool(model_override)
@@ -82,6 +92,10 @@ def run_worker(
         if not _is_base_model(model_path, welcome["base_model_id"]):
             return 2
         engine = _start_engine(model_path, config)
+        lora = config.lora
+        client.max_message_bytes = max(
+            CONTROL_MAX_BYTES, wire.adapter_message_bound(model_path, lora.rank, lora.keys, lora.num_layers)
+        )
         transport = weight_transport(welcome["weights_slots"])
         slots = transport if isinstance(transport, SlotTransport) else None  # else versions come as frames
         receiver = WeightReceiver(engine, welcome["base_model_id"], slots)

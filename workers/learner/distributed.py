@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -272,6 +273,75 @@ def announce_rank0(group: Group | None) -> None:
     path = os.environ.get(RANK0_PIDFILE_ENV)
     if path and is_writer(group):
         Path(path).write_text(str(os.getpid()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Liveness of the ranks: followers end with rank 0
+# ----------------------------------------------------------------------------------------------------------
+
+EXIT_ORPHANED = 3  # as runner.control's: a follower whose rank 0 is gone exits with it
+BEAT_INTERVAL = 1.0  # seconds between rank 0's beats to each follower
+
+
+def rank0_beats(group: Group | None) -> str:
+    """Rank 0: listen on its ring address and send a byte every BEAT_INTERVAL to each follower that connects
+    (`watch_rank0`); returns the address ("host:port") to give them. A follower blocked in a collective has no other
+    way to learn that rank 0 died (kill -9 included: the kernel closes the connection) or went silent."""
+    server = socket.create_server((_rank0_host(), 0))
+    followers: list[socket.socket] = []
+
+    def serve() -> None:
+        server.settimeout(BEAT_INTERVAL)
+        while True:
+            try:
+                conn, _ = server.accept()
+                conn.settimeout(BEAT_INTERVAL)
+                followers.append(conn)
+            except TimeoutError:
+                pass
+            for conn in list(followers):
+                try:
+                    conn.sendall(b".")
+                except OSError:  # that follower is gone
+                    followers.remove(conn)
+                    conn.close()
+
+    threading.Thread(target=serve, name="rank0-beats", daemon=True).start()
+    host, port = server.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def watch_rank0(address: str, silence_limit: float, finished: threading.Event) -> None:
+    """A follower: exit with EXIT_ORPHANED when rank 0's beats stop for `silence_limit` seconds or its connection
+    closes, unless this rank finishes on its own within a few seconds of that (rank 0 closes the connection when it
+    ends normally, right after telling the followers to stop)."""
+    host, _, port = address.rpartition(":")
+
+    def watch() -> None:
+        why = ""
+        try:
+            with socket.create_connection((host, int(port)), timeout=silence_limit) as conn:
+                while conn.recv(64):
+                    pass
+                why = "rank 0 closed its connection"
+        except OSError as e:  # a timeout (silence) or a reset
+            why = f"rank 0 is silent or gone ({e or type(e).__name__})"
+        if finished.wait(min(5.0, silence_limit)):
+            return
+        log.error("%s; exiting, as this rank follows it", why)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="rank0-watch", daemon=True).start()
+
+
+def _rank0_host() -> str:
+    """Rank 0's ring address (MLX_HOSTFILE: a JSON list, one list of "ip:port" per rank), where followers reach it."""
+    try:
+        return json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())[0][0].rpartition(":")[0]
+    except (KeyError, OSError, ValueError, IndexError, TypeError, AttributeError):
+        return "127.0.0.1"
 
 
 def launch(

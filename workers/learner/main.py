@@ -36,7 +36,8 @@ import httpx
 
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
-from runner.control import ControlClient, Publisher
+from runner.control import EXIT_ORPHANED, ControlClient, Publisher
+from runner.rundir import check_job
 from workers.learner import distributed as dist
 from workers.learner.evaluation import make_evaluator
 from workers.learner.sources.base import FreshSource, Stopped
@@ -52,12 +53,18 @@ def run_learner(args: argparse.Namespace) -> int:
     group = dist.init()  # started by mlx.launch: one rank of a data-parallel ring; otherwise alone
     if not dist.is_writer(group):
         return run_follower(group)
+    if why := check_job():  # started by a launch that is gone, or whose run dir another launch took: write nothing
+        log.error("%s; exiting", why)
+        return EXIT_ORPHANED
     config = load_config(args.config)
     sink = make_sink(config)  # metrics.jsonl and the [logging] trackers; fails here if a tracker's package is missing
     client = ControlClient(args.join, args.name, role="learner", curve=curve_from_args(args))
     welcome = client.hello(capabilities={"algorithm": "grpo", "ranks": dist.size_of(group)})
-    dist.broadcast_json(config.to_dict(), group)  # the other ranks build the same trainer (they never say hello)
+    # The other ranks build the same trainer (they never say hello), and watch this rank's beats to end with it.
+    beats = dist.rank0_beats(group) if dist.size_of(group) > 1 else ""
+    dist.broadcast_json({"config": config.to_dict(), "rank0": beats}, group)
     client.heartbeat_interval = config.coordinator.heartbeat_interval
+    client.heartbeat_timeout = config.coordinator.heartbeat_timeout
     client.status.update(state="loading", version=welcome["latest_version"])
     client.start_heartbeats()
 
@@ -232,10 +239,15 @@ def run_follower(group: dist.Group) -> int:
     """Rank > 0 of a data-parallel learner: the same `fit`, on the batches rank 0 sends, until rank 0 stops it.
     It never talks to the coordinator; rank 0 publishes, checkpoints and reports for all ranks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every local rank: rank 0 decides, then says stop
-    config = build_config(dist.broadcast_json(None, group), where="rank 0")
+    job = dist.broadcast_json(None, group)
+    config = build_config(job["config"], where="rank 0")
+    # Blocked in a collective, this rank would outlive a dead rank 0 (and hold the ring's ports): watch it instead.
+    finished = threading.Event()
+    dist.watch_rank0(job["rank0"], config.coordinator.heartbeat_timeout, finished)
     trainer = Trainer.from_config(config, group=group)
     log.info("rank %d of %d: following rank 0", group.rank(), group.size())
     fit(trainer, dist.BroadcastSource(None, group), config.learner.steps)
+    finished.set()
     log.info("rank %d: stopped at step %d", group.rank(), trainer.step_count)
     return 0
 
