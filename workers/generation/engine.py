@@ -10,6 +10,13 @@ was launched. So each decode step is computed by exactly one version, and every 
 
 The `n` completions of one prompt share its prefill: the prompt (all but its last token) is run once into a KV cache
 that the `n` sequences then start from.
+
+Failures. One request's failure fails that request alone and the batch goes on: its sampler refusing its parameters
+(a 400: the HTTP layer checks them first, this is the backstop), or anything else raised while it is prepared,
+prefilled or its tokens are booked, detokenized and delivered (a 500). Only a failure of the batched step itself
+(`BatchGenerator.next()`), which no single request can be blamed for, ends the engine thread: then every request
+fails (503), `failed` turns true and the worker exits to be restarted. `failed` also turns true when the engine has
+had work and finished no step for `stall_timeout` seconds (a hung step), so a worker stuck there is restarted too.
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ class EngineStopped(RuntimeError):
     """The model thread is not running (stopped, or died on an MLX failure): nothing will be generated."""
 
 
+class ParamsRefused(ValueError):
+    """A request's sampling parameters were refused while its samplers were made: the caller's mistake (400)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -80,7 +91,7 @@ class Completion:
 class Request:
     """One submitted prompt with its `n` completions. Events for the HTTP side arrive on `events` (an asyncio queue
     fed thread-safely by the engine): ('token', index, token_id) when streaming, ('done', index) for each completion,
-    ('error', message) if the engine fails it."""
+    ('error', message, http_status) if the engine fails it."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -91,11 +102,15 @@ class Request:
     completions: list[Completion] = field(default_factory=list)
     uids: list[int] = field(default_factory=list)
     cancelled: bool = False
+    released: bool = False  # no longer counted against the admission limit
     created: float = field(default_factory=time.time)
 
     def emit(self, *event) -> None:
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the loop closed since the check (the server shut down): nobody is listening
+                pass
 
     @property
     def policy_version(self) -> int:
@@ -132,6 +147,7 @@ class Engine:
         context_length: int = 2048,
         adapter_version: int = 0,
         admit_wait_steps: int = 4,
+        stall_timeout: float = 0.0,
     ):
         self.model = model
         _fuse_lora(model)
@@ -142,6 +158,7 @@ class Engine:
         self.admit_wait_steps = admit_wait_steps
         self.max_queue = max_queue
         self.context_length = context_length
+        self.stall_timeout = stall_timeout  # seconds with work and no finished step before `failed`; 0 = never
         self.stats = EngineStats(adapter_version=adapter_version)
         self.lora_layout = lora_layout(model)  # what an installed adapter must match (empty without LoRA)
         self._lora_owners = lora_owners(model)
@@ -162,7 +179,8 @@ class Engine:
         self._model_lock = threading.Lock()
         self._by_uid: dict[int, tuple[Request, int]] = {}
         self._waiting: deque[tuple[Request, int]] = deque()  # (request, step it arrived at), not yet admitted
-        self._steps = 0  # next() calls so far, the clock of admission waits
+        self._steps = 0  # next() calls so far, the clock of admission waits and the progress heartbeats report
+        self._progress_at = time.perf_counter()  # when the last step ended, or work arrived at an idle engine
         self._step_began: float | None = None  # perf_counter at the start of the step running now
         self._detok: dict[int, object] = {}
         self._samplers: dict[tuple, Callable] = {}
@@ -194,9 +212,31 @@ class Engine:
         return self.stats.adapter_version
 
     @property
+    def steps(self) -> int:
+        """Batch steps finished so far: the engine's progress."""
+        return self._steps
+
+    def stalled_seconds(self) -> float:
+        """How long the engine has had work without finishing a step (0 while it has none)."""
+        return time.perf_counter() - self._progress_at if self._outstanding else 0.0
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine will generate nothing more (None while it works): its model thread died (an exception,
+        not a stop), or it has had work and finished no step for `stall_timeout` seconds. The worker then reports
+        itself failed, to be restarted."""
+        if self._thread.ident is None or self._stop.is_set():
+            return None
+        if not self._thread.is_alive():
+            return "the engine thread died"
+        stalled = self.stalled_seconds()
+        if self.stall_timeout and stalled > self.stall_timeout:
+            return f"the engine has made no progress for {stalled:.0f}s with requests waiting"
+        return None
+
+    @property
     def failed(self) -> bool:
-        """The model thread died (an exception, not a stop): the worker must report itself failed."""
-        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
+        return self.failure is not None
 
     # ----- submission (any thread) -----------------------------------------------------------------------------
     def submit(
@@ -224,6 +264,8 @@ class Engine:
             if self._outstanding >= self.max_queue:
                 self.stats.requests_rejected += 1
                 raise Overloaded(f"the server is at its limit of {self.max_queue} outstanding requests")
+            if not self._outstanding:  # work for an idle engine: the stall clock starts now
+                self._progress_at = time.perf_counter()
             self._outstanding += 1
         req = Request(
             prompt_ids=list(prompt_ids),
@@ -283,11 +325,16 @@ class Engine:
     # ----- the model thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         # Test hook: the first engine to find this file (and delete it) makes an invalid MLX call on its model thread,
-        # a real MLX failure, to show what a dead engine thread leads to (tests/test_launch.py).
+        # a real MLX failure, to show what a dead engine thread leads to; a file saying "hang" makes it hang instead
+        # in its next step with requests in the batch, holding the model as a hung step would (until stopped).
         fault = os.environ.get("RUNNER_TEST_ENGINE_FAULT")
         try:
             while not self._stop.is_set():
-                if fault and _take(fault):
+                if fault and (mode := _injected_fault(fault, busy=bool(self._by_uid))):
+                    if mode == "hang":
+                        with self._model_lock:
+                            self._stop.wait()
+                        continue
                     mx.eval(mx.zeros((2, 3)) @ mx.zeros((2, 3)))  # raises: the shapes do not multiply
                 with self._model_lock:
                     self._apply_pending_adapter()
@@ -320,7 +367,7 @@ class Engine:
             if kind == "submit":
                 failed[id(req)] = req
         for req in failed.values():
-            req.emit("error", message)
+            req.emit("error", message, 503)
 
     def _apply_pending_adapter(self) -> None:
         with self._adapter_lock:  # held through the swap, so `newest_version` never goes back
@@ -345,11 +392,14 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "submit" and req.cancelled:
-                self._release()
+                self._release(req)
             elif kind == "submit":
                 self._waiting.append((req, self._steps))
             elif kind == "cancel":
-                self._remove(req)
+                try:
+                    self._remove(req)
+                except Exception as e:
+                    self._fail(req, e)
 
     def _admit(self) -> None:
         """Move waiting requests into the batch, coalescing arrivals. Every admission costs BatchGenerator about
@@ -367,7 +417,11 @@ class Engine:
                 return
         while self._waiting and (free > 0 or not self._by_uid):
             req, _ = self._waiting.popleft()
-            self._insert(req)
+            try:
+                self._insert(req)
+            except Exception as e:
+                self._fail(req, e)
+                continue
             free -= req.n
 
     def _sampler(self, params: SamplingParams, index: int) -> Callable:
@@ -380,7 +434,10 @@ class Engine:
 
     def _insert(self, req: Request) -> None:
         prompt, n = req.prompt_ids, req.n
-        samplers = [self._sampler(req.params, i) for i in range(n)]
+        try:
+            samplers = [self._sampler(req.params, i) for i in range(n)]
+        except (TypeError, ValueError, OverflowError) as e:  # e.g. mx.random.key refusing a seed
+            raise ParamsRefused(f"the sampling parameters were refused: {e}") from e
         stops = [StopSequences([[t] for t in self.eos_ids])] * n
         if n > 1 and len(prompt) > 1:
             # Shared prefill: run the prompt once, then start n sequences from copies of its cache.
@@ -401,8 +458,8 @@ class Engine:
             uids = self._generator.insert(
                 [prompt] * n, max_tokens=[req.params.max_tokens] * n, samplers=samplers, stop_sequences=stops
             )
+        req.uids = uids  # first, so that a failure from here on takes them out of the batch (`_fail`)
         self.stats.prompt_tokens_total += len(prompt)
-        req.uids = uids
         for i, uid in enumerate(uids):
             self._by_uid[uid] = (req, i)
             if req.params.stop:
@@ -412,7 +469,7 @@ class Engine:
     def _remove(self, req: Request) -> None:
         if any(r is req for r, _ in self._waiting):  # never admitted: nothing to take out of the batch
             self._waiting = deque(w for w in self._waiting if w[0] is not req)
-            self._release()
+            self._release(req)
             self._refresh_gauges()
             return
         live = [u for u in req.uids if u in self._by_uid]
@@ -439,7 +496,8 @@ class Engine:
             self._launched_version = self.stats.adapter_version
             chosen, rows = _sampled_logprobs(responses, self._by_uid) if responses else (None, None)
         finally:
-            elapsed = time.perf_counter() - tic
+            self._progress_at = time.perf_counter()
+            elapsed = self._progress_at - tic
             self.stats.decode_seconds_total += elapsed
             self._step_began = None
         if not responses:
@@ -453,23 +511,26 @@ class Engine:
             if entry is None:
                 continue
             req, index = entry
-            c = req.completions[index]
-            c.token_ids.append(r.token)
-            c.logprobs.append(chosen[i])
-            c.versions.append(version)
-            if req.params.top_logprobs:
-                c.top_logprobs.append(_top_logprobs(_host_row(rows[i]), req.params.top_logprobs))
-            finish = r.finish_reason
-            detok = self._detok.get(r.uid)
-            if detok is not None and finish is None:  # stop strings are matched on text, not tokens
-                detok.add_token(r.token)
-                if _hits_stop(detok.text, req.params.stop):
-                    finish = "stop"
-                    self._generator.remove([r.uid])
-            if req.stream:
-                req.emit("token", index, r.token)
-            if finish is not None:
-                self._finish(r.uid, finish)
+            try:  # free when nothing raises; what one request raises fails it alone
+                c = req.completions[index]
+                c.token_ids.append(r.token)
+                c.logprobs.append(chosen[i])
+                c.versions.append(version)
+                if req.params.top_logprobs:
+                    c.top_logprobs.append(_top_logprobs(_host_row(rows[i]), req.params.top_logprobs))
+                finish = r.finish_reason
+                detok = self._detok.get(r.uid)
+                if detok is not None and finish is None:  # stop strings are matched on text, not tokens
+                    detok.add_token(r.token)
+                    if _hits_stop(detok.text, req.params.stop):
+                        finish = "stop"
+                        self._generator.remove([r.uid])
+                if req.stream:
+                    req.emit("token", index, r.token)
+                if finish is not None:
+                    self._finish(r.uid, finish)
+            except Exception as e:
+                self._fail(req, e)
         self._refresh_gauges()
 
     def _finish(self, uid: int, reason: str, notify: bool = True) -> None:
@@ -477,16 +538,37 @@ class Engine:
         c = req.completions[index]
         c.finish_reason = reason
         self._detok.pop(uid, None)
-        ids = c.token_ids[:-1] if reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos_ids else c.token_ids
-        c.text = self.tokenizer.decode(ids)
-        if req.params.stop:
-            c.text = _cut_at_stop(c.text, req.params.stop)
-        if notify:
+        if notify:  # a cancelled completion's text is read by nobody
+            eos = reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos_ids
+            c.text = self.tokenizer.decode(c.token_ids[:-1] if eos else c.token_ids)
+            if req.params.stop:
+                c.text = _cut_at_stop(c.text, req.params.stop)
             req.emit("done", index)
         if all(x.finish_reason is not None for x in req.completions):
-            self._release()
+            self._release(req)
 
-    def _release(self) -> None:
+    def _fail(self, req: Request, error: Exception) -> None:
+        """End one request with an error, its sequences taken out of the batch; the rest of the batch goes on."""
+        status = 400 if isinstance(error, ParamsRefused) else 500
+        if status == 500:
+            log.error("request failed; the rest of the batch goes on", exc_info=error)
+        self._generator.remove(req.uids)  # uids no longer in the batch are skipped
+        for uid in req.uids:
+            self._by_uid.pop(uid, None)
+            self._detok.pop(uid, None)
+        for c in req.completions:
+            c.finish_reason = c.finish_reason or "error"
+        message = (
+            str(error) if status == 400 else f"generation failed for this request ({type(error).__name__}: {error})"
+        )
+        req.emit("error", message, status)
+        self._release(req)
+        self._refresh_gauges()
+
+    def _release(self, req: Request) -> None:
+        if req.released:
+            return
+        req.released = True
         with self._count_lock:
             self._outstanding -= 1
 
@@ -647,10 +729,15 @@ def verified_copy(message: wire.WeightMessage) -> dict[str, mx.array]:
     return out
 
 
-def _take(path: str) -> bool:
-    """Delete `path`; True if this call deleted it (so one process of several takes it)."""
+def _injected_fault(path: str, busy: bool) -> str | None:
+    """The test fault at `path` ("hang", or anything else for an MLX failure) if this call took the file: deleted it,
+    so that one process of several takes it. A hang is taken only by a busy engine (one with requests in its batch)."""
     try:
+        with open(path) as f:
+            mode = f.read().strip() or "crash"
+        if mode == "hang" and not busy:
+            return None
         os.unlink(path)
-        return True
+        return mode
     except FileNotFoundError:
-        return False
+        return None

@@ -5,7 +5,11 @@ Atropos' `vllm` server type reads), GET /metrics (Prometheus text).
 
 Every response carries `policy_version` (the oldest adapter version among its tokens) and, per choice, the exact
 completion `token_ids`, their sampling `token_logprobs` and `policy_versions`, which the learner trains on.
-Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; the caller's mistakes are 4xx.
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Every request field is range-checked by
+the request models below, so a caller's mistake (a wrong type, a number out of range, NaN, text holding a lone
+surrogate, too many or too long stop strings, token ids outside the vocabulary, a prompt longer than the context) is
+a 400 (404 for an unknown model) and never reaches the engine; 5xx means our fault (500: one request failed inside
+the engine, the rest of the batch went on; 503: the engine is not running or this worker is catching up).
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.generation.engine import (
@@ -41,6 +45,18 @@ log = logging.getLogger(__name__)
 
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_PROMPT_CHARS = 2**22  # a prompt's or message's text; the engine then checks its tokens against the context
+MAX_PROMPT_IDS = 2**20
+MAX_MESSAGES = 4096
+MAX_NAME_CHARS = 256
+MAX_SEED = 2**63 - 1  # seed + choice index seeds choice i, and mx.random.key takes 0 <= seed < 2**64
+# Below this temperature sampling is greedy, as in vLLM: 1/T would overflow float32 and make every log-prob NaN.
+MIN_TEMPERATURE = 1e-5
+# A nucleus of top_p <= 1e-6 is the top token alone for any vocabulary under a million (its probability is at least
+# 1/vocab), and a smaller top_p underflows in float32: so it is raised to this.
+MIN_TOP_P = 1e-6
 
 
 class APIError(Exception):
@@ -55,71 +71,90 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
         kind = "rate_limit_error"
     if status == 401:
         kind = "authentication_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = {"error": {"message": _printable(message), "type": kind, "param": _printable(param), "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _printable(text: str | None) -> str | None:
+    """Text that encodes as UTF-8: an error message can quote the caller's input, lone surrogates included."""
+    return text if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _unicode(text: str) -> str:
+    """Refuse text that is not Unicode: JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
+PromptText = Annotated[Text, Field(max_length=MAX_PROMPT_CHARS)]
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=MAX_PROMPT_IDS)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr | None = None
+    model: Annotated[Text, Field(max_length=MAX_NAME_CHARS)] | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    temperature: Number = Field(1.0, ge=0.0, le=5.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     stream: StrictBool = False
 
 
 class CompletionBody(SamplingFields):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: PromptText | TokenIds | Annotated[list[PromptText], Field(max_length=1)]
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+    text: PromptText | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: StrictStr | list[dict[str, Any]]
+    content: PromptText | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)]
 
 
 class ChatBody(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class PromptTokenIds(BaseModel):
-    prompt_token_ids: list[StrictInt] = Field(min_length=1)
+    prompt_token_ids: Annotated[TokenIds, Field(min_length=1)]
 
 
 class GenerateBody(SamplingFields):
     """Atropos' `vllm` server type: prompt token ids in, per-token {id: logprob} out."""
 
-    prompt: PromptTokenIds | StrictStr
+    prompt: PromptTokenIds | PromptText
     logprobs: StrictInt | None = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
 
 
-def _stop_list(stop) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if any(not s for s in stops) or len(stops) > 16:
-        raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
-    return stops
+def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
+    return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _message_text(content) -> str:
+def _message_text(content: str | list[ContentPart]) -> str:
     if isinstance(content, str):
         return content
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, "only text content parts are supported", param="messages")
-        parts.append(part["text"])
-    return "".join(parts)
+    if any(part.type != "text" or part.text is None for part in content):
+        raise APIError(400, "only text content parts are supported", param="messages")
+    return "".join(part.text for part in content)
 
 
 def stream_delta(text: str, sent: int, stops: tuple[str, ...], final: bool) -> tuple[str, int]:
@@ -176,8 +211,8 @@ class Server:
             )
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
+            temperature=0.0 if body.temperature < MIN_TEMPERATURE else body.temperature,
+            top_p=max(body.top_p, MIN_TOP_P),
             stop=_stop_list(body.stop),
             seed=body.seed,
             top_logprobs=top_logprobs,
@@ -212,8 +247,8 @@ class Server:
                 kind = event.result()[0]
                 if kind == "done":
                     remaining -= 1
-                elif kind == "error":  # the engine thread died: this worker's fault, so a client may retry elsewhere
-                    raise APIError(503, event.result()[1])
+                elif kind == "error":  # ("error", message, status): this request failed, or the engine died (503)
+                    raise APIError(event.result()[2], event.result()[1])
         finally:
             gone.cancel()
 
@@ -258,8 +293,10 @@ class Server:
                 while remaining:
                     batch = await _next_events(req.events)
                     errors = [e for e in batch if e[0] == "error"]
-                    if errors:
-                        yield _sse({"error": {"message": errors[0][1], "type": "server_error"}})
+                    if errors:  # the 200 is sent already: the error is the stream's last event
+                        _, message, status = errors[0]
+                        kind = "invalid_request_error" if status < 500 else "server_error"
+                        yield _sse({"error": {"message": message, "type": kind, "param": None, "code": None}})
                         return
                     finished = {e[1] for e in batch if e[0] == "done"}
                     for index in dict.fromkeys(e[1] for e in batch):  # each touched choice once, in event order
@@ -476,9 +513,12 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
 
 
 async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-    """FastAPI's body validation errors as one OpenAI-shaped 400 naming the first offending field."""
-    first = e.errors()[0] if e.errors() else {}
-    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    """FastAPI's body validation errors as one OpenAI-shaped 400 naming an offending field: the first error that is
+    not a plain type mismatch (of a union's alternatives, the one the value was meant for), its path without the
+    union's internal tags."""
+    errors = e.errors()
+    first = next((x for x in errors if not x.get("type", "").endswith("_type")), errors[0] if errors else {})
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and (isinstance(x, int) or x.isidentifier()))
     message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
         loc, message = "", "the request body is not valid JSON"
