@@ -150,8 +150,8 @@ def cmd_eval(config_path: str, model: str, adapter: str, limit: int) -> dict:
     from mlx_lm import load
     from mlx_lm.generate import batch_generate
 
-    from workers.learner.sources.dataset import encode
     from workers.learner.rewards import numeric_answer
+    from workers.learner.sources.dataset import encode
 
     config = load_config(config_path)
     rows = _eval_rows(config, limit)
@@ -177,8 +177,8 @@ def cmd_peer(config_path: str, model: str, out_dir: str, steps: int) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from bench.rl import train_grpo_peer
-    from workers.learner.sources.dataset import encode, load_examples
     from workers.learner.rewards import numeric_answer
+    from workers.learner.sources.dataset import encode, load_examples
     from workers.lora import LoraSpec
 
     config = load_config(config_path)

@@ -110,9 +110,10 @@ def check_inputs(config) -> None:
     """A dataset task's files and reward functions, or a verifiers environment, checked before anything starts
     (ConfigError otherwise)."""
     if config.source.type == "dataset":
-        from workers.learner.sources.dataset import check_dataset_config  # no MLX: datasets, numpy, the reward modules
+        from workers.learner.sources.dataset import check_dataset_config, check_prompts_fit  # no MLX
 
         check_dataset_config(config)
+        check_prompts_fit(config)  # with the model's tokenizer, when the model is here
     if config.source.type == "verifiers":  # the environment loads (this imports verifiers and the learner's modules)
         from workers.learner.sources.verifiers import load_environment
 

@@ -52,6 +52,7 @@ WEIGHTS = b"W"
 SLOTS = 3
 _SLOT_DIR_PREFIX = "runner-weights-"
 EXIT_ORPHANED = 3  # a child of a coordinator that went silent exits with this code
+EXIT_FATAL = 4  # a child that stopped for a reason a restart would only repeat; the coordinator ends the job
 # The largest frame a control-only socket takes (ZMQ_MAXMSGSIZE): a control message, with room to spare.
 CONTROL_MAX_BYTES = messages.MAX_BYTES + 2**16
 # What a socket that may get weight messages takes when the adapter's size is not known yet: the format's own limits.

@@ -386,6 +386,11 @@ class Coordinator:
                 continue
             # (An exited child with a restart planned, or past the flapping limit, never gets here: see above.)
             rec.state, rec.http_url = "failed", ""
+            if code == control.EXIT_FATAL:  # a restart would fail the same way; the reason ends its log
+                self.fail(
+                    f"worker {name} stopped the job (exit code {code}); last lines of {w.log_path}:\n{w.last_lines()}"
+                )
+                continue
             if w.schedule_restart(now):
                 log.warning(
                     "%s exited with code %s; restarting in %.1fs (restart %d within %.0fs)",

@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 
 from runner.config import ConfigError, SourceConfig, build_config
-from workers.learner.sources.dataset import DatasetTask, check_dataset_config, load_examples, make_dataset_task
 from workers.learner.rewards import Rewards, exact_answer, length_penalty, load_reward, numeric_answer
+from workers.learner.sources.dataset import (
+    DatasetTask,
+    check_dataset_config,
+    check_prompts_fit,
+    load_examples,
+    make_dataset_task,
+)
 
 REPO = Path(__file__).parent.parent
 EXAMPLE = REPO / "examples" / "tiny_arith"
@@ -324,3 +330,50 @@ def test_a_hub_dataset_id_loads_offline_from_the_hub_cache(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0] == "96"
     assert lines[1].startswith("source.path = 'acme/missing': cannot load split 'train'")
+
+
+# ----- prompts longer than the context -------------------------------------------------------------------------
+
+LONG_PROMPT = "count the apples " * 800  # ~2400 tokens with the tiny tokenizer: past its context of 2048
+
+
+def test_runner_check_refuses_a_prompt_too_long_for_the_context_by_row(tmp_path, tiny_model):
+    rows = [{"prompt": "What is 1+1?", "answer": "2"}] * 2 + [{"prompt": LONG_PROMPT, "answer": "x"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = tmp_path / "job.toml"
+    text = f'[model]\npath = "{tiny_model}"\n[source]\ntype = "dataset"\npath = "{train}"\n[learner]\nmax_tokens = 16\n'
+    config.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "check", str(config)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "1 prompt(s) longer than 2032 tokens" in r.stderr and "row 3 (" in r.stderr, r.stderr
+    write_jsonl(train, rows[:2])
+    check_prompts_fit(
+        build_config({"model": {"path": str(tiny_model)}, "source": {"type": "dataset", "path": str(train)}})
+    )
+
+
+def test_a_prompt_the_worker_refuses_is_skipped_and_counted(tmp_path, tokenizer, tiny_engine, serve, caplog):
+    """A row too long for the context gets a 400 from the worker: its group is left out, logged with its row and
+    counted in the step's metrics; a batch refused whole is replaced by the next; refusals without end stop."""
+    from workers.learner.sources.builtin import BuiltinSource
+
+    server = serve(tiny_engine)
+    rows = [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": LONG_PROMPT, "answer": "x"}] * 2
+    config = build_config(dataset_config(tmp_path, shuffle=False, rewards=["numeric_answer"]))
+    task = DatasetTask(tokenizer, rows, Rewards.from_config(config.source), shuffle=False)
+    source = BuiltinSource(task, lambda: [server.base], group_size=2, batch_size=2, max_tokens=4)
+    try:
+        batch = source.next_batch(1)
+        assert len(batch.groups) == 1 and batch.info["metrics"]["refused_prompts"] == 1
+        assert "prompt 1 (row 2) skipped" in caplog.text and "exceeds the model's context" in caplog.text
+        assert source.state()["position"] == 2
+    finally:
+        source.close()
+    task = DatasetTask(tokenizer, rows[1:2], Rewards.from_config(config.source), shuffle=False)
+    source = BuiltinSource(task, lambda: [server.base], group_size=2, batch_size=2, max_tokens=4)
+    source.MAX_REFUSED = 4
+    try:
+        with pytest.raises(RuntimeError, match="refused 4 prompts in a row"):
+            source.next_batch(1)
+    finally:
+        source.close()

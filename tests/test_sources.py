@@ -9,9 +9,7 @@ import threading
 import pytest
 
 from workers.learner.sources.base import Batch, FreshSource, Sample, Stopped
-
 from workers.learner.sources.builtin import BuiltinSource
-
 from workers.learner.sources.replay import ReplaySource
 
 

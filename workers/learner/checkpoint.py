@@ -9,10 +9,13 @@
     RUN_DIR/checkpoints/latest                              names the newest complete checkpoint dir
     RUN_DIR/metrics.jsonl                                   one JSON object per step
 
-A checkpoint directory is written whole in a temp dir and renamed into place, then `latest` is replaced atomically,
-so a crash leaves either the previous or the new checkpoint, never a half one. Still, `find_latest` validates what it
-picks (a disk can fill, someone can copy a dir by hand) and falls back to the newest loadable checkpoint. It only
-reads: a broken checkpoint is reported and left for a person to inspect.
+A checkpoint directory is written whole in a temp dir and renamed into place; its files, the directory and the rename
+are fsynced; only then is `latest` replaced atomically (and fsynced), so a crash, of the process or of the OS, leaves
+either the previous or the new checkpoint, never a half one. Still, `find_latest` validates what it picks (a disk can
+fill, someone can copy a dir by hand) and falls back to the newest loadable checkpoint. It only reads: a broken
+checkpoint is reported and left for a person to inspect. When there are checkpoints and none is loadable,
+`CheckpointError` names each and why: the learner stops instead of starting over (which would redo the run from step
+0 on top of its history).
 
 This module knows the files, not the trainer: `Trainer.save_checkpoint` / `Trainer.restore` say what goes in them.
 """
@@ -41,6 +44,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
+FAILURE = "learner_failure.json"  # the last failure of training: step, input (the source's position), error
 REQUIRED = ("adapters.safetensors", "adapter_config.json", "optimizer.safetensors", STATE)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -74,10 +78,24 @@ def save_checkpoint(
     target = root / checkpoint_name(state["step"])
     _remove_leftovers(root)
     save_adapter(target, model, spec, extra_files=extra)
+    _fsync_tree(target)  # before `latest` may name it
     write_atomic(root / LATEST, target.name + "\n")
     _prune(root, keep_last, keep=target)
     log.info("checkpoint %s written", target)
     return target
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush a checkpoint directory's files, the directory, and its parent (the rename that put it there)."""
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    for d in (directory, directory.parent):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -143,28 +161,44 @@ def check_checkpoint(path: str | Path) -> str | None:
     return None
 
 
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: the one `latest` names if it is complete, else the newest loadable one (by
-    step number). Broken checkpoints are skipped with a warning and left in place."""
+class CheckpointError(RuntimeError):
+    """A run directory has checkpoints and none can be resumed from; the message names each and why."""
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """The checkpoints to try, best first: the one `latest` names (after a resume from an older checkpoint, newer
+    dirs of the abandoned run may exist), then every step dir, newest first."""
     root = Path(run_dir) / CHECKPOINTS
     try:
         named = (root / LATEST).read_text().strip()
     except OSError:
         named = ""
-    if named:
-        # Preferred over a scan: after a resume from an older checkpoint, newer dirs of the abandoned run may exist.
-        problem = check_checkpoint(root / named) if _STEP_DIR.match(named) else "not a checkpoint name"
-        if problem is None:
-            return root / named
-        log.warning(
-            "%s names %s, which is unusable (%s); looking for the newest good checkpoint", root / LATEST, named, problem
-        )
-    for _, path in reversed(_step_dirs(root)):
-        problem = check_checkpoint(path)
+    found = [root / named] if named else []
+    return found + [path for _, path in reversed(_step_dirs(root)) if path not in found]
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from (the first complete one of `candidates`), None when there is none at all;
+    CheckpointError naming each and why when there are checkpoints and none is complete. Broken checkpoints are
+    skipped with a warning and left in place."""
+    problems = []
+    for path in candidates(run_dir):
+        problem = check_checkpoint(path) if _STEP_DIR.match(path.name) else "not a checkpoint name"
         if problem is None:
             return path
         log.warning("skipping checkpoint %s: %s", path, problem)
+        problems.append(f"{path}: {problem}")
+    if problems:
+        raise CheckpointError(no_checkpoint_loads(run_dir, problems))
     return None
+
+
+def no_checkpoint_loads(run_dir: str | Path, problems: list[str]) -> str:
+    return (
+        f"no checkpoint of {run_dir} can be resumed from, so the learner stops rather than start over:\n  "
+        + "\n  ".join(problems)
+        + "\nmove the broken ones aside (or the whole checkpoints directory, to start over) and launch again"
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -181,6 +215,29 @@ def load_checkpoint(path: str | Path) -> dict:
         "optimizer": mx.load(str(path / "optimizer.safetensors")),
         "ema": mx.load(str(ema_path)) if ema_path.exists() else None,
     }
+
+
+def failed_again(run_dir: str | Path, step: int, source_state: dict, error: BaseException) -> str | None:
+    """Record that step `step` failed on the input at `source_state` with `error` (RUN_DIR/learner_failure.json);
+    when the failure recorded before was the same step, input and kind of error, return why the job should stop:
+    a restart would only repeat it."""
+    path = Path(run_dir) / FAILURE
+    now = {
+        "step": step,
+        "source": json.loads(json.dumps(source_state)),
+        "error": type(error).__name__,
+        "message": str(error)[:2000],
+    }
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, dict) and all(before.get(k) == now[k] for k in ("step", "source", "error")):
+        where = json.dumps(now["source"])
+        return f"step {step} failed twice on the same input (source {where}): {now['error']}: {now['message']}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(now) + "\n")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from collections.abc import Callable
 import numpy as np
 
 from runner.config import Config
-from workers.learner.sources.dataset import DatasetTask, make_dataset_task
 from workers.learner.sources.base import Stopped, in_daemon_thread, wait_unless_stopped
 from workers.learner.sources.builtin import BuiltinSource, choices
+from workers.learner.sources.dataset import DatasetTask, make_dataset_task
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ import httpx
 
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config
-from runner.control import EXIT_ORPHANED, ControlClient, Publisher
+from runner.control import EXIT_FATAL, EXIT_ORPHANED, ControlClient, Publisher
 from runner.rundir import check_job
+from workers.learner import checkpoint as ck
 from workers.learner import distributed as dist
 from workers.learner.evaluation import make_evaluator
 from workers.learner.sources.base import FreshSource, Stopped
@@ -97,6 +98,7 @@ def run_learner(args: argparse.Namespace) -> int:
         lambda: fresh.dropped_batches,
         evaluator,
     )
+    fatal = False  # a failure a restart would only repeat: exit EXIT_FATAL, the coordinator stops the job
     try:
         fit(
             trainer,
@@ -115,12 +117,24 @@ def run_learner(args: argparse.Namespace) -> int:
             evaluator.finish(trainer.step_count, trainer.version)  # the final eval; the job ends after it
     except Stopped as e:  # SIGTERM while waiting for rollouts: fit has checkpointed the last completed step
         log.info("%s; stopping at step %d", e, trainer.step_count)
+    except ck.CheckpointError as e:  # starting over instead would redo the run on top of its history
+        log.error("%s", e)
+        fatal = True
+    except Exception as e:
+        why = ck.failed_again(config.checkpoint.dir, trainer.step_count + 1, source.state(), e)
+        if why is None:
+            raise  # the coordinator restarts the learner: it may get past this
+        log.exception("%s; stopping the job", why)
+        fatal = True
     finally:
         client.status["state"] = "stopping"
         source.close()
         if evaluator is not None:
             evaluator.close()
         sink.close()
+    if fatal:
+        client.close()
+        return EXIT_FATAL  # the coordinator ends the job with the end of this log
     if not stopping.is_set():
         client.send({"type": "done", "name": args.name})
     client.close()

@@ -29,6 +29,11 @@ from workers.learner.tasks import Task
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {429, 502, 503, 504}
+REFUSED_STATUS = {400, 413, 422}  # the worker refused this prompt (e.g. it cannot fit the context): skip it
+
+
+class Refused(Exception):
+    """A worker refused one prompt as the caller's mistake; the prompt is skipped, not retried."""
 
 
 def choices(response: dict) -> list[dict]:
@@ -62,6 +67,7 @@ class BuiltinSource:
     """
 
     FAILED_COOLDOWN = 5.0
+    MAX_REFUSED = 256
 
     def __init__(
         self,
@@ -136,6 +142,8 @@ class BuiltinSource:
             finally:
                 self._release_url(url, failed=not ok)
                 last_failed["url"] = None if ok else url
+            if r.status_code in REFUSED_STATUS:
+                raise Refused(f"{url} answered {r.status_code}: {_error_message(r)}")
             r.raise_for_status()
             return r.json()
 
@@ -143,11 +151,32 @@ class BuiltinSource:
             retry = retrying(self.stop, self.retry_seconds, (Retryable, httpx.TransportError), "rollout request")
             return retry(call)
 
+    def _complete_or_refused(self, prompt_ids: list[int], prompt_index: int) -> dict | Refused:
+        try:
+            return self.complete(prompt_ids, prompt_index)
+        except Refused as e:
+            return e
+
     def _start(self, position: int) -> tuple[int, list, list[Future]]:
         prompts = [self.task.prompt(position + i) for i in range(self.batch_size)]
-        return position, prompts, [in_daemon_thread(self.complete, p.ids, p.index) for p in prompts]
+        return position, prompts, [in_daemon_thread(self._complete_or_refused, p.ids, p.index) for p in prompts]
 
     def next_batch(self, step: int) -> Batch:
+        """The next batch's scored groups. A prompt a worker refuses (4xx: e.g. longer than the context with
+        `max_tokens`) is skipped, logged and counted (`refused_prompts`); a batch whose prompts were all refused is
+        replaced by the next one, up to `MAX_REFUSED` refused prompts in a row (then RuntimeError: the job's data
+        or settings are wrong, not one row)."""
+        refused = 0
+        while True:
+            batch = self._next_batch(step)
+            refused += batch.info["metrics"]["refused_prompts"]
+            if batch.groups:
+                batch.info["metrics"]["refused_prompts"] = refused
+                return batch
+            if refused >= self.MAX_REFUSED:
+                raise RuntimeError(f"the workers refused {refused} prompts in a row; the last: {batch.info['refused']}")
+
+    def _next_batch(self, step: int) -> Batch:
         start, prompts, futures = self._ahead.popleft() if self._ahead else self._start(self.position)
         while len(self._ahead) < self.depth and (self.steps is None or step + len(self._ahead) < self.steps):
             j = len(self._ahead) + 1  # trained j steps after this batch
@@ -155,7 +184,14 @@ class BuiltinSource:
                 raise Stopped(f"stopped while waiting to start the rollouts of step {step + j}")
             self._ahead.append(self._start(start + j * self.batch_size))
         wait_unless_stopped(futures, self.stop, f"the rollouts of step {step}")
-        responses = [(p, fut.result()) for p, fut in zip(prompts, futures)]
+        responses, refused = [], []
+        for p, fut in zip(prompts, futures):
+            if isinstance(fut.result(), Refused):
+                row = f" (row {self.task.row_index(p.index) + 1})" if hasattr(self.task, "row_index") else ""
+                log.warning("prompt %d%s skipped: %s", p.index, row, fut.result())
+                refused.append(f"prompt {p.index}{row}: {fut.result()}")
+            else:
+                responses.append((p, fut.result()))
         rewards, reward_errors = score(self.task, [(p, c) for p, r in responses for c in choices(r)])
         rewards = iter(rewards)
         groups = []
@@ -173,10 +209,12 @@ class BuiltinSource:
             groups.append(group)
         self.position = start + self.batch_size
         batch = Batch(groups=groups, info={"source": "builtin", "task": self.task.name, "prompt_index": start})
-        batch.info["metrics"] = {"prompt_index": start}  # the trainer adds these to the step's metrics
+        batch.info["metrics"] = {"prompt_index": start, "refused_prompts": len(refused)}  # added to the step's
+        if refused:
+            batch.info["refused"] = refused[-1]
         if reward_errors is not None:
             batch.info["metrics"]["reward_errors"] = reward_errors
-        if self.recorder:
+        if self.recorder and batch.groups:
             self.recorder.write(batch)
         return batch
 
@@ -190,3 +228,11 @@ class BuiltinSource:
     def close(self) -> None:
         self._ahead.clear()
         self._client.close()
+
+
+def _error_message(r: httpx.Response) -> str:
+    """The message of an OpenAI-shaped error body, else the start of the body."""
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return r.text[:200]

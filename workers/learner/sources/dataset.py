@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ def encode(tokenizer, row: dict, chat_template: bool) -> list[int]:
     if chat_template:
         messages = row["messages"] if "messages" in row and not isinstance(row.get("prompt"), str) else None
         messages = messages or [{"role": "user", "content": row["prompt"]}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # a bare transformers tokenizer: a dict
     text = row["prompt"] if isinstance(row.get("prompt"), str) else "\n".join(m["content"] for m in row["messages"])
     return list(tokenizer.encode(text))
 
@@ -188,6 +190,55 @@ def check_dataset_config(config: Config) -> None:
     Rewards.from_config(sc)
     if ec.path:
         load_examples(ec.path, ec.split, key="eval.path", limit=ec.limit)
+
+
+def check_prompts_fit(config: Config) -> None:
+    """Every dataset prompt, training and eval rows, fits the model's context with `[learner] max_tokens`; else a
+    ConfigError naming the rows that do not (by number, from 1, as `load_examples` counts them). Reads the model's
+    tokenizer and config.json (the context length the workers use); skipped while the model is not on this machine
+    (a hub id not yet fetched, a model `prepare` will build): the workers then refuse such a prompt and the learner
+    skips it (workers.learner.sources.builtin)."""
+    sc, ec, mc = config.source, config.eval, config.model
+    if sc.type != "dataset":
+        return
+    model_dir = _local_model(mc.path)
+    if model_dir is None:
+        log.info("the prompt lengths are not checked: model %s is not on this machine yet", mc.path)
+        return
+    # As the generation workers (workers/generation/server.py) take it.
+    context = int(json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or 2048)
+    from transformers import AutoTokenizer  # what mlx-lm wraps; no MLX here
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if sc.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("source.chat_template = true, but the model's tokenizer has no chat template")
+    room = context - config.learner.max_tokens
+    sets = [("source.path", sc.path, sc.split, None)] + (
+        [("eval.path", ec.path, ec.split, ec.limit)] if ec.path else []
+    )
+    for key, path, split, limit in sets:
+        lengths = [len(encode(tokenizer, row, sc.chat_template)) for row in load_examples(path, split, key, limit)]
+        too_long = [(i, n) for i, n in enumerate(lengths, 1) if n > room]
+        if too_long:
+            rows = ", ".join(f"row {i} ({n} tokens)" for i, n in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
+            raise ConfigError(
+                f"{key} = {path!r}: {len(too_long)} prompt(s) longer than {room} tokens, the model's context "
+                f"({context}) less learner.max_tokens ({config.learner.max_tokens}): {rows}"
+            )
+
+
+def _local_model(name: str) -> Path | None:
+    """The model's directory if it is on this machine (a local directory, or a hub id in the hub cache), else None."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path if (path / "config.json").is_file() else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not a repo id, or not fetched yet
+        return None
+    return snapshot if (snapshot / "config.json").is_file() else None
 
 
 def make_dataset_task(config: Config, tokenizer, evaluation: bool = False) -> DatasetTask:
