@@ -19,8 +19,11 @@ implementations from the coordinator's ``welcome``:
   copy, keeps it as the latest, and passes the notice to its same-host workers; each copies the tensors into MLX and
   verifies its copy before installing it. Slots are reused round-robin (version % SLOTS), so a reader more than
   SLOTS - 1 versions behind may read a slot being rewritten: its copy then fails the checksum and it asks for the
-  latest (``get_latest``) instead. The directory (0700) also holds the Unix socket the coordinator's children join
-  on; the coordinator removes it at shutdown, and one left by a killed coordinator is removed by the next one.
+  latest (``get_latest``) instead. A slot directory without room for a version (free space checked, pages allocated
+  up front: a full tmpfs would kill the writer with SIGBUS) makes the learner say so in its log and send that version
+  and the next ones as frames (`SlotSpaceError`). The directory (0700) also holds the Unix socket the coordinator's
+  children join on; the coordinator removes it at shutdown, and one left by a killed coordinator is removed by the
+  next one.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 CONTROL = b"C"
 WEIGHTS = b"W"
 SLOTS = 3
+SLOT_HEADROOM = 1 << 20  # free space a new slot file must leave in its directory (others share /dev/shm)
 _SLOT_DIR_PREFIX = "runner-weights-"
 EXIT_ORPHANED = 3  # a child of a coordinator that went silent exits with this code
 EXIT_FATAL = 4  # a child that stopped for a reason a restart would only repeat; the coordinator ends the job
@@ -57,6 +61,10 @@ EXIT_FATAL = 4  # a child that stopped for a reason a restart would only repeat;
 CONTROL_MAX_BYTES = messages.MAX_BYTES + 2**16
 # What a socket that may get weight messages takes when the adapter's size is not known yet: the format's own limits.
 WEIGHTS_MAX_BYTES = wire.MAX_HEADER_BYTES + wire.MAX_TOTAL_BYTES
+
+
+class SlotSpaceError(OSError):
+    """The slot directory has no room for a version; the learner sends versions as frames instead."""
 
 
 class CoordinatorGone(RuntimeError):
@@ -412,12 +420,26 @@ class SlotTransport:
     def _mapping(self, slot: int, size: int) -> mmap.mmap:
         mapped = self._writable.get(slot)
         if mapped is None or len(mapped) != size:
+            # Writing pages a full tmpfs cannot back kills the process with SIGBUS: check the free space first, and
+            # allocate the pages up front where the OS can (Linux), so a shortage is an error here, not a signal.
+            free = shutil.disk_usage(self.directory).free  # statvfs
+            if free < size + SLOT_HEADROOM:
+                raise SlotSpaceError(
+                    f"{self.directory} has {free / 2**20:.1f} MiB free; a version needs {size / 2**20:.1f} MiB "
+                    f"(and {SLOT_HEADROOM / 2**20:.0f} MiB to spare)"
+                )
             # A new file (renamed into place) rather than a resize: readers keep their old mapping valid.
             tmp = self.directory / f".slot-{slot}.tmp"
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.ftruncate(fd, size)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, size)
+                else:  # macOS: the temp dir is page-cache backed, not a small tmpfs
+                    os.ftruncate(fd, size)
                 mapped = mmap.mmap(fd, size)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise SlotSpaceError(f"{self.directory}: cannot allocate a {size / 2**20:.1f} MiB slot ({e})") from e
             finally:
                 os.close(fd)
             os.replace(tmp, self.directory / f"slot-{slot}")
@@ -529,7 +551,12 @@ class Publisher:
     def publish(self, version: int, step: int, buffers: list) -> None:
         """Send one version (host buffers: `Trainer.lora_buffers()`) and wait for the coordinator to accept it;
         RuntimeError if it rejects it."""
-        self.transport.send(self.client, version, step, self.base_model_id, self.adapter_config, buffers)
+        try:
+            self.transport.send(self.client, version, step, self.base_model_id, self.adapter_config, buffers)
+        except SlotSpaceError as e:  # nothing was sent: send this version and the next ones as frames
+            log.warning("%s: adapter versions go over the control socket from now on, not shared memory", e)
+            self.transport = FrameTransport()
+            self.transport.send(self.client, version, step, self.base_model_id, self.adapter_config, buffers)
         reply = self.client.wait_for(("published", "rejected"), timeout=60, what=f"adapter version {version}")[1]
         if reply["type"] == "rejected":
             raise RuntimeError(f"the coordinator rejected adapter version {version}: {reply['reason']}")

@@ -734,8 +734,10 @@ def _resume(trainer: Trainer, source: Source, run_dir: Path, resume: bool | str 
     problems = []
     for checkpoint in [Path(resume)] if isinstance(resume, (str, Path)) else ck.candidates(run_dir):
         try:
+            if problem := ck.check_checkpoint(checkpoint):
+                raise ValueError(problem)
             trainer.restore(checkpoint, source)
-        except Exception as e:  # complete on disk but unloadable (bad data, another model's): try the next
+        except Exception as e:  # incomplete, or complete but unloadable (bad data, another model's): try the next
             log.warning("cannot resume from %s: %s", checkpoint, e)
             problems.append(f"{checkpoint}: {e}")
             continue
