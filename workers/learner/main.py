@@ -17,6 +17,11 @@ adapter before the first rollout. SIGTERM during a step finishes it; during the 
 batch) it abandons them at once; either way the learner checkpoints the last completed step and exits 0 (a step
 longer than the coordinator's `stop_grace` is cut short by SIGKILL: the last checkpoint stays the newest).
 
+A failure a restart would only repeat ends the job instead of a restart loop: the learner logs the reason and exits
+EXIT_FATAL, which the coordinator takes as the end of the job. That is a run dir whose checkpoints all fail to load
+(workers.learner.checkpoint.CheckpointError), or a step that fails the same way on the same input (the source's
+position) as the failure before it (RUN/learner_failure.json records the last one).
+
 Started as ring ranks (`[learner] hosts`), rank 0 does all of the above and sends the config to the other ranks (other
 hosts need not have the file); they follow through the same `fit` with no callbacks (workers.learner.distributed).
 """
