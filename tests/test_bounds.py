@@ -77,7 +77,7 @@ def hello(endpoint: str, name: str) -> str:
     """Say hello as a remote generation worker on a socket of its own; the reply's type."""
     s = dealer(endpoint)
     try:
-        msg = {"type": "hello", "name": name, "role": "generate", "pid": os.getpid(), "host": "remote"}
+        msg = {"type": "hello", "name": name, "role": "generate", "pid": os.getpid(), "host": "remote", "token": name}
         s.send_multipart([CONTROL, messages.pack(msg)])
         assert s.poll(10_000), f"no reply to hello {name!r}"
         return messages.unpack(s.recv_multipart()[1])["type"]
