@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,12 +40,13 @@ from workers.learner.trainer import host_buffers
 from workers.lora import LoraSpec, apply_lora, lora_tensors
 
 COORDINATOR = """
-import json, signal, sys
+import json, os, signal, sys
 from pathlib import Path
 from runner.config import build_config
 from runner.coordinator import add_generation_workers, create_coordinator
 config = build_config(json.loads(sys.argv[1]))
 coord = create_coordinator(config, Path(sys.argv[2]) / "job.toml")
+coord.grant("bench-learner", "learner", os.environ.pop("BENCH_LEARNER_TOKEN"))  # we play the learner
 add_generation_workers(coord, config.generation.workers)
 signal.signal(signal.SIGTERM, lambda *_: coord.request_stop("benchmark over"))
 print(coord.local_endpoint or coord.control_endpoint, flush=True)  # what its local children join
@@ -113,11 +116,15 @@ def run_shape(name: str, transport: str, pushes: int, workers: int, tmp: Path) -
         }
     )
     # The coordinator runs in its own process, as under `runner launch`, so it doesn't share this one's GIL.
+    token = secrets.token_hex(16)  # the learner's role secret, in the coordinator's environment only
     coordinator = subprocess.Popen(
-        [sys.executable, "-c", COORDINATOR, json.dumps(config.to_dict()), str(tmp)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", COORDINATOR, json.dumps(config.to_dict()), str(tmp)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BENCH_LEARNER_TOKEN": token},
     )
     endpoint = coordinator.stdout.readline().strip()
-    client = ControlClient(endpoint, "bench-learner", role="learner")
+    client = ControlClient(endpoint, "bench-learner", role="learner", token=token)
     publisher = Publisher(client, client.hello(), {})  # the learner's own publishing path
     tensors = adapter_for(model_dir, spec)
     nbytes = sum(t.nbytes for t in tensors.values())

@@ -88,6 +88,14 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_authorize(args: argparse.Namespace) -> int:
+    from runner.keys import authorize_key
+
+    target = authorize_key(Path(args.public_key), Path(args.dir), args.role, args.name)
+    print(f"authorized as a {args.role}: {target} (takes effect at the client's next connection)")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from runner.deploy import render, worker_arguments
 
@@ -297,6 +305,15 @@ def _add_keys_commands(sub) -> None:
     k.add_argument("--name", default="runner")
     k.add_argument("--force", action="store_true", help="replace existing keys")
     k.set_defaults(func=cmd_keys_generate)
+    a = ksub.add_parser(
+        "authorize",
+        help="admit a client's public key in a role: copies it into DIR/workers/, DIR/learners/ or DIR/observers/",
+    )
+    a.add_argument("public_key", help="the client's NAME.key file (never its secret)")
+    a.add_argument("--dir", required=True, help="the coordinator's [security] authorized_keys directory")
+    a.add_argument("--role", required=True, choices=["worker", "learner", "observer"])
+    a.add_argument("--name", default=None, help="file name in DIR (default: the key file's)")
+    a.set_defaults(func=cmd_keys_authorize)
 
 
 def _add_report_command(sub) -> None:

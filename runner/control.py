@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import mmap
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -57,6 +58,8 @@ SLOT_HEADROOM = 1 << 20  # free space a new slot file must leave in its director
 _SLOT_DIR_PREFIX = "runner-weights-"
 EXIT_ORPHANED = 3  # a child of a coordinator that went silent exits with this code
 EXIT_FATAL = 4  # a child that stopped for a reason a restart would only repeat; the coordinator ends the job
+# A child's role secret, given by the coordinator in its environment (never on a command line): its hello carries it.
+ROLE_TOKEN_ENV = "RUNNER_ROLE_TOKEN"
 # The largest frame a control-only socket takes (ZMQ_MAXMSGSIZE): a control message, with room to spare.
 CONTROL_MAX_BYTES = messages.MAX_BYTES + 2**16
 # What a socket that may get weight messages takes when the adapter's size is not known yet: the format's own limits.
@@ -69,6 +72,11 @@ class SlotSpaceError(OSError):
 
 class CoordinatorGone(RuntimeError):
     """The coordinator did not answer in time."""
+
+
+class HelloRefused(CoordinatorGone):
+    """The coordinator answered hello with `rejected` (e.g. the name is live in another process): a rejoining worker
+    tries again with backoff, as for a coordinator that is not there."""
 
 
 class ControlClient:
@@ -90,8 +98,12 @@ class ControlClient:
         heartbeat_interval: float = 1.0,
         curve: dict | None = None,
         max_message_bytes: int = CONTROL_MAX_BYTES,
+        token: str | None = None,
     ):
         self.endpoint, self.name, self.role = endpoint, name, role
+        # What proves to the coordinator that a message naming us is ours: the role secret it gave us (taken out of
+        # the environment, so nothing we start inherits it), or one made up here and told once at hello.
+        self.token = token or os.environ.pop(ROLE_TOKEN_ENV, "") or secrets.token_hex(16)
         # ZMQ_MAXMSGSIZE of the sockets it opens from now on: a larger frame drops the connection before it is
         # buffered. Control messages only, or for a generation worker weight messages too (it lowers this to its
         # adapter's bound once its model is loaded, for the weights SUB socket and any new control socket).
@@ -128,7 +140,13 @@ class ControlClient:
     # ----- messages --------------------------------------------------------------------------------------------
     def send(self, msg: dict) -> None:
         with self._lock:
-            self.sock.send_multipart([CONTROL, messages.pack(msg)])
+            self.sock.send_multipart([CONTROL, messages.pack(self._signed(msg))])
+
+    def _signed(self, msg: dict) -> dict:
+        """`msg` with our token when it names us (see `runner.messages`)."""
+        if msg.get("name") == self.name and "token" in messages.MESSAGES[msg["type"]]:
+            return {**msg, "token": self.token}
+        return msg
 
     def send_weights(self, frames: list) -> None:
         with self._lock:
@@ -181,7 +199,10 @@ class ControlClient:
             "host": socket.gethostname(),
             **info,
         }
-        welcome = self.request(info, ("welcome",), timeout=timeout)[1]
+        welcome = self.request(info, ("welcome", "rejected"), timeout=timeout)[1]
+        if welcome["type"] == "rejected":
+            why = welcome["reason"]
+            raise HelloRefused(f"the coordinator at {self.endpoint} refused hello as {self.name!r}: {why}")
         self.supervised = welcome.get("supervised", False)
         self._parent = os.getppid()  # a supervised process's parent is the coordinator (or a wrapper it started)
         self._last_beat = time.monotonic()
@@ -219,7 +240,7 @@ class ControlClient:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
-                    msg = {"type": "heartbeat", "name": self.name, "pid": os.getpid()}
+                    msg = {"type": "heartbeat", "name": self.name, "pid": os.getpid(), "token": self.token}
                     msg.update((k, self.status[k]) for k in ("state", "version", "http_url") if k in self.status)
                     try:
                         hb.send_multipart([CONTROL, messages.pack(msg)], flags=zmq.NOBLOCK)
@@ -267,7 +288,7 @@ class ControlClient:
         def ack(version: int) -> None:
             self.status["version"] = version  # heartbeats carry it too, should this ack be lost
             try:
-                msg = messages.pack({"type": "ack", "name": self.name, "version": version})
+                msg = messages.pack({"type": "ack", "name": self.name, "version": version, "token": self.token})
                 sock.send_multipart([CONTROL, msg], flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("could not ack adapter version %d now; the next heartbeat reports it", version)
@@ -565,7 +586,7 @@ class Publisher:
         """Block until every serving generation worker (at least one) serves `min_version` or newer; returns the
         oldest version served, or None once `stopping` is set (the caller stops between steps; not an error). The
         coordinator answers when the acks arrive, so there is no polling."""
-        self.client.send({"type": "wait_serving", "version": min_version})
+        self.client.send({"type": "wait_serving", "version": max(min_version, 0)})  # versions start at 0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if stopping.is_set():

@@ -30,8 +30,10 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 PUBLISHED_VERSION = "published_version"  # file in the run dir: the newest version the job published
 
 LIVE_STATES = ("starting", "loading", "catching_up", "serving", "training")
+VERSION_SLACK = 1000  # how far beyond this job's newest version a worker's hello may report (see _version_bound)
 MAX_REMOTE_WORKERS = 256  # rows of remote workers the table holds; a hello beyond that is refused
 LOST_ROW_TIMEOUTS = 3  # a remote row not live for this many heartbeat timeouts is removed
 STATUS_FIELD_CHARS = 200  # a status row's strings are cut to this many characters
@@ -82,13 +85,15 @@ class WorkerRecord:
     capabilities: dict = field(default_factory=dict)
     identity: bytes = b""
     beat_identity: bytes = b""  # the socket it heartbeats from, where the coordinator's beats go
+    token: str = ""  # the secret its hello carried: messages naming it count only with it
+    curve_key: str = ""  # the CURVE public key its hello came with (z85; "" without CURVE)
     weights_via: str = ""  # "slots" (same-host shared memory) or "pub" (the weights PUB socket)
     resent_version: int = 0  # the last version re-sent because its heartbeat reported an older one
 
     def row(self, now: float) -> dict:
         d = asdict(self)
-        d.pop("identity")
-        d.pop("beat_identity")
+        for private in ("identity", "beat_identity", "token", "curve_key"):
+            d.pop(private)
         d["heartbeat_age"] = round(now - self.last_heartbeat, 2) if self.last_heartbeat else None
         return d
 
@@ -299,6 +304,13 @@ class Coordinator:
         self.router = None  # uvicorn.Server of the [generation] front_port router, if any
         self.router_thread: threading.Thread | None = None
         self.serving_waiters: list[tuple[bytes, int]] = []  # (identity, version) told once every worker serves it
+        self.grants: dict[str, tuple[str, str]] = {}  # name -> (secret, role) of the processes we start (`grant`)
+        self.peers: dict[bytes, str] = {}  # the socket each worker said hello from -> its name
+        self.own_key = ""  # our CURVE public key (z85), which our children connect with
+        if config.security.curve_secret_key:
+            from runner.keys import load_keypair
+
+            self.own_key = load_keypair(config.security.curve_secret_key)[0].decode()
         self.handlers = {
             "hello": self._on_hello,
             "heartbeat": self._on_heartbeat,
@@ -350,7 +362,9 @@ class Coordinator:
     # ----- children --------------------------------------------------------------------------------------------
     def add_watcher(self, name: str, role: str, cmd: list[str], restart_cmd: list[str] | None = None) -> None:
         log_path = self.run_dir / "logs" / f"{name}.log"
-        self.watchers[name] = Watcher(name, cmd, log_path, self.config, restart_cmd, env=self.child_env)
+        # Its role secret in its environment only (a command line is visible to every user of the machine).
+        env = {**(self.child_env or os.environ), control.ROLE_TOKEN_ENV: self.grant(name, role)}
+        self.watchers[name] = Watcher(name, cmd, log_path, self.config, restart_cmd, env=env)
         self.workers[name] = WorkerRecord(name=name, role=role)
         self.watchers[name].start()
         self.workers[name].pid = self.watchers[name].proc.pid
@@ -413,20 +427,44 @@ class Coordinator:
 
     # ----- control messages ------------------------------------------------------------------------------------
     def _reply(self, identity: bytes, msg: dict) -> None:
-        self.control.send_multipart([identity, CONTROL, messages.pack(msg)])
+        """Send one control message; one that cannot be sent (e.g. over MAX_BYTES) is logged and answered with a
+        short `rejected` instead: a reply never raises."""
+        if msg["type"] == "rejected" and len(msg["reason"]) > 1000:
+            msg = {"type": "rejected", "reason": msg["reason"][:1000] + "..."}
+        try:
+            data = messages.pack(msg)
+        except messages.MessageError as e:
+            log.error("could not send a %r reply to %s: %s", msg["type"], self._describe(identity), e)
+            data = messages.pack({"type": "rejected", "reason": f"the {msg['type']!r} reply could not be sent"})
+        self.control.send_multipart([identity, CONTROL, data])
 
     def _handle(self, frames: list) -> None:
-        identity, kind = bytes(frames[0]), bytes(frames[1]) if len(frames) > 1 else b""
+        """Dispatch one message from the control socket. Nothing a peer sends can end the coordinator: a handler
+        that fails is logged once with the peer and answered `rejected` (handlers check before they change
+        anything, so the worker table, the latest version and the children stay as they were)."""
+        identity = bytes(frames[0])
+        try:
+            self._dispatch(identity, frames)
+        except Refused as e:
+            log.warning("refused a message from %s: %s", self._describe(identity), e)
+            self._reply(identity, {"type": "rejected", "reason": str(e)})
+        except Exception as e:
+            log.error("a message from %s failed: %s: %s", self._describe(identity), type(e).__name__, e)
+            self._reply(identity, {"type": "rejected", "reason": f"the coordinator could not handle it ({e!r})"})
+
+    def _dispatch(self, identity: bytes, frames: list) -> None:
+        kind = bytes(frames[1]) if len(frames) > 1 else b""
         if kind == WEIGHTS:
+            self._learner(identity, "a weight message")
             self._accept(identity, lambda: wire.decode(frames[2:]), None)
             return
         if kind != CONTROL or len(frames) != 3:
-            log.warning("dropped a control message with unknown framing")
+            log.warning("dropped a control message with unknown framing from %s", self._describe(identity))
             return
         try:
             msg = messages.unpack(frames[2])
         except messages.MessageError as e:
-            log.warning("dropped a malformed control message: %s", e)
+            log.warning("dropped a malformed control message from %s: %s", self._describe(identity), e)
             if e.type == "weights_slot":  # the learner waits for an answer to every version it offers
                 self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
@@ -434,22 +472,120 @@ class Coordinator:
         if handler is None:
             log.warning("dropped a %r message: nothing sends the coordinator one", msg["type"])
             return
-        handler(identity, msg)
+        handler(identity, msg, _curve_key(frames[1]))
 
-    def _record(self, msg: dict) -> WorkerRecord:
-        name = str(msg["name"])
-        if name not in self.workers:  # a remote worker joining
-            self.workers[name] = WorkerRecord(name=name, role=str(msg.get("role", "generate")), local=False)
-        return self.workers[name]
+    # ----- who may send what (see the Security section of the README) ------------------------------------------
+    def grant(self, name: str, role: str, token: str | None = None) -> str:
+        """A secret (`token`, or a new one) that lets the process holding it say hello as `name` in `role`
+        ("learner" or "generate"), and only it: how the coordinator's own children get their role (in their
+        environment), and how a test or benchmark plays the learner. A name with a grant is taken by no one else."""
+        token = token or secrets.token_hex(16)
+        self.grants[name] = (token, role)
+        return token
 
-    def _on_hello(self, identity: bytes, msg: dict) -> None:
-        rec = self._record(msg)
-        rec.identity, rec.pid, rec.host = identity, msg.get("pid", 0), msg.get("host", "")
+    def _credentials(self, key: str) -> frozenset[str]:
+        """The roles ("worker", "learner", "observer") a peer has before any secret: without CURVE (loopback only)
+        a worker's; under CURVE those of its key's place in the authorized-keys directory (the coordinator's own
+        key, which its children hold, a worker's: they take their role from their secret)."""
+        if not self.config.security.curve_secret_key:
+            return frozenset({"worker", "observer"})
+        if key == self.own_key:
+            return frozenset({"worker", "observer"})
+        from runner.keys import key_roles
+
+        return key_roles(Path(self.config.security.authorized_keys)).get(key.encode(), frozenset()) | {"observer"}
+
+    def _describe(self, identity: bytes) -> str:
+        name = self.peers.get(identity)
+        return f"peer {identity.hex()}" + (f" ({name})" if name else " (no hello)")
+
+    def _version_bound(self) -> int:
+        """The newest version a worker may report: one this job published (or, at hello, a little beyond: a
+        remote worker may serve one a run dir without `published_version` never saw)."""
+        return max(self.latest_version, self.seen_version)
+
+    def _sender(self, msg: dict, key: str) -> WorkerRecord:
+        """The record of the process a message naming a worker comes from: the one that said hello under that name,
+        proven by its token (and its pid and CURVE key, when given). Raises Refused otherwise."""
+        rec = self.workers.get(msg["name"])
+        if (
+            rec is None
+            or not rec.token
+            or not hmac.compare_digest(msg.get("token", "").encode(), rec.token.encode())
+            or msg.get("pid", rec.pid) != rec.pid
+            or key != rec.curve_key
+        ):
+            raise Refused(
+                f"a {msg['type']!r} naming {msg['name']!r} counts only from the process that said hello under that "
+                "name (its token, pid and key)"
+            )
+        return rec
+
+    def _peer(self, identity: bytes) -> WorkerRecord | None:
+        """The record whose hello came from this socket."""
+        rec = self.workers.get(self.peers.get(identity, ""))
+        if rec is None or rec.identity != identity:
+            self.peers.pop(identity, None)  # its row was forgotten, or said hello again from another socket
+            return None
+        return rec
+
+    def _learner(self, identity: bytes, what: str) -> WorkerRecord:
+        rec = self._peer(identity)
+        if rec is None or rec.role != "learner":
+            raise Refused(f"{what} is accepted only from the learner (the socket that said hello as the learner)")
+        return rec
+
+    def _bind(self, rec: WorkerRecord, identity: bytes) -> None:
+        if rec.identity and self.peers.get(rec.identity) == rec.name:
+            del self.peers[rec.identity]
+        rec.identity = identity
+        self.peers[identity] = rec.name
+
+    def _gone(self, rec: WorkerRecord, token: str, key: str) -> bool:
+        """Whether a new hello may take `rec`'s name: the same process again (its token), a record whose process is
+        gone (failed, stopped, lost, done; on this host, its pid gone), or, under CURVE, the same key (its holder
+        restarted its worker)."""
+        if rec.token and hmac.compare_digest(token.encode(), rec.token.encode()):
+            return True
+        if not rec.token or rec.state in ("failed", "stopped", "lost", "done"):
+            return True
+        if key:
+            return key == rec.curve_key
+        return rec.host == socket.gethostname() and not control.process_running(rec.pid)
+
+    def _on_hello(self, identity: bytes, msg: dict, key: str) -> None:
+        name, token, rec = msg["name"], msg.get("token", ""), self.workers.get(msg["name"])
+        if not token:
+            raise Refused("hello needs a token (the secret that proves later messages naming this worker are its)")
+        version = msg.get("version", 0)
+        if name in self.grants:
+            granted, role = self.grants[name]
+            if not hmac.compare_digest(token.encode(), granted.encode()):
+                raise Refused(f"{name!r} is reserved for a process this coordinator started (hello needs its secret)")
+        else:
+            role = msg.get("role", "generate")
+            need = "learner" if role == "learner" else "worker"
+            if need not in self._credentials(key):
+                raise Refused(f"saying hello as role {role!r} needs a {need} key (authorized_keys/{need}s/)")
+            if rec is not None and not self._gone(rec, token, key):
+                raise Refused(
+                    f"{name!r} is live (pid {rec.pid} on {rec.host}): a second hello under a live name is refused "
+                    "until the first is gone"
+                )
+            if version > self._version_bound() + VERSION_SLACK:
+                raise Refused(f"version {version} is beyond this job's newest ({self._version_bound()})")
+        if rec is None and not self._room_for(name):  # (may forget the oldest lost row to make room)
+            raise Refused(f"{MAX_REMOTE_WORKERS} remote workers are live: no room for another")
+        if rec is None:  # a remote worker joining
+            rec = self.workers[name] = WorkerRecord(name=name, role=role, local=False)
+        self._bind(rec, identity)
+        rec.token, rec.curve_key, rec.beat_identity = token, key, b""
+        rec.pid, rec.host = msg.get("pid", 0), msg.get("host", "")
         rec.capabilities = msg.get("capabilities", {})
         # A remote worker rejoining a (restarted) coordinator says what it serves; a new process says nothing.
         rec.state, rec.last_heartbeat = msg.get("state", "loading"), time.time()
         rec.version, rec.http_url = msg.get("version", rec.version), msg.get("http_url", rec.http_url)
-        self.seen_version = max(self.seen_version, msg.get("version", 0))
+        self.seen_version = max(self.seen_version, version)
         log.info("%s (%s) said hello from %s pid %d", rec.name, rec.role, rec.host, rec.pid)
         welcome = {
             "type": "welcome",
@@ -461,14 +597,16 @@ class Coordinator:
         }
         self._reply(identity, welcome)
 
-    def _on_heartbeat(self, identity: bytes, msg: dict) -> None:
-        self.seen_version = max(self.seen_version, msg.get("version", 0))
-        rec = self.workers.get(msg["name"])
-        # A worker of a coordinator that ran before us, or (same name, another pid) a child of one: say hello again
-        # (such a child exits instead, so two learners never share a run dir).
-        if rec is None or not rec.identity or msg.get("pid", rec.pid) != rec.pid:
+    def _on_heartbeat(self, identity: bytes, msg: dict, key: str) -> None:
+        try:
+            rec = self._sender(msg, key)
+        except Refused:
+            # A worker of a coordinator that ran before us, or a child of one (another token), or a stranger: say
+            # hello again (such a child exits instead, so two learners never share a run dir). Nothing changes.
             self._reply(identity, {"type": "heartbeat", "name": "coordinator", "rejoin": True})
             return
+        if msg.get("version", 0) > self._version_bound():
+            raise Refused(f"version {msg['version']} is newer than any this job published ({self._version_bound()})")
         if rec.state in ("failed", "stopped"):
             return
         if rec.beat_identity != identity:  # a new heartbeat socket: it hears from us at once, not an interval later
@@ -507,29 +645,39 @@ class Coordinator:
             if rec.beat_identity:
                 self.control.send_multipart([rec.beat_identity, *beat])  # ROUTER drops it if the peer is gone
 
-    def _on_ack(self, identity: bytes, msg: dict) -> None:
-        rec = self._record(msg)
+    def _on_ack(self, identity: bytes, msg: dict, key: str) -> None:
+        rec = self._sender(msg, key)
+        if rec.role == "learner":
+            raise Refused("acks come from generation workers, not the learner")
+        if msg["version"] > self._version_bound():
+            raise Refused(f"version {msg['version']} is newer than any this job published ({self._version_bound()})")
         rec.version = max(rec.version, msg["version"])
         rec.state, rec.http_url = msg.get("state") or rec.state, msg.get("http_url") or rec.http_url
         rec.last_heartbeat = time.time()
 
-    def _on_get_latest(self, identity: bytes, msg: dict) -> None:
+    def _on_get_latest(self, identity: bytes, msg: dict, key: str) -> None:
         if "name" in msg:  # a worker subscribing: it says how it takes new versions
-            rec = self._record(msg)
-            rec.identity, rec.weights_via = identity, "slots" if msg.get("slots") else "pub"
+            rec = self._sender(msg, key)
+            self._bind(rec, identity)
+            rec.weights_via = "slots" if msg.get("slots") else "pub"
+        elif self._peer(identity) is None:
+            raise Refused("get_latest is answered only to a worker that said hello")
         if self.latest is None:
             self._reply(identity, {"type": "latest", "version": 0})
         else:
             self.control.send_multipart([identity, WEIGHTS, *self.latest.frames])
 
-    def _on_get_config(self, identity: bytes, msg: dict) -> None:
+    def _on_get_config(self, identity: bytes, msg: dict, key: str) -> None:
+        if self._peer(identity) is None:
+            raise Refused("get_config is answered only to a worker that said hello")
         self._reply(identity, {"type": "config", "toml": self.resolved_path.read_text()})
 
-    def _on_status(self, identity: bytes, msg: dict) -> None:
+    def _on_status(self, identity: bytes, msg: dict, key: str) -> None:
         self._reply(identity, {"type": "status", **self.status()})
 
-    def _on_wait_serving(self, identity: bytes, msg: dict) -> None:
+    def _on_wait_serving(self, identity: bytes, msg: dict, key: str) -> None:
         """Reply 'serving' once every serving generation worker (and at least one) has `version` or newer."""
+        self._learner(identity, "wait_serving")
         self.serving_waiters.append((identity, msg["version"]))
 
     def _answer_waiters(self) -> None:
@@ -545,7 +693,9 @@ class Coordinator:
         serving = [w.version for w in self.workers.values() if w.role == "generate" and w.state == "serving"]
         return min(serving) if serving else None
 
-    def _on_progress(self, identity: bytes, msg: dict) -> None:
+    def _on_progress(self, identity: bytes, msg: dict, key: str) -> None:
+        if self._sender(msg, key).role != "learner":
+            raise Refused("progress comes only from the learner")
         metrics = msg.get("metrics", {})
         if "eval_reward" in metrics:  # an evaluation row (workers/learner/evaluation.py), not a step
             self.job["eval"] = {k: v for k, v in metrics.items() if k.startswith("eval_") or k in ("step", "version")}
@@ -563,16 +713,19 @@ class Coordinator:
         )
         self._print_progress(metrics)
 
-    def _on_done(self, identity: bytes, msg: dict) -> None:
-        rec = self._record(msg)
+    def _on_done(self, identity: bytes, msg: dict, key: str) -> None:
+        rec = self._sender(msg, key)
+        if rec.role != "learner":
+            raise Refused("done comes only from the learner")
         rec.state = "done"
         self.job["state"] = "done"
         log.info("the learner finished the job")
 
     # ----- weight versions -------------------------------------------------------------------------------------
-    def _on_weights_slot(self, identity: bytes, msg: dict) -> None:
+    def _on_weights_slot(self, identity: bytes, msg: dict, key: str) -> None:
         """A version the learner wrote into a shared-memory slot: read from a private copy, so what is verified is
         what is kept; same-host workers get the notice and read the slot themselves."""
+        self._learner(identity, "a weights_slot notice")
         if self.slots is None:
             self._reply(identity, {"type": "rejected", "reason": "this coordinator does not use shared-memory slots"})
             return
@@ -810,6 +963,18 @@ def _bounded_row(row: dict) -> dict:
 def _label(value: str) -> str:
     """A Prometheus label value, quoted and escaped."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class Refused(Exception):
+    """A peer sent what its role or identity does not allow; the reason goes back to it in `rejected`."""
+
+
+def _curve_key(frame) -> str:
+    """The CURVE public key (z85) a received frame came with: its ZAP User-Id ("" without CURVE)."""
+    try:
+        return frame.get("User-Id") or ""
+    except (AttributeError, zmq.ZMQError):  # bytes, or a connection without ZAP metadata
+        return ""
 
 
 def _published_version(run_dir: Path) -> int:

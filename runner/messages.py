@@ -177,14 +177,14 @@ def check_values(kind: str, msg: dict[str, Any]) -> None:
 
 
 def _check_map(where: str, kind: str, value: dict, max_entries: int, numeric) -> None:
-    """A map of at most `max_entries` short str keys to scalars (or lists of at most 64 scalars); `numeric` keys hold
+    """A map of at most `max_entries` short str keys to scalars (or lists of at most 1024 scalars); `numeric` keys hold
     numbers or None."""
     if len(value) > max_entries:
         raise MessageError(f"{where} has more than {max_entries} entries", kind)
     for key, item in value.items():
         if not isinstance(key, str) or not 0 < len(key) <= 64 or not key.isprintable():
             raise MessageError(f"{where} keys must be printable str of 1-64 characters", kind)
-        items = item if isinstance(item, list) and len(item) <= 64 else [item]
+        items = item if isinstance(item, list) and len(item) <= 1024 else [item]
         for x in items:
             if not _scalar(x):
                 raise MessageError(f"{where}[{key!r}] must be None, a bool, a finite number or a short str", kind)

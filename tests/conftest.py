@@ -157,10 +157,18 @@ def keys(tmp_path: Path) -> dict:
     worker_public, worker_secret = generate_keypair(tmp_path / "keys", "worker")
     (authorized / "worker.key").write_bytes(worker_public.read_bytes())
     _, stranger_secret = generate_keypair(tmp_path / "keys", "stranger")
+    # Keys laid out by role (`runner keys authorize`): a learner's and an observer's.
+    learner_public, learner_secret = generate_keypair(tmp_path / "keys", "learner")
+    observer_public, observer_secret = generate_keypair(tmp_path / "keys", "observer")
+    for role, public in (("learners", learner_public), ("observers", observer_public)):
+        (authorized / role).mkdir()
+        (authorized / role / public.name).write_bytes(public.read_bytes())
     return {
         "server_public": server_public,
         "server_secret": server_secret,
         "authorized": authorized,
         "worker_secret": worker_secret,
         "stranger_secret": stranger_secret,
+        "learner_secret": learner_secret,
+        "observer_secret": observer_secret,
     }

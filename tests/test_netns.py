@@ -281,11 +281,10 @@ def test_remote_worker_joins_with_curve_serves_latest_and_strangers_are_refused(
         netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log, tiny_model
     )
     # From namespace A: wait for it, publish versions 1..3, wait until it serves 3, ask it for a completion.
+    public = str(keys["server_public"])
     r = netns.run(
         netns.a,
-        _helper(
-            "publish", CONTROL, str(keys["server_secret"]), str(keys["server_public"]), str(tiny_model), "1", "3", TOKEN
-        ),
+        _helper("publish", CONTROL, str(keys["learner_secret"]), public, str(tiny_model), "1", "3", TOKEN),
         timeout=240,
     )
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
@@ -315,6 +314,18 @@ def test_remote_worker_joins_with_curve_serves_latest_and_strangers_are_refused(
     assert "remote-b" in names and "stranger-b" not in names
     assert stranger.poll() in (None, 2, 1)  # still waiting for a welcome that never comes, or gave up
     assert f"{ADDR_B}:{WORKER_PORT + 1}" not in stranger_log.read_text(errors="replace")  # it never served
+
+    # From B, an authorized worker key tries the learner's messages, and an observer key tries to join: each is
+    # rejected with the rule, and the latest version stays 3.
+    observer = str(keys["observer_secret"])
+    r = netns.run(netns.b, _helper("intrude", CONTROL, str(keys["worker_secret"]), observer, public), timeout=120)
+    assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "needs a learner key" in seen.pop("hello as learner")
+    assert "needs a worker key" in seen.pop("observer hello")
+    assert seen.pop("observer status") == 3
+    assert seen and all(reply["type"] == "rejected" and "learner" in reply["reason"] for reply in seen.values()), seen
+    assert worker_row(status_from_a(netns, keys), "intruder")["state"] == "loading"  # it joined as a worker only
 
 
 def test_launch_trains_on_a_remote_worker_which_outlives_a_killed_coordinator(netns, keys, tiny_model, tmp_path):
@@ -431,7 +442,7 @@ def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, 
     worker = remote_worker(
         netns, keys["worker_secret"], keys["server_public"], "remote-b", WORKER_PORT, worker_log, tiny_model
     )
-    secret, public = str(keys["server_secret"]), str(keys["server_public"])
+    secret, public = str(keys["learner_secret"]), str(keys["server_public"])
     r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "1", "1", TOKEN), timeout=240)
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -472,10 +483,10 @@ def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _client(endpoint: str, secret: str, public: str, name: str):
+def _client(endpoint: str, secret: str, public: str, name: str, role: str = "cli"):
     from runner.control import ControlClient
 
-    return ControlClient(endpoint, name, role="cli", curve={"secret": secret, "server_public": public})
+    return ControlClient(endpoint, name, role=role, curve={"secret": secret, "server_public": public})
 
 
 def _status(client) -> dict:
@@ -510,8 +521,9 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, first: str
     from workers.learner.trainer import host_buffers
     from workers.lora import LoraSpec, apply_lora, lora_layout
 
-    client = _client(endpoint, secret, public, "publisher")
+    client = _client(endpoint, secret, public, "publisher", role="learner")
     try:
+        client.hello(timeout=60)  # with a key in authorized_keys/learners/: only the learner may publish
         deadline = time.monotonic() + 120
         while not any(w["state"] == "serving" for w in _status(client)["workers"] if w["role"] == "generate"):
             if time.monotonic() > deadline:
@@ -558,6 +570,41 @@ def main_publish(endpoint: str, secret: str, public: str, model: str, first: str
     return 0
 
 
+def main_intrude(endpoint: str, worker_secret: str, observer_secret: str, public: str) -> int:
+    """A worker key sends the learner's messages; an observer key reads status and tries to say hello. Prints what
+    the coordinator answered each."""
+    from runner import wire
+    from runner.control import HelloRefused
+
+    seen = {}
+    try:
+        _client(endpoint, worker_secret, public, "fake-learner", role="learner").hello(timeout=30)
+        seen["hello as learner"] = "welcome"
+    except HelloRefused as e:
+        seen["hello as learner"] = str(e)
+    worker = _client(endpoint, worker_secret, public, "intruder", role="generate")
+    welcome = worker.hello(timeout=30)
+    one = [("x", "float32", (1,), memoryview(bytes(4)))]
+    worker.send_weights(wire.encode(welcome["latest_version"] + 1, 0, welcome["base_model_id"], {}, one))
+    seen["weights"] = worker.wait_for(("published", "rejected"), timeout=30)[1]
+    for msg in (
+        {"type": "progress", "name": "intruder", "metrics": {"step": 99}},
+        {"type": "done", "name": "intruder"},
+        {"type": "wait_serving", "version": 0},
+        {"type": "weights_slot", "slot": 0, "version": 99, "nbytes": 1},
+    ):
+        seen[msg["type"]] = worker.request(msg, ("rejected", "serving", "published"), timeout=30)[1]
+    observer = _client(endpoint, observer_secret, public, "watcher")
+    seen["observer status"] = _status(observer)["job"]["latest_version"]
+    try:
+        observer.hello(timeout=30)
+        seen["observer hello"] = "welcome"
+    except HelloRefused as e:
+        seen["observer hello"] = str(e)
+    print(json.dumps(seen))
+    return 0
+
+
 def main_http(url: str, token: str) -> int:
     """A worker's /health (status code, adapter version) and its request counter (/metrics), from this namespace."""
     import httpx
@@ -572,5 +619,5 @@ def main_http(url: str, token: str) -> int:
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    helpers = {"coordinator": main_coordinator, "publish": main_publish, "http": main_http}
+    helpers = {"coordinator": main_coordinator, "publish": main_publish, "http": main_http, "intrude": main_intrude}
     sys.exit(helpers[command](*rest))

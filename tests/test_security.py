@@ -13,7 +13,7 @@ import pytest
 from helpers import poll
 
 from runner.config import ConfigError, build_config
-from runner.control import ControlClient, CoordinatorGone
+from runner.control import ControlClient, CoordinatorGone, HelloRefused
 from runner.coordinator import add_generation_workers, create_coordinator
 
 TOKEN = "s3cret-token"
@@ -127,6 +127,31 @@ def test_curve_admits_known_keys_only(secure_job, keys, tiny_model, caplog):
         assert coord.oldest_serving_version() is not None  # gen-0 still serves; the job goes on
     finally:
         admin.close()
+
+    # Roles come from where a key sits in authorized_keys: a worker's key may not join as the learner, an
+    # observer's (authorized_keys/observers/) reads status and may not join at all; a learner's may.
+    def client(name, role, secret):
+        return ControlClient(
+            coord.control_endpoint, name, role, curve={"secret": secret, "server_public": keys["server_public"]}
+        )
+
+    for name, role, secret, rule in [
+        ("fake-learner", "learner", keys["worker_secret"], "needs a learner key"),
+        ("watcher", "generate", keys["observer_secret"], "needs a worker key"),
+    ]:
+        peer = client(name, role, secret)
+        try:
+            with pytest.raises(HelloRefused, match=rule):
+                peer.hello(timeout=10)
+            assert status(peer)["job"]["state"] == "running"  # every admitted key may read status
+        finally:
+            peer.close()
+    learner = client("remote-learner", "learner", keys["learner_secret"])
+    try:
+        assert learner.hello(timeout=10)["supervised"] is False
+        assert coord.workers["remote-learner"].role == "learner"
+    finally:
+        learner.close()
 
     # A stranger's key: the handshake fails, so no welcome, no status, and no weights ever arrive.
     stranger = ControlClient(

@@ -73,7 +73,8 @@ def job(request, tiny_model, tmp_path_factory):
     joined = coord.local_endpoint or coord.control_endpoint
     assert joined.startswith("ipc://" if request.param == "shm" else "tcp://")
     assert all(w.cmd[w.cmd.index("--join") + 1] == joined for w in coord.watchers.values())
-    client = ControlClient(joined, "test-learner", role="learner")
+    # This test plays the learner: the coordinator grants it the learner's role secret, as it does its own child.
+    client = ControlClient(joined, "test-learner", role="learner", token=coord.grant("test-learner", "learner"))
     publisher = Publisher(client, client.hello(), {})  # the learner's own publishing path
     assert isinstance(publisher.transport, SlotTransport) == (request.param == "shm")
     try:
