@@ -37,12 +37,15 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from runner.config import API_TOKEN_ENV, api_token_override
     from runner.keys import require_api_token
 
     host = args.host.strip("[]")
     host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    args.api_token = api_token_override(args.api_token_file) or ""  # what serve_standalone serves with
     # Checked before MLX loads: a refused bind answers at once.
-    require_api_token([f"http://{host}:{args.port}"], args.api_token, "pass --api-token with a long random string")
+    how = f"pass --api-token-file PATH (a 0600 file holding a long random string) or set {API_TOKEN_ENV}"
+    require_api_token([f"http://{host}:{args.port}"], args.api_token, how)
     from runner.hub import resolve_model
 
     resolve_model(args.model, "--model")  # a local directory or a hub id (fetched now); one line when neither
@@ -58,6 +61,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.resume:
         sets.append(f"checkpoint.resume={json.dumps(str(Path(args.resume).resolve()))}")
     config = load_config(args.config, sets)
+    from runner.config import api_token_override, with_api_token
+
+    if token := api_token_override():  # RUNNER_API_TOKEN; the children get it from the 0600 resolved config
+        config = with_api_token(config, token)
     check_inputs(config)
     from runner.coordinator import launch
 
@@ -179,12 +186,35 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=256)
-    p.add_argument(
-        "--api-token",
-        default="",
-        help="require this bearer token on every request (needed to bind a non-loopback host)",
-    )
+    add_api_token_arguments(p, "needed to bind a non-loopback --host")
     p.set_defaults(func=cmd_serve)
+
+
+class _RefuseTokenValue(argparse.Action):
+    """`--api-token T` would show T to every user of the machine (ps): refused, pointing to the two alternatives.
+    Declared (not just absent) so argparse does not take `--api-token` as an abbreviation of `--api-token-file`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from runner.config import API_TOKEN_ENV
+
+        parser.error(
+            f"{option_string} is refused: every user of this machine sees a command line (ps); pass "
+            f"--api-token-file PATH (a file of mode 600 holding the token) or set {API_TOKEN_ENV}"
+        )
+
+
+def add_api_token_arguments(parser, when: str) -> None:
+    """`--api-token-file PATH`, and a `--api-token` that is refused (a token is never a command-line value)."""
+    from runner.config import API_TOKEN_ENV
+
+    parser.add_argument(
+        "--api-token-file",
+        default=None,
+        metavar="PATH",
+        help=f"a file (mode 600) holding the bearer token every HTTP request must carry (default: the {API_TOKEN_ENV} "
+        f"environment variable); {when}",
+    )
+    parser.add_argument("--api-token", nargs="?", action=_RefuseTokenValue, help=argparse.SUPPRESS)
 
 
 def _add_worker_commands(sub) -> None:
@@ -219,6 +249,9 @@ def add_worker_generate_arguments(parser) -> list[argparse.Action]:
     recorder.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     recorder.add_argument("--port", type=int, default=8000, help="HTTP port (0 = a free port)")
     recorder.add_argument("--config", default=None, help="the job's resolved config (default: ask the coordinator)")
+    add_api_token_arguments(
+        recorder, "the job's [security] api_token, needed when the job has one (the coordinator never sends it)"
+    )
     recorder.add_argument(
         "--advertise-url",
         default=None,

@@ -4,14 +4,22 @@ Every section and key has a default, so a config file names only what differs. U
 out-of-range values raise `ConfigError` with one line naming the file, the key, the bad value and what is expected.
 `--set section.key=value` overrides are parsed as TOML values (so `--set learner.steps=5` is an int and
 `--set lora.keys=["self_attn.q_proj"]` a list) and validated the same way.
+
+Secrets (`[security] api_token`, the keys marked `secret` below) live only in 0600 files or the environment: the
+token comes from the config file, `[security] api_token_file` or `RUNNER_API_TOKEN`, never from a command line (`ps`
+shows those to every user), so `--set` refuses it. `write_resolved` writes the one copy a job keeps (mode 600);
+everywhere else the config is copied (checkpoints, trackers, the coordinator's `get_config`) goes through `redact`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
+import os
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,12 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
+
+
+log = logging.getLogger(__name__)
+
+API_TOKEN_ENV = "RUNNER_API_TOKEN"  # the HTTP API's bearer token, for those who keep it in the environment
+REDACTED = "<redacted>"  # what a secret's value becomes wherever the config is copied
 
 
 class ConfigError(ValueError):
@@ -90,6 +104,9 @@ class GenerationConfig:
     max_queue: int = field(default=256, metadata=_positive("integer"))
     max_tokens: int = field(default=64, metadata=_positive("integer"))  # default when a request gives none
     max_tokens_limit: int = field(default=4096, metadata=_positive("integer"))  # hard cap per request
+    # Seconds a worker's engine may have requests without finishing a batch step before the worker reports itself
+    # failed and is restarted (a hung step); 0 = never. Keep it above the longest prefill of a full batch.
+    stall_timeout: float = field(default=60.0, metadata=_non_negative())
 
 
 @dataclass(frozen=True)
@@ -206,10 +223,14 @@ class CoordinatorConfig:
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    curve_secret_key: str = ""  # path to the coordinator's CURVE secret key file
+    curve_secret_key: str = ""  # path to the coordinator's CURVE secret key file (mode 600)
     curve_public_key: str = ""
     authorized_keys: str = ""  # directory of client public keys allowed to connect
-    api_token: str = ""  # bearer token required on the HTTP API when set
+    # Bearer token required on the HTTP API when set. A secret: only RUN/config.resolved.toml (mode 600) holds it;
+    # every other copy of the config has it redacted. RUNNER_API_TOKEN in `runner launch`'s environment overrides it.
+    api_token: str = field(default="", metadata={"secret": True})
+    # A file (mode 600) holding the token, read when the config is loaded: the config then names no secret.
+    api_token_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -274,6 +295,67 @@ def _type_name(annotation: Any) -> str:
     return names.get(annotation, str(annotation))
 
 
+def _secret_keys() -> tuple[tuple[str, str], ...]:
+    hints = typing.get_type_hints(Config)
+    return tuple(
+        (section.name, f.name)
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(hints[section.name])
+        if f.metadata.get("secret")
+    )
+
+
+SECRET_KEYS = _secret_keys()  # (section, key) of every secret-valued key
+
+
+def redact(config: Config | dict) -> dict:
+    """The config as a dict (a copy) with the value of every secret key that is set replaced by REDACTED: what goes
+    wherever the config is copied (checkpoints' state.json, the W&B run config, a remote worker's `get_config`)."""
+    data = copy.deepcopy(config.to_dict() if isinstance(config, Config) else config)
+    for section, key in SECRET_KEYS:
+        values = data.get(section)
+        if isinstance(values, dict) and values.get(key):
+            values[key] = REDACTED
+    return data
+
+
+def read_token_file(path: str | Path, what: str = "--api-token-file") -> str:
+    """The API token kept in the file `path`: its one line, surrounding whitespace stripped. A missing, unreadable,
+    empty or multi-word file is a ConfigError (whose message never shows the file's content); one that other users
+    can read gets a warning, as a CURVE secret key does."""
+    path = Path(path).expanduser()
+    try:
+        token = path.read_text().strip()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: cannot read the API token ({getattr(e, 'strerror', None) or e})") from None
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(f"{what} {path}: expected the API token alone on one line (printable, no spaces)")
+    if mode & 0o077:
+        log.warning("API token file %s is readable by other users; run `chmod 600 %s`", path, path)
+    return token
+
+
+def api_token_override(token_file: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API token given outside any config: the file `token_file` (`--api-token-file`), else the RUNNER_API_TOKEN
+    environment variable; None when neither is set. There is no command-line value: `ps` shows those to everyone."""
+    if token_file:
+        return read_token_file(token_file)
+    token = (os.environ if environ is None else environ).get(API_TOKEN_ENV, "").strip()
+    return token or None
+
+
+def with_api_token(config: Config, token: str) -> Config:
+    """`config` with `token` as its [security] api_token."""
+    security = dataclasses.replace(config.security, api_token=token, api_token_file="")
+    return dataclasses.replace(config, security=security)
+
+
+def _shown(field_: dataclasses.Field, value: Any) -> str:
+    """A value as an error message may show it: never a secret."""
+    return REDACTED if field_.metadata.get("secret") else repr(value)
+
+
 def _build_section(cls: type, values: dict, where: str, section: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -283,7 +365,8 @@ def _build_section(cls: type, values: dict, where: str, section: str) -> Any:
             raise ConfigError(f"{where}: unknown key '{section}.{key}'; expected one of: {', '.join(fields)}")
         annotation = hints[key]
         if not _type_matches(value, annotation):
-            raise ConfigError(f"{where}: '{section}.{key}' = {value!r} is not valid; expected {_type_name(annotation)}")
+            shown = _shown(fields[key], value)
+            raise ConfigError(f"{where}: '{section}.{key}' = {shown} is not valid; expected {_type_name(annotation)}")
         if annotation is float:
             value = float(value)
         meta = fields[key].metadata
@@ -330,9 +413,20 @@ def build_config(data: dict, where: str = "config") -> Config:
             f"coordinator.heartbeat_interval ({coordinator.heartbeat_interval}): a process is declared gone only "
             "after missing more than one beat"
         )
-    config = Config(**built)
+    config = _read_api_token_file(Config(**built), where)
     _check_dataset_keys(config, where)
     return config
+
+
+def _read_api_token_file(config: Config, where: str) -> Config:
+    """Read `[security] api_token_file` into api_token: the built config carries the token itself (so the resolved
+    config a job's children start from is whole), and the file's path no more."""
+    sec = config.security
+    if not sec.api_token_file:
+        return config
+    if sec.api_token:
+        raise ConfigError(f"{where}: set security.api_token or security.api_token_file, not both")
+    return with_api_token(config, read_token_file(sec.api_token_file, f"{where}: security.api_token_file"))
 
 
 def _check_dataset_keys(config: Config, where: str) -> None:
@@ -368,20 +462,39 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     for text in overrides:
         section, key, value = parse_override(text)
+        if (section, key) in SECRET_KEYS:
+            raise ConfigError(
+                f"--set {section}.{key}=... is refused: every user sees a command line (ps); put the token in "
+                f"{path}, in a file named by security.api_token_file, or in the {API_TOKEN_ENV} environment variable"
+            )
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"{path}: '{section}' is not a table, so --set {text!r} cannot apply")
         data[section][key] = value
+    security = data.get("security")
+    if isinstance(security, dict) and security.get("api_token") and path.stat().st_mode & 0o077:
+        log.warning(
+            "%s holds [security] api_token and other users can read it; run `chmod 600 %s` or move the token to "
+            "a 0600 file named by api_token_file",
+            path,
+            path,
+        )
     return build_config(data, where=str(path))
+
+
+def config_toml(config: Config, secrets: bool = False) -> str:
+    """`config` as a complete TOML document (every key, defaults included); its secrets redacted unless `secrets`."""
+    import tomli_w
+
+    return tomli_w.dumps(config.to_dict() if secrets else redact(config))
 
 
 def write_resolved(config: Config, path: str | Path) -> Path:
     """Write `config` as a complete TOML file (every key, defaults included): what `runner launch` gives its
-    children, so any of them can also be started by hand from the same file."""
-    import tomli_w
-
+    children, so any of them can also be started by hand from the same file. It holds the job's secrets, so it is
+    created with mode 600 (never readable by others, not even for an instant)."""
     from runner.files import write_atomic
 
     path = Path(path)
-    write_atomic(path, tomli_w.dumps(config.to_dict()))
+    write_atomic(path, config_toml(config, secrets=True), mode=0o600)
     return path

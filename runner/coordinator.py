@@ -12,8 +12,9 @@ serve (`seen_version`: a restarted coordinator continues above it). A heartbeat 
 latest gets the latest re-sent (`_heal`).
 
 Config: `create_coordinator` writes the resolved job config (absolute paths, every key) to
-`RUN/config.resolved.toml`; every child starts from it (`--config`), the learner's first start also with `--resume`
-when asked, and a remote worker without the file asks for it (`get_config`). `welcome` carries runtime facts only.
+`RUN/config.resolved.toml` (mode 600: it holds the API token); every child starts from it (`--config`), the learner's
+first start also with `--resume` when asked, and a remote worker without the file asks for it (`get_config`, secrets
+redacted: it brings the token itself). `welcome` carries runtime facts only.
 
 Sockets: control ROUTER (the messages of `runner.messages`, dispatched from a table, plus weight versions from the
 learner as frames), also bound to a Unix socket in the slot directory for local children; weights PUB (fan-out to
@@ -49,7 +50,7 @@ import zmq
 
 from runner import control, messages, wire
 from runner.blas import blas_library, child_environment
-from runner.config import Config, ConfigError, build_config, write_resolved
+from runner.config import Config, ConfigError, build_config, config_toml, write_resolved
 from runner.control import CONTROL, WEIGHTS, model_id
 from runner.files import write_atomic
 from runner.hub import is_local, resolve_model
@@ -670,7 +671,8 @@ class Coordinator:
     def _on_get_config(self, identity: bytes, msg: dict, key: str) -> None:
         if self._peer(identity) is None:
             raise Refused("get_config is answered only to a worker that said hello")
-        self._reply(identity, {"type": "config", "toml": self.resolved_path.read_text()})
+        # Secrets redacted: a worker on another host brings the API token itself (--api-token-file, RUNNER_API_TOKEN).
+        self._reply(identity, {"type": "config", "toml": config_toml(self.config)})
 
     def _on_status(self, identity: bytes, msg: dict, key: str) -> None:
         self._reply(identity, {"type": "status", **self.status()})

@@ -14,6 +14,10 @@ The files are built in code (plists as dicts written by `plistlib`, so they are 
 examples in `deploy/` are produced by the same functions with placeholder paths (`python -m runner.deploy --examples
 deploy`); a test keeps them in sync.
 
+Secrets: a rendered file names files, never a secret. The coordinator's API token is in the job config it names
+(`[security] api_token`, or the 0600 file named by `api_token_file`); a worker's is in the file its
+`--api-token-file` names (checked to exist, as every path option is); CURVE secret keys are files too.
+
 Restart policy, in both systems: a crash (non-zero exit, signal) restarts after a pause, a clean exit (a finished
 job) does not. Stop sends SIGTERM and waits `STOP_TIMEOUT` seconds, long enough for the learner to checkpoint.
 """
@@ -46,7 +50,7 @@ LAUNCHD_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr
 SYSTEMD_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 _WILDCARD_HOSTS = {"", "*", "0.0.0.0", "::"}
 # Options of `runner worker generate` that name a file or directory on the worker's machine.
-PATH_OPTIONS = frozenset({"--key", "--server-key", "--model", "--config"})
+PATH_OPTIONS = frozenset({"--key", "--server-key", "--model", "--config", "--api-token-file"})
 _JOIN = re.compile(r"^tcp://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d{1,5})$")
 
 
@@ -350,13 +354,16 @@ EXAMPLE_JOIN = "tcp://coordinator.local:5555"
 
 
 def example_worker_arguments(project: Path) -> list[str]:
-    """A remote worker as the README starts one: CURVE keys, and HTTP on every interface."""
+    """A remote worker as the README starts one: CURVE keys, the job's API token from a 0600 file, and HTTP on every
+    interface."""
     keys = project / "keys"
     return [
         "--key",
         str(keys / "worker.key_secret"),
         "--server-key",
         str(keys / "coordinator.key"),
+        "--api-token-file",
+        str(keys / "api-token"),
         "--host",
         "0.0.0.0",
     ]

@@ -50,7 +50,7 @@ def test_serve_refuses_a_non_loopback_host_without_an_api_token(tmp_path, host):
     bound = f"[{host.strip('[]')}]" if ":" in host else host
     assert line == (
         f"runner: error: refusing to bind http://{bound}:8123 without an API token: "
-        "pass --api-token with a long random string"
+        "pass --api-token-file PATH (a 0600 file holding a long random string) or set RUNNER_API_TOKEN"
     )
 
 

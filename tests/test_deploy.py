@@ -210,6 +210,7 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
     keys.mkdir()
     (keys / "worker.key_secret").write_text("")
     (keys / "coordinator.key").write_text("")
+    (keys / "api-token").write_text("t0ken\n")
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.resolved.toml").write_text("")
@@ -223,6 +224,7 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
         "--model": "models/tiny",
         "--name": "mini-2",
         "--config": "run/config.resolved.toml",
+        "--api-token-file": "my keys/api-token",
         "--advertise-url": "http://mini-2.local:8001",
     }
     expected = {
@@ -234,12 +236,14 @@ def test_every_worker_flag_reaches_the_service_and_parses_back(config: Path, dir
         "model": str(tmp_path / "models" / "tiny"),
         "name": "mini-2",
         "config": str(tmp_path / "run" / "config.resolved.toml"),
+        "api_token_file": str(keys / "api-token"),
         "advertise_url": "http://mini-2.local:8001",
     }
     # Every flag of `runner worker generate` is exercised here: a new flag must be given a value above, and it
     # reaches the service only if it is added where deploy gets its flags too (cli.add_worker_generate_arguments).
     defaults = vars(build_parser().parse_args(["worker", "generate", "--join", "tcp://h:1"]))
-    assert set(defaults) - {"command", "role", "func", "verbose"} == set(expected)
+    refused = {"api_token"}  # `--api-token T`: a token is never a command-line value
+    assert set(defaults) - {"command", "role", "func", "verbose", *refused} == set(expected)
     assert all(defaults[dest] != value for dest, value in expected.items() if dest != "join")
 
     common = ["--role", "worker", "--out", str(dirs["out"]), "--log-dir", str(dirs["logs"])]
@@ -354,3 +358,36 @@ def test_deploy_examples_are_in_sync_with_the_code():
     for name in expected:
         if name.endswith(".plist"):
             assert plistlib.loads(expected[name])["ProgramArguments"][0].startswith("/Users/you/")
+
+
+def test_rendered_files_point_at_token_files_and_never_hold_a_token(tmp_path: Path, dirs, capsys):
+    """The coordinator's token stays in its 0600 token file (the config names the file), a worker's in the file its
+    --api-token-file names; `--api-token T` is refused before anything is written."""
+    from runner.cli import main
+
+    token = "deploy-s3cret-token"
+    token_file = tmp_path / "api-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    config = tmp_path / "job.toml"
+    config.write_text(f'[coordinator]\ncontrol = "tcp://10.0.0.5:5555"\n[security]\napi_token_file = "{token_file}"\n')
+    common = ["--out", str(dirs["out"]), "--log-dir", str(dirs["logs"]), "--workdir", str(dirs["workdir"])]
+    for target in ("launchd", "systemd"):
+        assert main(["deploy", target, str(config), *common]) == 0
+        assert (
+            main(["deploy", target, str(config), "--role", "worker", "--api-token-file", str(token_file), *common]) == 0
+        )
+    written = sorted(dirs["out"].iterdir())
+    assert len(written) == 4
+    for path in written:
+        assert token.encode() not in path.read_bytes(), path
+    assert str(token_file) in (dirs["out"] / "runner-worker.service").read_text()
+    assert str(token_file) in _load_plist(dirs["out"] / "com.runner.worker.plist")["ProgramArguments"]
+
+    with pytest.raises(SystemExit) as refused:
+        main(["deploy", "systemd", str(config), "--role", "worker", "--api-token", token, *common])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "--api-token is refused" in err and "--api-token-file" in err and "RUNNER_API_TOKEN" in err
+    assert token not in err
+    assert sorted(dirs["out"].iterdir()) == written

@@ -6,8 +6,10 @@ a poll with a deadline; every client call has a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
+import os
 import select
 import signal
 import socket
@@ -24,6 +26,7 @@ import openai
 import pytest
 from conftest import live_server, wait_for
 
+from workers.generation.engine import SamplingParams
 from workers.generation.server import load_engine
 
 TIMEOUT = 30.0  # per HTTP call
@@ -508,12 +511,27 @@ BAD_COMPLETIONS = {
     "negative token id": {"prompt": [-5]},
     "empty prompt": {"prompt": ""},
     "logprobs too many": {"prompt": "hi", "logprobs": 1000},
+    # Each of these once reached the engine: a negative seed (mx.random.key(-1) raised and ended the engine
+    # thread), a lone surrogate (a 500 from the tokenizer), NaN and infinity (Python's JSON reader takes them).
+    "negative seed": {"prompt": "hi", "seed": -1},
+    "seed past 2**63": {"prompt": "hi", "seed": 2**64},
+    "lone surrogate in the prompt": b'{"prompt": "a\\ud800b"}',
+    "lone surrogate in a stop string": b'{"prompt": "hi", "stop": ["\\udfff"]}',
+    "lone surrogate in the model name": b'{"prompt": "hi", "model": "\\ud83d"}',
+    "NaN temperature": b'{"prompt": "hi", "temperature": NaN}',
+    "infinite top_p": b'{"prompt": "hi", "top_p": Infinity}',
+    "too many stop strings": {"prompt": "hi", "stop": [str(i) for i in range(17)]},
+    "a stop string too long": {"prompt": "hi", "stop": "x" * 257},
+    "prompt list of two strings": {"prompt": ["a", "b"]},
 }
 BAD_CHAT = {
     "empty messages": {"messages": []},
     "unknown role": {"messages": [{"role": "wizard", "content": "hi"}]},
     "content not text": {"messages": [{"role": "user", "content": 5}]},
     "top_logprobs without logprobs": {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    "lone surrogate in a content part": b'{"messages": [{"role": "user", "content": [{"type": "text", '
+    b'"text": "\\ud800"}]}]}',
+    "image content part": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
 }
 
 
@@ -525,6 +543,9 @@ def test_bad_inputs_get_4xx_in_openai_shape(base, http: httpx.Client) -> None:
         cases += [
             (f"{base.base}/generate", "generate without prompt", {"n": 1}),
             (f"{base.base}/generate", "generate stream", {"prompt": {"prompt_token_ids": [1]}, "stream": True}),
+            (f"{base.base}/generate", "generate negative token id", {"prompt": {"prompt_token_ids": [-1]}}),
+            (f"{base.base}/generate", "generate token id out of vocab", {"prompt": {"prompt_token_ids": [10**6]}}),
+            (f"{base.base}/generate", "generate lone surrogate", b'{"prompt": "\\udc00"}'),
         ]
         too_long = "hello world " * 2000  # far more tokens than the 2048-token context
         cases += [(f"{base.v1}/completions", "prompt longer than the context", {"prompt": too_long})]
@@ -542,6 +563,53 @@ def test_bad_inputs_get_4xx_in_openai_shape(base, http: httpx.Client) -> None:
         # Still serving normally afterwards.
         r = c.post(f"{base.v1}/completions", json={"prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert not base.engine.failed
+
+
+def test_tiny_temperature_and_top_p_sample_the_top_token(base, http: httpx.Client) -> None:
+    """A temperature too small for float32 (1/T overflows) is greedy, and a top_p too small is the top token alone:
+    the same tokens as temperature 0, with finite log-probs (NaN would make the response unencodable)."""
+    body = {"prompt": PROMPTS[1], "max_tokens": 6, "logprobs": 1}
+    greedy = post(http, f"{base.v1}/completions", {**body, "temperature": 0}).json()["choices"][0]
+    for odd in ({"temperature": 1e-300}, {"temperature": 0.7, "top_p": 1e-300}):
+        r = post(http, f"{base.v1}/completions", {**body, **odd})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["token_ids"] == greedy["token_ids"], odd
+        assert all(np.isfinite(choice["token_logprobs"])), odd
+
+
+async def _submit_failing(engine) -> list[tuple]:
+    """Two requests straight to the engine, past the HTTP checks: their first events."""
+    loop = asyncio.get_running_loop()
+    prompt = engine.tokenizer.encode(PROMPTS[2])
+    refused_seed = engine.submit(prompt, SamplingParams(max_tokens=8, seed=-1), loop=loop)
+    broken_top = engine.submit(prompt, SamplingParams(max_tokens=8, top_logprobs="2"), loop=loop)
+    return [await asyncio.wait_for(req.events.get(), TIMEOUT) for req in (refused_seed, broken_top)]
+
+
+def test_a_request_failing_inside_the_engine_fails_alone(base, http: httpx.Client) -> None:
+    """While good requests decode, two requests fail inside the engine: one whose seed mx.random.key refuses (the
+    seed -1 that used to end the engine thread) as it is started, with a 400; one whose top_logprobs is not a number
+    mid-batch, as its first token is booked, with a 500. The good requests complete in full, the engine thread
+    lives on, and every request is released."""
+    engine = base.engine
+    body = {"prompt": PROMPTS[0], "max_tokens": 600, "temperature": 0}  # greedy: no EOS for 1800 tokens
+    with cf.ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(post, http, f"{base.v1}/completions", body) for _ in range(4)]
+        wait_for(lambda: engine.stats.active_sequences == 4, TIMEOUT, "the good requests to decode", 0.01)
+        refused, broken = asyncio.run(_submit_failing(engine))
+        results = [f.result() for f in good]
+    assert refused[0] == "error" and refused[2] == 400 and "parameters were refused" in refused[1], refused
+    assert broken[0] == "error" and broken[2] == 500, broken
+    for r in results:
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 600
+    assert len({tuple(r.json()["choices"][0]["token_ids"]) for r in results}) == 1  # greedy: all the same
+    assert not engine.failed and engine._thread.is_alive()
+    wait_for(lambda: engine.stalled_seconds() == 0, TIMEOUT, "every request to be released")
+    assert post(http, f"{base.v1}/completions", {"prompt": "hi", "max_tokens": 3}).status_code == 200
 
 
 def test_bearer_token_required_when_set(tiny_engine, serve, http: httpx.Client) -> None:
@@ -739,12 +807,27 @@ def test_runner_serve_with_saved_adapter_matches_mlx_lm(tiny_model: Path, tmp_pa
         proc.stderr.close()
 
 
-def test_runner_serve_on_every_interface_requires_its_token(tiny_model: Path, http: httpx.Client) -> None:
-    """`runner serve --host 0.0.0.0 --api-token T` (the token is what allows the open bind) serves only requests
-    that carry it; /health stays open."""
-    command = ["serve", "--model", str(tiny_model), "--host", "0.0.0.0", "--port", "0", "--api-token", "s3cret"]
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_runner_serve_on_every_interface_requires_its_token(
+    tiny_model: Path, http: httpx.Client, tmp_path: Path, source: str
+) -> None:
+    """`runner serve --host 0.0.0.0` with a token from `--api-token-file` or RUNNER_API_TOKEN (the token is what
+    allows the open bind) serves only requests that carry it; /health stays open."""
+    command = ["serve", "--model", str(tiny_model), "--host", "0.0.0.0", "--port", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "RUNNER_API_TOKEN"}
+    if source == "file":
+        token_file = tmp_path / "api-token"
+        token_file.write_text("s3cret\n")
+        token_file.chmod(0o600)
+        command += ["--api-token-file", str(token_file)]
+    else:
+        env["RUNNER_API_TOKEN"] = "s3cret"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.cli", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "runner.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         line = _read_line(proc, 60)

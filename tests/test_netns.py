@@ -220,7 +220,11 @@ def to_toml(config: dict) -> str:
 def remote_worker(
     net: Netns, secret: Path, server_public: Path, name: str, port: int, log: Path, model: Path
 ) -> subprocess.Popen:
-    """The README's command on the worker Mac: bound to every interface, no --advertise-url."""
+    """The README's command on the worker Mac: bound to every interface, no --advertise-url, the job's API token
+    from a 0600 file (the coordinator never sends it)."""
+    token_file = log.parent / f"{name}-api-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     return net.spawn(
         net.b,
         _python(
@@ -234,6 +238,8 @@ def remote_worker(
             str(secret),
             "--server-key",
             str(server_public),
+            "--api-token-file",
+            str(token_file),
             "--name",
             name,
             "--host",

@@ -4,6 +4,7 @@ non-loopback bind is refused before anything starts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -90,7 +91,8 @@ def test_curve_admits_known_keys_only(secure_job, keys, tiny_model, caplog):
                     "remote-1",
                     "--port",
                     "0",
-                ]
+                ],
+                env={**os.environ, "RUNNER_API_TOKEN": TOKEN},  # the coordinator never sends the token
             )
         )
         remote = poll(
@@ -113,6 +115,18 @@ def test_curve_admits_known_keys_only(secure_job, keys, tiny_model, caplog):
             timeout=30,
         )
         assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2
+        # The coordinator never sends the token: a worker that brings none stops before it loads anything.
+        no_token = subprocess.run(
+            [sys.executable, "-m", "runner.cli", "worker", "generate", "--join", coord.control_endpoint]
+            + ["--key", str(keys["worker_secret"]), "--server-key", str(keys["server_public"]), "--name", "remote-2"],
+            env={k: v for k, v in os.environ.items() if k != "RUNNER_API_TOKEN"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert no_token.returncode == 2, no_token.stderr[-3000:]
+        assert "requires its [security] api_token, which the coordinator never sends" in no_token.stderr
+        assert TOKEN not in no_token.stdout + no_token.stderr
         # A remote worker that dies is not restarted (nobody watches its process) but leaves routing.
         procs[-1].kill()
         procs[-1].wait(30)

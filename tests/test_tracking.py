@@ -1,14 +1,20 @@
 """Tracking: a real `runner launch` sends every metrics row to W&B (offline) and TensorBoard as well as metrics.jsonl,
 read back from W&B's run file and TensorBoard's event files; a missing tracker package fails the launch at start;
-a resumed learner's TensorBoard points replace the redone steps; a broken tracker does not stop the rows."""
+a resumed learner's TensorBoard points replace the redone steps; a broken tracker does not stop the rows.
+
+The same launch has `[security] api_token` set: afterwards no file of its run directory but the 0600 resolved config
+holds the token (checkpoints, W&B, TensorBoard, logs, `runner report`), and no command line of any process did while
+it ran."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,9 +72,31 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.slow
-def test_launch_logs_every_metrics_row_to_wandb_offline_and_tensorboard(tmp_path, tiny_model):
+def command_lines() -> dict[int, bytes]:
+    """{pid: command line} of every process on this machine, as `ps` shows them (from /proc where there is one)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        out = subprocess.run(["ps", "-ww", "-Ao", "pid=,args="], capture_output=True, check=True).stdout
+        return {int(pid): args for pid, _, args in (line.strip().partition(b" ") for line in out.splitlines())}
+    lines = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                lines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:  # gone meanwhile
+                pass
+    return lines
+
+
+@pytest.fixture(scope="module")
+def tracked_job(tmp_path_factory, tiny_model):
+    """A 4-step launch with W&B (offline) and TensorBoard, and an API token in its config file. While it runs, the
+    command line of every process on the machine is sampled: those that name the job's directory (the launch and
+    its children) are kept, and any that holds the token is a leak."""
+    tmp_path = tmp_path_factory.mktemp("tracked")
+    token = f"tok-{secrets.token_hex(16)}"
     config = quick_config(tmp_path, tiny_model)
+    config.write_text(config.read_text() + f'\n[security]\napi_token = "{token}"\n')
     sets = [
         "learner.steps=4",
         "checkpoint.interval=2",
@@ -79,11 +107,40 @@ def test_launch_logs_every_metrics_row_to_wandb_offline_and_tensorboard(tmp_path
         "logging.tensorboard=true",
     ]
     args = [sys.executable, "-m", "runner.cli", "launch", str(config)] + [a for s in sets for a in ("--set", s)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # the config's mode, not the caller's
-    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "RUNNER_API_TOKEN"}
+    job_processes: dict[int, bytes] = {}
+    leaks: list[bytes] = []
+    done = threading.Event()
 
-    run_dir = tmp_path / "runs" / "quickstart"
+    def sample() -> None:
+        while not done.is_set():
+            for pid, line in command_lines().items():
+                if token.encode() in line:
+                    leaks.append(line)
+                if str(tmp_path).encode() in line:
+                    job_processes[pid] = line
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        done.set()
+        sampler.join(30)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {
+        "run_dir": tmp_path / "runs" / "quickstart",
+        "token": token,
+        "output": result.stdout + result.stderr,
+        "job_processes": job_processes,
+        "leaks": leaks,
+    }
+
+
+@pytest.mark.slow
+def test_launch_logs_every_metrics_row_to_wandb_offline_and_tensorboard(tracked_job):
+    run_dir = tracked_job["run_dir"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
@@ -101,6 +158,30 @@ def test_launch_logs_every_metrics_row_to_wandb_offline_and_tensorboard(tmp_path
         assert scalars[key] == expected, key
 
 
+@pytest.mark.slow
+def test_the_api_token_is_in_no_file_of_the_run_but_its_0600_config_and_in_no_command_line(tracked_job):
+    from runner.report import write_report
+
+    run_dir, token = tracked_job["run_dir"], tracked_job["token"].encode()
+    write_report(run_dir)  # `runner report` writes into RUN/report
+    resolved = run_dir / "config.resolved.toml"
+    assert resolved.stat().st_mode & 0o777 == 0o600
+    assert token in resolved.read_bytes()  # the job ran with the token: its learner was let in by the workers
+    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    kinds = {p.relative_to(run_dir).parts[0] for p in files}
+    assert {"checkpoints", "logs", "wandb", "tensorboard", "report", "metrics.jsonl"} <= kinds, kinds
+    leaked = [str(p.relative_to(run_dir)) for p in files if p != resolved and token in p.read_bytes()]
+    assert leaked == []
+    for state in run_dir.glob("checkpoints/step_*/state.json"):
+        assert json.loads(state.read_text())["config"]["security"]["api_token"] == "<redacted>"
+    assert token.decode() not in tracked_job["output"]
+
+    lines = tracked_job["job_processes"].values()
+    for module in (b"runner.cli launch", b"workers.generation.worker", b"workers.learner.main"):
+        assert any(module in line for line in lines), (module, list(lines))  # every kind of job process was seen
+    assert tracked_job["leaks"] == []
+
+
 def test_a_missing_tracker_package_fails_the_launch_at_start(tmp_path, tiny_model, monkeypatch, capsys):
     config = quick_config(tmp_path, tiny_model)
     monkeypatch.chdir(tmp_path)
@@ -109,7 +190,8 @@ def test_a_missing_tracker_package_fails_the_launch_at_start(tmp_path, tiny_mode
     assert code == 2
     err = capsys.readouterr().err
     assert "logging.wandb_project is set but the wandb package is not installed" in err
-    assert not (tmp_path / "runs").exists()  # nothing was started or created
+    created = [p.name for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert set(created) <= {".lock"}  # nothing was started or written (the run dir's lock aside)
 
 
 def tracking_config(run_dir: Path, **logging) -> object:

@@ -2,7 +2,8 @@
 weight plane's receiving end (`runner.control.WeightReceiver`, installing through `Engine.install_message`).
 
 Start-up: hello -> the job config (`--config`, the file `runner launch` wrote; or, for a worker joining from another
-host without it, `get_config` from the coordinator) -> load the base model (the config's path, or `--model`) and
+host without it, `get_config` from the coordinator, which redacts secrets: such a worker of a job with an API token
+reads the token from `--api-token-file` or RUNNER_API_TOKEN, never from its command line) -> load the base model (the config's path, or `--model`) and
 check its id against the coordinator's -> apply the job's LoRA spec -> catch up: install the coordinator's latest
 adapter -> only then start HTTP and report `serving` with its advertised URL (`--advertise-url`, or the address of
 the interface that reaches the coordinator when bound to a wildcard). Afterwards every new version is installed
@@ -29,7 +30,16 @@ import tenacity
 
 from runner import wire
 from runner.args import add_join_arguments, curve_from_args
-from runner.config import Config, build_config, load_config
+from runner.config import (
+    API_TOKEN_ENV,
+    REDACTED,
+    Config,
+    ConfigError,
+    api_token_override,
+    build_config,
+    load_config,
+    with_api_token,
+)
 from runner.control import (
     CONTROL_MAX_BYTES,
     EXIT_ORPHANED,
@@ -66,8 +76,10 @@ def run_worker(
     curve: dict | None = None,
     config_path: str | None = None,
     advertise_url: str | None = None,
+    api_token: str | None = None,
 ) -> int:
-    """Join the coordinator at `join`, serve until told to stop (SIGTERM, SIGINT or the coordinator's `stop`)."""
+    """Join the coordinator at `join`, serve until told to stop (SIGTERM, SIGINT or the coordinator's `stop`).
+    `api_token` (from `--api-token-file` or RUNNER_API_TOKEN) replaces the job config's."""
     if why := check_job():  # started by a launch that is gone, or whose run dir another launch took
         log.error("%s; exiting", why)
         return EXIT_ORPHANED
@@ -78,7 +90,7 @@ def run_worker(
         capabilities = {"api": ["openai", "atropos-vllm"], "device": str(mx.default_device())}
         capabilities["model_override"] = bool(model_override)
         welcome = client.hello(capabilities=capabilities)
-        config = _job_config(client, config_path)
+        config = _job_config(client, config_path, api_token)
         client.heartbeat_interval = config.coordinator.heartbeat_interval
         client.heartbeat_timeout = config.coordinator.heartbeat_timeout
         client.status.update(state="loading", version=0)
@@ -109,12 +121,24 @@ def run_worker(
         client.close()
 
 
-def _job_config(client: ControlClient, config_path: str | None) -> Config:
-    """The job's resolved config: from the file, or from the coordinator (a worker on another host)."""
+def _job_config(client: ControlClient, config_path: str | None, api_token: str | None = None) -> Config:
+    """The job's resolved config: from the file, or from the coordinator (a worker on another host). The coordinator
+    sends it with its secrets redacted: a worker of a job with an API token brings the token itself (`api_token`)."""
     if config_path:
-        return load_config(config_path)
-    toml = client.request({"type": "get_config"}, ("config",), timeout=60)[1]["toml"]
-    return build_config(tomllib.loads(toml), where="the coordinator's config")
+        config = load_config(config_path)
+    else:
+        toml = client.request({"type": "get_config"}, ("config",), timeout=60)[1]["toml"]
+        config = build_config(tomllib.loads(toml), where="the coordinator's config")
+    if api_token:
+        if not config.security.api_token:
+            log.warning("this worker wants a bearer token, but the job has no [security] api_token to send it")
+        return with_api_token(config, api_token)
+    if config.security.api_token == REDACTED:
+        raise ConfigError(
+            "the job's HTTP API requires its [security] api_token, which the coordinator never sends: pass "
+            f"--api-token-file PATH (a 0600 file holding it) or set {API_TOKEN_ENV}"
+        )
+    return config
 
 
 def _is_base_model(model_path: Path, base_model_id: str) -> bool:
@@ -247,10 +271,13 @@ def join(args: argparse.Namespace) -> int:
     try:
         curve = curve_from_args(args)
         advertised_url(args.host, args.port, args.join, args.advertise_url)  # refuse before loading anything
+        api_token = api_token_override(getattr(args, "api_token_file", None))  # a ConfigError is a ValueError
     except ValueError as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2
-    return run_worker(args.join, name, args.host, args.port, args.model, curve, args.config, args.advertise_url)
+    return run_worker(
+        args.join, name, args.host, args.port, args.model, curve, args.config, args.advertise_url, api_token
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

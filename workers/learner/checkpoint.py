@@ -4,8 +4,8 @@
     RUN_DIR/checkpoints/step_000010/adapter_config.json
     RUN_DIR/checkpoints/step_000010/optimizer.safetensors   tree_flatten(optimizer.state)
     RUN_DIR/checkpoints/step_000010/ref_ema.safetensors     only when learner.ref_ema < 1
-    RUN_DIR/checkpoints/step_000010/state.json              step, version, rng, source, metrics, config, base_model_id,
-                                                            time
+    RUN_DIR/checkpoints/step_000010/state.json              step, version, rng, source, metrics, config (secrets
+                                                            redacted), base_model_id, time
     RUN_DIR/checkpoints/latest                              names the newest complete checkpoint dir
     RUN_DIR/metrics.jsonl                                   one JSON object per step
 
@@ -35,6 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from runner.config import redact
 from runner.files import write_atomic
 from workers.lora import LoraSpec, save_adapter
 
@@ -74,6 +75,8 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     extra = {f"{name}.safetensors": _bytes_safetensors(tensors) for name, tensors in arrays.items()}
+    if state.get("config"):  # checkpoints are shared: no secret of the job's config goes with them
+        state = {**state, "config": redact(state["config"])}
     extra[STATE] = json.dumps(state, indent=1).encode()
     target = root / checkpoint_name(state["step"])
     _remove_leftovers(root)

@@ -9,6 +9,8 @@ RUN/tensorboard) logs a warning and never fails the step; metrics.jsonl failing 
     RUN/wandb/...               W&B's local files (the offline runs to `wandb sync`); RUN/wandb-run-id names the run
     RUN/tensorboard/events.*    TensorBoard event files, one scalar per numeric metric, at the row's step
 
+The W&B run's config is the job's, its secrets redacted (`runner.config.redact`); TensorBoard gets the metrics only.
+
 A job is one W&B run however often the learner restarts: its id is kept in RUN/wandb-run-id and the run resumed.
 TensorBoard: a (re)started learner opens its writer at the first step it logs, with `purge_step` there, so steps that
 are redone after a resume replace the old points instead of doubling them.
@@ -23,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from runner.config import Config
+from runner.config import Config, redact
 from runner.files import write_atomic
 from workers.learner import checkpoint as ck
 
@@ -149,7 +151,7 @@ def make_sink(config: Config) -> Sinks:
     run_dir.mkdir(parents=True, exist_ok=True)
     sinks: list[MetricsSink] = [JsonlSink(run_dir)]
     if cfg.wandb_project:
-        sinks.append(WandbSink(run_dir, cfg.wandb_project, cfg.wandb_mode, config.to_dict()))
+        sinks.append(WandbSink(run_dir, cfg.wandb_project, cfg.wandb_mode, redact(config)))  # no secret to W&B
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / TENSORBOARD_DIR))
     return Sinks(sinks)
