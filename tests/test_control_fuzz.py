@@ -7,9 +7,14 @@ were."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -23,8 +28,10 @@ from runner import messages, wire
 from runner.config import build_config
 from runner.control import CONTROL, WEIGHTS, ControlClient, Publisher
 from runner.coordinator import add_generation_workers, create_coordinator
+from runner.status import fetch_status
 
 FUZZ_EXAMPLES = 300
+CONTROL_RE = re.compile(r"control (tcp://\S+)")
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +314,62 @@ def test_fuzzed_messages_from_strangers_and_wrong_roles_change_nothing(live, req
         request.node.user_properties.append(("fuzz_examples", fuzzed["examples"]))
     assert fuzzed["examples"] >= FUZZ_EXAMPLES // 2
     assert coord.latest_version == 1
+
+
+# ---------------------------------------------------------------------------------------- a real launch, attacked
+
+
+@pytest.mark.slow
+def test_a_launched_job_attacked_mid_run_finishes_untouched(tiny_model, tmp_path):
+    """`runner launch` of a short quickstart; at step 2 a stranger sends each known attack (failed heartbeats for
+    both children with and without their pids, hellos under their names, the learner's progress with a string metric,
+    done, weights as frames and as a slot notice, a reply-quoting field of nearly 1 MiB). The children keep their
+    pids and restart counts, and the job finishes every step with versions in order."""
+    text = (Path(__file__).parent.parent / "configs" / "quickstart.toml").read_text()
+    config = tmp_path / "job.toml"
+    config.write_text(text.replace('path = "models/tiny"', f'path = "{tiny_model}"'))
+    sets = ["learner.steps=8", "coordinator.heartbeat_timeout=20.0", "generation.port=0"]
+    sets += ['coordinator.control="tcp://127.0.0.1:0"', 'coordinator.weights="tcp://127.0.0.1:0"']
+    args = [sys.executable, "-m", "runner.cli", "launch", str(config), *(x for s in sets for x in ("--set", s))]
+    job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip() for line in job.stdout), daemon=True)
+    reader.start()
+    try:
+        endpoint = poll(lambda: next((m.group(1) for m in map(CONTROL_RE.search, lines) if m), None), 120, "control")
+        poll(lambda: (fetch_status(endpoint)["job"]["step"] or 0) >= 2, 120, "step 2")
+        before = {w["name"]: (w["pid"], w["restarts"]) for w in fetch_status(endpoint)["workers"]}
+        peer = Peer(endpoint)
+        try:
+            for name, (pid, _) in before.items():
+                peer.message({"type": "heartbeat", "name": name, "state": "failed"})
+                peer.message({"type": "heartbeat", "name": name, "state": "failed", "pid": pid, "token": "x"})
+                peer.message({"type": "hello", "name": name, "token": "mine", "pid": os.getpid()})
+            peer.message({"type": "progress", "name": "learner", "metrics": {"reward_mean": "x", "step": 99}})
+            peer.message({"type": "done", "name": "learner", "token": "guess"})
+            peer.message({"type": "weights_slot", "slot": 0, "version": 10**6, "nbytes": 64})
+            peer.message({"type": "weights_slot", "x" * (messages.MAX_BYTES - 200): 1})
+            peer.send(WEIGHTS, *[bytes(f) for f in wire.encode(10**6, 0, "any", {}, tensors(1.0))])
+            replies = peer.settle()
+        finally:
+            peer.close()
+        # Each answered with its rule (the bad metrics are dropped at unpack, the heartbeats told to say hello).
+        said = reasons(replies)
+        for rule in ("reserved for a process this coordinator started", "'done' naming 'learner' counts only from"):
+            assert rule in said
+        assert said.count("only from the learner") == 2 and "unknown field" in said
+        assert replies.count({"type": "heartbeat", "name": "coordinator", "rejoin": True}) == 2 * len(before)
+        time.sleep(1.0)  # a few coordinator loop turns: a believed "failed" would have killed a child by now
+        after = {w["name"]: (w["pid"], w["restarts"]) for w in fetch_status(endpoint)["workers"]}
+        assert after == before
+        assert job.wait(300) == 0, "\n".join(lines[-40:])
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(30)
+        reader.join(10)
+    output = "\n".join(lines)
+    assert "step 8/8" in output and "job finished" in output
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["version"] for r in rows] == sorted({r["version"] for r in rows})
