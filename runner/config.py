@@ -377,11 +377,17 @@ def _build_section(cls: type, values: dict, where: str, section: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """Split 'section.key=value' and parse the value as TOML (bare words are taken as strings)."""
+    """Split 'section.key=value' and parse the value as TOML (bare words are taken as strings). A secret key is
+    refused: a command line is no place for a secret."""
     name, sep, raw = text.partition("=")
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not section or not key:
         raise ConfigError(f"--set {text!r} is not valid; expected section.key=value")
+    if (section, key) in SECRET_KEYS:  # the value is never shown
+        raise ConfigError(
+            f"--set {section}.{key}=... is refused: every user sees a command line (ps); put the token in the config "
+            f"file, in a 0600 file named by security.api_token_file, or in the {API_TOKEN_ENV} environment variable"
+        )
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -462,11 +468,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     for text in overrides:
         section, key, value = parse_override(text)
-        if (section, key) in SECRET_KEYS:
-            raise ConfigError(
-                f"--set {section}.{key}=... is refused: every user sees a command line (ps); put the token in "
-                f"{path}, in a file named by security.api_token_file, or in the {API_TOKEN_ENV} environment variable"
-            )
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"{path}: '{section}' is not a table, so --set {text!r} cannot apply")

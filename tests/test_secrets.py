@@ -24,6 +24,7 @@ from runner.config import (
     build_config,
     config_toml,
     load_config,
+    parse_override,
     redact,
     write_resolved,
 )
@@ -113,6 +114,9 @@ def test_a_token_is_refused_on_any_command_line(tmp_path, capsys):
         assert "--set security.api_token=... is refused" in err and "api_token_file" in err and API_TOKEN_ENV in err
         assert TOKEN not in err
     assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="refused") as e:  # every --set, `python -m workers.learner.trainer`'s too
+        parse_override(f"security.api_token={TOKEN}")
+    assert TOKEN not in str(e.value)
     for command in (
         ["serve", "--model", str(tmp_path), "--api-token", TOKEN],
         ["serve", "--model", str(tmp_path), f"--api-token={TOKEN}"],

@@ -3,11 +3,11 @@ weight plane's receiving end (`runner.control.WeightReceiver`, installing throug
 
 Start-up: hello -> the job config (`--config`, the file `runner launch` wrote; or, for a worker joining from another
 host without it, `get_config` from the coordinator, which redacts secrets: such a worker of a job with an API token
-reads the token from `--api-token-file` or RUNNER_API_TOKEN, never from its command line) -> load the base model (the config's path, or `--model`) and
-check its id against the coordinator's -> apply the job's LoRA spec -> catch up: install the coordinator's latest
-adapter -> only then start HTTP and report `serving` with its advertised URL (`--advertise-url`, or the address of
-the interface that reaches the coordinator when bound to a wildcard). Afterwards every new version is installed
-between decode steps (at once when the engine is idle) and acked the moment it is live.
+reads the token from `--api-token-file` or RUNNER_API_TOKEN, never from its command line) -> load the base model (the
+config's path, or `--model`) and check its id against the coordinator's -> apply the job's LoRA spec -> catch up:
+install the coordinator's latest adapter -> only then start HTTP and report `serving` with its advertised URL
+(`--advertise-url`, or the address of the interface that reaches the coordinator when bound to a wildcard). Afterwards
+every new version is installed between decode steps (at once when the engine is idle) and acked the moment it is live.
 
 When the coordinator goes away (silent for its heartbeat timeout, or restarted): a worker it started exits
 (`runner.control.ControlClient`); a remote one keeps serving its version, says hello again with backoff until a
