@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -169,6 +170,17 @@ def test_hello_under_a_live_name_is_refused(live):
     assert "reserved for a process this coordinator started" in reasons(replies)
     replies = refused(live, {"type": "hello", "name": "someone", "role": "learner", "token": "x"})
     assert "needs a learner key" in reasons(replies)
+    # A worker restarted under the same name (launchd): once its old process is gone, the new one may say hello.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    coord, peer = live["coord"], Peer(live["coord"].control_endpoint)
+    try:
+        for token, pid in (("first", int(gone.stdout)), ("second", os.getpid())):
+            hello = {"type": "hello", "name": "restarted-w", "token": token, "pid": pid, "host": socket.gethostname()}
+            peer.message(hello)
+            assert [r["type"] for r in peer.settle()] == ["welcome"]
+            assert coord.workers["restarted-w"].pid == pid
+    finally:
+        peer.close()
 
 
 def test_learner_messages_from_others_are_refused(live):
