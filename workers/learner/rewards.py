@@ -10,9 +10,9 @@ and gives each call `timeout` seconds from its start. A call that raises anythin
 `SystemExit`, `KeyboardInterrupt`), returns something that is not a finite number, or is still running at its
 deadline scores 0 for that completion, is counted (`Scored.errors`, the step's `reward_errors`) and logged; the job
 goes on. Python cannot kill a thread, so a hung call is abandoned: its thread runs on, outside the pool, until the call
-returns or the process ends. At most `MAX_HUNG` abandoned calls are kept; while that many still run, further calls
-are not started and score 0 (counted, logged), so the thread count stays at most POOL_SIZE + MAX_HUNG however long
-the job runs.
+returns or the process ends. A function keeps at most `MAX_HUNG` calls running or abandoned; while that many of its
+calls hang, its further calls are not started and score 0 (counted, logged) while the other functions run as before,
+so the thread count stays at most POOL_SIZE + MAX_HUNG per function however long the job runs.
 
 Threads, not processes: reward functions loaded from files (under a synthetic module name), closures and partials do
 not all pickle, and a process pool pays a start and the user modules' imports per worker. The cost: a CPU-bound reward
@@ -32,7 +32,6 @@ import re
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -166,38 +165,42 @@ class Rewards:
 
 
 POOL_SIZE = 16  # reward calls running at once
-MAX_HUNG = 16  # abandoned calls (past their timeout, still running) kept before calls stop being started
+MAX_HUNG = 16  # calls of one function running or abandoned (past their timeout, still running) at once
 
 
 class RewardPool:
     """Runs reward calls on at most `size` daemon threads at once; abandons a call still running `timeout` seconds
-    after it started, keeping at most `max_hung` such threads (module doc). Used from one thread at a time."""
+    after it started. A function never has more than `max_hung` calls running or abandoned: while that many of its
+    calls hang, its next calls are not started (they fail), and the other functions run as before. Threads: at most
+    size + max_hung x functions, however long the job runs. Used from one thread at a time."""
 
     def __init__(self, size: int = POOL_SIZE, max_hung: int = MAX_HUNG):
         self.size, self.max_hung = size, max_hung
-        self._hung: set[Future] = set()  # abandoned calls still running; each removes itself when it returns
+        self._hung: dict[Callable, set[Future]] = {}  # abandoned calls still running; each leaves when it returns
         self._lock = threading.Lock()
 
-    @property
-    def hung(self) -> int:
+    def hung(self, fn: Callable | None = None) -> int:
+        """Abandoned calls still running, of `fn` or of every function."""
         with self._lock:
-            return len(self._hung)
+            return sum(len(calls) for f, calls in self._hung.items() if fn is None or f is fn)
 
     def run(self, calls: list[tuple[Callable, dict]], timeout: float) -> list[tuple[float, str | None]]:
         """(score, None) or (0.0, why it failed) for each `fn(**kwargs)` of `calls`, in order."""
         results: list[tuple[float, str | None]] = [(0.0, "not run")] * len(calls)
-        pending = deque(range(len(calls)))
+        pending = list(range(len(calls)))
         running: dict[Future, tuple[int, float]] = {}  # call -> (its index, its deadline)
         while pending or running:
-            while pending and len(running) < self.size:
-                if self.hung >= self.max_hung:  # no room for another thread that might hang: fail the rest now
-                    why = f"not started: {self.max_hung} earlier reward calls still hang"
-                    for i in pending:
-                        results[i] = (0.0, why)
-                    pending.clear()
-                    break
-                i = pending.popleft()
-                running[_start(*calls[i])] = (i, time.monotonic() + timeout)
+            waiting = []
+            for i in pending:
+                fn = calls[i][0]
+                hung, busy = self.hung(fn), sum(calls[j][0] is fn for j, _ in running.values())
+                if hung >= self.max_hung:
+                    results[i] = (0.0, f"not started: {hung} earlier calls of it still hang")
+                elif len(running) < self.size and hung + busy < self.max_hung:
+                    running[_start(*calls[i])] = (i, time.monotonic() + timeout)
+                else:
+                    waiting.append(i)  # a slot frees up when a running call ends
+            pending = waiting
             if not running:
                 break
             soonest = min(deadline for _, deadline in running.values())
@@ -208,20 +211,20 @@ class RewardPool:
                     results[i] = _outcome(fut)
                 elif now >= deadline:
                     results[i] = (0.0, f"no answer within {timeout:g}s")
-                    self._abandon(fut)
+                    self._abandon(calls[i][0], fut)
                 else:
                     continue
                 del running[fut]
         return results
 
-    def _abandon(self, fut: Future) -> None:
+    def _abandon(self, fn: Callable, fut: Future) -> None:
         with self._lock:
-            self._hung.add(fut)
-        fut.add_done_callback(self._returned)  # runs at once if it returned meanwhile
+            self._hung.setdefault(fn, set()).add(fut)
+        fut.add_done_callback(lambda f: self._returned(fn, f))  # at once if it returned meanwhile
 
-    def _returned(self, fut: Future) -> None:
+    def _returned(self, fn: Callable, fut: Future) -> None:
         with self._lock:
-            self._hung.discard(fut)
+            self._hung[fn].discard(fut)
 
 
 def _start(fn: Callable, kwargs: dict) -> Future:
