@@ -307,6 +307,7 @@ class Coordinator:
         self.serving_waiters: list[tuple[bytes, int]] = []  # (identity, version) told once every worker serves it
         self.grants: dict[str, tuple[str, str]] = {}  # name -> (secret, role) of the processes we start (`grant`)
         self.peers: dict[bytes, str] = {}  # the socket each worker said hello from -> its name
+        self._complained: set[bytes] = set()  # peers whose bad messages were logged (see `_complain`)
         self.own_key = ""  # our CURVE public key (z85), which our children connect with
         if config.security.curve_secret_key:
             from runner.keys import load_keypair
@@ -447,11 +448,23 @@ class Coordinator:
         try:
             self._dispatch(identity, frames)
         except Refused as e:
-            log.warning("refused a message from %s: %s", self._describe(identity), e)
+            self._complain(identity, logging.WARNING, f"refused a message: {e}")
             self._reply(identity, {"type": "rejected", "reason": str(e)})
         except Exception as e:
-            log.error("a message from %s failed: %s: %s", self._describe(identity), type(e).__name__, e)
+            self._complain(identity, logging.ERROR, f"a message failed: {type(e).__name__}: {e}")
             self._reply(identity, {"type": "rejected", "reason": f"the coordinator could not handle it ({e!r})"})
+
+    def _complain(self, identity: bytes, level: int, text: str) -> None:
+        """Log what went wrong with a peer's message, once per peer (later ones at DEBUG: a peer cannot flood the
+        log), cut to one short line."""
+        if identity not in self._complained:
+            if len(self._complained) > 4096:
+                self._complained.clear()
+            self._complained.add(identity)
+            text += " (more from this peer are logged at DEBUG)"
+        else:
+            level = logging.DEBUG
+        log.log(level, "%s: %s", self._describe(identity), text if len(text) < 500 else text[:500] + "...")
 
     def _dispatch(self, identity: bytes, frames: list) -> None:
         kind = bytes(frames[1]) if len(frames) > 1 else b""
@@ -460,18 +473,18 @@ class Coordinator:
             self._accept(identity, lambda: wire.decode(frames[2:]), None)
             return
         if kind != CONTROL or len(frames) != 3:
-            log.warning("dropped a control message with unknown framing from %s", self._describe(identity))
+            self._complain(identity, logging.WARNING, "dropped a control message with unknown framing")
             return
         try:
             msg = messages.unpack(frames[2])
         except messages.MessageError as e:
-            log.warning("dropped a malformed control message from %s: %s", self._describe(identity), e)
+            self._complain(identity, logging.WARNING, f"dropped a malformed control message: {e}")
             if e.type == "weights_slot":  # the learner waits for an answer to every version it offers
                 self._reply(identity, {"type": "rejected", "reason": str(e)})
             return
         handler = self.handlers.get(msg["type"])
         if handler is None:
-            log.warning("dropped a %r message: nothing sends the coordinator one", msg["type"])
+            self._complain(identity, logging.WARNING, f"dropped a {msg['type']!r} message: nothing sends us one")
             return
         handler(identity, msg, _curve_key(frames[1]))
 
@@ -541,6 +554,8 @@ class Coordinator:
             del self.peers[rec.identity]
         rec.identity = identity
         self.peers[identity] = rec.name
+        if len(self.peers) > 2 * len(self.workers) + 64:  # sockets of rows since forgotten
+            self.peers = {i: n for i, n in self.peers.items() if n in self.workers and self.workers[n].identity == i}
 
     def _gone(self, rec: WorkerRecord, token: str, key: str) -> bool:
         """Whether a new hello may take `rec`'s name: the same process again (its token), a record whose process is

@@ -8,6 +8,7 @@ were."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -282,7 +283,7 @@ FRAMES = st.one_of(
 )
 
 
-def test_fuzzed_messages_from_strangers_and_wrong_roles_change_nothing(live, request):
+def test_fuzzed_messages_from_strangers_and_wrong_roles_change_nothing(live, request, caplog):
     coord, worker = live["coord"], live["worker"]
     stranger = Peer(coord.control_endpoint)
     valid = [bytes(f) for f in wire.encode(2, 2, coord.base_model_id, {}, tensors(1.0))]
@@ -325,6 +326,9 @@ def test_fuzzed_messages_from_strangers_and_wrong_roles_change_nothing(live, req
         print(f"\nfuzzed the live coordinator with {fuzzed['examples']} examples ({fuzzed['messages']} messages)")
         request.node.user_properties.append(("fuzz_examples", fuzzed["examples"]))
     assert fuzzed["examples"] >= FUZZ_EXAMPLES // 2
+    # Hundreds of bad messages from two peers: logged once per peer, not once per message.
+    noisy = [r for r in caplog.records if r.name == "runner.coordinator" and r.levelno >= logging.WARNING]
+    assert 1 <= sum("peer" in r.getMessage() for r in noisy) <= 2, [r.getMessage() for r in noisy]
     assert coord.latest_version == 1
 
 
