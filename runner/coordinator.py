@@ -11,6 +11,13 @@ socket (`_beat`); its children exit when the beats stop, remote workers say hell
 serve (`seen_version`: a restarted coordinator continues above it). A heartbeat reporting an older version than the
 latest gets the latest re-sent (`_heal`).
 
+Trust (the README's Security section): every peer has one identity and one role. A message naming a worker counts
+only with the token that worker's hello carried, from the same pid and CURVE key (`_sender`); weights, slot
+notices, wait_serving, progress and done only from the learner's hello socket (`_learner`). Roles come from a
+per-child secret in the environment (`grant`, `RUNNER_ROLE_TOKEN`) or from where a CURVE key sits in authorized_keys
+(`runner.keys.key_roles`). What breaks a rule raises `Refused` and is answered `rejected`; nothing a peer sends ends
+the loop (`_handle`).
+
 Config: `create_coordinator` writes the resolved job config (absolute paths, every key) to
 `RUN/config.resolved.toml` (mode 600: it holds the API token); every child starts from it (`--config`), the learner's
 first start also with `--resume` when asked, and a remote worker without the file asks for it (`get_config`, secrets
