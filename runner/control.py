@@ -111,6 +111,9 @@ class ControlClient:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = 10.0  # the job's [coordinator] heartbeat_timeout, once the worker knows it
         self.supervised = False  # started by the coordinator: ends with it
+        # Called on the heartbeat thread right before each beat, to refresh `status` (a generation worker's engine
+        # progress and health): it must not block or raise.
+        self.before_beat: Callable[[], None] | None = None
         self.coordinator_lost = threading.Event()
         self._last_beat = time.monotonic()  # when the coordinator was last heard
         self._parent = 0
@@ -241,7 +244,10 @@ class ControlClient:
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
                     msg = {"type": "heartbeat", "name": self.name, "pid": os.getpid(), "token": self.token}
-                    msg.update((k, self.status[k]) for k in ("state", "version", "http_url") if k in self.status)
+                    if self.before_beat:
+                        self.before_beat()
+                    keys = ("state", "version", "http_url", "engine_steps")
+                    msg.update((k, self.status[k]) for k in keys if k in self.status)
                     try:
                         hb.send_multipart([CONTROL, messages.pack(msg)], flags=zmq.NOBLOCK)
                     except zmq.Again:

@@ -97,6 +97,7 @@ class WorkerRecord:
     curve_key: str = ""  # the CURVE public key its hello came with (z85; "" without CURVE)
     weights_via: str = ""  # "slots" (same-host shared memory) or "pub" (the weights PUB socket)
     resent_version: int = 0  # the last version re-sent because its heartbeat reported an older one
+    engine_steps: int = 0  # a generation worker's engine progress, as its last heartbeat said
 
     def row(self, now: float) -> dict:
         d = asdict(self)
@@ -636,6 +637,7 @@ class Coordinator:
             self._reply(identity, {"type": "heartbeat", "name": "coordinator"})
         rec.last_heartbeat, rec.beat_identity = time.time(), identity
         rec.state, rec.version = msg.get("state", rec.state), msg.get("version", rec.version)
+        rec.engine_steps = msg.get("engine_steps", rec.engine_steps)
         rec.http_url = msg.get("http_url") or rec.http_url
         self._heal(rec)
 

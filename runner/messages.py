@@ -82,6 +82,7 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
         "pid": (int,),
         "rejoin": (bool,),
         "token": (str,),
+        "engine_steps": (int,),  # a generation worker's batch steps so far: its engine's progress
     },
     "ack": {"name": (str,), "version": (int,), "state": (str,), "http_url": (str,), "token": (str,)},
     "status": {"job": (dict,), "workers": (list,)},

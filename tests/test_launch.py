@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import mlx_lm
 import pytest
 from helpers import poll
@@ -255,26 +256,41 @@ def test_sigterm_during_the_first_steps_rollouts_stops_within_the_grace(job_dir,
 
 
 def test_engine_thread_death_restarts_the_worker(job_dir, tmp_path, tiny_model):
-    """The engine thread of gen-0 dies on a real MLX error (the RUNNER_TEST_ENGINE_FAULT hook): the worker reports
-    itself failed and exits, the coordinator restarts it, a new gen-0 serves, and the job completes."""
+    """A bad request to gen-0 while the learner's rollouts run gets a 400 and gen-0 keeps its pid. Then its engine
+    thread dies on a real MLX error (the RUNNER_TEST_ENGINE_FAULT hook): the worker reports itself failed and exits,
+    the coordinator restarts it. Then the new gen-0's engine hangs in a step (the hook's "hang"): with no progress
+    for [generation] stall_timeout while it has requests, it is reported failed and restarted too. A new gen-0
+    serves, and the job completes."""
     cwd, config = job_dir
     fault = tmp_path / "engine-fault"
-    job = Job(config, QUICK, cwd, env={"RUNNER_TEST_ENGINE_FAULT": str(fault)})
+    job = Job(config, [*QUICK, "generation.stall_timeout=5"], cwd, env={"RUNNER_TEST_ENGINE_FAULT": str(fault)})
     try:
         control = job.control()
-        wait_step(control, 3)
+        wait_step(control, 2)
         pid = worker_pid(control, "gen-0")
+        url = next(w["http_url"] for w in fetch_status(control)["workers"] if w["name"] == "gen-0")
+        bad = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "seed": -1}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed", bad.text
+        wait_step(control, 3)
+        assert worker_pid(control, "gen-0") == pid
+        gen0 = next(w for w in fetch_status(control)["workers"] if w["name"] == "gen-0")
+        assert gen0["engine_steps"] > 0  # its heartbeats carry the engine's progress
         fault.touch()
-        worker_pid(control, "gen-0", not_pid=pid)  # a new process, serving
+        pid = worker_pid(control, "gen-0", not_pid=pid)  # a new process, serving
         assert not fault.exists()  # taken by the old gen-0 alone
+        fault.write_text("hang")
+        worker_pid(control, "gen-0", not_pid=pid)
+        assert not fault.exists()
         assert job.finish(600) == 0, job.output[-3000:]
     finally:
         if job.proc.poll() is None:
             job.proc.kill()
             job.proc.wait(30)
     run_dir = cwd / "runs" / "quickstart"
-    assert "engine thread failed" in (run_dir / "logs" / "gen-0.log").read_text()
-    assert re.search(r"gen-0 exited with code 1; restarting|gen-0 reports itself failed", job.output)
+    gen_log = (run_dir / "logs" / "gen-0.log").read_text()
+    assert "engine thread failed" in gen_log
+    assert "the engine has made no progress for" in gen_log
+    assert len(re.findall(r"gen-0 exited with code -?\d+; restarting|gen-0 reports itself failed", job.output)) >= 2
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 15))
     assert assert_loadable_checkpoint(run_dir, tiny_model) == 14
 

@@ -162,6 +162,7 @@ def _start_engine(model_path: Path, config: Config) -> Engine:
         max_batch=gen.max_batch,
         prefill_batch=gen.prefill_batch,
         max_queue=gen.max_queue,
+        stall_timeout=gen.stall_timeout,
     ).start()
 
 
@@ -198,6 +199,8 @@ def _serve(
     # Each version is acked the moment it is live, by the thread that swapped it in, on a socket of its own used
     # under the engine's model lock: never by two threads at once.
     engine.on_version = client.acker()
+    # The heartbeat thread reports the engine's progress, and its failure even while this thread is held up.
+    client.before_beat = lambda: _beat_status(client, engine)
     try:
         while not stopping.is_set():
             if client.coordinator_lost.is_set():
@@ -208,8 +211,8 @@ def _serve(
             if not http_thread.is_alive():
                 log.error("the HTTP server stopped unexpectedly")
                 return 1
-            if engine.failed:  # /health says 503 "failed"; exit so the coordinator (or launchd) restarts this worker
-                log.error("the engine thread died; reporting failed and exiting")
+            if failure := engine.failure:  # /health says 503 "failed"; exit so the coordinator (or launchd) restarts us
+                log.error("%s; reporting failed and exiting", failure)
                 client.status["state"] = "failed"
                 client.send({"type": "heartbeat", "name": client.name, "state": "failed", "version": engine.version})
                 return 1
@@ -221,6 +224,15 @@ def _serve(
         if sub is not None:
             sub.close()
     return 0
+
+
+def _beat_status(client: ControlClient, engine: Engine) -> None:
+    """Before each heartbeat: the engine's progress, and `failed` once its thread died or a step hung (the coordinator
+    then kills and restarts this worker)."""
+    client.status["engine_steps"] = engine.steps
+    if client.status.get("state") == "serving" and (failure := engine.failure):
+        log.error("%s; reporting failed", failure)
+        client.status["state"] = "failed"
 
 
 def _rejoin(client: ControlClient, receiver: WeightReceiver, sub, stopping: threading.Event, capabilities: dict):
