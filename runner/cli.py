@@ -89,8 +89,9 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
     public, secret = generate_keypair(Path(args.out), args.name, force=args.force)
     print(
-        f"public key {load_keypair(secret)[0].decode()}\n  {public}  (give to the other side's authorized keys "
-        f"directory)\n  {secret}  (secret, mode 600)"
+        f"public key {load_keypair(secret)[0].decode()}\n  {public}  (give to the other side: on the coordinator, "
+        f"`runner keys authorize {public.name} --dir AUTHORIZED_KEYS --role worker|learner|observer`)\n"
+        f"  {secret}  (secret, mode 600)"
     )
     return 0
 
