@@ -12,6 +12,10 @@ every new version is installed between decode steps (at once when the engine is 
 When the coordinator goes away (silent for its heartbeat timeout, or restarted): a worker it started exits
 (`runner.control.ControlClient`); a remote one keeps serving its version, says hello again with backoff until a
 coordinator answers, and catches up to its latest version, with no restart.
+
+Liveness: the heartbeat thread reports the engine's progress (`engine_steps`) and says `failed` once the engine
+thread died or the engine has had requests and finished no step for `[generation] stall_timeout`; the worker then
+exits, and the coordinator kills (if need be) and restarts it.
 """
 
 from __future__ import annotations
