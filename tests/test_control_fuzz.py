@@ -171,6 +171,11 @@ def test_hello_under_a_live_name_is_refused(live):
     assert "reserved for a process this coordinator started" in reasons(replies)
     replies = refused(live, {"type": "hello", "name": "someone", "role": "learner", "token": "x"})
     assert "needs a learner key" in reasons(replies)
+    # `runner worker generate` under a live name stops at once with one line (a supervisor would retry it).
+    cmd = [sys.executable, "-m", "runner.cli", "worker", "generate", "--join", live["coord"].control_endpoint]
+    worker = subprocess.run([*cmd, "--name", "remote-w", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2 and "refused hello as 'remote-w'" in worker.stderr, worker.stderr[-2000:]
+    assert "Traceback" not in worker.stderr
     # A worker restarted under the same name (launchd): once its old process is gone, the new one may say hello.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     coord, peer = live["coord"], Peer(live["coord"].control_endpoint)

@@ -50,6 +50,7 @@ from runner.control import (
     WEIGHTS_MAX_BYTES,
     ControlClient,
     CoordinatorGone,
+    HelloRefused,
     SlotTransport,
     WeightReceiver,
     advertised_url,
@@ -291,9 +292,13 @@ def join(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2
-    return run_worker(
-        args.join, name, args.host, args.port, args.model, curve, args.config, args.advertise_url, api_token
-    )
+    try:
+        return run_worker(
+            args.join, name, args.host, args.port, args.model, curve, args.config, args.advertise_url, api_token
+        )
+    except HelloRefused as e:  # e.g. its name is live in another process: one line, and a supervisor retries
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
