@@ -81,6 +81,15 @@ def test_the_token_comes_from_a_0600_file_or_the_environment(tmp_path, monkeypat
         assert api_token_override(str(loose)) == TOKEN
     assert f"API token file {loose} is readable by other users; run `chmod 600 {loose}`" in caplog.text
 
+    inline = token_file(tmp_path / "inline.toml", f'[security]\napi_token = "{TOKEN}"\n')  # 0600: no warning
+    caplog.clear()
+    assert load_config(inline).security.api_token == TOKEN
+    assert "other users can read it" not in caplog.text
+    inline.chmod(0o644)
+    assert load_config(inline).security.api_token == TOKEN
+    assert f"{inline} holds [security] api_token and other users can read it" in caplog.text
+    assert TOKEN not in caplog.text
+
 
 @pytest.mark.parametrize(
     "security, message",

@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 
 from runner.args import add_join_arguments, curve_from_args
-from runner.config import Config, build_config, load_config
+from runner.config import Config, build_config, load_config, redact
 from runner.control import EXIT_FATAL, EXIT_ORPHANED, ControlClient, Publisher
 from runner.rundir import check_job
 from workers.learner import checkpoint as ck
@@ -67,8 +67,9 @@ def run_learner(args: argparse.Namespace) -> int:
     client = ControlClient(args.join, args.name, role="learner", curve=curve_from_args(args))
     welcome = client.hello(capabilities={"algorithm": "grpo", "ranks": dist.size_of(group)})
     # The other ranks build the same trainer (they never say hello), and watch this rank's beats to end with it.
+    # They call no worker: the config goes over the ring (plain TCP between machines) with its secrets redacted.
     beats = dist.rank0_beats(group) if dist.size_of(group) > 1 else ""
-    dist.broadcast_json({"config": config.to_dict(), "rank0": beats}, group)
+    dist.broadcast_json({"config": redact(config), "rank0": beats}, group)
     client.heartbeat_interval = config.coordinator.heartbeat_interval
     client.heartbeat_timeout = config.coordinator.heartbeat_timeout
     client.status.update(state="loading", version=welcome["latest_version"])
