@@ -368,7 +368,10 @@ def require_security(
 
 
 def require_api_token(
-    bind_endpoints: Iterable[str], api_token: str | None, how: str = "set [security] api_token to a long random string"
+    bind_endpoints: Iterable[str],
+    api_token: str | None,
+    how: str = "put a long random string in a 0600 file named by [security] api_token_file (or in api_token, or in "
+    "RUNNER_API_TOKEN)",
 ) -> None:
     """Refuse to bind any non-loopback endpoint without an HTTP API token (the rule `runner launch` and
     `runner serve` share); `how` tells the user where to give one. Raises InsecureBindError in one sentence."""
