@@ -11,6 +11,11 @@ from the `datasets` cache or else the repo's files in the huggingface_hub cache)
 versions, log-probs): prompt i is row order[i mod n] of epoch i // n, where order is the identity or, with `shuffle`,
 a permutation drawn from (seed, epoch). Prompt i is a pure function of i, so the source's checkpointed position
 resumes at the exact next prompt.
+
+Checked before a job starts (`runner check`, `runner launch`): `check_dataset_config` (the rows load, every row has a
+prompt, the reward functions import) and `check_prompts_fit` (every prompt fits the model's context with
+`[learner] max_tokens`, else the rows that do not, by number). A prompt that gets past it (the model was not on this
+machine at the check) is refused by the worker and skipped by the source (workers.learner.sources.builtin).
 """
 
 from __future__ import annotations
