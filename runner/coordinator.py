@@ -8,8 +8,8 @@ appear in the same worker table without a watcher: if they die they are dropped,
 
 Liveness both ways (Paranoid Pirate): every worker heartbeats, and the coordinator beats back to each one's heartbeat
 socket (`_beat`); its children exit when the beats stop, remote workers say hello again, reporting the version they
-serve (`seen_version`: a restarted coordinator continues above it). A heartbeat reporting an older version than the
-latest gets the latest re-sent (`_heal`).
+serve (never newer than the run dir's `published_version`, above which a restarted coordinator continues). A
+heartbeat reporting an older version than the latest gets the latest re-sent (`_heal`).
 
 Trust (the README's Security section): every peer has one identity and one role. A message naming a worker counts
 only with the token that worker's hello carried, from the same pid and CURVE key (`_sender`); weights, slot
@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 PUBLISHED_VERSION = "published_version"  # file in the run dir: the newest version the job published
 
 LIVE_STATES = ("starting", "loading", "catching_up", "serving", "training")
-VERSION_SLACK = 1000  # how far beyond this job's newest version a worker's hello may report (see _version_bound)
 MAX_REMOTE_WORKERS = 256  # rows of remote workers the table holds; a hello beyond that is refused
 LOST_ROW_TIMEOUTS = 3  # a remote row not live for this many heartbeat timeouts is removed
 STATUS_FIELD_CHARS = 200  # a status row's strings are cut to this many characters
@@ -292,9 +291,9 @@ class Coordinator:
         self.watchers: dict[str, Watcher] = {}
         self.latest: wire.WeightMessage | None = None  # the newest accepted version, verified on our own copy
         self.latest_at = 0.0  # when it was accepted
-        # The newest version this job published (kept in the run dir across coordinator restarts) or any worker says
-        # it has (a remote worker may serve one this coordinator never saw): versions never go backwards (welcome and
-        # _accept continue above it), even when the learner resumes from a checkpoint older than the last version.
+        # The newest version this job published (kept in the run dir across coordinator restarts): versions never go
+        # backwards (welcome and _accept continue above it), even when the learner resumes from a checkpoint older
+        # than the last version. Workers may not report a newer one (`_version_bound`).
         self.seen_version = _published_version(self.run_dir)
         self._next_beat = 0.0
         self.job = {
@@ -522,8 +521,9 @@ class Coordinator:
         return f"peer {identity.hex()}" + (f" ({name})" if name else " (no hello)")
 
     def _version_bound(self) -> int:
-        """The newest version a worker may report: one this job published (or, at hello, a little beyond: a
-        remote worker may serve one a run dir without `published_version` never saw)."""
+        """The newest version a worker may report: one this job published. (`published_version` is durable before
+        any worker can hold a version, so a worker rejoining a restarted coordinator never serves a newer one; a
+        newer one would raise the floor every later version must exceed, and so stop the learner.)"""
         return max(self.latest_version, self.seen_version)
 
     def _sender(self, msg: dict, key: str) -> WorkerRecord:
@@ -581,7 +581,6 @@ class Coordinator:
         name, token, rec = msg["name"], msg.get("token", ""), self.workers.get(msg["name"])
         if not token:
             raise Refused("hello needs a token (the secret that proves later messages naming this worker are its)")
-        version = msg.get("version", 0)
         if name in self.grants:
             granted, role = self.grants[name]
             if not hmac.compare_digest(token.encode(), granted.encode()):
@@ -596,8 +595,11 @@ class Coordinator:
                     f"{name!r} is live (pid {rec.pid} on {rec.host}): a second hello under a live name is refused "
                     "until the first is gone"
                 )
-            if version > self._version_bound() + VERSION_SLACK:
-                raise Refused(f"version {version} is beyond this job's newest ({self._version_bound()})")
+        if (version := msg.get("version", 0)) > self._version_bound():
+            raise Refused(
+                f"version {version} is newer than any this job published ({self._version_bound()}): "
+                "a worker of another job? restart it"
+            )
         if rec is None and not self._room_for(name):  # (may forget the oldest lost row to make room)
             raise Refused(f"{MAX_REMOTE_WORKERS} remote workers are live: no room for another")
         if rec is None:  # a remote worker joining
@@ -609,7 +611,6 @@ class Coordinator:
         # A remote worker rejoining a (restarted) coordinator says what it serves; a new process says nothing.
         rec.state, rec.last_heartbeat = msg.get("state", "loading"), time.time()
         rec.version, rec.http_url = msg.get("version", rec.version), msg.get("http_url", rec.http_url)
-        self.seen_version = max(self.seen_version, version)
         log.info("%s (%s) said hello from %s pid %d", rec.name, rec.role, rec.host, rec.pid)
         welcome = {
             "type": "welcome",

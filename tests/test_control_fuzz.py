@@ -90,6 +90,7 @@ def snapshot(coord) -> dict:
     return {
         "rows": rows,
         "latest": coord.latest_version,
+        "floor": coord.seen_version,  # every later version must exceed it: raising it would stop the learner
         "children": {n: w.proc.pid for n, w in coord.watchers.items()},
         "running": all(w.exit_code() is None for w in coord.watchers.values()),
         "stop": coord.stop_reason,
@@ -171,6 +172,8 @@ def test_hello_under_a_live_name_is_refused(live):
     assert "reserved for a process this coordinator started" in reasons(replies)
     replies = refused(live, {"type": "hello", "name": "someone", "role": "learner", "token": "x"})
     assert "needs a learner key" in reasons(replies)
+    ahead = {"type": "hello", "name": "ahead", "token": "x", "version": live["coord"].latest_version + 1}
+    assert "newer than any this job published" in reasons(refused(live, ahead))
     # `runner worker generate` under a live name stops at once with one line (a supervisor would retry it).
     cmd = [sys.executable, "-m", "runner.cli", "worker", "generate", "--join", live["coord"].control_endpoint]
     worker = subprocess.run([*cmd, "--name", "remote-w", "--port", "0"], capture_output=True, text=True, timeout=120)
