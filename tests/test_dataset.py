@@ -334,7 +334,7 @@ def test_a_hub_dataset_id_loads_offline_from_the_hub_cache(tmp_path):
 
 # ----- prompts longer than the context -------------------------------------------------------------------------
 
-LONG_PROMPT = "count the apples " * 800  # ~2400 tokens with the tiny tokenizer: past its context of 2048
+LONG_PROMPT = "count the apples " * 300  # ~2700 tokens with the tiny tokenizer: past its context of 2048
 
 
 def test_runner_check_refuses_a_prompt_too_long_for_the_context_by_row(tmp_path, tiny_model):
