@@ -722,7 +722,8 @@ def test_every_message_type_is_documented_and_its_required_fields_are_fields():
         ({"type": "weights_slot", "slot": "0", "version": 1, "nbytes": 2}, "'slot' must be int, got str"),
         ({"type": "weights_slot", "slot": 0, "version": True, "nbytes": 2}, "'version' must be int, got bool"),
         ({"type": "weights_slot", "slot": 0, "version": 1, "nbytes": 0.5}, "'nbytes' must be int, got float"),
-        ({"type": "hello", "name": "x", "capabilities": {"x": object()}}, "not msgpack-serializable"),
+        ({"type": "status", "job": {"x": object()}}, "not msgpack-serializable"),
+        ({"type": "hello", "name": "x", "capabilities": {"x": object()}}, r"'capabilities'\['x'\] must be"),
         ({"type": "config", "toml": "a" * messages.MAX_BYTES}, "more than"),
     ],
 )
