@@ -42,8 +42,8 @@ def job_config(tiny_model, run_dir):
             "coordinator": {
                 "control": "tcp://127.0.0.1:0",
                 "weights": "tcp://127.0.0.1:0",
-                "heartbeat_interval": 0.5,
-                "heartbeat_timeout": 2.0,  # longer than saying all the hellos below
+                "heartbeat_interval": 0.25,
+                "heartbeat_timeout": 1.0,  # longer than saying all the hellos below (~0.1 s)
             },
             "security": {"api_token": TOKEN},
         }
