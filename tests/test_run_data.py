@@ -109,3 +109,25 @@ def test_the_same_failure_on_the_same_input_twice_is_a_reason_to_stop(tmp_path):
     assert ck.failed_again(tmp_path, 3, {**where, "position": 12}, KeyError("x")) is None  # another failure
     why = ck.failed_again(tmp_path, 3, {**where, "position": 12}, KeyError("x"))
     assert why is not None and why.startswith("step 3 failed twice on the same input") and "KeyError" in why
+
+
+def test_a_dataset_of_prompts_too_long_stops_the_job_with_the_reason(tmp_path):
+    """The model is prepared by the launch, so `runner check` cannot measure the prompts: the worker refuses each
+    (400), the learner skips them, and when nothing but refusals comes it fails; failing again the same way at the
+    same step and input after its restart, it stops the job with the reason instead of going round."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{i} " + "count the apples " * 300}) + "\n" for i in range(3)))
+    config = tmp_path / "job.toml"
+    text = (Path(__file__).parent.parent / "configs" / "quickstart.toml").read_text()
+    config.write_text(text.replace('path = "models/tiny"', f'path = "{tmp_path / "tiny"}"'))
+    sets = [s for s in SETS if not s.startswith("lora.rank")]
+    sets += ['source.type="dataset"', f'source.path="{train}"', 'source.rewards=["numeric_answer"]']
+    job = Job(config, sets, tmp_path)
+    assert job.finish(300) == 1, job.output[-3000:]
+    out = job.output
+    assert "worker learner stopped the job (exit code 4)" in out, out[-3000:]
+    assert "step 1 failed twice on the same input" in out and "refused 256 prompts in a row" in out, out[-3000:]
+    assert "exceeds the model's context" in out
+    assert out.count("learner exited with code") == 1  # one restart, then the stop
+    log = (tmp_path / "runs" / "quickstart" / "logs" / "learner.log").read_text()
+    assert "(row 3) skipped" in log

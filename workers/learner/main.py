@@ -104,7 +104,7 @@ def run_learner(args: argparse.Namespace) -> int:
         lambda: fresh.dropped_batches,
         evaluator,
     )
-    fatal = False  # a failure a restart would only repeat: exit EXIT_FATAL, the coordinator stops the job
+    fatal = ""  # why a restart would only repeat this failure: exit EXIT_FATAL, the coordinator stops the job
     try:
         fit(
             trainer,
@@ -124,14 +124,13 @@ def run_learner(args: argparse.Namespace) -> int:
     except Stopped as e:  # SIGTERM while waiting for rollouts: fit has checkpointed the last completed step
         log.info("%s; stopping at step %d", e, trainer.step_count)
     except ck.CheckpointError as e:  # starting over instead would redo the run on top of its history
-        log.error("%s", e)
-        fatal = True
+        fatal = str(e)
     except Exception as e:
-        why = ck.failed_again(config.checkpoint.dir, trainer.step_count + 1, source.state(), e)
-        if why is None:
+        fatal = ck.failed_again(config.checkpoint.dir, trainer.step_count + 1, source.state(), e) or ""
+        if not fatal:
             raise  # the coordinator restarts the learner: it may get past this
-        log.exception("%s; stopping the job", why)
-        fatal = True
+        log.exception("the step failed")
+        stopping.set()  # rollouts still in flight give up
     finally:
         client.status["state"] = "stopping"
         source.close()
@@ -139,8 +138,9 @@ def run_learner(args: argparse.Namespace) -> int:
             evaluator.close()
         sink.close()
     if fatal:
+        log.error("%s; stopping the job", fatal)  # last: the coordinator ends the job with the end of this log
         client.close()
-        return EXIT_FATAL  # the coordinator ends the job with the end of this log
+        return EXIT_FATAL
     if not stopping.is_set():
         client.send({"type": "done", "name": args.name})
     client.close()
