@@ -67,7 +67,7 @@ class BuiltinSource:
     """
 
     FAILED_COOLDOWN = 5.0
-    MAX_REFUSED = 256
+    MAX_REFUSED = 256  # refused prompts in a row before `next_batch` gives up
 
     def __init__(
         self,
