@@ -523,6 +523,7 @@ BAD_COMPLETIONS = {
     "too many stop strings": {"prompt": "hi", "stop": [str(i) for i in range(17)]},
     "a stop string too long": {"prompt": "hi", "stop": "x" * 257},
     "prompt list of two strings": {"prompt": ["a", "b"]},
+    "prompt of more characters than the context holds": {"prompt": "hello " * 20_000},  # refused untokenized
 }
 BAD_CHAT = {
     "empty messages": {"messages": []},
@@ -532,6 +533,7 @@ BAD_CHAT = {
     "lone surrogate in a content part": b'{"messages": [{"role": "user", "content": [{"type": "text", '
     b'"text": "\\ud800"}]}]}',
     "image content part": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    "messages of more characters than the context holds": {"messages": [{"role": "user", "content": "hi " * 40_000}]},
 }
 
 

@@ -188,7 +188,7 @@ def test_random_bodies_never_get_a_5xx(server, client, request) -> None:
     """Random JSON documents (and raw bytes) to each endpoint."""
     count = 0
 
-    @settings(max_examples=150, **FUZZ_SETTINGS)
+    @settings(max_examples=250, **FUZZ_SETTINGS)
     @given(path=st.sampled_from(ENDPOINTS), body=JSON | st.binary(max_size=64))
     def run(path: str, body: object) -> None:
         nonlocal count
@@ -206,7 +206,7 @@ def test_adversarial_fields_never_get_a_5xx(server, client, request) -> None:
     and not, so that many reach the engine."""
     count = 0
 
-    @settings(max_examples=200, **FUZZ_SETTINGS)
+    @settings(max_examples=350, **FUZZ_SETTINGS)
     @given(data=st.data())
     def run(data) -> None:
         nonlocal count

@@ -47,7 +47,7 @@ MAX_N = 64
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
-MAX_PROMPT_CHARS = 2**22  # a prompt's or message's text; the engine then checks its tokens against the context
+MAX_PROMPT_CHARS = 2**20  # a prompt's or message's text, at most (and see Server.max_prompt_chars)
 MAX_PROMPT_IDS = 2**20
 MAX_MESSAGES = 4096
 MAX_NAME_CHARS = 256
@@ -190,6 +190,10 @@ class Server:
         self.max_tokens_limit = max_tokens_limit
         self.api_token = api_token
         self.ready = ready  # False while a worker catches up with the latest adapter: no traffic yet
+        # A text longer than this cannot fit the context (no token stands for more characters than the vocabulary's
+        # longest string; twice that for tokenizers that drop characters), so it is refused before it is tokenized:
+        # tokenizing runs on the event loop, and a megabyte of text takes a second.
+        self.max_prompt_chars = 2 * engine.context_length * max(map(len, engine.tokenizer.get_vocab()), default=1)
         self.started = time.time()
         self.app = self._build_app()
 
@@ -263,17 +267,31 @@ class Server:
     def _token_str(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
+    def _encode(self, text: str, param: str = "prompt") -> list[int]:
+        self._check_length(len(text), param)
+        return self.engine.tokenizer.encode(text)
+
+    def _check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"{param} is {chars} characters long, more than the {self.engine.context_length}-token context "
+                f"of this model can hold (at most {self.max_prompt_chars})",
+                param=param,
+            )
+
     def _encode_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self.engine.tokenizer.encode(prompt)
+            return self._encode(prompt)
         if prompt and all(isinstance(p, int) for p in prompt):
             return list(prompt)
         if len(prompt) == 1:
-            return self.engine.tokenizer.encode(prompt[0])
+            return self._encode(prompt[0])
         raise APIError(400, "prompt must be a string, a list of token ids, or a list with one string", param="prompt")
 
     def _chat_prompt(self, body: ChatBody) -> list[int]:
         messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             return list(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         except Exception as e:  # a template can reject a conversation (e.g. roles out of order)
@@ -412,9 +430,7 @@ class Server:
             raise APIError(400, "/generate does not stream; use /v1/completions", param="stream")
         top = body.logprobs or 0
         params = self._params(body, body.max_tokens, top)
-        prompt_ids = (
-            self.engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt.prompt_token_ids
-        )
+        prompt_ids = self._encode(body.prompt) if isinstance(body.prompt, str) else body.prompt.prompt_token_ids
         req = self._submit(prompt_ids, params, body.n, False)
         await self._wait(http, req)
         logprobs = [
