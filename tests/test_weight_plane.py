@@ -501,7 +501,8 @@ def test_a_restarted_coordinator_continues_above_the_newest_published_version(jo
     coord, client, _ = job
     version = status(client)["job"]["latest_version"]
     assert publish(job, version + 1, random_adapter(tiny_layout(tiny_model), 7)) == "published"
-    assert (coord.run_dir / "published_version").read_text().strip() == str(version + 1)
+    reserved = int((coord.run_dir / "published_version").read_text())  # numbers are reserved a few at a time
+    assert reserved >= version + 1
     config = build_config(
         {
             "model": {"path": str(tiny_model)},
@@ -515,7 +516,7 @@ def test_a_restarted_coordinator_continues_above_the_newest_published_version(jo
         thread.start()
         probe = ControlClient(again.control_endpoint, "probe", role="cli")
         try:
-            assert probe.hello()["latest_version"] == version + 1
+            assert probe.hello()["latest_version"] == reserved
         finally:
             probe.close()
     finally:
