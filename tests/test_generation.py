@@ -565,6 +565,10 @@ def test_bad_inputs_get_4xx_in_openai_shape(base, http: httpx.Client) -> None:
         # Still serving normally afterwards.
         r = c.post(f"{base.v1}/completions", json={"prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        # Null, as OpenAI takes it, is the default.
+        nulls = dict.fromkeys(["n", "temperature", "top_p", "stream", "seed", "stop", "logprobs", "echo", "model"])
+        r = c.post(f"{base.v1}/completions", json={"prompt": "hi", "max_tokens": 3, **nulls})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     assert not base.engine.failed
 
 

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.generation.engine import (
@@ -107,6 +107,12 @@ class SamplingFields(BaseModel):
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     stream: StrictBool = False
+
+    @field_validator("n", "temperature", "top_p", "stream", "echo", "logprobs", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_the_default(cls, value, info):
+        """OpenAI takes null for these, meaning the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 class CompletionBody(SamplingFields):
