@@ -165,6 +165,17 @@ def test_a_strangers_failed_heartbeat_changes_nothing(live, with_pid):
     assert coord.workers["gen-0"].state == "serving" and coord.watchers["gen-0"].exit_code() is None
 
 
+def test_children_get_their_role_secret_in_the_environment_only(live):
+    coord = live["coord"]
+    secret, _ = coord.grants["gen-0"]
+    pid = coord.watchers["gen-0"].proc.pid
+    assert coord.workers["gen-0"].token == secret  # its hello carried it
+    if Path("/proc").is_dir():  # what every user of the machine sees (ps)
+        assert secret not in Path(f"/proc/{pid}/cmdline").read_text()
+    assert secret not in " ".join(coord.watchers["gen-0"].cmd)
+    assert secret not in str(coord.status())  # nor in status, which every peer may read
+
+
 def test_hello_under_a_live_name_is_refused(live):
     replies = refused(live, {"type": "hello", "name": "remote-w", "token": "mine-now", "pid": 1})
     assert "second hello under a live name is refused" in reasons(replies)
