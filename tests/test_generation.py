@@ -657,6 +657,22 @@ def test_a_dead_engine_thread_makes_health_fail(tiny_model: Path, serve, http: h
     assert r.status_code == 503 and _is_openai_error(r)
 
 
+def test_a_hung_engine_counts_as_failed(tiny_model: Path, serve, http: httpx.Client, tmp_path, monkeypatch):
+    """The engine hangs in a step with a request in its batch (the RUNNER_TEST_ENGINE_FAULT hook's "hang"): past its
+    stall_timeout it counts as failed, and /health answers 503 "failed" (a worker then reports itself failed and is
+    restarted)."""
+    fault = tmp_path / "engine-fault"
+    monkeypatch.setenv("RUNNER_TEST_ENGINE_FAULT", str(fault))
+    srv = serve(load_engine(tiny_model, stall_timeout=1.0))
+    assert post(http, f"{srv.v1}/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+    steps = srv.engine.steps
+    fault.write_text("hang")
+    srv.engine.submit(srv.engine.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=1800, temperature=0))
+    wait_for(lambda: http.get(f"{srv.base}/health").status_code == 503, TIMEOUT, "/health to fail")
+    assert http.get(f"{srv.base}/health").json()["status"] == "failed" and not fault.exists()
+    assert "no progress" in srv.engine.failure and srv.engine.steps - steps < 1800
+
+
 # ------------------------------------------------------------------------------------------ disconnections
 def test_client_disconnect_frees_slots(tiny_engine, serve) -> None:
     """Greedy decoding of this prompt runs for more than 1800 tokens without an EOS (checked by the non-stream
