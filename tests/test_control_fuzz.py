@@ -235,6 +235,10 @@ def test_learner_messages_from_others_are_refused(live):
     finally:
         peer.close()
     assert coord.job["step"] != 99 and coord.job["state"] == "running"
+    # Nor may the learner act as a worker: an ack from it, with its own token, is refused.
+    before = snapshot(coord)
+    assert learner.request({"type": "ack", "name": learner.name, "version": 1}, ("rejected",), timeout=10)
+    assert snapshot(coord) == before
     # The learner itself may: the same progress from it counts.
     learner.send({"type": "progress", "name": learner.name, "metrics": {"step": 7, "loss": 0.5}})
     poll(lambda: coord.job["step"] == 7, 10, "the learner's progress")
