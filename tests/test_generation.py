@@ -666,7 +666,8 @@ def test_a_hung_engine_counts_as_failed(tiny_model: Path, serve, http: httpx.Cli
     srv = serve(load_engine(tiny_model, stall_timeout=1.0))
     assert post(http, f"{srv.v1}/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
     steps = srv.engine.steps
-    fault.write_text("hang")
+    (tmp_path / "fault.tmp").write_text("hang")
+    (tmp_path / "fault.tmp").replace(fault)  # at once: an empty fault file means a crash
     srv.engine.submit(srv.engine.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=1800, temperature=0))
     wait_for(lambda: http.get(f"{srv.base}/health").status_code == 503, TIMEOUT, "/health to fail")
     assert http.get(f"{srv.base}/health").json()["status"] == "failed" and not fault.exists()

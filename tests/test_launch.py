@@ -278,7 +278,8 @@ def test_engine_thread_death_restarts_the_worker(job_dir, tmp_path, tiny_model):
         fault.touch()
         pid = worker_pid(control, "gen-0", not_pid=pid)  # a new process, serving
         assert not fault.exists()  # taken by the old gen-0 alone
-        fault.write_text("hang")
+        (tmp_path / "fault.tmp").write_text("hang")
+        (tmp_path / "fault.tmp").replace(fault)  # at once: an empty fault file means a crash
         worker_pid(control, "gen-0", not_pid=pid)
         assert not fault.exists()
         assert job.finish(600) == 0, job.output[-3000:]
