@@ -30,7 +30,9 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -180,28 +182,30 @@ def candidates(run_dir: str | Path) -> list[Path]:
     return found + [path for _, path in reversed(_step_dirs(root)) if path not in found]
 
 
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from (the first complete one of `candidates`), None when there is none at all;
-    CheckpointError naming each and why when there are checkpoints and none is complete. Broken checkpoints are
-    skipped with a warning and left in place."""
+def find_latest(run_dir: str | Path, load: Callable[[Path], Any] | None = None) -> Path | None:
+    """The checkpoint to resume from: the first of `candidates` that is complete and, with `load`, that `load(path)`
+    takes without raising (e.g. restores a trainer). None when there is no checkpoint at all; CheckpointError naming
+    each and why when there are some and none qualifies. Broken checkpoints are skipped with a warning and left in
+    place."""
     problems = []
     for path in candidates(run_dir):
-        problem = check_checkpoint(path) if _STEP_DIR.match(path.name) else "not a checkpoint name"
-        if problem is None:
+        try:
+            problem = check_checkpoint(path) if _STEP_DIR.match(path.name) else "not a checkpoint name"
+            if problem:
+                raise ValueError(problem)
+            if load is not None:
+                load(path)
             return path
-        log.warning("skipping checkpoint %s: %s", path, problem)
-        problems.append(f"{path}: {problem}")
+        except Exception as e:  # incomplete, or complete but unloadable (bad data, another model's): the next
+            log.warning("skipping checkpoint %s: %s", path, e)
+            problems.append(f"{path}: {e}")
     if problems:
-        raise CheckpointError(no_checkpoint_loads(run_dir, problems))
+        raise CheckpointError(
+            f"no checkpoint of {run_dir} can be resumed from, so the learner stops rather than start over:\n  "
+            + "\n  ".join(problems)
+            + "\nmove the broken ones aside (or the whole checkpoints directory, to start over) and launch again"
+        )
     return None
-
-
-def no_checkpoint_loads(run_dir: str | Path, problems: list[str]) -> str:
-    return (
-        f"no checkpoint of {run_dir} can be resumed from, so the learner stops rather than start over:\n  "
-        + "\n  ".join(problems)
-        + "\nmove the broken ones aside (or the whole checkpoints directory, to start over) and launch again"
-    )
 
 
 def load_checkpoint(path: str | Path) -> dict:

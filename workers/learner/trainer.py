@@ -726,29 +726,26 @@ def fit(
 def _resume(trainer: Trainer, source: Source, run_dir: Path, resume: bool | str | Path) -> Path | None:
     """Restore the checkpoint to resume from, if any, and forget metrics of the steps after it (they are redone).
 
-    `resume` a path: that checkpoint, or an error. True: the first of the run dir's checkpoints that loads
-    (`ck.candidates`); none at all starts from step 0; some but none loadable raises CheckpointError naming each
+    `resume` a path: that checkpoint, or CheckpointError. True: the first of the run dir's checkpoints that loads
+    (`ck.find_latest`); none at all starts from step 0; some but none loadable raises CheckpointError naming each
     and why. metrics.jsonl is cut back only after a checkpoint loaded: a start from step 0 keeps its rows."""
     if not resume:
         return None
-    problems = []
-    for checkpoint in [Path(resume)] if isinstance(resume, (str, Path)) else ck.candidates(run_dir):
+    if isinstance(resume, (str, Path)):
+        checkpoint = Path(resume)
         try:
-            if problem := ck.check_checkpoint(checkpoint):
-                raise ValueError(problem)
             trainer.restore(checkpoint, source)
-        except Exception as e:  # incomplete, or complete but unloadable (bad data, another model's): try the next
-            log.warning("cannot resume from %s: %s", checkpoint, e)
-            problems.append(f"{checkpoint}: {e}")
-            continue
-        log.info("resumed from %s at step %d (version %d)", checkpoint, trainer.step_count, trainer.version)
-        ck.truncate_metrics(run_dir, trainer.step_count)
-        return checkpoint
-    if problems:
-        raise ck.CheckpointError(ck.no_checkpoint_loads(run_dir, problems))
-    if ck.read_metrics(run_dir):
-        log.warning("%s has metrics but no checkpoint: starting from step 0, its rows kept", run_dir / ck.METRICS)
-    return None
+        except Exception as e:
+            raise ck.CheckpointError(f"cannot resume from {checkpoint}: {e}") from e
+    else:
+        checkpoint = ck.find_latest(run_dir, load=lambda path: trainer.restore(path, source))
+    if checkpoint is None:
+        if ck.read_metrics(run_dir):
+            log.warning("%s has metrics but no checkpoint: starting from step 0, its rows kept", run_dir / ck.METRICS)
+        return None
+    log.info("resumed from %s at step %d (version %d)", checkpoint, trainer.step_count, trainer.version)
+    ck.truncate_metrics(run_dir, trainer.step_count)
+    return checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
