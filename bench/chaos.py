@@ -1,19 +1,22 @@
 """Chaos: a quickstart (tiny model, 200 steps) during which a random process of the job is SIGKILLed every few seconds.
 
 A kill falls due every `--every` seconds, and is made once the job is up again and has written a newer checkpoint
-than at the previous kill (so that kills faster than the job recovers cannot stall it: the job must finish), up to
-`--jitter` seconds after that checkpoint (so that a kill lands within a checkpoint interval and costs steps).
-Targets: the coordinator (`runner launch` itself), gen-0 and the learner. A killed child is restarted by the
+than at the previous kill (so that kills faster than the job recovers cannot stall it: the job must finish). Where in
+the checkpoint interval it lands is drawn: after 0..interval-1 more steps, then at a moment of the next step aimed
+from the previous step's timings (its `wait_s`, `train_s`, `publish_s` in metrics.jsonl): anywhere in the step,
+mid-step (while the learner trains) or mid-publish (while the new version goes out to the coordinator and the
+workers). Targets: the coordinator (`runner launch` itself), gen-0 and the learner. A killed child is restarted by the
 coordinator (its restart policy); a killed coordinator is started again the way launchd would (KeepAlive): the same
-`runner launch` command on the same config, which resumes the job from its newest checkpoint, while the killed
-coordinator's children exit on their own once it has gone silent. The job must finish.
+`runner launch` command on the same config, which takes the run dir's lock (the kernel released the killed one's) and
+resumes the job from its newest checkpoint, while the killed coordinator's children exit on their own.
 
-Reported: steps completed, kills per target, restarts (by the coordinator, and launches by us), steps redone after
-restarts (progress lines the learner printed beyond one per step), whether versions stayed monotonic (metrics.jsonl;
-each worker process's served version as sampled from the status; the versions each coordinator reported, and where a
-restarted coordinator's first version was not above the last one before the kill),
-whether the final adapter loads (`runner adapters show` on the run, then mlx-lm with that adapter), and whether any
-process of the job outlived it.
+Reported: steps completed, kills per target and per moment, restarts (by the coordinator, and launches by us), steps
+redone after restarts (progress lines the learner printed beyond one per step), whether versions stayed monotonic
+(metrics.jsonl; each worker process's served version as sampled from the status; the versions each coordinator
+reported, and where a restarted coordinator's first version was not above the last one before the kill), whether
+metrics.jsonl has exactly one row per step 1..N, whether the final adapter loads (`runner adapters show` on the run,
+then mlx-lm with that adapter), and whether any process of the job outlived it. Any of these failing fails the run
+(exit 1, naming the checks that failed).
 
     python bench/chaos.py [--steps 200] [--every 5 15] [--no-coordinator] [--seed 0] [--dir DIR] [--interval 5]
 """
@@ -67,6 +70,50 @@ def newest_checkpoint(run_dir: Path) -> int:
         return 0
 
 
+MOMENTS = ("anytime", "mid-step", "mid-publish")
+
+
+class Steps:
+    """metrics.jsonl as the learner appends it: when each new row was first seen, and its timings."""
+
+    def __init__(self, path: Path):
+        self.path, self.size, self.rows, self.last_seen = path, 0, 0, 0.0
+        self.last: dict = {}
+
+    def poll(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size == self.size:
+            return
+        if size < self.size:  # a resumed learner cut it back to its checkpoint
+            self.size = 0
+        with open(self.path) as f:
+            f.seek(self.size)
+            lines = f.read().splitlines(keepends=True)
+        for line in lines:
+            if not line.endswith("\n"):
+                break
+            self.size += len(line)
+            self.rows += 1
+            self.last_seen = time.monotonic()
+            try:
+                self.last = json.loads(line)
+            except ValueError:
+                pass
+
+    def moment(self, kind: str, rng: random.Random) -> float:
+        """When, after the newest row, the next step will be at `kind` (from the newest row's timings)."""
+        wait, train = self.last.get("wait_s") or 0.0, self.last.get("train_s") or 0.0
+        publish = self.last.get("publish_s") or 0.0
+        if kind == "mid-step":
+            return self.last_seen + wait + rng.uniform(0.1, 0.9) * train
+        if kind == "mid-publish":
+            return self.last_seen + wait + train + rng.uniform(0.1, 0.9) * publish
+        return self.last_seen + rng.uniform(0, self.last.get("step_s") or 0.5)
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     config = work / "job.toml"
     text = (ROOT / "configs" / "quickstart.toml").read_text()
@@ -85,18 +132,25 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     rng = random.Random(args.seed)
     targets = ["gen-0", "learner"] + ([] if args.no_coordinator else ["coordinator"])
     kills = dict.fromkeys(targets, 0)
+    moments = dict.fromkeys(MOMENTS, 0)
     launches = 1
     launch = Launch(cmd, work, work / "launch.log")
     pids: set[int] = {launch.proc.pid}
     served: dict[int, list[int]] = {}  # generation worker pid -> versions it served, in sampling order
+    steps = Steps(run_dir / "metrics.jsonl")
     step = 0
+    status = None
+    running: dict[str, int] = {}
     checkpoint_at_kill = -1
-    gate_opened = None  # when a newer checkpoint than at the last kill was first seen
+    next_kill = None  # when the next kill falls due (then it waits for the gate: a newer checkpoint)
+    plan = None  # (moment, rows to wait for) once due and gated
+    kill_at = None  # the aimed moment, once those rows are there
     chaos_started = None
-    next_kill = None
+    next_status = 0.0
     deadline = time.monotonic() + args.timeout
     while True:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             launch.proc.kill()
             raise SystemExit(f"the job did not finish within {args.timeout}s; see {work}")
         code = launch.proc.poll()
@@ -104,60 +158,65 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             if code == 0:
                 break
             raise SystemExit(f"runner launch exited {code}; see {work / 'launch.log'}")
-        status = None
-        if launch.control:
-            try:
-                status = fetch_status(launch.control, timeout=2)
-            except Exception:  # a coordinator starting or just killed: sample again
-                status = None
-        if status:
-            step = max(step, status["job"]["step"] or 0)
-            for w in status["workers"]:
-                if w["pid"]:
-                    pids.add(w["pid"])
-                if w["role"] == "generate" and w["pid"] and w["state"] == "serving":
-                    served.setdefault(w["pid"], []).append(w["version"])
-            if chaos_started is None and (status["job"]["step"] or 0) >= 1:
-                chaos_started = time.monotonic()
-                next_kill = chaos_started + rng.uniform(*args.every)
-        # A kill falls due every few seconds; it is made once the coordinator answers (a job that is up) and a newer
-        # checkpoint exists than at the previous kill (else kills faster than the job recovers would stall it
-        # forever; this way the job must finish), on a target drawn among those running then.
-        checkpoint = newest_checkpoint(run_dir)
-        if checkpoint > checkpoint_at_kill and gate_opened is None and next_kill is not None:
-            # Not at once: somewhere in the next checkpoint interval, so that a kill can cost steps to redo.
-            gate_opened = time.monotonic()
-            next_kill = max(next_kill, gate_opened + rng.uniform(0, args.jitter))
+        steps.poll()
+        if now >= next_status:  # the status every 0.25 s; the loop itself runs every 10 ms to aim kills
+            next_status = now + 0.25
+            status = None
+            if launch.control:
+                try:
+                    status = fetch_status(launch.control, timeout=2)
+                except Exception:  # a coordinator starting or just killed: sample again
+                    status = None
+            if status:
+                step = max(step, status["job"]["step"] or 0)
+                running = {w["name"]: w["pid"] for w in status["workers"] if w["pid"] and process_running(w["pid"])}
+                for w in status["workers"]:
+                    if w["pid"]:
+                        pids.add(w["pid"])
+                    if w["role"] == "generate" and w["pid"] and w["state"] == "serving":
+                        served.setdefault(w["pid"], []).append(w["version"])
+                if chaos_started is None and (status["job"]["step"] or 0) >= 1:
+                    chaos_started = now
+                    next_kill = now + rng.uniform(*args.every)
+        # Due, and a newer checkpoint than at the previous kill exists (else kills faster than the job recovers would
+        # stall it forever; this way the job must finish): plan where in the interval the kill lands.
         if (
-            next_kill is not None
-            and time.monotonic() >= next_kill
-            and status
-            and checkpoint > checkpoint_at_kill
-            and step < args.steps - 1
+            plan is None
+            and next_kill is not None
+            and now >= next_kill
+            and newest_checkpoint(run_dir) > checkpoint_at_kill
         ):
-            next_kill = time.monotonic() + rng.uniform(*args.every)
-            checkpoint_at_kill, gate_opened = checkpoint, None
-            running = {w["name"]: w["pid"] for w in status["workers"] if w["pid"] and process_running(w["pid"])}
-            candidates = [t for t in targets if t == "coordinator" or t in running]
-            target = rng.choice(candidates) if candidates else None
-            if target == "coordinator":
-                launch.proc.kill()
-                launch.proc.wait()
-                print(f"  step {step}: killed the coordinator; launching again", flush=True)
-                launch = Launch(cmd, work, work / "launch.log")  # launchd's KeepAlive: the same command
-                pids.add(launch.proc.pid)
-                launches += 1
-            elif target is not None:
-                os.kill(running[target], signal.SIGKILL)
-                print(f"  step {step}: killed {target} (pid {running[target]})", flush=True)
-            if target is not None:
+            plan = (rng.choice(MOMENTS), steps.rows + rng.randrange(args.interval))
+        if plan is not None and kill_at is None and steps.rows >= plan[1]:
+            kill_at = steps.moment(plan[0], rng)
+        if kill_at is not None and now >= kill_at:
+            if step < args.steps - 1 and status is not None:
+                candidates = [t for t in targets if t == "coordinator" or t in running]
+                target = rng.choice(candidates)
+                if target == "coordinator":
+                    launch.proc.kill()
+                    launch.proc.wait()
+                    print(f"  step {step}: killed the coordinator ({plan[0]}); launching again", flush=True)
+                    launch = Launch(cmd, work, work / "launch.log")  # launchd's KeepAlive: the same command
+                    pids.add(launch.proc.pid)
+                    launches += 1
+                    status = None
+                else:
+                    try:
+                        os.kill(running[target], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    print(f"  step {step}: killed {target} (pid {running[target]}, {plan[0]})", flush=True)
                 kills[target] += 1
-        time.sleep(0.25)
+                moments[plan[0]] += 1
+            checkpoint_at_kill = newest_checkpoint(run_dir)
+            next_kill, plan, kill_at = time.monotonic() + rng.uniform(*args.every), None, None
+        time.sleep(0.01)
     took = time.monotonic() - (chaos_started or time.monotonic())
-    return report(args, work, run_dir, kills, launches, served, pids, took)
+    return report(args, work, run_dir, kills, moments, launches, served, pids, took)
 
 
-def report(args, work: Path, run_dir: Path, kills, launches, served, pids, took) -> dict:
+def report(args, work: Path, run_dir: Path, kills, moments, launches, served, pids, took) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     learner_log = (run_dir / "logs" / "learner.log").read_text(errors="replace")
     progress = re.findall(r"^step (\d+)/\d+ .* v(\d+) ", learner_log, re.M)
@@ -195,6 +254,7 @@ def report(args, work: Path, run_dir: Path, kills, launches, served, pids, took)
         "metrics rows = 1..N": [r["step"] for r in rows] == list(range(1, args.steps + 1)),
         "chaos seconds": round(took, 1),
         "kills": kills,
+        "kills aimed at": moments,
         "restarts by the coordinator": len(re.findall(r"; restarting in", coordinator_log)),
         "coordinator launches": launches,
         "steps redone after restarts": len(progress) - len({int(s) for s, _ in progress}),
@@ -212,7 +272,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=float, nargs=2, default=[5.0, 15.0], help="seconds between kills (uniform)")
     p.add_argument("--interval", type=int, default=5, help="checkpoint interval (steps)")
-    p.add_argument("--jitter", type=float, default=4.0, help="a due kill waits up to this long after a checkpoint")
     p.add_argument("--no-coordinator", action="store_true", help="kill only the children, never `runner launch`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600)
@@ -225,8 +284,25 @@ def main() -> None:
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
-    ok = result["steps completed"] == args.steps and result["final adapter loads"] and not result["processes left"]
-    sys.exit(0 if ok else 1)
+    failed = failures(result, args.steps)
+    if failed:
+        print(f"FAILED: {'; '.join(failed)}")
+    sys.exit(1 if failed else 0)
+
+
+def failures(result: dict, steps: int) -> list[str]:
+    """The checks a chaos run must pass, by name, that it did not."""
+    checks = {
+        f"steps completed = {steps}": result["steps completed"] == steps,
+        "one metrics row per step 1..N": result["metrics rows = 1..N"],
+        "metrics versions strictly increasing": result["metrics versions strictly increasing"],
+        "served versions monotonic per worker": result["served versions monotonic per worker"],
+        "versions increasing within each coordinator": result["versions increasing within each coordinator"],
+        "no version drop across coordinator restarts": not result["version drops across coordinator restarts"],
+        "final adapter loads": result["final adapter loads"],
+        "no process left": not result["processes left"],
+    }
+    return [name for name, ok in checks.items() if not ok]
 
 
 if __name__ == "__main__":

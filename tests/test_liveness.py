@@ -105,7 +105,7 @@ if dist.is_writer(group):
     print("rank 0 up", flush=True)
     time.sleep(120)
 else:
-    dist.watch_rank0(dist.broadcast_json(None, group), 3.0, threading.Event())
+    dist.watch_rank0(dist.broadcast_json(None, group), 2.0, threading.Event())
     print("rank 1 waiting", flush=True)
     dist.broadcast_json(None, group)
 """
