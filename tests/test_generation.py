@@ -572,6 +572,19 @@ def test_bad_inputs_get_4xx_in_openai_shape(base, http: httpx.Client) -> None:
     assert not base.engine.failed
 
 
+def test_a_fault_of_the_server_is_a_500_in_openai_shape(base, http: httpx.Client) -> None:
+    """A route that raises (standing in for a bug of ours) answers 500 in OpenAI's error shape; the server goes on."""
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    base.server.app.add_api_route("/test/broken", broken, methods=["POST"])
+    with httpx.Client(timeout=TIMEOUT) as c:  # its own: uvicorn closes the connection after an unhandled error
+        r = c.post(f"{base.base}/test/broken")
+    assert r.status_code == 500 and _is_openai_error(r) and r.json()["error"]["type"] == "server_error", r.text
+    assert post(http, f"{base.v1}/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
 def test_tiny_temperature_and_top_p_sample_the_top_token(base, http: httpx.Client) -> None:
     """A temperature too small for float32 (1/T overflows) is greedy, and a top_p too small is the top token alone:
     the same tokens as temperature 0, with finite log-probs (NaN would make the response unencodable)."""

@@ -352,6 +352,7 @@ class Server:
         app.add_exception_handler(APIError, _api_error)
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(StarletteHTTPException, _http_error)
+        app.add_exception_handler(Exception, _internal_error)
         if self.api_token:
             app.add_middleware(BearerAuth, token=self.api_token, open_paths=("/health",))
         app.get("/health")(self.health)
@@ -551,6 +552,11 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
 
 async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     return error_response(e.status_code, str(e.detail))
+
+
+async def _internal_error(_: Request, e: Exception) -> JSONResponse:
+    """Our own fault, in OpenAI's shape too (Starlette still logs the traceback)."""
+    return error_response(500, f"internal server error ({type(e).__name__}); the request itself may be fine")
 
 
 async def _next_events(events: asyncio.Queue) -> list[tuple]:
