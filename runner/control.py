@@ -29,6 +29,7 @@ implementations from the coordinator's ``welcome``:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import logging
 import mmap
@@ -99,8 +100,10 @@ class ControlClient:
         curve: dict | None = None,
         max_message_bytes: int = CONTROL_MAX_BYTES,
         token: str | None = None,
+        api_token: str = "",
     ):
         self.endpoint, self.name, self.role = endpoint, name, role
+        self.api_token = api_token  # the job's HTTP token, when this process has it: proves a worker's hello
         # What proves to the coordinator that a message naming us is ours: the role secret it gave us (taken out of
         # the environment, so nothing we start inherits it), or one made up here and told once at hello.
         self.token = token or os.environ.pop(ROLE_TOKEN_ENV, "") or secrets.token_hex(16)
@@ -202,6 +205,8 @@ class ControlClient:
             "host": socket.gethostname(),
             **info,
         }
+        if self.api_token:
+            info["proof"] = hello_proof(self.api_token, self.name, self.token)
         welcome = self.request(info, ("welcome", "rejected"), timeout=timeout)[1]
         if welcome["type"] == "rejected":
             why = welcome["reason"]
@@ -540,6 +545,13 @@ def create_slot_dir() -> Path:
 def advertise_slot_dir(directory: Path | None) -> dict[str, Any] | None:
     """What the coordinator tells joining processes, so those on this host can use the slots."""
     return {"dir": str(directory), "host": socket.gethostname()} if directory else None
+
+
+def hello_proof(api_token: str, name: str, token: str) -> str:
+    """What a worker's hello carries to show that it holds the job's API token without sending it: an HMAC of its
+    name and its own per-process token (without CURVE, the one credential a worker the coordinator did not start
+    has; the token is what the learner and the router send to the URL the worker registers)."""
+    return hmac.new(api_token.encode(), f"runner-hello\0{name}\0{token}".encode(), hashlib.sha256).hexdigest()
 
 
 def process_running(pid: int) -> bool:

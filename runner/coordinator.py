@@ -275,6 +275,7 @@ class Coordinator:
         )
         self.child_env = child_environment(blas, local_children)
         self.resume = resume  # the checkpoint the learner's first start resumes from ("" = its run dir's newest)
+        self.run_lock: int | None = None  # `runner launch`'s hold on the run dir (`runner.rundir`), set by it
         self.ctx = zmq.Context.instance()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -596,6 +597,14 @@ class Coordinator:
             need = "learner" if role == "learner" else "worker"
             if need not in self._credentials(key):
                 raise Refused(f"saying hello as role {role!r} needs a {need} key (authorized_keys/{need}s/)")
+            api_token = self.config.security.api_token
+            if not key and api_token:  # no CURVE: the API token, which the learner sends to its URL, is the credential
+                proof = control.hello_proof(api_token, name, token)
+                if not hmac.compare_digest(msg.get("proof", "").encode(), proof.encode()):
+                    raise Refused(
+                        "a worker's hello on this job needs the job's API token (runner worker generate "
+                        "--api-token-file PATH, or RUNNER_API_TOKEN)"
+                    )
             if rec is not None and not self._gone(rec, token, key):
                 raise Refused(
                     f"{name!r} is live (pid {rec.pid} on {rec.host}): a second hello under a live name is refused "
@@ -1033,9 +1042,10 @@ def _child_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def create_coordinator(config: Config, config_path: Path | None = None) -> Coordinator:
+def create_coordinator(config: Config, config_path: Path | None = None, lock: bool = False) -> Coordinator:
     """Check security, prepare the model if needed, write RUN/config.resolved.toml, bind the sockets. `config_path`
-    is where the job's config came from (only reported)."""
+    is where the job's config came from (only reported). `lock` (`runner launch`): take the run dir's lock once every
+    check has passed and before anything is written into it; the coordinator's `run_lock` holds it."""
     from runner.keys import require_security
 
     gen = config.generation
@@ -1057,18 +1067,27 @@ def create_coordinator(config: Config, config_path: Path | None = None) -> Coord
     # resolved, by content, with this id.
     model_dir = None if config.model.prepare else resolve_model(config.model.path, "[model] path")
     blas = blas_library(config.coordinator.blas)
-    resolved, resume = resolve(config)
-    _prepare_model(resolved)
-    base_model_id = model_id(model_dir or resolved.model.path)
-    lora = resolved.lora
-    adapter_bound = wire.adapter_message_bound(model_dir or resolved.model.path, lora.rank, lora.keys, lora.num_layers)
-    path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
-    log.info("job config %s resolved into %s", config_path or "(given)", path)
-    if blas:
-        log.info("MLX children start with %s preloaded ([coordinator] blas)", blas)
-    return Coordinator(
-        resolved, path, base_model_id, resume, blas, max_message_bytes=max(control.CONTROL_MAX_BYTES, adapter_bound)
-    )
+    run_lock = lock_run_dir(Path(config.checkpoint.dir).resolve()) if lock else None
+    try:
+        resolved, resume = resolve(config)
+        _prepare_model(resolved)
+        base_model_id = model_id(model_dir or resolved.model.path)
+        lora = resolved.lora
+        model_path = model_dir or resolved.model.path
+        adapter_bound = wire.adapter_message_bound(model_path, lora.rank, lora.keys, lora.num_layers)
+        path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
+        log.info("job config %s resolved into %s", config_path or "(given)", path)
+        if blas:
+            log.info("MLX children start with %s preloaded ([coordinator] blas)", blas)
+        coord = Coordinator(
+            resolved, path, base_model_id, resume, blas, max_message_bytes=max(control.CONTROL_MAX_BYTES, adapter_bound)
+        )
+    except BaseException:
+        if run_lock is not None:
+            os.close(run_lock)
+        raise
+    coord.run_lock = run_lock
+    return coord
 
 
 def resolve(config: Config) -> tuple[Config, str]:
@@ -1131,15 +1150,15 @@ def learner_command(coord: Coordinator, extra: list[str]) -> list[str]:
 def launch(config: Config, config_path: Path | None = None) -> int:
     """`runner launch`: prepare what is missing, start the pool, supervise it until the job ends. The run dir is
     locked for the whole time (`runner.rundir`): a second launch on it fails at once, before writing anything."""
-    run_lock = lock_run_dir(Path(config.checkpoint.dir).resolve())
+    coord = create_coordinator(config, config_path, lock=True)
     try:
-        return _launch_locked(config, config_path)
+        return _supervise(coord)
     finally:
-        os.close(run_lock)
+        os.close(coord.run_lock)
 
 
-def _launch_locked(config: Config, config_path: Path | None) -> int:
-    coord = create_coordinator(config, config_path)
+def _supervise(coord: Coordinator) -> int:
+    config = coord.config
     coord.child_env.update(job_environment(coord.run_dir))  # children check that this launch still holds the lock
     (coord.run_dir / "logs").mkdir(exist_ok=True)
     file_log = logging.FileHandler(coord.run_dir / "logs" / "coordinator.log")

@@ -26,7 +26,9 @@ Who sends what (W = a worker or learner, C = the coordinator):
 
 Every message that names its sender (``hello``, ``heartbeat``, ``ack``, ``get_latest``, ``progress``, ``done``)
 carries its ``token``: a secret the sender made up for itself (or, for the coordinator's own children, was given in
-its environment), told once at ``hello``; the coordinator accepts the named messages only with that token.
+its environment), told once at ``hello``; the coordinator accepts the named messages only with that token. Without
+CURVE, a worker that the coordinator did not start proves at ``hello`` that it holds the job's API token (when the job
+has one): ``proof`` is `runner.control.hello_proof` of the token, its name and its own token.
 
 Field values are checked too (`check_values`): ints are in [0, 2**53), strings and maps are bounded, names use a
 safe charset, URLs are http(s), metrics map names to numbers (or short strings): there a float may be NaN or infinite
@@ -44,7 +46,7 @@ MAX_BYTES = 2**20
 MAX_INT = 2**53  # ints (versions, pids, sizes) are in [0, MAX_INT): exact as JSON numbers, far from overflow
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")  # worker names: what a log line or a label can hold
 WORKER_STATES = ("starting", "loading", "catching_up", "serving", "training", "stopping", "failed")
-_MAX_STR = {"host": 255, "role": 32, "http_url": 2048, "token": 128, "reason": 4096}
+_MAX_STR = {"host": 255, "role": 32, "http_url": 2048, "token": 128, "proof": 128, "reason": 4096}
 _MAX_ENTRIES = {"capabilities": 32, "metrics": 256}
 # Metrics the coordinator formats as numbers (its progress line, eval summary, status, Prometheus).
 NUMERIC_METRICS = frozenset(
@@ -66,6 +68,7 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
         "state": (str,),
         "http_url": (str,),
         "token": (str,),
+        "proof": (str,),
     },
     "welcome": {
         "base_model_id": (str,),

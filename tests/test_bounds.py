@@ -18,7 +18,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from runner import messages
 from runner.config import build_config
-from runner.control import CONTROL, CONTROL_MAX_BYTES
+from runner.control import CONTROL, CONTROL_MAX_BYTES, hello_proof
 from runner.coordinator import (
     MAX_REMOTE_WORKERS,
     STATUS_FIELD_CHARS,
@@ -73,11 +73,14 @@ def dealer(endpoint: str) -> zmq.Socket:
     return s
 
 
-def hello(endpoint: str, name: str) -> str:
-    """Say hello as a remote generation worker on a socket of its own; the reply's type."""
+def hello(endpoint: str, name: str, api_token: str | None = TOKEN) -> str:
+    """Say hello as a remote generation worker on a socket of its own, proving it holds `api_token`; the reply's
+    type."""
     s = dealer(endpoint)
     try:
         msg = {"type": "hello", "name": name, "role": "generate", "pid": os.getpid(), "host": "remote", "token": name}
+        if api_token is not None:
+            msg["proof"] = hello_proof(api_token, name, name)
         s.send_multipart([CONTROL, messages.pack(msg)])
         assert s.poll(10_000), f"no reply to hello {name!r}"
         return messages.unpack(s.recv_multipart()[1])["type"]
@@ -171,3 +174,14 @@ def test_status_http_wants_the_token_and_bounds_its_threads(coordinator):
         for conn in idle:
             conn.close()
     poll(lambda: httpx.get(url, headers=auth, timeout=10).status_code == 200, 10, "the status server to recover")
+
+
+def test_without_curve_a_worker_needs_the_api_token_to_say_hello(coordinator):
+    """On loopback without CURVE, the job's API token (which the learner and the router send to a worker's URL) is
+    what a worker the coordinator did not start must hold: without it, no row and no URL to send requests to."""
+    endpoint = coordinator.control_endpoint
+    assert hello(endpoint, "gen-no-proof", api_token=None) == "rejected"
+    assert hello(endpoint, "gen-wrong-proof", api_token="not-the-token") == "rejected"
+    names = {w["name"] for w in fetch_status(endpoint)["workers"]}
+    assert not names & {"gen-no-proof", "gen-wrong-proof"}
+    assert hello(endpoint, "gen-with-proof") == "welcome"

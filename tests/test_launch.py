@@ -273,8 +273,11 @@ def test_engine_thread_death_restarts_the_worker(job_dir, tmp_path, tiny_model):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed", bad.text
         wait_step(control, 3)
         assert worker_pid(control, "gen-0") == pid
-        gen0 = next(w for w in fetch_status(control)["workers"] if w["name"] == "gen-0")
-        assert gen0["engine_steps"] > 0  # its heartbeats carry the engine's progress
+
+        def engine_steps() -> int:  # its heartbeats (one a heartbeat interval) carry the engine's progress
+            return next(w["engine_steps"] for w in fetch_status(control)["workers"] if w["name"] == "gen-0")
+
+        poll(engine_steps, 10, "a heartbeat of gen-0 reporting engine steps")
         fault.touch()
         pid = worker_pid(control, "gen-0", not_pid=pid)  # a new process, serving
         assert not fault.exists()  # taken by the old gen-0 alone

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from runner.coordinator import VERSION_RESERVE
+
 REPO = Path(__file__).resolve().parents[1]
 ADDR_A, ADDR_B, ADDR_A2 = "10.123.0.1", "10.123.0.2", "10.123.0.3"
 CONTROL = f"tcp://{ADDR_A}:5555"  # fixed ports are safe: the namespaces are new and empty
@@ -469,18 +471,21 @@ def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, 
     assert json.loads(r.stdout.strip().splitlines()[-1])["worker"]["version"] == 2
 
     # The coordinator is killed and started again at once: B's heartbeats reach a coordinator that does not know
-    # it, which tells it to say hello again (well before B's own silence limit); B reports version 2, so the new
-    # coordinator refuses to go back to 2 and takes 3.
+    # it, which tells it to say hello again (well before B's own silence limit). The new coordinator continues above
+    # the numbers the first one reserved on disk before fanning version 1 out: it refuses 2 (B holds a 2) and 16,
+    # and takes the next number.
     coord.send_signal(signal.SIGKILL)
     coord.wait(10)
     coord = netns.spawn(netns.a, _helper("coordinator", json.dumps(config)), coord_log)
     wait_until(lambda: worker_log.read_text().count("rejoined at adapter version 2") == 1, 60, "B to rejoin", (coord,))
     assert "the coordinator does not know this worker (it restarted)" in worker_log.read_text()
     r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "2", "2", TOKEN), timeout=240)
-    assert r.returncode != 0 and "version 2 is not newer than 2" in r.stderr, r.stderr[-2000:]
-    r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), "3", "3", TOKEN), timeout=240)
+    reserved = VERSION_RESERVE  # version 1 reserved 1..VERSION_RESERVE
+    assert r.returncode != 0 and f"version 2 is not newer than {reserved}" in r.stderr, r.stderr[-2000:]
+    nxt = str(reserved + 1)
+    r = netns.run(netns.a, _helper("publish", CONTROL, secret, public, str(tiny_model), nxt, nxt, TOKEN), timeout=240)
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{_tails(logs)}"
-    assert json.loads(r.stdout.strip().splitlines()[-1])["worker"]["version"] == 3
+    assert json.loads(r.stdout.strip().splitlines()[-1])["worker"]["version"] == reserved + 1
     assert worker.poll() is None and coord.poll() is None
 
 

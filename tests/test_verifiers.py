@@ -95,11 +95,12 @@ def test_a_verifiers_environment_trains_on_the_workers_tokens(tmp_path, tiny_mod
     # Both model turns of a rollout are trained, the environment's turn between them not; when the chat template
     # renders the first turn back to other ids than the model sampled, the sample restarts at the second turn (its
     # prompt then holds the first, untrained). Each trained token carries the worker's log-prob (so the learner's own
-    # log-prob of it is close: a missing or misaligned log-prob would be 0 or another token's) and its version.
+    # log-prob of it is close: a missing or misaligned log-prob would be 0 or another token's, several nats off; at
+    # step 1 both run version 0 and may agree exactly) and its version.
     expected = sum(sum(s["lengths"]) if s["extends"] else s["lengths"][1] for s in scored)
     assert sum(r["trained_tokens"] for r in rows) == expected
     assert sum(r["verifiers_restarts"] for r in rows) == sum(not s["extends"] for s in scored)
-    assert all(0 < r["sampler_diff"] < 0.05 for r in rows), [r["sampler_diff"] for r in rows]
+    assert all(0 <= r["sampler_diff"] < 0.05 for r in rows), [r["sampler_diff"] for r in rows]
     assert all(r["staleness_hist"] is not None and r["staleness"] is not None for r in rows)
 
 

@@ -90,7 +90,11 @@ def run_worker(
         return EXIT_ORPHANED
     # Weight messages come on this socket too (catch-up, same-host fan-out): the format's limits until the adapter's
     # size is known.
-    client = ControlClient(join, name, role="generate", curve=curve, max_message_bytes=WEIGHTS_MAX_BYTES)
+    # Without CURVE, holding the job's API token is what lets a worker the coordinator did not start say hello.
+    proof_token = api_token or (load_config(config_path).security.api_token if config_path else "")
+    client = ControlClient(
+        join, name, role="generate", curve=curve, max_message_bytes=WEIGHTS_MAX_BYTES, api_token=proof_token
+    )
     try:
         capabilities = {"api": ["openai", "atropos-vllm"], "device": str(mx.default_device())}
         capabilities["model_override"] = bool(model_override)
