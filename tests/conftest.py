@@ -6,6 +6,7 @@
 - `serve(engine, **server_kwargs) -> LiveServer`: a real uvicorn on 127.0.0.1 with a kernel-chosen port, stopped
   (server thread joined, engine stopped) at the end of the test. `live_server` is the same as a context manager,
   for module-scoped fixtures.
+- Fuzz tests record how many examples they ran (`user_properties` "examples"); the run's summary lists them.
 - `http` (session): one pooled httpx client; `wait_for(predicate, timeout, what)`: poll with a deadline.
 """
 
@@ -172,3 +173,17 @@ def keys(tmp_path: Path) -> dict:
         "learner_secret": learner_secret,
         "observer_secret": observer_secret,
     }
+
+
+_fuzz_counts: list[tuple[str, int]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _fuzz_counts.extend((report.nodeid, n) for key, n in report.user_properties if key == "examples")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The number of examples each fuzz test ran, in the summary even under -q (the tests' own prints are captured)."""
+    for nodeid, n in _fuzz_counts:
+        terminalreporter.write_line(f"fuzz: {nodeid} ran {n} examples")

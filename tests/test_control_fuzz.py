@@ -347,7 +347,7 @@ def test_fuzzed_messages_from_strangers_and_wrong_roles_change_nothing(live, req
     finally:
         stranger.close()
         print(f"\nfuzzed the live coordinator with {fuzzed['examples']} examples ({fuzzed['messages']} messages)")
-        request.node.user_properties.append(("fuzz_examples", fuzzed["examples"]))
+        request.node.user_properties.append(("examples", fuzzed["examples"]))
     assert fuzzed["examples"] >= FUZZ_EXAMPLES // 2
     # Hundreds of bad messages from two peers: logged once per peer, not once per message.
     noisy = [r for r in caplog.records if r.name == "runner.coordinator" and r.levelno >= logging.WARNING]
