@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runner.routing import LeastLoaded
+from runner.webserver import BodyLimit, BodyTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,8 @@ def create_router(get_workers: Callable[[], list[dict]], api_token: str = "", **
 
     app = FastAPI(title="runner router", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.router = router
+    app.add_middleware(BodyLimit)
+    app.add_exception_handler(BodyTooLarge, lambda _, e: error_response(e.status_code, e.detail))
 
     async def routed(request: Request) -> Response:
         if not router.authorized(request):

@@ -15,6 +15,7 @@ from conftest import live_server, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner.webserver import MAX_BODY_BYTES
 from workers.generation.server import MAX_PROMPT_CHARS, load_engine
 
 TIMEOUT = 30.0
@@ -218,4 +219,20 @@ def test_adversarial_fields_never_get_a_5xx(server, client, request) -> None:
     run()
     print(f"\nhttp fuzz, adversarial fields: {count} examples")
     request.node.user_properties.append(("examples", count))
+    check_still_serving(server, client)
+
+
+def test_a_body_over_the_limit_is_a_413(server, client) -> None:
+    """A body larger than MAX_BODY_BYTES, declared (Content-Length) or chunked (no length: refused once what was read
+    passes the limit, so the app never holds more than that), is a 413 in OpenAI's shape; the server serves on."""
+    chunk = b" " * 2**20
+
+    def chunks():  # a JSON document of spaces, twice the limit, sent chunked
+        for _ in range(2 * MAX_BODY_BYTES // len(chunk)):
+            yield chunk
+
+    for content in (b" " * (MAX_BODY_BYTES + 1), chunks()):
+        r = client.post(f"{server.v1}/completions", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text[:300]
+        assert "larger than" in r.json()["error"]["message"]
     check_still_serving(server, client)

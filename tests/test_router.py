@@ -15,6 +15,7 @@ from helpers import poll
 from runner.config import build_config
 from runner.coordinator import add_generation_workers, create_coordinator
 from runner.router import create_router, start_router
+from runner.webserver import MAX_BODY_BYTES
 
 TOKEN = "router-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -214,6 +215,10 @@ def test_no_serving_worker_answers_503_with_retry_after():
         assert httpx.get(f"{router.base}/health", timeout=10).status_code == 503
         with pytest.raises(openai.InternalServerError):
             client_for(router).completions.create(model="tiny", prompt="x", max_tokens=2)
+        # A body over the limit is refused before anything else, in OpenAI's shape.
+        big = b" " * (MAX_BODY_BYTES + 1)
+        r = httpx.post(f"{router.base}/v1/completions", headers=AUTH, content=big, timeout=30)
+        assert r.status_code == 413 and "larger than" in r.json()["error"]["message"], r.text[:300]
     finally:
         router.stop()
 

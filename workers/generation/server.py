@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runner.webserver import BodyLimit
 from workers.generation.engine import (
     Engine,
     EngineStopped,
@@ -355,6 +356,7 @@ class Server:
         app.add_exception_handler(Exception, _internal_error)
         if self.api_token:
             app.add_middleware(BearerAuth, token=self.api_token, open_paths=("/health",))
+        app.add_middleware(BodyLimit)  # outermost: a body too large is refused before anything reads it
         app.get("/health")(self.health)
         app.get("/v1/models")(self.models)
         app.get("/metrics")(self.metrics)
