@@ -320,7 +320,6 @@ class Coordinator:
         self.router_thread: threading.Thread | None = None
         self.serving_waiters: list[tuple[bytes, int]] = []  # (identity, version) told once every worker serves it
         self.grants: dict[str, tuple[str, str]] = {}  # name -> (secret, role) of the processes we start (`grant`)
-        self.peers: dict[bytes, str] = {}  # the socket each worker said hello from -> its name
         self._complained: set[bytes] = set()  # peers whose bad messages were logged (see `_complain`)
         self.own_key = ""  # our CURVE public key (z85), which our children connect with
         if config.security.curve_secret_key:
@@ -515,17 +514,15 @@ class Coordinator:
         """The roles ("worker", "learner", "observer") a peer has before any secret: without CURVE (loopback only)
         a worker's; under CURVE those of its key's place in the authorized-keys directory (the coordinator's own
         key, which its children hold, a worker's: they take their role from their secret)."""
-        if not self.config.security.curve_secret_key:
-            return frozenset({"worker", "observer"})
-        if key == self.own_key:
+        if not self.config.security.curve_secret_key or key == self.own_key:
             return frozenset({"worker", "observer"})
         from runner.keys import key_roles
 
         return key_roles(Path(self.config.security.authorized_keys)).get(key.encode(), frozenset()) | {"observer"}
 
     def _describe(self, identity: bytes) -> str:
-        name = self.peers.get(identity)
-        return f"peer {identity.hex()}" + (f" ({name})" if name else " (no hello)")
+        rec = self._peer(identity)
+        return f"peer {identity.hex()}" + (f" ({rec.name})" if rec else " (no hello)")
 
     def _version_bound(self) -> int:
         """The newest version a worker may report: one this job published. (`published_version` is durable before
@@ -550,27 +547,18 @@ class Coordinator:
             )
         return rec
 
-    def _peer(self, identity: bytes) -> WorkerRecord | None:
-        """The record whose hello came from this socket."""
-        rec = self.workers.get(self.peers.get(identity, ""))
-        if rec is None or rec.identity != identity:
-            self.peers.pop(identity, None)  # its row was forgotten, or said hello again from another socket
-            return None
-        return rec
+    def _peer(self, identity: bytes, role: str | None = None) -> WorkerRecord | None:
+        """The record (of `role`, if given) whose hello, or named get_latest, came last from this socket. A scan of
+        the table, which is bounded (MAX_REMOTE_WORKERS): only messages that do not name their sender need it."""
+        return next(
+            (r for r in self.workers.values() if r.identity == identity and (role is None or r.role == role)), None
+        )
 
     def _learner(self, identity: bytes, what: str) -> WorkerRecord:
-        rec = self._peer(identity)
-        if rec is None or rec.role != "learner":
+        rec = self._peer(identity, "learner")
+        if rec is None:
             raise Refused(f"{what} is accepted only from the learner (the socket that said hello as the learner)")
         return rec
-
-    def _bind(self, rec: WorkerRecord, identity: bytes) -> None:
-        if rec.identity and self.peers.get(rec.identity) == rec.name:
-            del self.peers[rec.identity]
-        rec.identity = identity
-        self.peers[identity] = rec.name
-        if len(self.peers) > 2 * len(self.workers) + 64:  # sockets of rows since forgotten
-            self.peers = {i: n for i, n in self.peers.items() if n in self.workers and self.workers[n].identity == i}
 
     def _gone(self, rec: WorkerRecord, token: str, key: str) -> bool:
         """Whether a new hello may take `rec`'s name: the same process again (its token), a record whose process is
@@ -619,8 +607,7 @@ class Coordinator:
             raise Refused(f"{MAX_REMOTE_WORKERS} remote workers are live: no room for another")
         if rec is None:  # a remote worker joining
             rec = self.workers[name] = WorkerRecord(name=name, role=role, local=False)
-        self._bind(rec, identity)
-        rec.token, rec.curve_key, rec.beat_identity = token, key, b""
+        rec.identity, rec.token, rec.curve_key, rec.beat_identity = identity, token, key, b""
         rec.pid, rec.host = msg.get("pid", 0), msg.get("host", "")
         rec.capabilities = msg.get("capabilities", {})
         # A remote worker rejoining a (restarted) coordinator says what it serves; a new process says nothing.
@@ -699,7 +686,7 @@ class Coordinator:
     def _on_get_latest(self, identity: bytes, msg: dict, key: str) -> None:
         if "name" in msg:  # a worker subscribing: it says how it takes new versions
             rec = self._sender(msg, key)
-            self._bind(rec, identity)
+            rec.identity = identity
             rec.weights_via = "slots" if msg.get("slots") else "pub"
         elif self._peer(identity) is None:
             raise Refused("get_latest is answered only to a worker that said hello")
