@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from runner import messages, wire
+from runner.config import LoraConfig
 from runner.rundir import check_job
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ ROLE_TOKEN_ENV = "RUNNER_ROLE_TOKEN"
 CONTROL_MAX_BYTES = messages.MAX_BYTES + 2**16
 # What a socket that may get weight messages takes when the adapter's size is not known yet: the format's own limits.
 WEIGHTS_MAX_BYTES = wire.MAX_HEADER_BYTES + wire.MAX_TOTAL_BYTES
+
+
+def weights_max_bytes(model_dir: str | Path, lora: LoraConfig) -> int:
+    """ZMQ_MAXMSGSIZE of a socket that takes this job's weight messages (and control messages): the largest message
+    an adapter of `lora` on the model in `model_dir` can make."""
+    return max(CONTROL_MAX_BYTES, wire.adapter_message_bound(model_dir, lora.rank, lora.keys, lora.num_layers))
 
 
 class SlotSpaceError(OSError):

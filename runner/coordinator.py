@@ -1058,17 +1058,14 @@ def create_coordinator(config: Config, config_path: Path | None = None, lock: bo
     try:
         resolved, resume = resolve(config)
         _prepare_model(resolved)
-        base_model_id = model_id(model_dir or resolved.model.path)
-        lora = resolved.lora
         model_path = model_dir or resolved.model.path
-        adapter_bound = wire.adapter_message_bound(model_path, lora.rank, lora.keys, lora.num_layers)
+        base_model_id = model_id(model_path)
         path = write_resolved(resolved, Path(resolved.checkpoint.dir) / "config.resolved.toml")
         log.info("job config %s resolved into %s", config_path or "(given)", path)
         if blas:
             log.info("MLX children start with %s preloaded ([coordinator] blas)", blas)
-        coord = Coordinator(
-            resolved, path, base_model_id, resume, blas, max_message_bytes=max(control.CONTROL_MAX_BYTES, adapter_bound)
-        )
+        max_message_bytes = control.weights_max_bytes(model_path, resolved.lora)
+        coord = Coordinator(resolved, path, base_model_id, resume, blas, max_message_bytes=max_message_bytes)
     except BaseException:
         if run_lock is not None:
             os.close(run_lock)

@@ -32,7 +32,6 @@ from pathlib import Path
 import mlx.core as mx
 import tenacity
 
-from runner import wire
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import (
     API_TOKEN_ENV,
@@ -45,7 +44,6 @@ from runner.config import (
     with_api_token,
 )
 from runner.control import (
-    CONTROL_MAX_BYTES,
     EXIT_ORPHANED,
     WEIGHTS_MAX_BYTES,
     ControlClient,
@@ -56,6 +54,7 @@ from runner.control import (
     advertised_url,
     model_id,
     weight_transport,
+    weights_max_bytes,
 )
 from runner.hub import ModelNotFound, is_local, resolve_model
 from runner.rundir import check_job
@@ -88,10 +87,11 @@ def run_worker(
     if why := check_job():  # started by a launch that is gone, or whose run dir another launch took
         log.error("%s; exiting", why)
         return EXIT_ORPHANED
+    file_config = load_config(config_path) if config_path else None
+    # Without CURVE, holding the job's API token is what lets a worker the coordinator did not start say hello.
+    proof_token = api_token or (file_config.security.api_token if file_config else "")
     # Weight messages come on this socket too (catch-up, same-host fan-out): the format's limits until the adapter's
     # size is known.
-    # Without CURVE, holding the job's API token is what lets a worker the coordinator did not start say hello.
-    proof_token = api_token or (load_config(config_path).security.api_token if config_path else "")
     client = ControlClient(
         join, name, role="generate", curve=curve, max_message_bytes=WEIGHTS_MAX_BYTES, api_token=proof_token
     )
@@ -99,7 +99,7 @@ def run_worker(
         capabilities = {"api": ["openai", "atropos-vllm"], "device": str(mx.default_device())}
         capabilities["model_override"] = bool(model_override)
         welcome = client.hello(capabilities=capabilities)
-        config = _job_config(client, config_path, api_token)
+        config = _job_config(client, file_config, api_token)
         client.heartbeat_interval = config.coordinator.heartbeat_interval
         client.heartbeat_timeout = config.coordinator.heartbeat_timeout
         client.status.update(state="loading", version=0)
@@ -113,10 +113,7 @@ def run_worker(
         if not _is_base_model(model_path, welcome["base_model_id"]):
             return 2
         engine = _start_engine(model_path, config)
-        lora = config.lora
-        client.max_message_bytes = max(
-            CONTROL_MAX_BYTES, wire.adapter_message_bound(model_path, lora.rank, lora.keys, lora.num_layers)
-        )
+        client.max_message_bytes = weights_max_bytes(model_path, config.lora)
         transport = weight_transport(welcome["weights_slots"])
         slots = transport if isinstance(transport, SlotTransport) else None  # else versions come as frames
         receiver = WeightReceiver(engine, welcome["base_model_id"], slots)
@@ -130,11 +127,12 @@ def run_worker(
         client.close()
 
 
-def _job_config(client: ControlClient, config_path: str | None, api_token: str | None = None) -> Config:
-    """The job's resolved config: from the file, or from the coordinator (a worker on another host). The coordinator
-    sends it with its secrets redacted: a worker of a job with an API token brings the token itself (`api_token`)."""
-    if config_path:
-        config = load_config(config_path)
+def _job_config(client: ControlClient, file_config: Config | None, api_token: str | None = None) -> Config:
+    """The job's resolved config: the one read from `--config`, or the coordinator's (a worker on another host). The
+    coordinator sends it with its secrets redacted: a worker of a job with an API token brings the token itself
+    (`api_token`)."""
+    if file_config is not None:
+        config = file_config
     else:
         toml = client.request({"type": "get_config"}, ("config",), timeout=60)[1]["toml"]
         config = build_config(tomllib.loads(toml), where="the coordinator's config")
