@@ -27,11 +27,16 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644, durable
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_path(src: str | Path, dst: str | Path) -> None:

@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from runner.config import redact
-from runner.files import write_atomic
+from runner.files import fsync_dir, write_atomic
 from workers.lora import LoraSpec, save_adapter
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,8 @@ def _fsync_tree(directory: Path) -> None:
     for path in directory.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    for d in (directory, directory.parent):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(directory)
+    fsync_dir(directory.parent)
 
 
 def _remove_leftovers(root: Path) -> None:
