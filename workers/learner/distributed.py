@@ -50,6 +50,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from runner.control import EXIT_ORPHANED  # a follower whose rank 0 is gone exits as an orphaned child does
 from workers.learner.sources.base import Batch, Source
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,6 @@ def announce_rank0(group: Group | None) -> None:
 # Liveness of the ranks: followers end with rank 0
 # ----------------------------------------------------------------------------------------------------------
 
-EXIT_ORPHANED = 3  # as runner.control's: a follower whose rank 0 is gone exits with it
 BEAT_INTERVAL = 1.0  # seconds between rank 0's beats to each follower
 
 
