@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runner.routing import LeastLoaded
-from runner.webserver import BodyLimit, BodyTooLarge
+from runner.webserver import BodyLimit, BodyTooLarge, error_body
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ DEAD_WORKER_ERRORS = (
     httpx.WriteError,
     httpx.RemoteProtocolError,
 )
-
-
-def error_body(status: int, message: str, code: str | None = None) -> dict:
-    """OpenAI's error shape, as the workers answer it."""
-    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 def error_response(status: int, message: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:

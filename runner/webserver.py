@@ -47,10 +47,16 @@ class BodyLimit:
         return await self.app(scope, bounded_receive, send)
 
 
+def error_body(status: int, message: str, code: str | None = None) -> dict:
+    """OpenAI's error shape, as the workers answer it."""
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 async def _send_error(send, error: HTTPException) -> None:
-    body = json.dumps(
-        {"error": {"message": error.detail, "type": "invalid_request_error", "param": None, "code": None}}
-    ).encode()
+    body = json.dumps(error_body(error.status_code, error.detail)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
