@@ -38,9 +38,9 @@ def is_local(name: str | Path) -> bool:
     return Path(name).expanduser().exists()
 
 
-def resolve_model(name: str | Path, what: str = "model") -> Path:
-    """The local directory holding model `name` (downloaded into the hub cache when it is a repo id not yet there).
-    `what` names where the name came from in the error ("--model", "[model] path")."""
+def resolve_model(name: str | Path, what: str = "model", download: bool = True) -> Path:
+    """The local directory holding model `name` (downloaded into the hub cache when it is a repo id not yet there,
+    unless `download` is false). `what` names where the name came from in the error ("--model", "[model] path")."""
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -67,7 +67,7 @@ def resolve_model(name: str | Path, what: str = "model") -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        resolved = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS))
+        resolved = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS, local_files_only=not download))
     except RepositoryNotFoundError:
         raise ModelNotFound(f"{what} {repo_id}: no such model on the Hugging Face hub (or it is private)") from None
     except LocalEntryNotFoundError:

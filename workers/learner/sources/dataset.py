@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from runner.config import Config, ConfigError
+from runner.hub import ModelNotFound, resolve_model
 from workers.learner.rewards import Rewards, Scored
 from workers.learner.tasks import Prompt
 
@@ -234,16 +235,10 @@ def check_prompts_fit(config: Config) -> None:
 
 def _local_model(name: str) -> Path | None:
     """The model's directory if it is on this machine (a local directory, or a hub id in the hub cache), else None."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return path if (path / "config.json").is_file() else None
     try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not a repo id, or not fetched yet
+        return resolve_model(name, download=False)
+    except ModelNotFound:  # not a model, or not fetched yet
         return None
-    return snapshot if (snapshot / "config.json").is_file() else None
 
 
 def make_dataset_task(config: Config, tokenizer, evaluation: bool = False) -> DatasetTask:
