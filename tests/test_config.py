@@ -54,6 +54,11 @@ def test_int_accepted_where_float_expected(tmp_path):
         ("[lora]\nkeys = [1, 2]\n", ["lora.keys", "list of strings"]),
         ("[generation]\nport = 70000\n", ["generation.port", "70000"]),
         ('[coordinator]\ncontrol = "localhost:5555"\n', ["coordinator.control", "tcp://"]),
+        (
+            "[coordinator]\nheartbeat_interval = 6.0\nheartbeat_timeout = 10.0\n",
+            ["coordinator.heartbeat_timeout", "at least twice"],
+        ),
+        ("[generation]\nstall_timeout = -1.0\n", ["generation.stall_timeout", "-1.0"]),
         ("[lerner]\nsteps = 3\n", ["[lerner]", "unknown section"]),
         ("learner = 3\n", ["learner", "table"]),
         ("[learner\nsteps = 3\n", ["not valid TOML"]),
