@@ -100,7 +100,7 @@ def cmd_keys_authorize(args: argparse.Namespace) -> int:
     from runner.keys import authorize_key
 
     target = authorize_key(Path(args.public_key), Path(args.dir), args.role, args.name)
-    print(f"authorized as a {args.role}: {target} (takes effect at the client's next connection)")
+    print(f"authorized in role {args.role}: {target} (takes effect at the client's next connection)")
     return 0
 
 

@@ -186,7 +186,7 @@ def authorize_key(public_file: Path, directory: Path, role: str, name: str | Non
 
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, Path(public_file).read_bytes())
-    log.info("authorized %s as a %s: %s", public.decode(), role, target)
+    log.info("authorized %s in role %s: %s", public.decode(), role, target)
     return target
 
 
