@@ -4,13 +4,19 @@
 
 Every runner row is one `runner launch configs/quickstart.toml` (tiny random llama, `target_tokens` task, group 8 x 4
 prompts, 16 tokens, LoRA rank 8 on all seven linears, lr 5e-4) in a temp run dir, with `--set generation.workers=W
---set learner.async_depth=D` (the quickstart's own default is 1), and `--set learner.max_staleness=D` for D > 1
-(the config requires max_staleness >= async_depth; the quickstart's is 1). The peer row calls mlx-lm-lora's `train_grpo`
-in this process on the same model, the same prompts (`TargetTokensTask.prompt(0 .. steps*4-1)`), the same reward
-(`TargetTokensTask.reward` on the sampled token ids), group size, batch, completion length, LoRA rank/scale/targets,
-optimizer (Adam, lr 5e-4), temperature 1 with no top-k/top-p truncation, no KL term and token-summed loss ("bnpo",
-like runner's `loss_agg = "token"`), for the same number of steps. The peer is optional (`pip install -e
-".[bench]"`): when `mlx_lm_lora` does not import, a line says so and its row is skipped.
+--set learner.async_depth=D --set learner.max_staleness=D` (the quickstart's own are 1 and 1). So the "sync" rows
+(D = 0) are synchronous: before each step the learner waits until every worker serves its current version v
+(workers/learner/main.py: `before_step` waits for `trainer.version - max_staleness`), no rollout runs while it
+trains, and every token is trained at the version that sampled it; the bench checks that the metrics' staleness was 0
+at every step of those rows and says so below the table.
+
+The peer row calls mlx-lm-lora's `train_grpo` in this process on the same model, the same prompts
+(`TargetTokensTask.prompt(0 .. steps*4-1)`), the same reward (`TargetTokensTask.reward` on the sampled token ids),
+group size, batch, completion length, LoRA rank/scale/targets, optimizer (Adam, lr 5e-4), temperature 1 with no
+top-k/top-p truncation, no KL term and token-summed loss ("bnpo", like runner's `loss_agg = "token"`), for the same
+number of steps. Its batches are its own: `iterate_grpo_batches` sorts the prompts by length, cuts batches of 4 and
+draws their order from NumPy's global generator, which the bench seeds (0), as it seeds MLX's (0). The peer is
+optional (`pip install -e ".[bench]"`): when `mlx_lm_lora` does not import, a line says so and its row is skipped.
 
 Columns of the table:
 - `s/step`: mean wall time per step = (time of the last step's metrics line - time of the first's) / (steps - 1),
@@ -25,8 +31,8 @@ Columns of the table:
   in neither; it is printed with the breakdown below the table.
 - `gen busy`: the generation workers' busy fraction, mean over steps 2..N of the metrics' `gen_busy` (time in decode
   steps from each worker's /metrics over wall time x workers), `-` when the metrics do not have it.
-- `staleness`: mean over steps of the metrics' staleness (versions between the oldest token trained on and the
-  learner).
+- `staleness`: mean over steps of the metrics' token-weighted staleness (versions between the version that sampled a
+  token and the learner's when trained on it), and after the slash the largest over all steps.
 - `reward`: final reward = mean of `reward_mean` over the last 10 steps; `d reward` = this row's minus synchronous.
 - `/peer`: this row's s/step / the peer's (target: <= 0.40 at a final reward equal to the peer's or better; equal =
   within twice the standard error of the difference of the two last-10-step means).
@@ -35,13 +41,10 @@ Columns of the table:
   step, for the learner, each generation worker (`a+b`), the coordinator (`runner launch`), and every other process
   on the machine (from /proc/stat: busy time of all cores minus ours), so a loaded machine shows. The peer row's
   `CPU learner` is this process. `CPU-s/step`: s/step x the job's own CPU seconds per wall second (all but `CPU
-  other`): the CPU time a step costs, which depends less on what else runs on the machine than s/step does. Linux
-  only (`-` elsewhere).
-
-Below the table, each async row's CPU floor: its CPU-s/step over the machine's cores, a time per step that no
-schedule can beat, and the share of it the row reached. The ideal speed-up assumes the overlapped work has cores to
-spare; where the job's processes outnumber the cores (two generation workers and a learner on two cores), the CPU
-floor is the bound that applies.
+  other`): the CPU time a step costs, which depends less on what else runs on the machine than s/step does. `CPU
+  util`: the job's CPU seconds per wall second over the machine's cores, i.e. how busy the job kept the machine. It
+  is a utilisation, not a bound: a row that wastes CPU (spinning, duplicated work) scores higher, and nothing says
+  another schedule could not take less time per step. Linux only (`-` elsewhere).
 
 Every process the bench starts is stopped when it ends, on an error or on Ctrl-C/SIGTERM: `runner launch` gets
 SIGTERM (its own bounded shutdown), then SIGKILL after its stop_grace, and any of its children still alive is
@@ -239,6 +242,8 @@ def summarize(metrics: list[dict]) -> dict:
         "publish": _mean([_first(m, PUBLISH_KEYS) for m in steady]),
         "busy": _mean([_first(m, BUSY_KEYS) for m in steady]),
         "staleness": _mean([_first(m, STALE_KEYS) for m in steady]),
+        # every step, the first included: a synchronous run must have trained nothing stale
+        "staleness_max": max((m["staleness"] for m in metrics if isinstance(m.get("staleness"), int)), default=None),
         "reward": statistics.fmean(m["reward_mean"] for m in metrics[-FINAL:]) if metrics else float("nan"),
         "reward_se": _standard_error([m["reward_mean"] for m in metrics[-FINAL:]]),
         "t0": metrics[0]["time"] if metrics else 0.0,
@@ -288,9 +293,10 @@ def run_runner(
         "generation.port=0",
         *extra,
     ]
-    sets.append(f"learner.async_depth={depth}")  # always given: the quickstart's own default is 1
-    if depth > 1:  # a batch started d steps ahead is trained d versions later: the config requires max_staleness >= d
-        sets.append(f"learner.max_staleness={depth}")
+    # Always given (the quickstart's own are 1 and 1). A batch started d steps ahead is trained d versions later, so
+    # the config requires max_staleness >= d; max_staleness = 0 makes the learner wait for its own version before
+    # every step, which is what makes depth 0 synchronous.
+    sets += [f"learner.async_depth={depth}", f"learner.max_staleness={depth}"]
     cmd = [sys.executable, "-m", "runner.cli", "launch", str(ROOT / "configs" / "quickstart.toml")]
     for s in sets:
         cmd += ["--set", s]
@@ -298,6 +304,7 @@ def run_runner(
     log_path = work / f"launch-{run_dir.name.removeprefix('run-')}.log"
     say(f"[{label}] runner launch ... (log {log_path})")
     tic = time.monotonic()
+    row["launched"] = time.time()  # the wall time to finish counts from here (loading included)
     # Its own session: a Ctrl-C in the terminal reaches the bench, which stops the launch (and so its children).
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -429,18 +436,20 @@ def train_grpo_peer(
 def run_peer(model: Path, work: Path, steps: int) -> dict | None:
     """mlx-lm-lora's train_grpo in this process on the same model, prompts, reward and shape; its summary row."""
     try:
-        import mlx_lm_lora  # noqa: F401
+        import mlx_lm_lora
     except ImportError as e:
         say(f"[peer] skipped: mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it")
         return None
     import mlx.core as mx
+    import numpy as np
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from workers.learner.tasks import TargetTokensTask
 
-    label = "mlx-lm-lora train_grpo"
-    mx.random.seed(0)
+    label = f"mlx-lm-lora {mlx_lm_lora.__version__} train_grpo"
+    mx.random.seed(0)  # its sampling
+    np.random.seed(0)  # its batch order (iterate_grpo_batches permutes the batches with NumPy's global generator)
     net, tokenizer = load(str(model))
     net.freeze()
     linear_to_lora_layers(net, len(net.layers), {"rank": RANK, "scale": SCALE, "dropout": 0.0, "keys": KEYS})
@@ -448,8 +457,10 @@ def run_peer(model: Path, work: Path, steps: int) -> dict | None:
     prompts = [task.prompt(i) for i in range(steps * BATCH)]  # the prompts runner's built-in source uses
     dataset = [(p.ids, [], p.text, "") for p in prompts]
 
-    # Its reward functions see decoded texts; runner's reward counts sampled token ids. Keep the ids of the
-    # latest rollouts (same order as the texts) so the reward is computed on exactly what was sampled.
+    # mlx-lm-lora 5.10.2 trains on the token ids it sampled (generate_grpo returns them) but hands its reward
+    # functions the decoded text; older releases re-encoded that text for the loss, which need not give back the
+    # sampled ids. runner's reward counts sampled token ids: keep the ids of the latest rollouts (same order as the
+    # texts) and score those, as runner does.
     generated: dict[str, list[list[int]]] = {}
 
     def record_ids(completions, texts, seconds):
@@ -541,16 +552,28 @@ def _cpu_per_step(row: dict) -> str:
     return _f(_cpu_seconds(row), ".2f")
 
 
+def _utilisation(row: dict) -> str:
+    """The job's CPU seconds per wall second over the machine's cores, in %."""
+    cpu = row.get("cpu")
+    if not cpu:
+        return "-"
+    return f"{sum(v for k, v in cpu.items() if k != 'other') / (os.cpu_count() or 1) * 100:.0f}%"
+
+
+def _staleness(row: dict) -> str:
+    return f"{_f(row.get('staleness'), '.2f')} / {_f(row.get('staleness_max'), 'd')}"
+
+
 def report(rows: list[dict], peer: dict | None) -> str:
     sync = {r["workers"]: r for r in rows if r["depth"] == 0 and "error" not in r}
     head = (
-        "| run | s/step | speed-up | ideal | % ideal | gen busy | staleness | reward | d reward | /peer "
-        "| CPU learner | CPU gen | CPU coord | CPU other | CPU-s/step |"
+        "| run | s/step | speed-up | ideal | % ideal | gen busy | staleness mean / max | reward | d reward | /peer "
+        "| CPU learner | CPU gen | CPU coord | CPU other | CPU-s/step | CPU util |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * 13)
+            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * 14)
             continue
         base = sync.get(r["workers"])
         ideal = None
@@ -561,15 +584,15 @@ def report(rows: list[dict], peer: dict | None) -> str:
         lines.append(
             f"| {r['label']} | {r['s_step']:.3f} | {_f(speedup, '.2f')}x | {_f(ideal, '.2f')}x | "
             f"{'-' if reach is None else format(reach * 100, '.0f') + '%'} | {_f(r['busy'], '.2f')} | "
-            f"{_f(r['staleness'], '.2f')} | {r['reward']:.3f} | "
+            f"{_staleness(r)} | {r['reward']:.3f} | "
             f"{_f(r['reward'] - base['reward'] if base else None, '+.3f')} | "
             f"{_f(r['s_step'] / peer['s_step'] if peer else None, '.2f')} | {_cpu(r, 'learner')} | {_cpu(r, 'gen')} | "
-            f"{_cpu(r, 'coord')} | {_cpu(r, 'other')} | {_cpu_per_step(r)} |"
+            f"{_cpu(r, 'coord')} | {_cpu(r, 'other')} | {_cpu_per_step(r)} | {_utilisation(r)} |"
         )
     if peer:
         lines.append(
             f"| {peer['label']} | {peer['s_step']:.3f} | | | | | | {peer['reward']:.3f} | | 1.00 | "
-            f"{_cpu(peer, 'learner')} | | | {_cpu(peer, 'other')} | {_cpu_per_step(peer)} |"
+            f"{_cpu(peer, 'learner')} | | | {_cpu(peer, 'other')} | {_cpu_per_step(peer)} | {_utilisation(peer)} |"
         )
     return "\n".join(lines)
 
@@ -591,13 +614,13 @@ def verdicts(rows: list[dict], peer: dict | None) -> list[str]:
             f"other processes kept {statistics.fmean(other):.2f} of the {os.cpu_count()} cores busy on average during "
             "the runs (CPU other): the timings are those of a shared machine, not of an idle one"
         )
-    # The ideal assumes the overlapped work has cores to itself; a step's own CPU time over the cores is a floor
-    # no schedule beats, and on a small machine it, not the ideal, bounds the async rows.
-    cores = os.cpu_count() or 1
-    floors = {r["label"]: (_cpu_seconds(r) / cores, r["s_step"]) for r in ok if r["depth"] and r.get("cpu")}
-    if floors:
-        shares = [f"{label} {floor:.3f} s ({floor / s_step * 100:.0f}%)" for label, (floor, s_step) in floors.items()]
-        out.append(f"CPU floor (CPU-s/step / {cores} cores) and the share of it reached: " + ", ".join(shares))
+    for r in ok:
+        if r["depth"] == 0:
+            stale = r.get("staleness_max")
+            out.append(
+                f"{r['label']}: largest staleness over the {r['steps']} steps = {_f(stale, 'd')}: "
+                + ("synchronous" if stale == 0 else "NOT synchronous (some token was trained after a newer version)")
+            )
     if peer and ok:
         best = min(ok, key=lambda r: r["s_step"])
         for r in {id(x): x for x in [ok[0], best]}.values():
