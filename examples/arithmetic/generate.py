@@ -1,6 +1,6 @@
 """Write the arithmetic problem sets of configs/smollm2_arithmetic.toml: a training set and a held-out evaluation set.
 
-    python examples/arithmetic/generate.py [--out examples/arithmetic] [--train 5000] [--eval 200] [--seed 0]
+    python examples/arithmetic/generate.py [--out examples/arithmetic] [--train 5000] [--eval 500] [--seed 0]
 
 Each line is the dataset task's JSONL format: {"prompt": "What is 12+7?", "answer": "19"}. Problems are "a+b" with
 a and b drawn uniformly from 1..MAX_OPERAND by a seeded generator, so the same arguments always write the same files.
@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-MAX_OPERAND = 50  # 2500 distinct pairs: 200 held out, the training set samples the other 2300 (with repeats)
+MAX_OPERAND = 50  # 2500 distinct pairs: 500 held out, the training set samples the other 2000 (with repeats)
 
 
 def problems(count: int, rng: random.Random, exclude: set[tuple[int, int]], unique: bool) -> list[tuple[int, int]]:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--train", type=int, default=5000, help="training problems (pairs may repeat)")
-    ap.add_argument("--eval", type=int, default=200, help="held-out problems (distinct pairs)")
+    ap.add_argument("--eval", type=int, default=500, help="held-out problems (distinct pairs)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not 0 < args.eval < MAX_OPERAND**2 or args.train <= 0:
