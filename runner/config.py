@@ -125,17 +125,22 @@ class LearnerConfig:
     kl_coef: float = field(default=0.0, metadata=_non_negative())
     kl_estimator: str = field(default="k3", metadata=_one_of("k3", "mse", "abs"))
     entropy_coef: float = field(default=0.0, metadata=_non_negative())
-    # Policy loss (workers/learner/grpo.py): "grpo" (token-level clipped ratio), "gspo" (sequence-level ratio),
-    # "cispo" (clipped IS weight times log-prob, no token loses its gradient).
+    # Policy loss (workers/learner/grpo.py): "grpo" (token-level ratio to the proximal policy, clipped), "gspo"
+    # (sequence-level ratio, clipped per sequence), "cispo" (the IS weight pi / mu against the sampling policy,
+    # clipped, times log-prob: no token loses its gradient).
     loss: str = field(default="grpo", metadata=_one_of("grpo", "gspo", "cispo"))
-    # "constant" = Dr.GRPO: sum over tokens / (max_tokens * sequences), no per-length normalisation.
-    loss_agg: str = field(default="token", metadata=_one_of("token", "sequence", "constant"))
+    # "" = the loss's own, as in its paper: "token" for grpo and cispo, "sequence" for gspo. "constant" = Dr.GRPO:
+    # sum over tokens / (max_tokens * sequences), no per-length normalisation.
+    loss_agg: str = field(default="", metadata=_one_of("", "token", "sequence", "constant"))
     # Optimizer updates per batch = ppo_epochs * minibatches (the batch is split into `minibatches` runs of whole
     # groups, gone through `ppo_epochs` times); one version is published per batch. Clipping acts from the 2nd update.
     ppo_epochs: int = field(default=1, metadata=_positive("integer"))
     minibatches: int = field(default=1, metadata=_positive("integer"))
     scale_rewards: bool = True  # False = Dr.GRPO (no std scaling of advantages)
-    tis_cap: float = field(default=2.0, metadata=_non_negative())  # truncated importance sampling cap, 0 = off
+    # The off-policy correction for the gap between the sampling policy mu (the workers' log-probs: an older
+    # adapter, another engine, top_p) and the learner's proximal policy: grpo and gspo weigh each token (gspo: each
+    # sequence) by min(pi_prox / mu, tis_cap), cispo clips pi / mu. 0 switches the correction off (mu is ignored).
+    tis_cap: float = field(default=2.0, metadata=_non_negative())
     ref_ema: float = field(default=1.0, metadata=_unit_interval())  # 1 = reference is the base model
     max_grad_norm: float = field(default=1.0, metadata=_non_negative())  # 0 = no clipping
     max_staleness: int = field(default=1, metadata=_non_negative("integer"))

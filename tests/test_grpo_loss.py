@@ -46,19 +46,20 @@ def ref_group_advantages(rewards, group_ids, scale, eps):
     return np.array(out)
 
 
-def ref_token_terms(lp, prox, ref, w, a, ent, p, ratio=None, weight_lp=None):
+def ref_token_terms(lp, prox, ref, w, a, ent, p, ratio=None, weight_lp=None, behaviour=None):
     """Loss of one valid token plus its metric contributions (kl, clipped?, ratio).
 
     ratio: the (policy / proximal) ratio this token uses (GSPO passes its sequence's); w: the behaviour weight or
-    None. CISPO's weight is a constant: weight_lp is the log-prob it is computed from (default lp), so finite
-    differences in lp give the gradient of the surrogate."""
+    None. CISPO's weight pi / mu is against `behaviour` (mu; None: the proximal policy) and a constant: weight_lp is
+    the log-prob it is computed from (default lp), so finite differences in lp give the gradient of the surrogate."""
     if ratio is None:
         ratio = math.exp(lp - prox)
     clipped_ratio = min(max(ratio, 1 - p.clip_low), 1 + p.clip_high)
     if p.loss == "cispo":
-        wr = math.exp((lp if weight_lp is None else weight_lp) - prox)
+        wr = math.exp((lp if weight_lp is None else weight_lp) - (prox if behaviour is None else behaviour))
         obj = min(max(wr, 1 - p.clip_low), 1 + p.clip_high) * a * lp
-        clipped = not (1 - p.clip_low <= ratio <= 1 + p.clip_high)
+        clipped = not (1 - p.clip_low <= wr <= 1 + p.clip_high)
+        w = None  # the IS weight is pi / mu already
     else:
         obj = min(ratio * a, clipped_ratio * a)
         clipped = (a > 0 and ratio > 1 + p.clip_high) or (a < 0 and ratio < 1 - p.clip_low)
@@ -105,6 +106,7 @@ def ref_loss(lp, prox, ref, samp, adv, mask, p, ent=None, num_tokens_total=None,
                 p,
                 ratio=seq_ratio,
                 weight_lp=None if weight_lp is None else weight_lp[b, t],
+                behaviour=samp[b, t] if samp is not None and p.tis_cap > 0 else None,
             )
             row_sum += loss
             row_n += 1
@@ -308,20 +310,26 @@ def test_all_masked_batch_is_zero_not_nan():
         assert np.all(np.array(g) == 0.0)
 
 
-def test_on_policy_losses_share_the_gradient():
-    """At ratio 1 (proximal = current, no behaviour weight) GRPO, GSPO and CISPO all have the policy gradient
-    A * grad(logprob)."""
+def test_on_policy_gspo_weighs_sequences_not_tokens():
+    """Fresh rollouts (mu = pi_prox = pi): GRPO and CISPO both give A * grad(logprob) over the batch's tokens, but
+    GSPO averages within each sequence first (its paper's 1/|y|), so a long sequence's tokens weigh less. Where the
+    three differ off-policy: tests/test_offpolicy_loss.py."""
     batch = make_batch(6)
+    mask = batch["mask"]
     grads = {}
     for kind in LOSSES:
         p = GRPOParams(loss=kind, tis_cap=2.0)
         f = lambda x, p=p: grpo_token_loss(  # noqa: E731
-            x, mx.stop_gradient(x), None, None, mx.array(batch["adv"]), mx.array(batch["mask"]), p
+            x, mx.stop_gradient(x), None, x, mx.array(batch["adv"]), mx.array(mask), p
         )[0]
         grads[kind] = np.array(mx.grad(f)(mx.array(batch["lp"])))
-    np.testing.assert_allclose(grads["gspo"], grads["grpo"], atol=1e-7)
-    np.testing.assert_allclose(grads["cispo"], grads["grpo"], atol=1e-7)
-    assert np.any(grads["grpo"] != 0)
+    n_b = mask.sum(axis=1, keepdims=True)
+    per_token = -batch["adv"][:, None] * mask / mask.sum()
+    per_sequence = -batch["adv"][:, None] * mask / np.maximum(n_b, 1) / (n_b > 0).sum()
+    np.testing.assert_allclose(grads["grpo"], per_token, atol=1e-7)
+    np.testing.assert_allclose(grads["cispo"], per_token, atol=1e-7)
+    np.testing.assert_allclose(grads["gspo"], per_sequence, atol=1e-7)
+    assert np.abs(grads["gspo"] - grads["grpo"]).max() > 1e-3
 
 
 def test_constant_normaliser_is_length_free():

@@ -1,42 +1,51 @@
 """GRPO math: advantages, the token loss (three variants), and the data helpers the trainer runs a batch through.
 
-Three policies (decoupled PPO, as in AReaL)
--------------------------------------------
+Three policies (decoupled PPO, as in AReaL: Fu et al. 2025, "AReaL: a large-scale asynchronous RL system")
+------------------------------------------------------------------------------------------------------------
 - behaviour  mu:        the policy the generation worker SAMPLED each token with (its adapter version, temperature
                         and top_p); its log-probs come back with the rollout (``sampler_logprobs``).
-- proximal   pi_prox:   the learner's policy at the start of the batch, before its first update (``proximal_logprobs``,
-                        constant). With one update per batch these are the current log-probs under stop_gradient.
-- current    pi_theta:  the parameters being differentiated (``logprobs``).
+- proximal   pi_prox:   the learner's policy when the batch's first optimizer update starts (``proximal_logprobs``,
+                        computed once per batch, no gradient). With one update per batch these are the current
+                        log-probs under stop_gradient.
+- current    pi_theta:  the parameters being differentiated (``logprobs``), recomputed for every update.
 
 The trust region (clip) is taken around pi_prox, which the learner knows exactly; the gap between mu and pi_prox
 (stale adapter versions, numeric differences of the generation engine, top_p truncation) is corrected by a
-truncated behaviour importance weight w = min(pi_prox / mu, tis_cap), treated as a constant (``tis_cap`` = 0: w = 1).
-With pi_prox = mu this is plain PPO; with a single update per batch, ratio = 1 and clipping only acts once the
-learner makes several updates per batch (``ppo_epochs`` / ``minibatches`` in the trainer).
+truncated behaviour importance weight w = min(pi_prox / mu, tis_cap), a constant. ``tis_cap`` = 0 switches the
+correction off: mu is ignored (w = 1, and CISPO's weight is taken against pi_prox). With pi_prox = mu this is plain
+PPO; with a single update per batch ratio = 1 and the clip never acts: it acts from the batch's second update on
+(``ppo_epochs`` * ``minibatches`` > 1 in the trainer).
 
 Math
 ----
 For each completion token t of sequence b (mask[b, t] == 1), with group-relative advantage A_b and
 clip(x) = clip(x, 1 - clip_low, 1 + clip_high) (DAPO's asymmetric "clip-higher"):
 
-    "grpo":  r = exp(logprobs - proximal_logprobs);  w = min(exp(proximal_logprobs - sampler_logprobs), tis_cap)
-             obj = w * min(r * A, clip(r) * A)
-    "gspo":  the same with every token's r and w replaced by its sequence's geometric mean,
-             r_b = exp(mean_t(logprobs - proximal_logprobs)), w_b = min(exp(mean_t(proximal - sampler)), tis_cap),
-             so a whole sequence is clipped or not (GSPO, Zheng et al. 2025). Implemented as GSPO-token: token t
-             carries the value r_b with the gradient r_b * grad(logprobs_t), which is GSPO's gradient exactly.
-    "cispo": obj = stop_grad(w * clip(r)) * A * logprobs   (CISPO, MiniMax-M1): the clipped IS weight scales the
-             log-prob's gradient instead of cutting it off, so every token keeps a gradient. MiniMax clips above
-             only: set clip_low = 1 for that. The loss *value* includes log-probs (only its gradient means much).
+    "grpo":  r = pi / pi_prox,  w = min(pi_prox / mu, tis_cap)
+             obj_t = w * min(r * A, clip(r) * A)                          (AReaL's decoupled PPO objective)
+    "gspo":  GSPO (Zheng et al. 2025): one ratio per sequence, the geometric mean over its tokens,
+             s_b = exp(mean_t log(pi / pi_prox)),  w_b = min(exp(mean_t log(pi_prox / mu)), tis_cap)
+             obj_b = w_b * min(s_b * A, clip(s_b) * A), so a whole sequence is clipped or not. s_b * w_b is the
+             length-normalised sequence ratio pi / mu, split at pi_prox as decoupled PPO splits the token ratio, which
+             keeps the behaviour correction at GSPO's unit (the sequence) instead of AReaL's per-token weight under
+             a sequence ratio. Implemented as GSPO-token: token t carries the value s_b with the gradient
+             s_b * grad(log pi_t), so the mean over the sequence's tokens is obj_b and has GSPO's gradient exactly.
+    "cispo": CISPO (MiniMax-M1, 2025): obj_t = stop_grad(clip(pi / mu)) * A * log pi: the importance-sampling
+             weight against the BEHAVIOUR policy is clipped and scales the log-prob's gradient instead of cutting it
+             off, so every token keeps a gradient. mu is the sampler (tis_cap > 0; tokens whose sampler log-prob
+             is unknown use pi_prox), or pi_prox with tis_cap = 0; the clip bounds the weight, so tis_cap's value
+             matters only as on / off. MiniMax clips above only: set clip_low = 1 for that. The loss *value*
+             includes log-probs (only its gradient means much).
 
     d      = ref_logprobs - logprobs
     kl     = exp(d) - d - 1  ("k3")  |  0.5 * d**2  ("mse")  |  |d|  ("abs")
-    loss_t = -obj + kl_coef * kl - entropy_coef * entropy
+    loss_t = -obj_t + kl_coef * kl - entropy_coef * entropy
 
 clip_frac counts tokens whose gradient clipping cut off (grpo, gspo: min() picked the clipped branch strictly) or,
 for cispo, whose weight was clipped.
 
-Aggregation ("loss_agg"):
+Aggregation ("loss_agg"; "" = the loss's own: "token" for grpo (DAPO) and cispo (its paper), "sequence" for gspo
+(its paper's 1/|y| per sequence, then the mean over sequences)):
     "token":    sum_{b,t} mask * loss_t / N_tokens          (every valid token weighs the same)
     "sequence": sum_b [ sum_t mask * loss_t / n_b ] / N_seqs  (every sequence weighs the same)
     "constant": sum_{b,t} mask * loss_t / (max_tokens * N_seqs)  (Dr.GRPO: a constant, length-free normaliser)
@@ -68,6 +77,7 @@ ATROPOS_PROMPT = -100  # Atropos marks non-trained (prompt) positions with this 
 _KL_ESTIMATORS = ("k3", "mse", "abs")
 _LOSS_AGGS = ("token", "sequence", "constant")
 _LOSSES = ("grpo", "gspo", "cispo")
+_PAPER_AGG = {"grpo": "token", "gspo": "sequence", "cispo": "token"}  # loss_agg = "": the loss's own (module doc)
 
 
 @dataclass(frozen=True)
@@ -78,19 +88,21 @@ class GRPOParams:
     kl_estimator: str = "k3"  # "k3" | "mse" | "abs"
     entropy_coef: float = 0.0
     loss: str = "grpo"  # "grpo" | "gspo" | "cispo"
-    loss_agg: str = "token"  # "token" | "sequence" | "constant"
+    loss_agg: str = ""  # "token" | "sequence" | "constant"; "" = the loss's own (set in __post_init__)
     max_tokens: int = 0  # the constant length of loss_agg = "constant" (the max completion length)
-    tis_cap: float = 2.0  # truncated importance sampling cap; 0 disables
+    tis_cap: float = 2.0  # cap of the behaviour weight pi_prox / mu; 0 = no behaviour correction
     scale_rewards: bool = True  # False = Dr.GRPO (no division by group std)
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in _KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {_KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.loss_agg not in _LOSS_AGGS:
-            raise ValueError(f"loss_agg must be one of {_LOSS_AGGS}, got {self.loss_agg!r}")
         if self.loss not in _LOSSES:
             raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
+        if self.loss_agg == "":
+            object.__setattr__(self, "loss_agg", _PAPER_AGG[self.loss])
+        if self.loss_agg not in _LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {_LOSS_AGGS} (or '' for the loss's own), got {self.loss_agg!r}")
         if self.loss_agg == "constant" and self.max_tokens <= 0:
             raise ValueError('loss_agg = "constant" needs max_tokens > 0')
         if self.clip_low < 0 or self.clip_high < 0 or self.tis_cap < 0:
@@ -190,10 +202,15 @@ def _aggregate(
 
 
 def _policy_objective(
-    lp: mx.array, prox: mx.array, w: mx.array | None, adv: mx.array, mask: mx.array, params: GRPOParams
+    lp: mx.array,
+    prox: mx.array,
+    behaviour: mx.array | None,
+    adv: mx.array,
+    mask: mx.array,
+    params: GRPOParams,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Per-token objective (to maximise) of the chosen loss, the ratio to the proximal policy, and where clipping
-    cuts the gradient off. `w`: the behaviour weight (constant), or None."""
+    """Per-token objective (to maximise) of the chosen loss before the behaviour weight, the ratio to the proximal
+    policy, and where clipping acts. `behaviour`: the behaviour log-probs mu (cleaned, constant), or None."""
     sg = mx.stop_gradient
     f32 = mx.float32
     log_ratio = lp - prox
@@ -201,23 +218,19 @@ def _policy_objective(
         # Value: the sequence's geometric-mean ratio; gradient: that ratio times this token's grad(logprob).
         log_ratio = sg(_row_mean(log_ratio, mask)) + lp - sg(lp)
     ratio = mx.exp(log_ratio)
-    clipped = mx.clip(ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
 
     if params.loss == "cispo":
-        weight = sg(clipped) if w is None else sg(clipped * w)
-        obj = weight * adv * lp
-        clip_active = (clipped != ratio).astype(f32)
-    else:
-        unclipped_obj = ratio * adv
-        clipped_obj = clipped * adv
-        obj = mx.minimum(unclipped_obj, clipped_obj)
-        if w is not None:
-            obj = obj * w
-        # Clipping is "active" where min() picked the clipped branch strictly, i.e. where the token's gradient
-        # is cut off: A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low.
-        clip_active = (clipped_obj < unclipped_obj).astype(f32)
+        # The IS weight pi / mu against the behaviour policy (pi_prox when the correction is off), clipped, constant.
+        is_ratio = sg(mx.exp(lp - (prox if behaviour is None else behaviour)))
+        weight = mx.clip(is_ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
+        return weight * adv * lp, ratio, (weight != is_ratio).astype(f32)
 
-    return obj, ratio, clip_active
+    clipped = mx.clip(ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
+    unclipped_obj = ratio * adv
+    clipped_obj = clipped * adv
+    # Clipping is "active" where min() picked the clipped branch strictly, i.e. where the token's gradient is cut
+    # off: A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low.
+    return mx.minimum(unclipped_obj, clipped_obj), ratio, (clipped_obj < unclipped_obj).astype(f32)
 
 
 def grpo_token_loss(
@@ -235,7 +248,7 @@ def grpo_token_loss(
     """The policy loss (scalar) and metrics. Shapes [B, T] except advantages [B]; see module docstring.
 
     Only ``logprobs`` (and ``entropy``) carry gradient; the other inputs are treated as constants.
-    ``sampler_logprobs`` = None: no behaviour correction (w = 1).
+    ``sampler_logprobs`` = None (or ``params.tis_cap`` = 0): no behaviour correction.
     ``num_tokens_total`` / ``num_seqs_total`` override the normaliser for gradient accumulation.
     """
     if params.kl_coef > 0 and ref_logprobs is None:
@@ -257,13 +270,16 @@ def grpo_token_loss(
     prox = sg(clean(proximal_logprobs))
     adv = sg(advantages.astype(f32))[:, None]
 
-    w = None
+    # The behaviour correction (tis_cap = 0: off, mu is not looked at).
+    behaviour = None
     if sampler_logprobs is not None and params.tis_cap > 0:
-        log_w = prox - clean(sampler_logprobs)
+        behaviour = sg(clean(sampler_logprobs))
+    obj, ratio, clip_active = _policy_objective(lp, prox, behaviour, adv, mask, params)
+    if behaviour is not None and params.loss != "cispo":  # CISPO's weight already is pi / mu
+        log_w = prox - behaviour
         if params.loss == "gspo":
             log_w = _row_mean(log_w, mask)
-        w = sg(mx.minimum(mx.exp(log_w), params.tis_cap))
-    obj, ratio, clip_active = _policy_objective(lp, prox, w, adv, mask, params)
+        obj = obj * mx.minimum(mx.exp(log_w), params.tis_cap)
 
     loss_tok = -obj
     metrics: dict[str, mx.array] = {}
