@@ -152,20 +152,24 @@ def test_the_analytic_reference_gradient_is_its_losss_gradient(kind):
     b = stale_batch(3)
     lp = b["lp"].astype(np.float64)
     _, analytic = reference(kind, *_args(b))
+    rest = _args(b)[1:]
+    if kind == "cispo":  # sg(clip(pi / mu)) is held at the batch's values: only the log-prob factor moves
+        weight, n = _clip(np.exp(lp - b["mu"])), b["mask"].sum()
+
+        def loss(x):
+            return -(b["mask"] * weight * b["adv"][:, None] * x).sum() / n
+    else:
+
+        def loss(x):
+            return reference(kind, x, *rest)[0]
+
     fd = np.zeros_like(lp)
     h = 1e-6
     for idx in zip(*np.nonzero(b["mask"])):
         up, down = lp.copy(), lp.copy()
         up[idx] += h
         down[idx] -= h
-        if kind == "cispo":  # hold sg(clip(pi / mu)) fixed: move lp in the log-prob factor only
-            mu = b["mu"].astype(np.float64)
-            wgt = _clip(np.exp(lp - mu))
-            n = b["mask"].sum()
-            f = lambda x: -(b["mask"] * wgt * b["adv"][:, None] * x).sum() / n  # noqa: E731
-            fd[idx] = (f(up) - f(down)) / (2 * h)
-        else:
-            fd[idx] = (reference(kind, up, *_args(b)[1:])[0] - reference(kind, down, *_args(b)[1:])[0]) / (2 * h)
+        fd[idx] = (loss(up) - loss(down)) / (2 * h)
     np.testing.assert_allclose(analytic, fd, atol=1e-7, rtol=1e-5)
 
 
@@ -251,3 +255,100 @@ def test_several_updates_separate_the_three_losses():
     on = b["mask"] > 0
     for a, c in (("grpo", "gspo"), ("grpo", "cispo"), ("gspo", "cispo")):
         assert np.abs(final[a] - final[c])[on].max() > 1e-2, (a, c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer: pi_prox once per batch, pi recomputed for every update
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _stale_rollouts(vocab: int, policy, seed: int):
+    """Four groups of three ragged completions whose sampler log-probs are the policy's plus noise (mu != pi_prox),
+    all sampled at the trainer's version 0."""
+    from workers.learner.sources.base import Batch, Sample
+
+    rng = np.random.default_rng(seed)
+    groups = []
+    for g in range(4):
+        prompt = rng.integers(3, vocab, int(rng.integers(4, 8))).tolist()
+        groups.append(
+            [
+                Sample.from_completion(
+                    prompt,
+                    rng.integers(3, vocab, int(rng.integers(3, 9))).tolist(),
+                    float(i == g % 3),
+                    version=0,
+                )
+                for i in range(3)
+            ]
+        )
+    batch = Batch(groups)
+    from workers.learner.trainer import prepare_batch
+
+    arr = prepare_batch(batch)
+    lp = np.array(policy(mx.array(arr["tokens"])))
+    for s, row in zip(batch.samples, lp):
+        n = len(s.tokens)
+        s.logprobs = [1.0, *(row[: n - 1] + rng.normal(0.0, 0.7, n - 1)).clip(max=-1e-3).tolist()]
+    return batch
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_trainer_keeps_pi_prox_for_the_batch_and_recomputes_pi_per_update(tiny_model, kind):
+    """minibatches = 2, ppo_epochs = 2 on a stale batch: Trainer.step makes the four updates of the decoupled loss
+    with pi_prox = the policy before the first update (fixed for all four) and pi = the current parameters at each,
+    replayed here update by update; for grpo and gspo, recomputing pi_prox at every update (ratio always 1, no clip)
+    ends elsewhere."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from helpers import ALL_PROJECTIONS
+
+    from runner.config import LearnerConfig
+    from workers.learner.grpo import sequence_logprobs
+    from workers.learner.trainer import Trainer, prepare_batch
+    from workers.lora import LoraSpec
+
+    spec = LoraSpec(rank=4, scale=20.0, keys=ALL_PROJECTIONS)
+    cfg = LearnerConfig(learning_rate=2e-2, ppo_epochs=2, minibatches=2, seed=4, loss=kind)
+    trainer = Trainer.load(tiny_model, cfg, spec)
+    policy = lambda x: sequence_logprobs(trainer.model, x, entropy=False)[0]  # noqa: E731
+    batch = _stale_rollouts(512, policy, seed=7)
+
+    arr = prepare_batch(batch)
+    tokens, mask, adv = mx.array(arr["tokens"]), mx.array(arr["mask"]), mx.array(arr["advantages"])
+    parts = [np.arange(0, 6), np.arange(6, 12)]  # two runs of two groups of three
+
+    def replay(proximal_each_update: bool) -> dict[str, mx.array]:
+        ref = Trainer.load(tiny_model, cfg, spec)  # the same seed: the same initial adapter
+        opt = optim.Adam(learning_rate=cfg.learning_rate, bias_correction=True)
+        prox = mx.stop_gradient(sequence_logprobs(ref.model, tokens, entropy=False)[0])
+        mu = mx.where(mx.array(arr["sampler_valid"]) > 0, mx.array(arr["sampler"]), prox)
+        for _ in range(cfg.ppo_epochs):
+            for rows in parts:
+                idx = mx.array(rows)
+                if proximal_each_update:
+                    prox = mx.stop_gradient(sequence_logprobs(ref.model, tokens, entropy=False)[0])
+
+                def loss(model, idx=idx, prox=prox):
+                    lp, _ = sequence_logprobs(model, tokens[idx], entropy=False)
+                    return grpo_token_loss(lp, prox[idx], None, mu[idx], adv[idx], mask[idx], ref.params)[0]
+
+                _, grads = nn.value_and_grad(ref.model, loss)(ref.model)
+                grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+                opt.update(ref.model, grads)
+                mx.eval(ref.model.parameters(), opt.state)
+        return ref.lora_tensors()
+
+    m = trainer.step(batch)
+    got = trainer.lora_tensors()
+    assert m["updates"] == 4 and trainer.version == 1
+    assert m["clip_frac"] > 0  # the clip acted (from the second update of each minibatch on)
+
+    def max_diff(a, b):
+        return max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+
+    assert max_diff(got, replay(proximal_each_update=False)) < 1e-5
+    if kind == "cispo":  # its weight is pi / mu: pi_prox plays no part where every sampler log-prob is known
+        assert max_diff(got, replay(proximal_each_update=True)) < 1e-5
+    else:
+        assert max_diff(got, replay(proximal_each_update=True)) > 1e-4
