@@ -3,11 +3,13 @@
 MLX's Linux CPU wheel links the reference BLAS (`mlx_cpu.libs/libblas-*.so`): a float32 matmul there runs several
 times slower than with an optimized BLAS that exports the same CBLAS symbols. Preloading one (Debian's
 `libopenblas0-pthread`) into the generation workers and the learner makes every float matmul use it, without a
-change to MLX or to model code. On macOS MLX runs on Metal and Accelerate: nothing is ever preloaded there.
+change to MLX or to model code. Only that CPU build gets one: on macOS MLX runs on Metal and Accelerate, and its
+CUDA build runs matmuls on the GPU, so nothing is preloaded there.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
@@ -24,10 +26,29 @@ OPTIMIZED_BLAS = [
 ]
 
 
-def blas_library(setting: str, platform: str = sys.platform) -> str | None:
+# The packages that hold MLX's compiled library on Linux (`mlx[cpu]`, `mlx[cuda12]`, `mlx[cuda13]`).
+MLX_BUILDS = {"mlx-cuda-13": "cuda", "mlx-cuda-12": "cuda", "mlx-cuda": "cuda", "mlx-cpu": "cpu"}
+
+
+def mlx_build(platform: str = sys.platform) -> str | None:
+    """Which MLX build this Python has, read from the installed packages without loading MLX (the control plane
+    never imports it): "metal" on macOS, "cuda" or "cpu" on Linux, None when no build is installed."""
+    if platform == "darwin":
+        return "metal"
+    for package, build in MLX_BUILDS.items():
+        try:
+            importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return build
+    return None
+
+
+def blas_library(setting: str, platform: str = sys.platform, build: str | None = None) -> str | None:
     """The shared library to preload into MLX children, or None for MLX's bundled BLAS. `setting`: "auto" (an
-    optimized BLAS when one is installed), "bundled" (never preload) or the path of a library."""
-    if not platform.startswith("linux") or setting == "bundled":
+    optimized BLAS when one is installed), "bundled" (never preload) or the path of a library. Only MLX's Linux CPU
+    build (`build`, default: the installed one) ever gets one."""
+    if not platform.startswith("linux") or setting == "bundled" or (build or mlx_build(platform)) != "cpu":
         return None
     if setting == "auto":
         return next((path for path in OPTIMIZED_BLAS if Path(path).is_file()), None)

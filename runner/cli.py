@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runner import __version__
 from runner.args import add_join_arguments
+from runner.blas import mlx_build
 from runner.config import ConfigError, load_config
 from runner.rundir import RunDirInUse
 
@@ -357,6 +358,16 @@ def _add_report_command(sub) -> None:
     p.set_defaults(func=_delegate("runner.report", "cmd_report"))
 
 
+def require_mlx_build() -> None:
+    """MLX on Linux ships its compiled library in a separate package per backend; without one, every MLX child would
+    fail at import and be restarted forever. Say so once, before starting anything."""
+    if mlx_build() is None:
+        raise ConfigError(
+            "MLX is installed without a backend: install the project with '.[cpu]' (CPU) or '.[cuda]' (an NVIDIA "
+            'GPU with CUDA 13), e.g. pip install -e ".[cpu]"'
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -365,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        if args.func in (cmd_launch, cmd_serve, cmd_worker_generate, cmd_models_prepare):
+            require_mlx_build()
         return args.func(args)
     except (ConfigError, FileExistsError, FileNotFoundError, RunDirInUse) as e:
         print(f"runner: error: {e}", file=sys.stderr)

@@ -30,11 +30,24 @@ def test_never_on_macos_and_bundled_means_none(tmp_path):
     library.write_bytes(b"")
     assert blas_library(str(library), platform="darwin") is None
     assert blas_library("auto", platform="darwin") is None
-    assert blas_library("bundled", platform="linux") is None
-    assert blas_library(str(library), platform="linux") == str(library)
-    assert blas_library("auto", platform="linux") == INSTALLED
+    assert blas_library("bundled", platform="linux", build="cpu") is None
+    assert blas_library(str(library), platform="linux", build="cpu") == str(library)
+    assert blas_library("auto", platform="linux", build="cpu") == INSTALLED
     with pytest.raises(ConfigError, match="is not a file"):
-        blas_library(str(tmp_path / "missing.so"), platform="linux")
+        blas_library(str(tmp_path / "missing.so"), platform="linux", build="cpu")
+    # MLX's CUDA build runs its matmuls on the GPU: a CPU BLAS preloaded into it would only start idle threads.
+    assert blas_library("auto", platform="linux", build="cuda") is None
+    assert blas_library(str(library), platform="linux", build="cuda") is None
+
+
+def test_the_installed_mlx_build_is_read_without_loading_mlx():
+    code = "import sys; from runner.blas import mlx_build; print(mlx_build()); print('mlx.core' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False"
+    import mlx.core as mx
+
+    expected = "metal" if sys.platform == "darwin" else "cuda" if mx.cuda.is_available() else "cpu"
+    assert out[0] == expected
 
 
 def test_preload_goes_first_and_keeps_what_was_there(monkeypatch):

@@ -76,14 +76,16 @@ def launched() -> bool:
     return all(os.environ.get(k) for k in LAUNCH_ENV)
 
 
-def init(backend: str = "ring") -> Group:
-    """The global group. Started by a launcher, failing to join the ring is an error (strict): falling back to a
-    group of 1 would make every rank train, publish and checkpoint on its own."""
-    if launched():
-        group = mx.distributed.init(strict=True, backend=backend)
-        log.info("rank %d of %d (%s backend)", group.rank(), group.size(), backend)
-        return group
-    return mx.distributed.init()  # a singleton group when nothing was launched
+def init(backend: str = "ring") -> Group | None:
+    """The global group, or None for a learner that was not launched as a group (it trains alone). Started by a
+    launcher, failing to join the ring is an error (strict): falling back to a group of 1 would make every rank
+    train, publish and checkpoint on its own. Alone, no distributed backend is touched at all: MLX's default init
+    tries every backend it was built with, and on a machine with OpenMPI that starts an `orted` for nothing."""
+    if not launched():
+        return None
+    group = mx.distributed.init(strict=True, backend=backend)
+    log.info("rank %d of %d (%s backend)", group.rank(), group.size(), backend)
+    return group
 
 
 def rank_of(group: Group | None) -> int:
