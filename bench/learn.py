@@ -1,27 +1,34 @@
 """Does a real model learn? SmolLM2-135M-Instruct on held-out arithmetic, runner vs mlx-lm-lora's `train_grpo`.
 
-    python bench/learn.py [--config configs/smollm2_arithmetic.toml] [--steps N | --minutes M] [--skip-peer]
-                          [--race] [--curve] [--keep DIR]
+    python bench/learn.py [--config configs/smollm2_arithmetic.toml] [--steps N | --minutes M] [--seeds 1,2,3]
+                          [--skip-peer] [--race] [--curve] [--eval-limit 500] [--keep DIR]
 
 1. The model: `[model] path` (prepared with `runner models prepare` when missing), and a copy of it in `[model]
    dtype` written by mlx-lm (`workers.models.cast_model`, the very cast the workers and learner do at load), so the
    peer and the evaluator load exactly the weights runner trains on.
-2. Held-out accuracy before training: the shared evaluator (below) on the base weights.
-3. runner: `runner launch CONFIG` for `--steps` steps, or until `--minutes` have passed (then it is stopped with
-   SIGTERM and the last completed step's checkpoint counts); the config's in-job `[eval]` is switched off (the peer
-   has none; `--job-eval` keeps it). Every step is checkpointed (a deadline may fall mid-step; the last completed
-   step counts); with `--curve` the checkpoints every `[checkpoint] interval` steps are evaluated afterwards, which
-   gives accuracy against wall time.
-4. The peer (skipped when `mlx_lm_lora` does not import): `train_grpo` in a child process on the same weights
-   directory, training rows, reward (`numeric_answer`), group size, batch, completion length, temperature, learning
-   rate, KL coefficient, clip band and LoRA rank/scale/keys/layers, for as many steps as runner made.
-5. Held-out accuracy after: the same evaluator on each run's final adapter.
+2. Held-out accuracy before training: the shared evaluator (below) on the base weights (greedy: once for all seeds).
+3. For each seed S of `--seeds` (default 1, 2, 3):
+   - runner: `runner launch CONFIG --set learner.seed=S` (S draws its prompt order and its sampling) for `--steps`
+     steps, or until `--minutes` have passed (then it is stopped with SIGTERM; a step completed after the deadline
+     does not count); the config's in-job `[eval]` is switched off (the peer has none; `--job-eval` keeps it). Every
+     step is checkpointed, so the last step completed within the budget is the one evaluated.
+   - the peer (skipped when `mlx_lm_lora` does not import): `train_grpo` in a child process on the same weights
+     directory, training rows, reward (`numeric_answer`), group size, batch, completion length, temperature, learning
+     rate, KL coefficient, clip band and LoRA rank/scale/keys/layers, for as many steps as runner made. Seeded with S
+     too: `np.random.seed(S)` (its `iterate_grpo_batches` sorts the rows by prompt length, cuts batches and permutes
+     them with NumPy's global generator: that permutation is its prompt order, which its own CLI seeds the same way)
+     and `mx.random.seed(S)` (its sampling). Its batches are not runner's: the same rows, another order and grouping.
+   - held-out accuracy after: the same evaluator on each side's final in-budget adapter.
+4. The headline: the final in-budget held-out accuracy of each side, mean and standard error over the seeds
+   (stdev / sqrt(seeds)), and the mean of the per-seed differences with its standard error.
 
-`--race` asks the wall-time question instead of the per-step one: the peer runs `--steps` steps first, then runner
-gets half the peer's wall time (`--minutes`, as many steps as fit) and its last checkpoint written within that budget
-is evaluated: does runner reach the peer's final accuracy in at most half the peer's wall time?
+`--race` asks the wall-time question: for each seed the peer runs `--steps` steps first, then runner gets half that
+run's wall time (as many steps as fit); the figure compared is runner's final held-out accuracy in half the peer's wall
+time against the peer's final held-out accuracy. `--curve` also evaluates runner's checkpoint every `[checkpoint]
+interval` steps: a curve against wall time, each point as noisy as one evaluation (a standard error of about 2.2
+points at 500 problems and 50%), so it is printed below the tables and is never the headline.
 
-The evaluator: mlx-lm `batch_generate`, greedy, `[learner] max_tokens` tokens, the first `--eval-limit` (200) rows of
+The evaluator: mlx-lm `batch_generate`, greedy, `[learner] max_tokens` tokens, the first `--eval-limit` (500) rows of
 `[eval] path` through the chat template exactly as the dataset task encodes them, scored by the built-in
 `numeric_answer` (correct = 1). It runs in a child process with the same BLAS preloaded as runner's workers.
 
@@ -169,10 +176,12 @@ def cmd_eval(config_path: str, model: str, adapter: str, limit: int) -> dict:
     }
 
 
-def cmd_peer(config_path: str, model: str, out_dir: str, steps: int) -> dict:
-    """mlx-lm-lora's train_grpo on the config's data, reward and shape, in this process; saves the adapter."""
+def cmd_peer(config_path: str, model: str, out_dir: str, steps: int, seed: int) -> dict:
+    """mlx-lm-lora's train_grpo on the config's data, reward and shape, in this process, seeded with `seed`; saves
+    the adapter."""
     tic = time.time()  # its wall time counts loading, as runner's does
     import mlx.core as mx
+    import numpy as np
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -183,7 +192,8 @@ def cmd_peer(config_path: str, model: str, out_dir: str, steps: int) -> dict:
 
     config = load_config(config_path)
     lc, lora = config.learner, config.lora
-    mx.random.seed(lc.seed)
+    mx.random.seed(seed)  # its sampling
+    np.random.seed(seed)  # its prompt order: iterate_grpo_batches permutes its batches with NumPy's global generator
     net, tokenizer = load(model)
     net.freeze()
     layers = len(net.layers) if lora.num_layers == -1 else lora.num_layers
@@ -248,8 +258,18 @@ def cmd_peer(config_path: str, model: str, out_dir: str, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- runner's row
 
 
-def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes: float | None, job_eval: bool) -> dict:
-    """`runner launch` for `steps` steps or `minutes`; its summary row (peak RSS summed over its processes)."""
+def run_runner(
+    config_path: Path,
+    model: str,
+    run_dir: Path,
+    steps: int,
+    minutes: float | None,
+    job_eval: bool,
+    extra: tuple[str, ...] = (),
+    name: str = "runner",
+) -> dict:
+    """`runner launch` for `steps` steps or `minutes`, with the `extra` --set overrides; its summary row (peak RSS
+    summed over its processes)."""
     sets = [
         f"model.path={json.dumps(model)}",
         f"checkpoint.dir={json.dumps(str(run_dir))}",
@@ -261,14 +281,15 @@ def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes
         'coordinator.control="tcp://127.0.0.1:0"',  # free ports: other jobs may run on this machine
         'coordinator.weights="tcp://127.0.0.1:0"',
         "generation.port=0",
+        *extra,
     ]
     if not job_eval:
         sets.append('eval.path=""')
     cmd = [sys.executable, "-m", "runner.cli", "launch", str(config_path)]
     for s in sets:
         cmd += ["--set", s]
-    log_path = run_dir.parent / "launch.log"
-    say(f"[runner] runner launch {config_path.name} ... (log {log_path})")
+    log_path = run_dir.parent / f"launch-{run_dir.name}.log"
+    say(f"[{name}] runner launch {config_path.name} {' '.join(extra)} ... (log {log_path})")
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -284,21 +305,21 @@ def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes
                 time.sleep(2.0)
                 metrics = _metrics(run_dir)
                 for m in metrics[shown:]:
-                    say(f"[runner]   step {m['step']}  reward {m['reward_mean']:.3f}  ({m['time'] - t0:.0f} s)")
+                    say(f"[{name}]   step {m['step']}  reward {m['reward_mean']:.3f}  ({m['time'] - t0:.0f} s)")
                 shown = len(metrics)
         finally:
             if watchdog:
                 watchdog.cancel()
             leftovers = stop_launch(proc, sampler)
     if leftovers:
-        say(f"[runner] killed processes left running: {', '.join(leftovers)}")
+        say(f"[{name}] killed processes left running: {', '.join(leftovers)}")
     metrics = _metrics(run_dir)
     if budget:  # a step the learner finished in its stop grace, after the deadline, does not count
         metrics = [m for m in metrics if m["time"] - t0 <= budget]
     if not metrics:
         raise RuntimeError(f"runner made no step (exit {proc.returncode}); see {log_path}")
     rss = sampler.by_role()
-    say(f"[runner] peak RSS by process: {', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in sorted(rss.items()))}")
+    say(f"[{name}] peak RSS by process: {', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in sorted(rss.items()))}")
     n = len(metrics)
     return {
         "steps": n,
@@ -312,6 +333,7 @@ def run_runner(config_path: Path, model: str, run_dir: Path, steps: int, minutes
         "peak_rss": sum(rss.values()),
         "t0": t0,
         "budget": budget,
+        "run_dir": str(run_dir),
         "evals": [m for m in _rows(run_dir) if "eval_accuracy" in m],
     }
 
@@ -340,6 +362,61 @@ def checkpoints(run_dir: Path) -> list[tuple[int, float, Path]]:
     return out
 
 
+def final_checkpoint(run_dir: Path, steps: int) -> tuple[int, float, Path] | None:
+    """The checkpoint of the last step that counts (`steps`: the steps completed within the budget)."""
+    kept = [c for c in checkpoints(run_dir) if c[0] <= steps]
+    return max(kept, key=lambda c: c[0]) if kept else None
+
+
+# ------------------------------------------------------------------------------------ shared with bench/offpolicy.py
+
+
+def prepare_weights(config: Config, work: Path, env: dict, timeout: float) -> tuple[Path, Path]:
+    """(the model directory runner loads, the weights in `[model] dtype` the evaluator and the peer load)."""
+    model = ROOT / config.model.path  # the launch runs in ROOT; an absolute path stays as it is
+    if not (model / "config.json").exists() and config.model.prepare:
+        say(f"preparing {config.model.prepare} in {model}")
+        subprocess.run(
+            [sys.executable, "-m", "runner.cli", "models", "prepare", config.model.prepare, "--out", str(model)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    elif not model.exists():  # a Hugging Face id: its directory in the hub cache
+        model = resolve_model(config.model.path, "[model] path")
+    weights = model
+    if config.model.dtype not in ("", "auto"):
+        weights = work / f"{model.name}-{config.model.dtype}"
+        if not (weights / "config.json").exists():
+            child(["_cast", str(model), str(weights), config.model.dtype], env, work / "cast.log", timeout)
+    say(f"weights for the evaluator and the peer: {weights}")
+    return model, weights
+
+
+def evaluate(
+    config_path: Path, weights: Path, adapter: Path | None, limit: int, env: dict, log: Path, timeout: float, what: str
+) -> dict:
+    """Held-out accuracy of `weights` (+ `adapter`) by the shared evaluator, in a child process."""
+    res = child(["_eval", str(config_path), str(weights), str(adapter or ""), str(limit)], env, log, timeout)
+    if res["n"] < limit:
+        say(f"[eval] the held-out set has {res['n']} problems, fewer than --eval-limit {limit}")
+    say(
+        f"[eval] {what}: {res['accuracy'] * 100:.1f}% of {res['n']} ({res['seconds']:.0f} s); e.g. {res['examples'][0]}"
+    )
+    return res
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (stdev / sqrt(n); nan for one value)."""
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return statistics.fmean(values), se
+
+
+def pm(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
+    """'mean ± SE' of `values` x `scale` (the SE left out for one value)."""
+    m, se = mean_se([v * scale for v in values])
+    return format(m, fmt) if se != se else f"{m:{fmt}} ± {se:{fmt.lstrip('+')}}"
+
+
 # ------------------------------------------------------------------------------------------------------------ report
 
 
@@ -351,26 +428,54 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-def table(base: dict, rows: list[tuple[str, dict, dict | None]]) -> str:
+def table(base: dict, rows: list[tuple[str, int, dict, dict]]) -> str:
+    """One line per run: (label, seed, its summary row, its final evaluation)."""
     head = (
-        "| run | acc before | acc after | d acc | steps | wall s | s/step | tokens | wait / train / publish s "
+        "| run | seed | acc before | acc after | d acc | steps | wall s | s/step | tokens | wait / train / publish s "
         "| reward (last 10) | peak RSS |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for label, r, after in rows:
-        acc = after["accuracy"] * 100 if after else None
-        gain = "-" if acc is None else f"{acc - base['accuracy'] * 100:+.1f}"
+    for label, seed, r, after in rows:
+        acc = after["accuracy"] * 100
         lines.append(
-            f"| {label} | {base['accuracy'] * 100:.1f}% | {'-' if acc is None else f'{acc:.1f}%'} | "
-            f"{gain} | {r['steps']} | {r['wall']:.0f} | "
-            f"{r['s_step']:.1f} | {r['tokens']} | {_s(r['wait'])} / {_s(r['train'])} / {_s(r['publish'])} | "
-            f"{r['reward']:.3f} | {_gb(r['peak_rss'])} |"
+            f"| {label} | {seed} | {base['accuracy'] * 100:.1f}% | {acc:.1f}% | {acc - base['accuracy'] * 100:+.1f} | "
+            f"{r['steps']} | {r['wall']:.0f} | {r['s_step']:.1f} | {r['tokens']} | "
+            f"{_s(r['wait'])} / {_s(r['train'])} / {_s(r['publish'])} | {r['reward']:.3f} | {_gb(r['peak_rss'])} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(base: dict, sides: list[tuple[str, list[tuple[int, dict, dict]]]]) -> str:
+    """One line per side over its seeds: the final in-budget held-out accuracy as mean ± standard error."""
+    head = (
+        "| run | seeds | acc before | final held-out accuracy, mean ± SE | per seed | steps | wall s | s/step "
+        "| peak RSS |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, runs in sides:
+        accs = [after["accuracy"] for _, _, after in runs]
+        lines.append(
+            f"| {label} | {', '.join(str(seed) for seed, _, _ in runs)} | {base['accuracy'] * 100:.1f}% | "
+            f"**{pm(accs)}%** | {' / '.join(f'{a * 100:.1f}' for a in accs)} | "
+            f"{pm([r['steps'] for _, r, _ in runs], 1, '.0f')} | {pm([r['wall'] for _, r, _ in runs], 1, '.0f')} | "
+            f"{pm([r['s_step'] for _, r, _ in runs], 1, '.1f')} | {_gb(max(r['peak_rss'] for _, r, _ in runs))} |"
         )
     return "\n".join(lines)
 
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]: distinct non-negative integers."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected integers separated by commas") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct non-negative integers")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,12 +494,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--minutes", type=float, help="stop runner after this many minutes (then the peer runs as many steps)"
     )
-    ap.add_argument("--eval-limit", type=int, default=200, help="held-out problems evaluated before and after")
-    ap.add_argument("--curve", action="store_true", help="also evaluate every checkpoint runner kept")
+    ap.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3], help="[learner] seed of each run, e.g. 1,2,3")
+    ap.add_argument("--eval-limit", type=int, default=500, help="held-out problems evaluated before and after")
+    ap.add_argument(
+        "--curve", action="store_true", help="also evaluate runner's checkpoint every [checkpoint] interval"
+    )
     ap.add_argument("--job-eval", action="store_true", help="keep the config's in-job [eval] (off: the peer has none)")
     ap.add_argument("--skip-peer", action="store_true", help="do not run mlx-lm-lora's train_grpo")
     ap.add_argument(
-        "--race", action="store_true", help="the peer runs --steps steps first; runner gets half its wall time"
+        "--race",
+        action="store_true",
+        help="per seed, the peer runs --steps steps first; runner gets half its wall time",
     )
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds one evaluation or the peer may take")
     ap.add_argument("--keep", help="a directory to keep the runs in (default: a temp dir, removed at the end)")
@@ -405,9 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config.resolve()
     config = load_config(config_path)
     steps = args.steps or config.learner.steps
-    if args.minutes:
-        steps = max(steps, 100_000)  # the clock stops it
     env = child_environment(blas_library(config.coordinator.blas))
+    peer_missing = None
+    if not args.skip_peer:
+        try:
+            import mlx_lm_lora  # noqa: F401
+        except ImportError as e:
+            peer_missing = f"mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it"
+            if args.race:
+                raise SystemExit(f"--race needs the peer: {peer_missing}") from e
+            say(f"[peer] skipped: {peer_missing}")
 
     with contextlib.ExitStack() as stack:
         if args.keep:
@@ -416,124 +533,110 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-learn-")))
         say(f"{os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; runs in {work}")
-        model = ROOT / config.model.path  # the launch runs in ROOT; an absolute path stays as it is
-        if not (model / "config.json").exists() and config.model.prepare:
-            say(f"preparing {config.model.prepare} in {model}")
-            subprocess.run(
-                [sys.executable, "-m", "runner.cli", "models", "prepare", config.model.prepare, "--out", str(model)],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-        elif not model.exists():  # a Hugging Face id: its directory in the hub cache
-            model = resolve_model(config.model.path, "[model] path")
-        weights = model
-        if config.model.dtype not in ("", "auto"):
-            weights = work / f"{model.name}-{config.model.dtype}"
-            if not (weights / "config.json").exists():
-                child(["_cast", str(model), str(weights), config.model.dtype], env, work / "cast.log", args.timeout)
-        say(f"weights for the evaluator and the peer: {weights}")
+        model, weights = prepare_weights(config, work, env, args.timeout)
 
-        def evaluate(what: str, adapter: Path | None) -> dict:
-            log = work / f"eval-{what}.log"
-            res = child(
-                ["_eval", str(config_path), str(weights), str(adapter or ""), str(args.eval_limit)],
-                env,
-                log,
-                args.timeout,
-            )
-            example = res["examples"][0]
-            say(f"[eval] {what}: {res['accuracy'] * 100:.1f}% of {res['n']} ({res['seconds']:.0f} s); e.g. {example}")
-            return res
+        def evaluate_here(what: str, adapter: Path | None, log: str) -> dict:
+            return evaluate(config_path, weights, adapter, args.eval_limit, env, work / log, args.timeout, what)
 
-        base = evaluate("base", None)
-
-        def run_peer(peer_steps: int) -> tuple[dict, dict] | tuple[None, None]:
-            try:
-                import mlx_lm_lora  # noqa: F401
-            except ImportError as e:
-                missing = f"mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it"
-                if args.race:
-                    raise SystemExit(f"--race needs the peer: {missing}") from e
-                say(f"[peer] skipped: {missing}")
-                return None, None
-            say(f"[peer] mlx-lm-lora train_grpo, {peer_steps} steps ... (log {work / 'peer.log'})")
+        def run_peer(seed: int, peer_steps: int) -> tuple[dict, dict]:
+            out, log = work / f"peer-s{seed}", work / f"peer-s{seed}.log"
+            say(f"[peer s{seed}] mlx-lm-lora train_grpo, {peer_steps} steps, seed {seed} ... (log {log})")
             peer = child(
-                ["_peer", str(config_path), str(weights), str(work / "peer"), str(peer_steps)],
-                env,
-                work / "peer.log",
-                args.timeout,
+                ["_peer", str(config_path), str(weights), str(out), str(peer_steps), str(seed)], env, log, args.timeout
             )
-            say(f"[peer] {peer['steps']} steps in {peer['wall']:.0f} s")
-            return peer, evaluate("mlx-lm-lora train_grpo", Path(peer["adapter"]))
+            say(f"[peer s{seed}] {peer['steps']} steps in {peer['wall']:.0f} s")
+            return peer, evaluate_here(f"mlx-lm-lora, seed {seed}", Path(peer["adapter"]), f"eval-peer-s{seed}.log")
 
-        peer = peer_after = None
-        minutes = args.minutes
-        if args.race:
-            peer, peer_after = run_peer(steps)
-            minutes = peer["wall"] / 2 / 60
-            steps = 100_000  # the clock stops it
-            say(f"[runner] budget: half the peer's wall time, {minutes * 60:.0f} s")
-        run_dir = work / "runner" / "run"
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        r = run_runner(config_path, str(model), run_dir, steps, minutes, args.job_eval)
-        # the last step completed within the budget (every step is checkpointed)
-        kept = [c for c in checkpoints(run_dir) if c[0] <= r["steps"]]
-        final = max(kept, key=lambda c: c[0]) if kept else None
-        r_after = evaluate(f"runner step {final[0]}", final[2]) if final else None
-        curve = []
-        if args.curve:  # the config's checkpoint interval, and the last step
-            every = config.checkpoint.interval
-            for step, written, path in [c for c in kept if c[0] % every == 0 or c is final]:
-                res = r_after if final and path == final[2] else evaluate(f"runner step {step}", path)
-                curve.append((step, written - r["t0"], res["accuracy"]))
-        if not args.skip_peer and not args.race:
-            peer, peer_after = run_peer(r["steps"])
-        rows = [("runner", r, r_after)]
-        if peer_after:
-            rows.append(("mlx-lm-lora train_grpo", peer, peer_after))
+        base = evaluate_here("base", None, "eval-base.log")
+        runs: list[tuple[int, dict, dict]] = []  # runner: (seed, summary row, final evaluation)
+        peers: list[tuple[int, dict, dict]] = []
+        curves: list[tuple[int, list[tuple[int, float, float]]]] = []
+        for seed in args.seeds:
+            minutes, runner_steps = args.minutes, steps
+            if args.race:
+                peer, peer_after = run_peer(seed, steps)
+                peers.append((seed, peer, peer_after))
+                minutes = peer["wall"] / 2 / 60
+                say(f"[runner s{seed}] budget: half the peer's wall time, {minutes * 60:.0f} s")
+            if minutes:
+                runner_steps = max(steps, 100_000)  # the clock stops it
+            run_dir = work / f"runner-s{seed}"
+            r = run_runner(
+                config_path,
+                str(model),
+                run_dir,
+                runner_steps,
+                minutes,
+                args.job_eval,
+                (f"learner.seed={seed}",),
+                name=f"runner s{seed}",
+            )
+            final = final_checkpoint(run_dir, r["steps"])
+            if final is None:
+                raise RuntimeError(f"runner, seed {seed}: no checkpoint of a step within the budget in {run_dir}")
+            after = evaluate_here(f"runner step {final[0]}, seed {seed}", final[2], f"eval-runner-s{seed}.log")
+            runs.append((seed, r, after))
+            if args.curve:  # the config's checkpoint interval, and the last step
+                every = config.checkpoint.interval
+                points = []
+                for step, written, path in checkpoints(run_dir):
+                    if step <= r["steps"] and (step % every == 0 or step == final[0]):
+                        what, log = f"runner step {step}, seed {seed}", f"eval-runner-s{seed}-step{step}.log"
+                        res = after if step == final[0] else evaluate_here(what, path, log)
+                        points.append((step, written - r["t0"], res["accuracy"]))
+                curves.append((seed, points))
+            if not args.skip_peer and not peer_missing and not args.race:
+                peer, peer_after = run_peer(seed, r["steps"])
+                peers.append((seed, peer, peer_after))
+
         lc = config.learner
+        runner_label = "runner, half the peer's wall time" if args.race else "runner"
+        peer_label = "mlx-lm-lora train_grpo"
         say("")
         say(
             f"{config_path.name}: group {lc.group_size} x {lc.batch_size} prompts, {lc.max_tokens} tokens, LoRA r"
             f"{config.lora.rank} on {len(config.lora.keys)} linears x {config.lora.num_layers} layers, lr "
-            f"{lc.learning_rate}, async_depth {lc.async_depth}; held-out accuracy: greedy, {base['n']} problems; "
-            f"load average at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+            f"{lc.learning_rate}, async_depth {lc.async_depth}; held-out accuracy: greedy, {base['n']} problems, "
+            f"the last step within the budget; seeds {', '.join(map(str, args.seeds))}; load average at end "
+            f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
         )
         say("")
+        rows = [(runner_label, seed, r, after) for seed, r, after in runs]
+        rows += [(peer_label, seed, r, after) for seed, r, after in peers]
         say(table(base, rows))
-        if r_after:
-            gain = (r_after["accuracy"] - base["accuracy"]) * 100
+        say("")
+        sides = [(runner_label, runs)] + ([(peer_label, peers)] if peers else [])
+        say(summary(base, sides))
+        say("")
+        accs = [after["accuracy"] for _, _, after in runs]
+        mean = statistics.fmean(accs) * 100
+        walls = [r["wall"] for _, r, _ in runs]
+        say(
+            f"runner: final held-out accuracy {pm(accs)}% (mean ± SE over {len(accs)} seeds; base "
+            f"{base['accuracy'] * 100:.1f}%) in at most {max(walls) / 60:.1f} min (target: >= 65% within 30 min): "
+            + ("met" if mean >= 65 and max(walls) <= 1800 else "NOT met")
+        )
+        if peers:
+            by_seed = {seed: after["accuracy"] for seed, _, after in peers}
+            diffs = [(after["accuracy"] - by_seed[seed]) * 100 for seed, _, after in runs if seed in by_seed]
+            when = "in half the peer's wall time" if args.race else "after as many steps as the peer"
             say(
-                f"runner: held-out accuracy {base['accuracy'] * 100:.1f}% -> {r_after['accuracy'] * 100:.1f}% "
-                f"({gain:+.1f} points) in {r['wall'] / 60:.1f} min (target: >= +15 points within 30 min): "
-                + ("met" if gain >= 15 and r["wall"] <= 1800 else "NOT met")
+                f"runner {when} minus the peer, per seed: {', '.join(f'{x:+.1f}' for x in diffs)} points; mean "
+                f"{pm(diffs, 1, '+.1f')} (target: runner >= peer): "
+                + ("met" if statistics.fmean(diffs) >= 0 else "NOT met")
             )
-        if args.race and r_after:
-            won = r_after["accuracy"] >= peer_after["accuracy"]
-            say(
-                f"race: runner in half the peer's wall time ({r['budget']:.0f} s, {r['steps']} steps) reached "
-                f"{r_after['accuracy'] * 100:.1f}%, the peer in {peer['wall']:.0f} s ({peer['steps']} steps) "
-                f"{peer_after['accuracy'] * 100:.1f}% (target: runner >= peer): " + ("met" if won else "NOT met")
-            )
-        for m in r["evals"]:
-            say(f"runner in-job eval at step {m['step']}: accuracy {m['eval_accuracy'] * 100:.1f}%")
-        if curve:
+        for seed, r, _ in runs:
+            for m in r["evals"]:
+                say(f"runner seed {seed} in-job eval at step {m['step']}: accuracy {m['eval_accuracy'] * 100:.1f}%")
+        if curves:
             say("")
             say(
-                "runner held-out accuracy by checkpoint: "
-                + ", ".join(f"step {s} ({t:.0f} s) {a * 100:.1f}%" for s, t, a in curve)
+                f"runner held-out accuracy by checkpoint (each point one evaluation of {base['n']} problems: noisy, "
+                f"a standard error of up to {50 / base['n'] ** 0.5:.1f} points; the figure above is the last point "
+                "within the budget):"
             )
-            if peer_after:
-                reach = next((t for _, t, a in curve if a >= peer_after["accuracy"]), None)
-                say(
-                    f"runner reached the peer's final accuracy ({peer_after['accuracy'] * 100:.1f}%) at "
-                    + (
-                        f"{reach:.0f} s = {reach / peer['wall']:.2f} of the peer's wall time"
-                        if reach is not None
-                        else "no checkpoint"
-                    )
-                    + " (target <= 0.50)"
-                )
+            for seed, points in curves:
+                say(f"  seed {seed}: " + ", ".join(f"step {s} ({t:.0f} s) {a * 100:.1f}%" for s, t, a in points))
     return 0
 
 

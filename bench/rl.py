@@ -636,6 +636,19 @@ def verdicts(rows: list[dict], peer: dict | None) -> list[str]:
     return out
 
 
+def tiny_model(work: Path) -> Path:
+    """The quickstart's model (`runner models prepare tiny`, deterministic) in `work`, prepared when missing."""
+    model = work / "tiny"
+    if not (model / "config.json").exists():
+        say(f"preparing the tiny model in {model}")
+        subprocess.run(
+            [sys.executable, "-m", "runner.cli", "models", "prepare", "tiny", "--out", str(model)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return model
+
+
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
@@ -671,14 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rl-")))
         say(f"BLAS of the runner children and the peer: {blas or 'MLX bundled'}")
-        model = work / "tiny"
-        if not (model / "config.json").exists():
-            say(f"preparing the tiny model in {model}")
-            subprocess.run(
-                [sys.executable, "-m", "runner.cli", "models", "prepare", "tiny", "--out", str(model)],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+        model = tiny_model(work)
         say(f"{os.cpu_count()} cores; load average at start {_f(os.getloadavg()[0], '.2f')}; runs in {work}")
         rows = []
         for workers in args.workers:
