@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def fresh(batch: Batch, version: int) -> Batch:
+    """The batch as if sampled at `version` (one batch is trained again and again: it must stay fresh)."""
+    for s in batch.samples:
+        s.version = version
+    return batch
+
+
 def step_functions(trainer: Trainer, batch: Batch, prompt: int) -> dict[str, Callable[[], None]]:
     """The three steps on the same model and batch: mlx-lm's plain LoRA step (eager and compiled) and Trainer.step."""
     model = trainer.model
@@ -92,7 +99,7 @@ def step_functions(trainer: Trainer, batch: Batch, prompt: int) -> dict[str, Cal
     return {
         "mlx-lm LoRA step (eager)": plain_step,
         "mlx-lm LoRA step (mx.compile)": compiled_step,
-        "GRPO step (Trainer.step)": lambda: trainer.step(batch),
+        "GRPO step (Trainer.step)": lambda: trainer.step(fresh(batch, trainer.version)),
     }
 
 

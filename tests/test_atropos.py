@@ -20,6 +20,7 @@ from helpers import poll
 
 from runner.config import LearnerConfig
 from workers.learner.sources.atropos import AtroposSource, scored_data_to_group
+from workers.learner.sources.base import Batch, UnversionedSample, require_versions
 from workers.learner.trainer import Trainer, prepare_batch
 from workers.lora import LoraSpec
 
@@ -71,7 +72,8 @@ def atropos_api():
 
 def make_group(tokenizer, index: int, with_advantages: bool) -> dict:
     """One ScoredData the way an Atropos env built on ManagedServer sends it: masks -100 on the prompt and the token
-    id where trained, inference_logprobs 1.0 on the prompt, a score per completion, optional per-token advantages."""
+    id where trained, inference_logprobs 1.0 on the prompt, a score per completion, optional per-token advantages;
+    and the policy version the worker's reply said (version 0), per sample or for the group."""
     rng = np.random.default_rng(index)
     prompt = list(
         tokenizer.apply_chat_template(
@@ -98,6 +100,8 @@ def make_group(tokenizer, index: int, with_advantages: bool) -> dict:
         "scores": scores,
         "inference_logprobs": lps,
         "advantages": advs if with_advantages else None,
+        "overrides": [{"policy_version": 0}] * GROUP if index % 2 else None,
+        "group_overrides": None if index % 2 else {"policy_version": 0},
     }
 
 
@@ -141,14 +145,18 @@ def test_scored_data_conversion():
     group = scored_data_to_group(item)
     assert [s.mask for s in group] == [[0, 0, 1, 1], [0, 0, 1]]
     assert [s.advantage for s in group] == [0.5, -0.5]
-    from workers.learner.sources.base import Batch
-
     arr = prepare_batch(Batch([group]))
     assert arr["mask"].tolist() == [[0, 1, 1], [0, 1, 0]]
     assert arr["sampler_valid"].tolist() == arr["mask"].tolist()  # 1.0 placeholders never count as log-probs
     assert arr["advantages"].tolist() == [0.5, -0.5]
     no_adv = scored_data_to_group(dict(item, advantages=None))
     assert prepare_batch(Batch([no_adv]))["advantages"].tolist() == pytest.approx([1.0, -1.0], abs=1e-5)
+    # The sampling policy's version: per sample, else the group's; none at all is refused by the staleness check.
+    versioned = dict(item, overrides=[{"policy_version": 4}, {}], group_overrides={"policy_version": 3})
+    assert [s.version for s in scored_data_to_group(versioned)] == [4, 3]
+    assert [s.version for s in group] == [None, None]
+    with pytest.raises(UnversionedSample, match="group 0, sample 0"):
+        require_versions(Batch([group]))
 
 
 def test_trainer_trains_on_run_api_batches(atropos_api, tiny_model):

@@ -59,10 +59,11 @@ GROUPS_PER_STEP = [5, 6, 1]  # odd split (3 + 2 groups), even split, and one gro
 
 
 def make_batches(seed: int = 11, group_size: int = 4, vocab: int = 512) -> list[Batch]:
-    """Deterministic ragged rollouts: random prompts/completions, rewards and sampling log-probs."""
+    """Deterministic ragged rollouts: random prompts/completions, rewards and sampling log-probs; batch i sampled at
+    version i (fresh when trained in order)."""
     rng = np.random.default_rng(seed)
     batches = []
-    for n_groups in GROUPS_PER_STEP:
+    for version, n_groups in enumerate(GROUPS_PER_STEP):
         groups = []
         for _ in range(n_groups):
             prompt = rng.integers(3, vocab, int(rng.integers(3, 8))).tolist()
@@ -71,7 +72,11 @@ def make_batches(seed: int = 11, group_size: int = 4, vocab: int = 512) -> list[
                 n = int(rng.integers(2, 9))
                 group.append(
                     Sample.from_completion(
-                        prompt, rng.integers(3, vocab, n).tolist(), float(rng.random()), (-rng.random(n) * 5).tolist()
+                        prompt,
+                        rng.integers(3, vocab, n).tolist(),
+                        float(rng.random()),
+                        (-rng.random(n) * 5).tolist(),
+                        version,
                     )
                 )
             groups.append(group)

@@ -34,12 +34,19 @@ QUICK = LearnerConfig(learning_rate=5e-4, group_size=8, batch_size=4, max_tokens
 
 
 def synthetic_batches(
-    n: int, groups: int = 2, group_size: int = 4, seed: int = 0, vocab: int = 512, logprobs: bool = True
+    n: int,
+    groups: int = 2,
+    group_size: int = 4,
+    seed: int = 0,
+    vocab: int = 512,
+    logprobs: bool = True,
+    first_version: int = 0,
 ) -> list[Batch]:
-    """Deterministic ragged rollouts: random prompt/completion tokens and lengths, rewards and sampling log-probs."""
+    """Deterministic ragged rollouts: random prompt/completion tokens and lengths, rewards and sampling log-probs;
+    batch i sampled at version first_version + i (fresh when trained in order from that version)."""
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
+    for b in range(n):
         gs = []
         for _ in range(groups):
             prompt = rng.integers(3, vocab, int(rng.integers(4, 9))).tolist()
@@ -47,7 +54,8 @@ def synthetic_batches(
             for _ in range(group_size):
                 c = int(rng.integers(2, 10))
                 lp = (-rng.random(c) * 6).tolist() if logprobs else None
-                g.append(Sample.from_completion(prompt, rng.integers(3, vocab, c).tolist(), float(rng.random()), lp))
+                completion = rng.integers(3, vocab, c).tolist()
+                g.append(Sample.from_completion(prompt, completion, float(rng.random()), lp, first_version + b))
             gs.append(g)
         out.append(Batch(gs))
     return out
@@ -318,7 +326,7 @@ def test_broken_checkpoints_are_skipped_not_deleted(tiny_model, tmp_path):
     state = fresh.restore(good, source)
     assert (fresh.step_count, fresh.version, source.position) == (2, 2, 2) == (state["step"], state["version"], 2)
     trainer.model.train()
-    nxt = synthetic_batches(1, seed=9)[0]
+    nxt = synthetic_batches(1, seed=9, first_version=2)[0]
     trainer.step(nxt)
     fresh.step(nxt)
     assert max_diff(trainer.lora_tensors(), fresh.lora_tensors()) <= 1e-6
@@ -581,7 +589,7 @@ def test_a_failure_inside_a_step_keeps_the_last_checkpoint(tiny_model, tmp_path)
     from workers.learner.trainer import fit
 
     good = synthetic_batches(2, seed=5)
-    bad = Batch(groups=[[Sample(tokens=[3], mask=[1], reward=1.0), Sample(tokens=[4], mask=[1], reward=0.0)]])
+    bad = Batch(groups=[[Sample([3], [1], 1.0, version=2), Sample([4], [1], 0.0, version=2)]])
     replay = tmp_path / "batches.jsonl"
     replay.write_text("".join(b.to_json() + "\n" for b in [*good, bad]))
     trainer = Trainer.load(tiny_model, LearnerConfig(seed=0), LoraSpec(rank=4))

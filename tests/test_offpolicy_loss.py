@@ -352,3 +352,41 @@ def test_trainer_keeps_pi_prox_for_the_batch_and_recomputes_pi_per_update(tiny_m
         assert max_diff(got, replay(proximal_each_update=True)) < 1e-5
     else:
         assert max_diff(got, replay(proximal_each_update=True)) > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Staleness: a sample without a version is refused
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_sample_without_a_version_is_refused_by_the_trainer_and_the_fresh_source(tiny_model, tmp_path):
+    """Trainer.step refuses a batch with a trained sample of unknown version (it changes nothing), and so does the
+    live learner's FreshSource, instead of counting it as fresh; an untrained sample needs no version."""
+    from runner.config import LearnerConfig
+    from workers.learner.sources.base import Batch, FreshSource, Sample, UnversionedSample
+    from workers.learner.sources.replay import ReplaySource
+    from workers.learner.trainer import Trainer
+    from workers.lora import LoraSpec
+
+    def group(version):
+        return [Sample([5, 6, 7, 8], [0, 0, 1, 1], float(i), version=version) for i in range(2)]
+
+    unversioned = Batch([group(0), group(0)])
+    unversioned.groups[1][1].version = None
+    trainer = Trainer.load(tiny_model, LearnerConfig(max_staleness=1), LoraSpec(rank=4))
+    before = {k: np.array(v) for k, v in trainer.lora_tensors().items()}
+    with pytest.raises(UnversionedSample, match="group 1, sample 1"):
+        trainer.step(unversioned)
+    assert (trainer.step_count, trainer.version) == (0, 0)
+    assert all(np.array_equal(np.array(v), before[k]) for k, v in trainer.lora_tensors().items())
+
+    untrained = Batch([group(0), [*group(0), Sample([5, 6, 7], [0, 0, 0], 0.5)]])
+    assert trainer.step(untrained)["groups"] == 2
+
+    path = tmp_path / "batches.jsonl"
+    path.write_text(unversioned.to_json() + "\n")
+    waits: list[int] = []
+    source = FreshSource(ReplaySource(path), min_version=lambda: 0, wait=lambda v: waits.append(v) or True)
+    with pytest.raises(UnversionedSample):
+        source.next_batch(1)
+    assert waits == [] and source.dropped_batches == 0

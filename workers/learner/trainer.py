@@ -20,7 +20,9 @@ log-probs come from the same forward pass as `stop_gradient(logprobs)` (ratio = 
 accumulate at unchanged parameters, so this holds for each of them). With several updates they are computed once,
 before the first update, in eval mode (no LoRA dropout: the policy itself, not a noisy sample of it). The sampler's
 log-probs (the behaviour policy: possibly an older adapter version, always another numeric engine, top_p truncation)
-enter as the truncated importance weight min(pi_prox / mu, tis_cap); an unknown sampler log-prob gets weight 1.
+enter as the truncated importance weight min(pi_prox / mu, tis_cap) (cispo: its clipped weight pi / mu); an unknown
+sampler log-prob counts as pi_prox's (weight 1). A trained sample without a version is refused (UnversionedSample):
+its staleness could not be checked.
 All log-probs are of softmax(logits / temperature) (`[learner] temperature`), the distribution the workers sample
 from; with Atropos set it to the environment's sampling temperature.
 
@@ -69,7 +71,7 @@ from workers.learner.grpo import (
     sequence_logprobs,
     shared_prefix,
 )
-from workers.learner.sources.base import Batch, Source
+from workers.learner.sources.base import Batch, Source, require_versions
 from workers.learner.sources.replay import ReplaySource
 from workers.learner.tracking import JsonlSink, MetricsSink
 from workers.lora import LoraSpec, apply_lora, lora_tensors, read_adapter, save_adapter, set_lora
@@ -314,8 +316,9 @@ class Trainer:
             set_lora(self.model, current)
 
     def _drop_stale(self, batch: Batch) -> tuple[Batch, int]:
+        require_versions(batch)  # an unversioned sample is refused, not waved through
         limit = self.version - self.cfg.max_staleness
-        keep = [g for g in batch.groups if all(s.version is None or s.version >= limit for s in g)]
+        keep = [g for g in batch.groups if all(s.version >= limit for s in g if any(s.mask))]
         return Batch(groups=keep, info=batch.info), len(batch.groups) - len(keep)
 
     def step(self, batch: Batch) -> dict:

@@ -33,12 +33,17 @@ def scored_data_to_group(item: dict) -> list[Sample]:
     masks: -100 at prompt positions, the token id where trained. inference_logprobs: 1.0 placeholders at prompt
     positions (the trainer ignores any value > 0). advantages are per token in Atropos; GRPO here takes one advantage
     per sequence, so it is the mean over the trained positions (environments normally send it constant).
+    The adapter version that sampled a sequence (the `policy_version` of the generation worker's reply) comes from
+    `overrides[i]["policy_version"]`, else `group_overrides["policy_version"]`; ScoredData has no field of its own
+    for it, and the trainer refuses a sample without one (its staleness could not be checked).
     """
     tokens, masks, scores = item["tokens"], item["masks"], item["scores"]
     if not (len(tokens) == len(masks) == len(scores)):
         raise ValueError("ScoredData tokens, masks and scores differ in length")
     advs = item.get("advantages")
     lps = item.get("inference_logprobs")
+    overrides = item.get("overrides") or []
+    group_version = (item.get("group_overrides") or {}).get("policy_version")
     group = []
     for i, (toks, m, score) in enumerate(zip(tokens, masks, scores)):
         mask = [0 if v == ATROPOS_PROMPT else 1 for v in m]
@@ -56,7 +61,12 @@ def scored_data_to_group(item: dict) -> list[Sample]:
         lp = None
         if lps is not None and i < len(lps) and lps[i] is not None and len(lps[i]) == len(toks):
             lp = [float(x) for x in lps[i]]
-        group.append(Sample(tokens=list(toks), mask=mask, reward=float(score), logprobs=lp, advantage=adv))
+        own = overrides[i] if i < len(overrides) and isinstance(overrides[i], dict) else {}
+        version = own.get("policy_version", group_version)
+        version = None if version is None else int(version)
+        group.append(
+            Sample(tokens=list(toks), mask=mask, reward=float(score), logprobs=lp, advantage=adv, version=version)
+        )
     return group
 
 

@@ -147,11 +147,30 @@ def wait_unless_stopped(futures: list[Future], stop: threading.Event, what: str)
                 raise f.exception()
 
 
+class UnversionedSample(ValueError):
+    """A trained sample that says no adapter version: how stale it is cannot be checked, so it is not trained on."""
+
+
+def require_versions(batch: Batch) -> None:
+    """Raise UnversionedSample if a sample with trained tokens has no `version` (the staleness check needs one)."""
+    missing = [
+        (g, i) for g, group in enumerate(batch.groups) for i, s in enumerate(group) if s.version is None and any(s.mask)
+    ]
+    if missing:
+        g, i = missing[0]
+        raise UnversionedSample(
+            f"{len(missing)} sample(s) of the batch (the first: group {g}, sample {i}) carry no policy version, so "
+            "their staleness cannot be checked against [learner] max_staleness: refusing the batch. The generation "
+            "workers stamp every rollout with the adapter version that sampled it; an Atropos environment must pass "
+            "it on as ScoredData overrides[i].policy_version (the `policy_version` of the worker's reply)"
+        )
+
+
 class FreshSource:
     """A source minus batches the trainer could not use: when every group has a sample older than `min_version()`
     (Trainer.step would drop them all and raise StaleBatch), the batch is dropped with a log line, `wait(version)`
     blocks until the generation workers serve a recent enough version (False: a stop), and the next batch is drawn.
-    The dropped prompts are skipped, as a dropped group is."""
+    The dropped prompts are skipped, as a dropped group is. A batch with an unversioned sample: UnversionedSample."""
 
     def __init__(self, source: Source, min_version: Callable[[], int], wait: Callable[[int], bool]):
         self.source, self.min_version, self.wait = source, min_version, wait
@@ -160,8 +179,9 @@ class FreshSource:
     def next_batch(self, step: int) -> Batch:
         while True:
             batch = self.source.next_batch(step)
+            require_versions(batch)
             limit = self.min_version()
-            if any(all(s.version is None or s.version >= limit for s in g) for g in batch.groups):
+            if any(all(s.version >= limit for s in g if any(s.mask)) for g in batch.groups):
                 return batch
             self.dropped_batches += 1
             log.warning(
