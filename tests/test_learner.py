@@ -541,15 +541,16 @@ def test_async_rollouts_stay_within_max_staleness(tiny_model, rollout_server):
 
 
 def test_async_launch_records_where_the_time_goes(tmp_path, tiny_model):
-    """`runner launch` of the quickstart with async_depth 1: the pacing keeps every trained token within
-    max_staleness (1) of the learner, the rollouts ran ahead, each step's metrics say where its time went and how
-    busy the worker was, and `runner report` draws the time plot."""
+    """`runner launch` of the quickstart with async_depth 4 (its own is 1: test_launch runs that): the pacing keeps
+    every trained token within max_staleness (4) of the learner, the rollouts ran more than one step ahead, each
+    step's metrics say where its time went and how busy the worker was, and `runner report` draws the time plot."""
     from runner.report import write_report
 
     config = tmp_path / "job.toml"
     text = (REPO / "configs" / "quickstart.toml").read_text().replace('path = "models/tiny"', f'path = "{tiny_model}"')
     config.write_text(text)
-    sets = ["learner.steps=8", "learner.async_depth=1", "checkpoint.interval=4", 'checkpoint.dir="run"']
+    sets = ["learner.steps=8", "learner.async_depth=4", "learner.max_staleness=4", "checkpoint.interval=4"]
+    sets += ['checkpoint.dir="run"']
     sets += ['coordinator.control="tcp://127.0.0.1:0"', 'coordinator.weights="tcp://127.0.0.1:0"']
     cmd = [sys.executable, "-m", "runner.cli", "launch", str(config)] + [a for s in sets for a in ("--set", s)]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -559,11 +560,11 @@ def test_async_launch_records_where_the_time_goes(tmp_path, tiny_model):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 9))
     for row in rows:
-        assert row["staleness"] <= 1 and row["dropped_groups"] == 0 and row["dropped_batches"] == 0
+        assert row["staleness"] <= 4 and row["dropped_groups"] == 0 and row["dropped_batches"] == 0
         assert sum(row["staleness_hist"]) == row["trained_tokens"]
         assert all(row[k] >= 0 for k in ("wait_s", "train_s", "publish_s", "sampler_kl"))
         assert row["wait_s"] + row["train_s"] + row["publish_s"] <= row["step_s"] + 1e-6
-    assert any(len(row["staleness_hist"]) > 1 and row["staleness_hist"][1] > 0 for row in rows)  # ran ahead
+    assert max(row["staleness"] for row in rows) >= 2  # ran more than one step ahead
     assert all(0 <= row["gen_busy"] <= 1.05 for row in rows[1:])  # the first step has no baseline before it
     write_report(tmp_path / "run")
     assert (tmp_path / "run" / "report" / "time.png").stat().st_size > 0
