@@ -133,7 +133,9 @@ class LearnerConfig:
     # sum over tokens / (max_tokens * sequences), no per-length normalisation.
     loss_agg: str = field(default="", metadata=_one_of("", "token", "sequence", "constant"))
     # Optimizer updates per batch = ppo_epochs * minibatches (the batch is split into `minibatches` runs of whole
-    # groups, gone through `ppo_epochs` times); one version is published per batch. Clipping acts from the 2nd update.
+    # groups, gone through `ppo_epochs` times); one version is published per batch. The proximal policy is the one
+    # before the batch's first update, so grpo's and gspo's clip acts from the 2nd update on (cispo's, against the
+    # sampling policy, on every update).
     ppo_epochs: int = field(default=1, metadata=_positive("integer"))
     minibatches: int = field(default=1, metadata=_positive("integer"))
     scale_rewards: bool = True  # False = Dr.GRPO (no std scaling of advantages)
