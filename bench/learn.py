@@ -516,10 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(config_path)
     steps = args.steps or config.learner.steps
     env = child_environment(blas_library(config.coordinator.blas))
-    peer_missing = None
+    peer_missing, peer_label = None, "mlx-lm-lora train_grpo"
     if not args.skip_peer:
         try:
-            import mlx_lm_lora  # noqa: F401
+            import mlx_lm_lora
+
+            peer_label = f"mlx-lm-lora {mlx_lm_lora.__version__} train_grpo"
         except ImportError as e:
             peer_missing = f"mlx_lm_lora does not import ({e}); `pip install -e '.[bench]'` adds it"
             if args.race:
@@ -591,7 +593,6 @@ def main(argv: list[str] | None = None) -> int:
 
         lc = config.learner
         runner_label = "runner, half the peer's wall time" if args.race else "runner"
-        peer_label = "mlx-lm-lora train_grpo"
         say("")
         say(
             f"{config_path.name}: group {lc.group_size} x {lc.batch_size} prompts, {lc.max_tokens} tokens, LoRA r"
