@@ -15,8 +15,11 @@ The peer row calls mlx-lm-lora's `train_grpo` in this process on the same model,
 group size, batch, completion length, LoRA rank/scale/targets, optimizer (Adam, lr 5e-4), temperature 1 with no
 top-k/top-p truncation, no KL term and token-summed loss ("bnpo", like runner's `loss_agg = "token"`), for the same
 number of steps. Its batches are its own: `iterate_grpo_batches` sorts the prompts by length, cuts batches of 4 and
-draws their order from NumPy's global generator, which the bench seeds (0), as it seeds MLX's (0). The peer is
-optional (`pip install -e ".[bench]"`): when `mlx_lm_lora` does not import, a line says so and its row is skipped.
+draws their order from NumPy's global generator, which the bench seeds (0), as it seeds MLX's (0). mlx-lm-lora 5.10.2
+computes its loss on the token ids it sampled and hands its reward functions the decoded text; the bench's reward
+function scores the recorded ids instead of that text (older releases, e.g. its repository at commit 0235704,
+re-encoded the decoded text for the loss, which need not give back the sampled ids). The peer is optional (`pip
+install -e ".[bench]"`): when `mlx_lm_lora` does not import, a line says so and its row is skipped.
 
 Columns of the table:
 - `s/step`: mean wall time per step = (time of the last step's metrics line - time of the first's) / (steps - 1),
