@@ -849,7 +849,8 @@ class Coordinator:
         print(
             f"step {m.get('step', '?')}/{self.config.learner.steps}  reward {fmt('reward_mean', '.3f')}  "
             f"loss {fmt('loss', '.4f')}  kl {fmt('kl', '.4f')}  tok/s {fmt('tokens_per_s', '.0f')}  "
-            f"v{m.get('version', '?')}  staleness {m.get('staleness', '-')}  [{gens}]",
+            f"v{m.get('version', '?')}  staleness {m.get('staleness', '-')}  [{gens}]"
+            + (f"  (after a {m['warmup_s']:.1f}s warm-up: kernels compile at first use)" if "warmup_s" in m else ""),
             flush=True,
         )
 

@@ -50,7 +50,18 @@ _MAX_STR = {"host": 255, "role": 32, "http_url": 2048, "token": 128, "proof": 12
 _MAX_ENTRIES = {"capabilities": 32, "metrics": 256}
 # Metrics the coordinator formats as numbers (its progress line, eval summary, status, Prometheus).
 NUMERIC_METRICS = frozenset(
-    {"step", "version", "reward_mean", "loss", "kl", "tokens_per_s", "staleness", "staleness_mean", "sampler_kl"}
+    {
+        "step",
+        "version",
+        "reward_mean",
+        "loss",
+        "kl",
+        "tokens_per_s",
+        "staleness",
+        "staleness_mean",
+        "sampler_kl",
+        "warmup_s",
+    }
     | {"wait_s", "train_s", "publish_s", "step_s", "gen_busy", "seconds"}
     | {"eval_reward", "eval_accuracy", "eval_pass_at_k", "eval_s", "eval_examples"}
 )

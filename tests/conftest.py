@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ import httpx
 import pytest
 from helpers import ALL_PROJECTIONS  # noqa: E402  (tests/ is on sys.path)
 from helpers import poll as wait_for  # noqa: E402
+
+# Float32 matmuls are exact float32 on MLX's CPU and Metal backends; on CUDA MLX runs them in TF32 (10 mantissa
+# bits) unless told otherwise. The tests that compare log-probs and gradients between two code paths check exactness,
+# which is defined only in float32: run the suite (and the jobs it launches) without TF32, whatever the backend.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 START_TIMEOUT = 30.0  # seconds to wait for uvicorn to bind and /health to answer
 STOP_TIMEOUT = 10.0

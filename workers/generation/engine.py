@@ -22,6 +22,7 @@ had work and finished no step for `stall_timeout` seconds (a hung step), so a wo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -31,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -84,7 +86,7 @@ class Completion:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # adapter version that produced each token
     finish_reason: str | None = None
-    text: str = ""
+    text: str = ""  # filled by the HTTP side once finished (completion_text), not on the model thread
 
 
 @dataclass
@@ -104,9 +106,13 @@ class Request:
     cancelled: bool = False
     released: bool = False  # no longer counted against the admission limit
     created: float = field(default_factory=time.time)
+    # Called on the engine thread with each event instead of the asyncio queue (the HTTP front in another process)
+    sink: Callable[[Request, tuple], None] | None = None
 
     def emit(self, *event) -> None:
-        if self.loop is not None and not self.loop.is_closed():
+        if self.sink is not None:
+            self.sink(self, event)
+        elif self.loop is not None and not self.loop.is_closed():
             try:
                 self.loop.call_soon_threadsafe(self.events.put_nowait, event)
             except RuntimeError:  # the loop closed since the check (the server shut down): nobody is listening
@@ -150,6 +156,7 @@ class Engine:
         stall_timeout: float = 0.0,
     ):
         self.model = model
+        self.model_dir: Path | None = None  # the model's directory, when loaded from one (load_engine)
         _fuse_lora(model)
         KVCache.step = BatchKVCache.step = KV_STEP  # process-wide: this engine owns the worker's KV caches
         self.tokenizer = tokenizer
@@ -193,6 +200,9 @@ class Engine:
         # the installing thread when the engine was idle.
         self.on_version: Callable[[int], None] | None = None
         self.on_step: Callable[[float, int], None] | None = None
+        # Called on the model thread after each turn of its loop (a step, admissions, an idle wake-up): where events
+        # gathered by request sinks are sent on, one message per turn.
+        self.on_iteration: Callable[[], None] | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -238,6 +248,27 @@ class Engine:
     def failed(self) -> bool:
         return self.failure is not None
 
+    def warm_up(self, max_tokens: int = 4) -> float:
+        """Generate a few tokens for a batch of made-up prompts before serving, and return the seconds it took: a
+        GPU compiles each kernel at its first use (tens of seconds on CUDA), which would otherwise land on the first
+        requests with nothing to say why. The engine's counters are left as they were."""
+        stats = dataclasses.replace(self.stats)
+        prompt = [int(self.eos_ids[0]) if self.eos_ids else 0] * 16
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0)
+        n = max(1, min(self.prefill_batch, self.max_batch))
+
+        async def generate() -> None:
+            req = self.submit(prompt, params, n=n, loop=asyncio.get_running_loop())
+            for _ in range(n):
+                event = await req.events.get()
+                if event[0] == "error":
+                    raise EngineStopped(f"the engine failed while warming up: {event[1]}")
+
+        tic = time.perf_counter()
+        asyncio.run(generate())
+        self.stats = dataclasses.replace(stats, adapter_version=self.stats.adapter_version)
+        return time.perf_counter() - tic
+
     # ----- submission (any thread) -----------------------------------------------------------------------------
     def submit(
         self,
@@ -246,6 +277,7 @@ class Engine:
         n: int = 1,
         stream: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
+        sink: Callable[[Request, tuple], None] | None = None,
     ) -> Request:
         """Queue a prompt for `n` completions; raises Overloaded past the admission limit, ValueError for a prompt
         the model cannot take."""
@@ -256,7 +288,7 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the model's context "
                 f"length {self.context_length}"
             )
-        if any(not (0 <= t < self.vocab_size) for t in prompt_ids):
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if self._stop.is_set() or (self._thread.ident is not None and not self._thread.is_alive()):
             raise EngineStopped("the generation engine is not running")
@@ -275,6 +307,7 @@ class Engine:
             loop=loop,
             events=asyncio.Queue() if loop is not None else None,
             completions=[Completion(index=i) for i in range(n)],
+            sink=sink,
         )
         self.stats.requests_total += 1
         self._inbox.put(("submit", req))
@@ -343,12 +376,16 @@ class Engine:
                     idle = not self._by_uid
                     if not idle:
                         self._step()
+                if self.on_iteration is not None:
+                    self.on_iteration()
                 if idle:
                     self._wake.wait(0.5)
                     self._wake.clear()
         except Exception as e:  # a bug or an MLX failure: fail every request loudly rather than hang them
             log.exception("engine thread failed")
             self._fail_all(f"generation failed: {e}")
+            if self.on_iteration is not None:
+                self.on_iteration()
             raise
         finally:
             # MLX keeps streams and the mx.compile cache per thread; their thread-exit destructors touch Python
@@ -538,11 +575,7 @@ class Engine:
         c = req.completions[index]
         c.finish_reason = reason
         self._detok.pop(uid, None)
-        if notify:  # a cancelled completion's text is read by nobody
-            eos = reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos_ids
-            c.text = self.tokenizer.decode(c.token_ids[:-1] if eos else c.token_ids)
-            if req.params.stop:
-                c.text = _cut_at_stop(c.text, req.params.stop)
+        if notify:  # a cancelled completion is read by nobody (its text is made by the HTTP side, off this thread)
             req.emit("done", index)
         if all(x.finish_reason is not None for x in req.completions):
             self._release(req)
@@ -698,6 +731,16 @@ def _top_logprobs(row: np.ndarray, k: int) -> dict[int, float]:
 
 def _hits_stop(text: str, stops: tuple[str, ...]) -> bool:
     return any(s in text for s in stops)
+
+
+def completion_text(tokenizer, eos_ids, c: Completion, stops: tuple[str, ...]) -> str:
+    """A finished completion's text: its tokens decoded (an EOS that ended it is not text), cut at the first stop
+    string."""
+    ids = c.token_ids
+    if c.finish_reason == "stop" and ids and ids[-1] in eos_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids)
+    return _cut_at_stop(text, stops) if stops else text
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

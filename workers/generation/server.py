@@ -36,6 +36,7 @@ from workers.generation.engine import (
     EngineStopped,
     Overloaded,
     SamplingParams,
+    completion_text,
     new_request_id,
 )
 from workers.generation.engine import (
@@ -257,6 +258,7 @@ class Server:
                     raise APIError(499, "client disconnected")
                 kind = event.result()[0]
                 if kind == "done":
+                    self._finish_text(req, event.result()[1])
                     remaining -= 1
                 elif kind == "error":  # ("error", message, status): this request failed, or the engine died (503)
                     raise APIError(event.result()[2], event.result()[1])
@@ -327,7 +329,7 @@ class Server:
                     for index in dict.fromkeys(e[1] for e in batch):  # each touched choice once, in event order
                         c = req.completions[index]
                         final = index in finished
-                        text = c.text if final else self._partial_text(c.token_ids)
+                        text = self._finish_text(req, index) if final else self._partial_text(c.token_ids)
                         delta, sent[index] = stream_delta(text, sent[index], req.params.stop, final)
                         if delta or final:
                             yield _sse(chunk(index, delta, c.finish_reason if final else None))
@@ -338,6 +340,11 @@ class Server:
                     self.engine.cancel(req)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _finish_text(self, req: EngineRequest, index: int) -> str:
+        c = req.completions[index]
+        c.text = completion_text(self.engine.tokenizer, self.engine.eos_ids, c, req.params.stop)
+        return c.text
 
     def _partial_text(self, token_ids: list[int]) -> str:
         """Text of a completion still being generated, decoded the way its final text will be (an EOS that ends
@@ -368,8 +375,16 @@ class Server:
     async def health(self) -> JSONResponse:
         """200 "ok" while serving; 503 "loading" before, and "failed" once the engine thread died (nothing will be
         generated: the worker reports itself failed and exits, to be restarted)."""
-        status = "failed" if self.engine.failed else "ok" if self.ready else "loading"
-        body = {"status": status, "adapter_version": self.engine.version, "model": self.model_name}
+        if isinstance(self.engine, Engine):
+            failed, version = self.engine.failed, self.engine.version
+        else:  # the engine is in another process (workers.generation.front): ask it
+            try:
+                state = await self.engine.query("health")
+                failed, version = state["failed"], state["version"]
+            except (asyncio.TimeoutError, EngineStopped):
+                failed, version = True, self.engine.version
+        status = "failed" if failed else "ok" if self.ready else "loading"
+        body = {"status": status, "adapter_version": version, "model": self.model_name}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def models(self) -> dict:
@@ -383,7 +398,14 @@ class Server:
         return {"object": "list", "data": [model]}
 
     async def metrics(self) -> PlainTextResponse:
-        return PlainTextResponse(prometheus_text(self.engine), media_type="text/plain; version=0.0.4")
+        if isinstance(self.engine, Engine):
+            text = prometheus_text(self.engine)
+        else:
+            try:
+                text = await self.engine.query("metrics")
+            except (asyncio.TimeoutError, EngineStopped):
+                raise APIError(503, "the engine did not answer") from None
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def completions(self, body: CompletionBody, http: Request):
         top = body.logprobs or 0
@@ -658,7 +680,7 @@ def load_engine(
     from workers.lora import apply_lora, read_adapter, set_lora
     from workers.models import load_model
 
-    model, tokenizer, config, _ = load_model(model_path, dtype)
+    model, tokenizer, config, path = load_model(model_path, dtype)
     if adapter_path:
         lora_spec, tensors = read_adapter(Path(adapter_path))
         apply_lora(model, lora_spec)
@@ -668,7 +690,9 @@ def load_engine(
     mx.eval(model.parameters())
     model.eval()
     context = int(config.get("max_position_embeddings") or 2048)
-    return Engine(model, tokenizer, context_length=context, **engine_kwargs)
+    engine = Engine(model, tokenizer, context_length=context, **engine_kwargs)
+    engine.model_dir = path  # where the HTTP front (workers.generation.front) loads the same tokenizer
+    return engine
 
 
 def run_http(server: Server, host: str, port: int, on_started=None) -> None:
@@ -690,34 +714,27 @@ def run_http(server: Server, host: str, port: int, on_started=None) -> None:
     uv.run()
 
 
-def _exit_cleanly_on_sigterm() -> None:
-    """Make SIGTERM a clean exit (code 0, after our `finally` blocks). uvicorn shuts down gracefully on SIGTERM and
-    then re-raises the signal to the previous handler; with the default one the process dies by the signal (exit
-    -15) before the engine is stopped. Raising SystemExit(0) instead unwinds normally, also when SIGTERM arrives
-    before uvicorn has installed its own handler."""
-
-    def on_sigterm(signum, frame):
-        raise SystemExit(0)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-
 def serve_standalone(args) -> int:
-    """`runner serve`: one generation worker with no coordinator."""
+    """`runner serve`: one generation worker with no coordinator, its HTTP front in a process of its own."""
+    from workers.generation.front import start_front
+
     engine = load_engine(args.model, args.adapter, max_batch=args.max_batch, max_queue=args.max_queue).start()
-    _exit_cleanly_on_sigterm()
-    server = Server(engine, Path(args.model).name, api_token=args.api_token)
-
-    def announce(uv):
-        port = uv.servers[0].sockets[0].getsockname()[1] if uv.servers else args.port
-        print(
-            f"serving {Path(args.model).name} on http://{args.host}:{port}/v1 (adapter version {engine.version})",
-            flush=True,
-        )
-
+    log.info("warmed up the engine in %.1fs (kernels compile at their first use)", engine.warm_up())
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    name = Path(args.model).name
+    front = start_front(engine, engine.model_dir, name, args.host, args.port, api_token=args.api_token)
     try:
-        run_http(server, args.host, args.port, on_started=announce)
+        print(f"serving {name} on http://{args.host}:{front.port}/v1 (adapter version {engine.version})", flush=True)
+        while not stopping.wait(0.2):
+            if not front.alive():
+                log.error("the HTTP front exited (code %s)", front.proc.returncode)
+                return 1
+            if failure := engine.failure:
+                log.error("%s; exiting", failure)
+                return 1
     finally:
+        front.stop()
         engine.stop()
     return 0

@@ -1,5 +1,6 @@
-"""A generation worker attached to a coordinator: the engine and HTTP server of `workers.generation.server`, plus the
-weight plane's receiving end (`runner.control.WeightReceiver`, installing through `Engine.install_message`).
+"""A generation worker attached to a coordinator: the engine of `workers.generation.engine`, its HTTP front in a
+process of its own (`workers.generation.front`: the server of `workers.generation.server`, started and stopped with
+the worker, and a front that exits makes the worker exit to be restarted), plus the weight plane's receiving end (`runner.control.WeightReceiver`, installing through `Engine.install_message`).
 
 Start-up: hello -> the job config (`--config`, the file `runner launch` wrote; or, for a worker joining from another
 host without it, `get_config` from the coordinator, which redacts secrets: such a worker of a job with an API token
@@ -58,9 +59,9 @@ from runner.control import (
 )
 from runner.hub import ModelNotFound, is_local, resolve_model
 from runner.rundir import check_job
-from runner.webserver import start_in_thread
 from workers.generation.engine import Engine
-from workers.generation.server import Server, load_engine
+from workers.generation.front import start_front
+from workers.generation.server import load_engine
 from workers.lora import LoraSpec
 
 if sys.version_info >= (3, 11):
@@ -162,7 +163,7 @@ def _start_engine(model_path: Path, config: Config) -> Engine:
     spec = LoraSpec(
         rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=lora.num_layers
     )
-    return load_engine(
+    engine = load_engine(
         model_path,
         lora_spec=spec,
         dtype=config.model.dtype,
@@ -171,6 +172,8 @@ def _start_engine(model_path: Path, config: Config) -> Engine:
         max_queue=gen.max_queue,
         stall_timeout=gen.stall_timeout,
     ).start()
+    log.info("warmed up the engine in %.1fs (kernels compile at their first use)", engine.warm_up())
+    return engine
 
 
 def _serve(
@@ -186,15 +189,17 @@ def _serve(
 ) -> int:
     """HTTP up, `serving` reported, then new versions taken until a stop; returns the exit code."""
     engine, gen = receiver.engine, config.generation
-    server = Server(
+    front = start_front(
         engine,
+        engine.model_dir,
         model_name,
+        host,
+        port,
+        api_token=config.security.api_token,
         max_tokens_default=gen.max_tokens,
         max_tokens_limit=gen.max_tokens_limit,
-        api_token=config.security.api_token,
     )
-    uv, http_thread, actual_port = start_in_thread(server.app, host, port)
-    http_url = advertised_url(host, actual_port, client.endpoint, advertise_url)
+    http_url = advertised_url(host, front.port, client.endpoint, advertise_url)
     client.status.update(state="serving", version=engine.version, http_url=http_url)
     client.send(
         {"type": "ack", "name": client.name, "version": engine.version, "state": "serving", "http_url": http_url}
@@ -215,8 +220,8 @@ def _serve(
                 continue
             if any(msg["type"] == "stop" for msg in receiver.receive(client, sub, timeout=0.05)):
                 stopping.set()
-            if not http_thread.is_alive():
-                log.error("the HTTP server stopped unexpectedly")
+            if not front.alive():
+                log.error("the HTTP front exited unexpectedly (code %s)", front.proc.returncode)
                 return 1
             if failure := engine.failure:  # /health says 503 "failed"; exit so the coordinator (or launchd) restarts us
                 log.error("%s; reporting failed and exiting", failure)
@@ -225,8 +230,7 @@ def _serve(
                 return 1
     finally:
         client.status["state"] = "stopping"
-        uv.should_exit = True
-        http_thread.join(10)
+        front.stop()
         engine.stop()
         if sub is not None:
             sub.close()

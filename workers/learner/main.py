@@ -81,6 +81,8 @@ def run_learner(args: argparse.Namespace) -> int:
     dist.announce_rank0(group)  # now `distributed launch` may forward the coordinator's SIGTERM here
 
     trainer = Trainer.from_config(config, group=group)
+    warmup_s = trainer.warm_up()
+    log.info("warmed up the training step in %.1fs (kernels compile at their first use)", warmup_s)
     publisher = Publisher(client, welcome, trainer.spec.adapter_config(len(trainer.model.layers)))
     source = fresh = _paced_source(config, trainer, publisher, stopping)
     if dist.size_of(group) > 1:
@@ -103,6 +105,7 @@ def run_learner(args: argparse.Namespace) -> int:
         stopping,
         lambda: fresh.dropped_batches,
         evaluator,
+        warmup_s,
     )
     fatal = ""  # why a restart would only repeat this failure: exit EXIT_FATAL, the coordinator stops the job
     try:
@@ -175,6 +178,7 @@ def _publishing_callbacks(
     stopping: threading.Event,
     dropped_batches=lambda: 0,
     evaluator=None,
+    warmup_s: float | None = None,
 ) -> Callbacks:
     def on_start(resumed: Path | None) -> None:
         # Versions never go backwards: continue above whatever the workers may already serve, and make them serve
@@ -198,6 +202,7 @@ def _publishing_callbacks(
         publisher.wait_for_workers(trainer.version - config.learner.max_staleness, stopping)
 
     def after_step(metrics: dict) -> None:
+        nonlocal warmup_s
         trained = time.perf_counter()
         publisher.publish(trainer.version, trainer.step_count, trainer.lora_buffers())
         now = time.perf_counter()
@@ -209,6 +214,8 @@ def _publishing_callbacks(
             gen_busy=busy.sample(),
             dropped_batches=dropped_batches(),  # so far: batches stale as a whole, dropped and waited out (logged)
         )
+        if warmup_s is not None:  # the first step's line says what came before it
+            metrics["warmup_s"], warmup_s = warmup_s, None
         clock["ended"] = now
         client.status["version"] = trainer.version
         client.send({"type": "progress", "name": client.name, "metrics": _plain(metrics)})
@@ -265,6 +272,7 @@ def run_follower(group: dist.Group) -> int:
     finished = threading.Event()
     dist.watch_rank0(job["rank0"], config.coordinator.heartbeat_timeout, finished)
     trainer = Trainer.from_config(config, group=group)
+    trainer.warm_up()  # the same kernels as rank 0's, compiled while rank 0 does
     log.info("rank %d of %d: following rank 0", group.rank(), group.size())
     fit(trainer, dist.BroadcastSource(None, group), config.learner.steps)
     finished.set()

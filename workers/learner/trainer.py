@@ -71,7 +71,7 @@ from workers.learner.grpo import (
     sequence_logprobs,
     shared_prefix,
 )
-from workers.learner.sources.base import Batch, Source, require_versions
+from workers.learner.sources.base import Batch, Sample, Source, require_versions
 from workers.learner.sources.replay import ReplaySource
 from workers.learner.tracking import JsonlSink, MetricsSink
 from workers.lora import LoraSpec, apply_lora, lora_tensors, read_adapter, save_adapter, set_lora
@@ -602,6 +602,23 @@ class Trainer:
         if source is not None and state.get("source"):
             source.load_state(state["source"])
         return state
+
+    def warm_up(self, prompt_tokens: int = 32) -> float:
+        """One forward and backward pass over a made-up group of the configured size and length, with nothing
+        updated; returns its seconds. A GPU compiles each kernel at its first use (tens of seconds on CUDA), which
+        would otherwise make the first step a mystery; here it overlaps the workers' first rollouts instead."""
+        tic = time.perf_counter()
+        cfg = self.cfg
+        completion = [1] * cfg.max_tokens
+        group = [
+            Sample.from_completion([1] * prompt_tokens, completion, float(i % 2), [-1.0] * len(completion), 0)
+            for i in range(max(cfg.group_size, 2))
+        ]
+        arr = prepare_batch(Batch(groups=[group]), cfg.scale_rewards, self.params.eps)
+        n_tokens, n_seqs = (loss_normalizer(arr["mask"], agg) for agg in AGGS)
+        grads, _ = self._accumulate(arr, np.arange(len(group)), None, n_tokens, n_seqs)
+        mx.eval(grads)
+        return time.perf_counter() - tic
 
     def sync_ranks(self) -> None:
         """Make every rank's state rank 0's: adapter, optimizer, reference EMA, step and version.
