@@ -1,6 +1,7 @@
 """A generation worker attached to a coordinator: the engine of `workers.generation.engine`, its HTTP front in a
 process of its own (`workers.generation.front`: the server of `workers.generation.server`, started and stopped with
-the worker, and a front that exits makes the worker exit to be restarted), plus the weight plane's receiving end (`runner.control.WeightReceiver`, installing through `Engine.install_message`).
+the worker, and a front that exits makes the worker exit to be restarted), plus the weight plane's receiving end
+(`runner.control.WeightReceiver`, installing through `Engine.install_message`).
 
 Start-up: hello -> the job config (`--config`, the file `runner launch` wrote; or, for a worker joining from another
 host without it, `get_config` from the coordinator, which redacts secrets: such a worker of a job with an API token
