@@ -117,13 +117,7 @@ class EngineService:
         if kind == "submit":
             _, rid, prompt_ids, params, n, stream = message
             try:
-                req = self.engine.submit(
-                    prompt_ids,
-                    SamplingParams(*params[:3], tuple(params[3]), *params[4:]),
-                    n,
-                    stream,
-                    sink=self._sink(rid),
-                )
+                req = self.engine.submit(prompt_ids, _sampling_params(params), n, stream, sink=self._sink(rid))
             except Overloaded as e:
                 self._send([["error", rid, str(e), 429]])
             except EngineStopped as e:
@@ -182,6 +176,25 @@ class EngineService:
                 self._events.send(_pack([self.engine.version, events]), zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("the HTTP front is not reading; %d event(s) dropped", len(events))
+
+
+def _sampling_params(fields: list) -> SamplingParams:
+    """SamplingParams from its fields in order (the front sends `astuple`), each of its type or ValueError."""
+    try:
+        max_tokens, temperature, top_p, stop, seed, top_logprobs = fields
+        return SamplingParams(
+            max_tokens=int(max_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            stop=tuple(str(x) for x in stop),
+            seed=None if seed is None else int(seed),
+            top_logprobs=int(top_logprobs),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"sampling parameters {fields!r:.200} are not (max_tokens, temperature, top_p, stop, seed, "
+            f"top_logprobs): {e}"
+        ) from None
 
 
 class RemoteEngine:
