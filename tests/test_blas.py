@@ -128,3 +128,21 @@ def test_launch_preloads_it_into_every_mlx_child_and_reports_it(tmp_path, tiny_m
     finally:
         job.proc.send_signal(signal.SIGTERM)
         job.finish(60)
+
+
+def test_commands_that_start_mlx_say_when_mlx_has_no_backend(monkeypatch, capsys, tmp_path):
+    """On Linux MLX's library comes from `mlx[cpu]` or `mlx[cuda]`; a plain install has neither, and every child
+    would die importing MLX. The CLI says so once, exit 2, before starting anything."""
+    import importlib.metadata
+
+    from runner import cli
+
+    def no_backend(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(importlib.metadata, "distribution", no_backend)
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "MLX is installed without a backend" in err and ".[cpu]" in err and ".[cuda]" in err
+    assert cli.main(["keys", "generate", "--out", str(tmp_path / "k")]) == 0  # a command that needs no MLX runs
