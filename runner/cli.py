@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     resolve_model(args.model, "--model")  # a local directory or a hub id (fetched now); one line when neither
     if args.adapter and not Path(args.adapter).exists():
         raise FileNotFoundError(f"--adapter {args.adapter} not found; expected an adapter directory or .npz")
-    from workers.generation.server import serve_standalone
+    from workers.generation.front import serve_standalone
 
     return serve_standalone(args)
 

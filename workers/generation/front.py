@@ -366,6 +366,32 @@ def start_front(
     return Front(service, proc, service.port)
 
 
+def serve_standalone(args) -> int:
+    """`runner serve`: one generation worker with no coordinator, its HTTP front in a process of its own."""
+    from workers.generation.server import load_engine
+
+    engine = load_engine(args.model, args.adapter, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    log.info("warmed up the engine in %.1fs (kernels compile at their first use)", engine.warm_up())
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    name = Path(args.model).name
+    front = start_front(engine, engine.model_dir, name, args.host, args.port, api_token=args.api_token)
+    try:
+        print(f"serving {name} on http://{args.host}:{front.port}/v1 (adapter version {engine.version})", flush=True)
+        while not stopping.wait(0.2):
+            if not front.alive():
+                log.error("the HTTP front exited (code %s)", front.proc.returncode)
+                return 1
+            if failure := engine.failure:
+                log.error("%s; exiting", failure)
+                return 1
+    finally:
+        front.stop()
+        engine.stop()
+    return 0
+
+
 # ----- the front's process -------------------------------------------------------------------------------------
 def _exit_cleanly_on_sigterm() -> None:
     """Make SIGTERM a clean exit (code 0, after our `finally` blocks). uvicorn shuts down gracefully on SIGTERM and

@@ -18,8 +18,6 @@ import asyncio
 import hmac
 import json
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -712,29 +710,3 @@ def run_http(server: Server, host: str, port: int, on_started=None) -> None:
 
         uv.startup = startup
     uv.run()
-
-
-def serve_standalone(args) -> int:
-    """`runner serve`: one generation worker with no coordinator, its HTTP front in a process of its own."""
-    from workers.generation.front import start_front
-
-    engine = load_engine(args.model, args.adapter, max_batch=args.max_batch, max_queue=args.max_queue).start()
-    log.info("warmed up the engine in %.1fs (kernels compile at their first use)", engine.warm_up())
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    name = Path(args.model).name
-    front = start_front(engine, engine.model_dir, name, args.host, args.port, api_token=args.api_token)
-    try:
-        print(f"serving {name} on http://{args.host}:{front.port}/v1 (adapter version {engine.version})", flush=True)
-        while not stopping.wait(0.2):
-            if not front.alive():
-                log.error("the HTTP front exited (code %s)", front.proc.returncode)
-                return 1
-            if failure := engine.failure:
-                log.error("%s; exiting", failure)
-                return 1
-    finally:
-        front.stop()
-        engine.stop()
-    return 0
