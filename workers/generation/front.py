@@ -125,8 +125,9 @@ class EngineService:
             except (ValueError, TypeError) as e:
                 self._send([["error", rid, str(e), 400]])
             else:
-                if not req.released:  # (a request can be over before submit returns)
-                    self._live[rid] = req
+                self._live[rid] = req
+                if req.released:  # over already (the model thread's sink may have run before the line above)
+                    self._live.pop(rid, None)
         elif kind == "cancel":
             req = self._live.pop(message[1], None)
             if req is not None:
