@@ -41,8 +41,9 @@ Columns of the table:
   within twice the standard error of the difference of the two last-10-step means).
 - `CPU learner`, `CPU gen`, `CPU coord`, `CPU other`: how the processes share the cores while they overlap: CPU
   seconds (utime + stime from /proc/PID/stat, sampled every 0.5 s) per wall second between the first and the last
-  step, for the learner, each generation worker (`a+b`), the coordinator (`runner launch`), and every other process
-  on the machine (from /proc/stat: busy time of all cores minus ours), so a loaded machine shows. The peer row's
+  step, for the learner, each generation worker (`a+b`, its HTTP front process included), the coordinator (`runner
+  launch`), and every other process on the machine (from /proc/stat: busy time of all cores minus ours), so a
+  loaded machine shows. The peer row's
   `CPU learner` is this process. `CPU-s/step`: s/step x the job's own CPU seconds per wall second (all but `CPU
   other`): the CPU time a step costs, which depends less on what else runs on the machine than s/step does. `CPU
   util`: the job's CPU seconds per wall second over the machine's cores, i.e. how busy the job kept the machine. It
@@ -125,6 +126,8 @@ def _role(pid: int, root: int) -> str:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return f"?pid {pid}"
+    if "workers.generation.front" in argv:
+        return "front"
     if "--name" in argv and argv.index("--name") + 1 < len(argv):
         return argv[argv.index("--name") + 1]
     return "?" + " ".join(argv)[:80]  # not (yet) a named child: looked at again at the next sample
@@ -171,6 +174,9 @@ class CpuSampler:
                 del self.seen[key]
             if key not in self.seen:
                 self.seen[key] = _role(pid, self.root)
+                if self.seen[key] == "front":  # a generation worker's HTTP front counts as part of that worker
+                    parent = (stats[pid][0], stats.get(stats[pid][0], (0, 0.0, 0))[2])
+                    self.seen[key] = self.seen.get(parent, "?") + " front"
             cpu[key] = stats[pid][1]
         self.samples.append((time.time(), machine_busy(), cpu))
 
@@ -540,7 +546,7 @@ def _cpu(row: dict, role: str) -> str:
     if not cpu:
         return "-"
     if role == "gen":
-        gens = [cpu[k] for k in sorted(cpu) if k.startswith("gen-")]
+        gens = [cpu[k] + cpu.get(f"{k} front", 0.0) for k in sorted(cpu) if k.startswith("gen-") and " " not in k]
         return "+".join(f"{v:.2f}" for v in gens) if gens else "-"
     return _f(cpu.get(role), ".2f")
 
