@@ -100,7 +100,7 @@ class Request:
     n: int
     stream: bool
     loop: asyncio.AbstractEventLoop | None
-    events: asyncio.Queue | None
+    events: asyncio.Queue | None = None  # made here when there is a loop
     completions: list[Completion] = field(default_factory=list)
     uids: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -108,6 +108,12 @@ class Request:
     created: float = field(default_factory=time.time)
     # Called on the engine thread with each event instead of the asyncio queue (the HTTP front in another process)
     sink: Callable[[Request, tuple], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.completions:
+            self.completions = [Completion(index=i) for i in range(self.n)]
+        if self.events is None and self.loop is not None:
+            self.events = asyncio.Queue()
 
     def emit(self, *event) -> None:
         if self.sink is not None:
@@ -267,7 +273,9 @@ class Engine:
         tic = time.perf_counter()
         asyncio.run(generate())
         self.stats = dataclasses.replace(stats, adapter_version=self.stats.adapter_version)
-        return time.perf_counter() - tic
+        seconds = time.perf_counter() - tic
+        log.info("warmed up the engine in %.1fs (kernels compile at their first use)", seconds)
+        return seconds
 
     # ----- submission (any thread) -----------------------------------------------------------------------------
     def submit(
@@ -299,16 +307,7 @@ class Engine:
             if not self._outstanding:  # work for an idle engine: the stall clock starts now
                 self._progress_at = time.perf_counter()
             self._outstanding += 1
-        req = Request(
-            prompt_ids=list(prompt_ids),
-            params=params,
-            n=n,
-            stream=stream,
-            loop=loop,
-            events=asyncio.Queue() if loop is not None else None,
-            completions=[Completion(index=i) for i in range(n)],
-            sink=sink,
-        )
+        req = Request(prompt_ids=list(prompt_ids), params=params, n=n, stream=stream, loop=loop, sink=sink)
         self.stats.requests_total += 1
         self._inbox.put(("submit", req))
         self._wake.set()

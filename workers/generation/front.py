@@ -39,13 +39,13 @@ import zmq
 import zmq.asyncio
 
 from workers.generation.engine import (
-    Completion,
     Engine,
     EngineStopped,
     Overloaded,
     Request,
     SamplingParams,
 )
+from workers.generation.server import Server, engine_answer, load_engine, run_http
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,7 @@ class EngineService:
                 self.engine.cancel(req)
         elif kind == "query":
             _, rid, what = message
-            if what == "metrics":
-                from workers.generation.server import prometheus_text
-
-                value = prometheus_text(self.engine)
-            else:
-                value = {"failed": self.engine.failed, "version": self.engine.version}
-            self._send([["reply", rid, value]])
+            self._send([["reply", rid, engine_answer(self.engine, what)]])
         elif kind == "listening":
             self.port = int(message[1])
             self.listening.set()
@@ -233,15 +227,7 @@ class RemoteEngine:
         if not prompt_ids:
             raise ValueError("the prompt is empty; expected at least one token")
         rid = next(self._ids)
-        req = Request(
-            prompt_ids=list(prompt_ids),
-            params=params,
-            n=n,
-            stream=stream,
-            loop=loop,
-            events=asyncio.Queue(),
-            completions=[Completion(index=i) for i in range(n)],
-        )
+        req = Request(prompt_ids=list(prompt_ids), params=params, n=n, stream=stream, loop=loop)
         self.send(["submit", rid, req.prompt_ids, list(astuple(params)), n, stream])
         self._live[rid], self._rids[id(req)] = req, rid
         return req
@@ -324,7 +310,6 @@ class Front:
 
 def start_front(
     engine: Engine,
-    model_dir: str | Path,
     model_name: str,
     host: str,
     port: int,
@@ -333,8 +318,8 @@ def start_front(
     max_tokens_default: int = 64,
     max_tokens_limit: int = 4096,
 ) -> Front:
-    """Start the HTTP front for `engine` and wait until it accepts connections. The API token goes in the
-    environment, never on a command line."""
+    """Start the HTTP front for `engine` (loaded from a directory: the front loads its tokenizer from there) and wait
+    until it accepts connections. The API token goes in the environment, never on a command line."""
     service = EngineService(engine)
     env = dict(os.environ, RUNNER_API_TOKEN=api_token)
     argv = [
@@ -344,7 +329,7 @@ def start_front(
         "--sockets",
         service.dir,
         "--model",
-        str(model_dir),
+        str(engine.model_dir),
         "--model-name",
         model_name,
         "--host",
@@ -369,15 +354,13 @@ def start_front(
 
 def serve_standalone(args) -> int:
     """`runner serve`: one generation worker with no coordinator, its HTTP front in a process of its own."""
-    from workers.generation.server import load_engine
-
     engine = load_engine(args.model, args.adapter, max_batch=args.max_batch, max_queue=args.max_queue).start()
-    log.info("warmed up the engine in %.1fs (kernels compile at their first use)", engine.warm_up())
+    engine.warm_up()
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     name = Path(args.model).name
-    front = start_front(engine, engine.model_dir, name, args.host, args.port, api_token=args.api_token)
+    front = start_front(engine, name, args.host, args.port, api_token=args.api_token)
     try:
         print(f"serving {name} on http://{args.host}:{front.port}/v1 (adapter version {engine.version})", flush=True)
         while not stopping.wait(0.2):
@@ -434,8 +417,6 @@ def main(argv: list[str] | None = None) -> int:
     _exit_with_parent()
     _exit_cleanly_on_sigterm()
     from mlx_lm.utils import load_tokenizer
-
-    from workers.generation.server import Server, run_http
 
     eos = json.loads((Path(args.model) / "config.json").read_text()).get("eos_token_id")
     tokenizer = load_tokenizer(Path(args.model), eos_token_ids=eos)

@@ -373,16 +373,12 @@ class Server:
     async def health(self) -> JSONResponse:
         """200 "ok" while serving; 503 "loading" before, and "failed" once the engine thread died (nothing will be
         generated: the worker reports itself failed and exits, to be restarted)."""
-        if isinstance(self.engine, Engine):
-            failed, version = self.engine.failed, self.engine.version
-        else:  # the engine is in another process (workers.generation.front): ask it
-            try:
-                state = await self.engine.query("health")
-                failed, version = state["failed"], state["version"]
-            except (asyncio.TimeoutError, EngineStopped):
-                failed, version = True, self.engine.version
-        status = "failed" if failed else "ok" if self.ready else "loading"
-        body = {"status": status, "adapter_version": version, "model": self.model_name}
+        try:
+            state = await self._ask("health")
+        except (asyncio.TimeoutError, EngineStopped):  # an engine in another process that does not answer
+            state = {"failed": True, "version": self.engine.version}
+        status = "failed" if state["failed"] else "ok" if self.ready else "loading"
+        body = {"status": status, "adapter_version": state["version"], "model": self.model_name}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def models(self) -> dict:
@@ -396,14 +392,17 @@ class Server:
         return {"object": "list", "data": [model]}
 
     async def metrics(self) -> PlainTextResponse:
-        if isinstance(self.engine, Engine):
-            text = prometheus_text(self.engine)
-        else:
-            try:
-                text = await self.engine.query("metrics")
-            except (asyncio.TimeoutError, EngineStopped):
-                raise APIError(503, "the engine did not answer") from None
+        try:
+            text = await self._ask("metrics")
+        except (asyncio.TimeoutError, EngineStopped):
+            raise APIError(503, "the engine did not answer") from None
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def _ask(self, what: str):
+        """`engine_answer` of the engine: here, or over the pipe when it is in another process (RemoteEngine)."""
+        if isinstance(self.engine, Engine):
+            return engine_answer(self.engine, what)
+        return await self.engine.query(what)
 
     async def completions(self, body: CompletionBody, http: Request):
         top = body.logprobs or 0
@@ -624,6 +623,15 @@ def _json(content: dict) -> JSONResponse:
 
 def _sse(payload: dict | None) -> str:
     return f"data: {json.dumps(payload)}\n\n" if payload else ""
+
+
+def engine_answer(engine: Engine, what: str):
+    """What the HTTP side asks of an engine: "health" ({"failed", "version"}) or "metrics" (Prometheus text)."""
+    if what == "health":
+        return {"failed": engine.failed, "version": engine.version}
+    if what == "metrics":
+        return prometheus_text(engine)
+    raise ValueError(f"unknown question {what!r}; expected 'health' or 'metrics'")
 
 
 def prometheus_text(engine: Engine) -> str:

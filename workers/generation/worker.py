@@ -173,7 +173,7 @@ def _start_engine(model_path: Path, config: Config) -> Engine:
         max_queue=gen.max_queue,
         stall_timeout=gen.stall_timeout,
     ).start()
-    log.info("warmed up the engine in %.1fs (kernels compile at their first use)", engine.warm_up())
+    engine.warm_up()
     return engine
 
 
@@ -192,7 +192,6 @@ def _serve(
     engine, gen = receiver.engine, config.generation
     front = start_front(
         engine,
-        engine.model_dir,
         model_name,
         host,
         port,
