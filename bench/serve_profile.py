@@ -59,7 +59,7 @@ def summarize(path: Path) -> str:
             continue
         n, frames = int(count), stack.split(";")
         total += n
-        thread = frames[0].split(":")[0][:40]
+        thread = frames[0][:40]  # "thread (TID): NAME"
         threads[thread] += n
         leaves[(thread, frames[-1][:100])] += n
         part = next((p for f in reversed(frames[1:]) for p in PARTS if p in f), "other")
