@@ -170,6 +170,12 @@ def test_quickstart_completes_and_reward_rises(job_dir, tiny_model):
     assert last > first + 0.05, f"reward did not rise: first 10 {first:.3f}, last 10 {last:.3f}"
     assert "step 40/40" in job.output and "job finished" in job.output
     assert assert_loadable_checkpoint(run_dir, tiny_model) == 40
+    # The kernels were warmed before the first step, and the first step's line (and row alone) says how long it took.
+    assert rows[0]["warmup_s"] >= 0 and not any("warmup_s" in r for r in rows[1:])
+    step1 = next(line for line in job.output.splitlines() if line.startswith("step 1/40"))
+    assert "s warm-up: kernels compile at first use)" in step1
+    assert "warmed up the engine in" in (run_dir / "logs" / "gen-0.log").read_text()
+    assert "warmed up the training step in" in (run_dir / "logs" / "learner.log").read_text()
 
 
 @pytest.mark.parametrize("victim", ["gen-0", "learner"])
