@@ -391,13 +391,16 @@ def _exit_cleanly_on_sigterm() -> None:
 
 
 def _exit_with_parent() -> None:
-    """End this process (cleanly, through uvicorn's SIGTERM handling) once the engine's process is gone."""
+    """End this process at once when the engine's process is gone: no request in flight can finish without it, and
+    a graceful HTTP shutdown would wait on them (a worker that loses its coordinator exits without stopping us)."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        log.error("the engine's process (pid %d) is gone; exiting", parent)
+        logging.shutdown()
+        os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
