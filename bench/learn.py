@@ -36,8 +36,11 @@ Columns: `acc before/after` (held-out accuracy, %), `steps`, `wall` (process sta
 included, in-job or final evaluation not), `s/step`, `tokens` (completion tokens generated for training), `wait /
 train / publish` (runner: sums of the learner's wait_s, train_s, publish_s from metrics.jsonl; the peer: time in its
 rollout generation / the rest of its steps), `peak RSS` (sum over every process of the job of its peak resident set,
-VmHWM from /proc, read every 0.5 s while they run; the peer: its one process). `reward` is the mean training reward
-over the last 10 steps. The machine's load average is printed: on a shared machine the times are not an idle one's.
+VmHWM from /proc, read every 0.5 s while they run; the peer: its one process), `peak PSS` (the largest sum over the
+job's processes of their proportional set size, smaps_rollup, sampled every 0.5 s: a page shared by several processes
+counts once, where RSS counts it in each; the PSS of each process at that moment is printed). `reward` is the mean
+training reward over the last 10 steps. The machine's load average is printed: on a shared machine the times are not
+an idle one's.
 Every process the bench starts is stopped when it ends, on an error or on Ctrl-C/SIGTERM.
 """
 
@@ -107,20 +110,40 @@ def _vm_hwm(pid: int) -> int | None:
     return None
 
 
+def _pss(pid: int) -> int | None:
+    """The process's proportional set size in bytes: its private pages plus its share of each page it shares (a
+    file or shared mapping counted once over the processes that map it, where RSS counts it in each)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PeakRss(CpuSampler):
-    """CpuSampler (every process under `root`) that also keeps each process's last VmHWM (its peak RSS so far)."""
+    """CpuSampler (every process under `root`) that also keeps each process's last VmHWM (its peak RSS so far) and
+    the peak over the samples of the processes' summed PSS (`peak_pss`: what the job held at its fullest moment)."""
 
     def __init__(self, root: int, interval: float = 0.5):
         self.peaks: dict[tuple[int, int], int] = {}
+        self.peak_pss = 0
+        self.pss_by_role: dict[str, int] = {}  # each role's PSS at the moment of `peak_pss`
         super().__init__(root, interval)
 
     def sample(self) -> None:
         super().sample()
         if self.samples:
+            pss: dict[str, int] = {}
             for pid, start in self.samples[-1][2]:
                 hwm = _vm_hwm(pid)
                 if hwm:
                     self.peaks[(pid, start)] = max(hwm, self.peaks.get((pid, start), 0))
+                role = self.seen.get((pid, start), "?")
+                pss[role] = pss.get(role, 0) + (_pss(pid) or 0)
+            if sum(pss.values()) > self.peak_pss:
+                self.peak_pss, self.pss_by_role = sum(pss.values()), pss
 
     def by_role(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -192,6 +215,7 @@ def cmd_peer(config_path: str, model: str, out_dir: str, steps: int, seed: int) 
 
     config = load_config(config_path)
     lc, lora = config.learner, config.lora
+    memory = PeakRss(os.getpid())  # this process is the peer's whole job
     mx.random.seed(seed)  # its sampling
     np.random.seed(seed)  # its prompt order: iterate_grpo_batches permutes its batches with NumPy's global generator
     net, tokenizer = load(model)
@@ -251,6 +275,7 @@ def cmd_peer(config_path: str, model: str, out_dir: str, steps: int, seed: int) 
         "train": times[-1] - started - rollout["seconds"] if times else float("nan"),  # all but rollouts
         "publish": None,
         "peak_rss": peak_rss(),
+        "peak_pss": memory.peak_pss,
         "adapter": str(out),
     }
 
@@ -320,6 +345,8 @@ def run_runner(
         raise RuntimeError(f"runner made no step (exit {proc.returncode}); see {log_path}")
     rss = sampler.by_role()
     say(f"[{name}] peak RSS by process: {', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in sorted(rss.items()))}")
+    pss = sampler.pss_by_role
+    say(f"[{name}] PSS at the job's peak: {', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in sorted(pss.items()))}")
     n = len(metrics)
     return {
         "steps": n,
@@ -331,6 +358,8 @@ def run_runner(
         "train": sum(m.get("train_s", 0.0) for m in metrics),
         "publish": sum(m.get("publish_s", 0.0) for m in metrics),
         "peak_rss": sum(rss.values()),
+        "peak_pss": sampler.peak_pss,
+        "pss_by_role": pss,
         "t0": t0,
         "budget": budget,
         "run_dir": str(run_dir),
@@ -432,7 +461,7 @@ def table(base: dict, rows: list[tuple[str, int, dict, dict]]) -> str:
     """One line per run: (label, seed, its summary row, its final evaluation)."""
     head = (
         "| run | seed | acc before | acc after | d acc | steps | wall s | s/step | tokens | wait / train / publish s "
-        "| reward (last 10) | peak RSS |"
+        "| reward (last 10) | peak RSS | peak PSS |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, seed, r, after in rows:
@@ -440,7 +469,8 @@ def table(base: dict, rows: list[tuple[str, int, dict, dict]]) -> str:
         lines.append(
             f"| {label} | {seed} | {base['accuracy'] * 100:.1f}% | {acc:.1f}% | {acc - base['accuracy'] * 100:+.1f} | "
             f"{r['steps']} | {r['wall']:.0f} | {r['s_step']:.1f} | {r['tokens']} | "
-            f"{_s(r['wait'])} / {_s(r['train'])} / {_s(r['publish'])} | {r['reward']:.3f} | {_gb(r['peak_rss'])} |"
+            f"{_s(r['wait'])} / {_s(r['train'])} / {_s(r['publish'])} | {r['reward']:.3f} | {_gb(r['peak_rss'])} | "
+            f"{_gb(r.get('peak_pss'))} |"
         )
     return "\n".join(lines)
 
@@ -449,7 +479,7 @@ def summary(base: dict, sides: list[tuple[str, list[tuple[int, dict, dict]]]]) -
     """One line per side over its seeds: the final in-budget held-out accuracy as mean ± standard error."""
     head = (
         "| run | seeds | acc before | final held-out accuracy, mean ± SE | per seed | steps | wall s | s/step "
-        "| peak RSS |"
+        "| peak RSS | peak PSS |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, runs in sides:
@@ -458,7 +488,8 @@ def summary(base: dict, sides: list[tuple[str, list[tuple[int, dict, dict]]]]) -
             f"| {label} | {', '.join(str(seed) for seed, _, _ in runs)} | {base['accuracy'] * 100:.1f}% | "
             f"**{pm(accs)}%** | {' / '.join(f'{a * 100:.1f}' for a in accs)} | "
             f"{pm([r['steps'] for _, r, _ in runs], 1, '.0f')} | {pm([r['wall'] for _, r, _ in runs], 1, '.0f')} | "
-            f"{pm([r['s_step'] for _, r, _ in runs], 1, '.1f')} | {_gb(max(r['peak_rss'] for _, r, _ in runs))} |"
+            f"{pm([r['s_step'] for _, r, _ in runs], 1, '.1f')} | {_gb(max(r['peak_rss'] for _, r, _ in runs))} | "
+            f"{_gb(max(r.get('peak_pss') or 0 for _, r, _ in runs))} |"
         )
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,7 +67,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     if token := api_token_override():  # RUNNER_API_TOKEN; the children get it from the 0600 resolved config
         config = with_api_token(config, token)
-    check_inputs(config)
+    # `runner check` in a child process: the tokenizer, dataset and environment libraries the check imports would
+    # stay in the coordinator's memory for the whole job (75 MB and more).
+    check = [sys.executable, "-m", "runner.cli", "check", args.config, *(a for s in sets for a in ("--set", s))]
+    if code := subprocess.run(check, stdout=subprocess.DEVNULL).returncode:
+        return code
     from runner.coordinator import launch
 
     return launch(config, config_path=Path(args.config))

@@ -62,6 +62,8 @@ EXIT_ORPHANED = 3  # a child of a coordinator that went silent exits with this c
 EXIT_FATAL = 4  # a child that stopped for a reason a restart would only repeat; the coordinator ends the job
 # A child's role secret, given by the coordinator in its environment (never on a command line): its hello carries it.
 ROLE_TOKEN_ENV = "RUNNER_ROLE_TOKEN"
+# The role secret of a generation worker that the learner's process runs on a thread (`[generation] colocate`).
+HOSTED_TOKEN_ENV = "RUNNER_HOSTED_TOKEN"
 # The largest frame a control-only socket takes (ZMQ_MAXMSGSIZE): a control message, with room to spare.
 CONTROL_MAX_BYTES = messages.MAX_BYTES + 2**16
 # What a socket that may get weight messages takes when the adapter's size is not known yet: the format's own limits.

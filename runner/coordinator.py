@@ -94,6 +94,7 @@ class WorkerRecord:
     restarts: int = 0
     last_heartbeat: float = 0.0
     local: bool = True
+    hosted_by: str = ""  # the local child whose process runs this worker on a thread ([generation] colocate)
     capabilities: dict = field(default_factory=dict)
     identity: bytes = b""
     beat_identity: bytes = b""  # the socket it heartbeats from, where the coordinator's beats go
@@ -375,10 +376,17 @@ class Coordinator:
         return args
 
     # ----- children --------------------------------------------------------------------------------------------
-    def add_watcher(self, name: str, role: str, cmd: list[str], restart_cmd: list[str] | None = None) -> None:
+    def add_watcher(
+        self, name: str, role: str, cmd: list[str], restart_cmd: list[str] | None = None, hosts: str = ""
+    ) -> None:
+        """Start and watch a local child `name`. `hosts`: a generation worker its process runs too (its record
+        follows the child's restarts, and its failure restarts the child)."""
         log_path = self.run_dir / "logs" / f"{name}.log"
         # Its role secret in its environment only (a command line is visible to every user of the machine).
         env = {**(self.child_env or os.environ), control.ROLE_TOKEN_ENV: self.grant(name, role)}
+        if hosts:
+            env[control.HOSTED_TOKEN_ENV] = self.grant(hosts, "generate")
+            self.workers[hosts] = WorkerRecord(name=hosts, role="generate", hosted_by=name)
         self.watchers[name] = Watcher(name, cmd, log_path, self.config, restart_cmd, env=env)
         self.workers[name] = WorkerRecord(name=name, role=role)
         self.watchers[name].start()
@@ -387,27 +395,37 @@ class Coordinator:
     def _check_children(self, now: float) -> None:
         for name, w in self.watchers.items():
             rec = self.workers[name]
+            hosted = [r for r in self.workers.values() if r.hosted_by == name]
             if w.restart_at is not None:
                 if now >= w.restart_at and self.stop_reason is None:
                     w.restart_at = None
-                    rec.restarts += 1
-                    rec.state, rec.last_heartbeat, rec.http_url = "starting", 0.0, ""
+                    for r in (rec, *hosted):
+                        r.restarts += 1
+                        r.state, r.last_heartbeat, r.http_url = "starting", 0.0, ""
                     w.start()
                     rec.pid = w.proc.pid
                 continue
             code = w.exit_code()
             if code is None:
-                if rec.state == "failed":  # it said so itself (e.g. its engine thread died): restart it
-                    log.warning("%s reports itself failed; killing it for a restart", name)
-                    w.signal(signal.SIGKILL)
-                elif (
-                    rec.state in LIVE_STATES
-                    and rec.last_heartbeat
-                    and now - rec.last_heartbeat > self.config.coordinator.heartbeat_timeout
-                ):
-                    log.warning("%s missed heartbeats for %.0fs; killing it", name, now - rec.last_heartbeat)
-                    w.signal(signal.SIGKILL)
+                timeout = self.config.coordinator.heartbeat_timeout
+                for r in (rec, *hosted):  # a worker run by the child's process fails it with itself
+                    if r.state == "failed" and r is rec:  # it said so itself (e.g. its engine thread died)
+                        log.warning("%s reports itself failed; killing it for a restart", name)
+                        w.signal(signal.SIGKILL)
+                        break
+                    if r.state == "failed":  # the child checkpoints and exits (the learner), then both restart
+                        log.warning("%s reports itself failed; stopping %s for a restart of both", r.name, name)
+                        r.state = "stopping"
+                        w.signal(signal.SIGTERM)
+                        break
+                    if r.state in LIVE_STATES and r.last_heartbeat and now - r.last_heartbeat > timeout:
+                        log.warning("%s missed heartbeats for %.0fs; killing %s", r.name, now - r.last_heartbeat, name)
+                        w.signal(signal.SIGKILL)
+                        break
                 continue
+            for r in hosted:  # its process is gone: routing and wait_serving leave it until it says hello again
+                ended = w.stopping or self.stop_reason is not None or rec.state == "done"
+                r.state, r.http_url = ("stopped" if ended else "failed"), ""
             if rec.role == "learner" and code == 0 and rec.state == "done":
                 continue
             if w.stopping or self.stop_reason is not None:
@@ -955,7 +973,9 @@ class Coordinator:
                 )
             # The whole group even if the child itself exited: nothing it started (e.g. a learner's ranks) survives.
             w.kill_group()
-            self.workers[name].state = "stopped"
+            for rec in self.workers.values():
+                if name in (rec.name, rec.hosted_by):
+                    rec.state = "stopped"
         for rec in self.workers.values():
             if not rec.local and rec.identity:
                 self._reply(rec.identity, {"type": "stop"})
@@ -1105,19 +1125,28 @@ def _prepare_model(config: Config) -> None:
     )
 
 
+def colocated(config: Config) -> bool:
+    """Whether the learner's process runs gen-0 ([generation] colocate; a single learner process only)."""
+    return config.generation.colocate and config.generation.workers > 0 and not config.learner.hosts
+
+
 def add_generation_workers(coord: Coordinator, count: int) -> None:
     gen = coord.config.generation
-    for i in range(count):
+    for i in range(1 if colocated(coord.config) else 0, count):
         port = str(gen.port + i if gen.port else 0)
         args = ["--name", f"gen-{i}", "--host", gen.host, "--port", port]
         coord.add_watcher(f"gen-{i}", "generate", _child_cmd("workers.generation.worker", *coord.child_args(), *args))
 
 
 def add_learner(coord: Coordinator) -> None:
-    """The learner process; its first start resumes from `coord.resume` if set, a restart from the newest
-    checkpoint of the run dir."""
-    first = learner_command(coord, ["--resume", coord.resume] if coord.resume else [])
-    coord.add_watcher("learner", "learner", first, restart_cmd=learner_command(coord, []))
+    """The learner process (running gen-0 too when colocated); its first start resumes from `coord.resume` if set,
+    a restart from the newest checkpoint of the run dir."""
+    serve, gen = [], coord.config.generation
+    if colocated(coord.config):
+        serve = ["--serve", "gen-0", "--serve-host", gen.host, "--serve-port", str(gen.port)]
+    first = learner_command(coord, [*serve, *(["--resume", coord.resume] if coord.resume else [])])
+    hosts = "gen-0" if serve else ""
+    coord.add_watcher("learner", "learner", first, restart_cmd=learner_command(coord, serve), hosts=hosts)
 
 
 def learner_command(coord: Coordinator, extra: list[str]) -> list[str]:

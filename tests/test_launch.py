@@ -174,14 +174,21 @@ def test_quickstart_completes_and_reward_rises(job_dir, tiny_model):
     assert rows[0]["warmup_s"] >= 0 and not any("warmup_s" in r for r in rows[1:])
     step1 = next(line for line in job.output.splitlines() if line.startswith("step 1/40"))
     assert "s warm-up: kernels compile at first use)" in step1
-    assert "warmed up the engine in" in (run_dir / "logs" / "gen-0.log").read_text()
-    assert "warmed up the training step in" in (run_dir / "logs" / "learner.log").read_text()
+    # Colocated (the default): gen-0 runs on a thread of the learner's process, whose log holds both.
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "warmed up the training step in" in learner_log
+    assert "warmed up the engine in" in learner_log and "gen-0 serving on" in learner_log
+    assert not (run_dir / "logs" / "gen-0.log").exists()
 
 
-@pytest.mark.parametrize("victim", ["gen-0", "learner"])
-def test_kill_9_worker_mid_run_recovers(job_dir, tiny_model, victim):
+@pytest.mark.parametrize(
+    ("victim", "colocate"), [("gen-0", False), ("learner", False), ("learner", True)], ids=["gen-0", "learner", "both"]
+)
+def test_kill_9_worker_mid_run_recovers(job_dir, tiny_model, victim, colocate):
+    """SIGKILL of a child mid-run: it comes back as a new process and the job completes. Colocated (the default), the
+    learner's process runs gen-0 too: both come back in the new process."""
     cwd, config = job_dir
-    job = Job(config, QUICK, cwd)
+    job = Job(config, [*QUICK, f"generation.colocate={str(colocate).lower()}"], cwd)
     try:
         control = job.control()
         wait_step(control, 4)
@@ -194,8 +201,12 @@ def test_kill_9_worker_mid_run_recovers(job_dir, tiny_model, victim):
         if job.proc.poll() is None:
             job.proc.kill()
     run_dir = cwd / "runs" / "quickstart"
-    started = re.findall(rf"started {victim} \(pid (\d+)\)", (run_dir / "logs" / "coordinator.log").read_text())
+    coordinator_log = (run_dir / "logs" / "coordinator.log").read_text()
+    started = re.findall(rf"started {victim} \(pid (\d+)\)", coordinator_log)
     assert len(started) == 2 and int(started[0]) == pid != int(started[1]), started
+    if colocate:  # gen-0 said hello from each learner process, and never had one of its own
+        assert re.findall(r"gen-0 \(generate\) said hello from \S+ pid (\d+)", coordinator_log) == started
+        assert "started gen-0" not in coordinator_log
     rows = metrics(run_dir)
     versions = [r["version"] for r in rows]
     assert versions == sorted(versions) and len(set(versions)) == len(versions), versions
@@ -265,10 +276,10 @@ def test_sigterm_during_the_first_steps_rollouts_stops_within_the_grace(job_dir,
 
 def test_engine_thread_death_restarts_the_worker(job_dir, tmp_path, tiny_model):
     """A bad request to gen-0 while the learner's rollouts run gets a 400 and gen-0 keeps its pid. Then its engine
-    thread dies on a real MLX error (the RUNNER_TEST_ENGINE_FAULT hook): the worker reports itself failed and exits,
-    the coordinator restarts it. Then the new gen-0's engine hangs in a step (the hook's "hang"): with no progress
-    for [generation] stall_timeout while it has requests, it is reported failed and restarted too. A new gen-0
-    serves, and the job completes."""
+    thread dies on a real MLX error (the RUNNER_TEST_ENGINE_FAULT hook): the worker reports itself failed, and the
+    learner's process that runs it (colocated, the default) checkpoints and exits; the coordinator restarts it. Then
+    the new gen-0's engine hangs in a step (the hook's "hang"): with no progress for [generation] stall_timeout while
+    it has requests, it is reported failed and restarted too. A new gen-0 serves, and the job completes."""
     cwd, config = job_dir
     fault = tmp_path / "engine-fault"
     job = Job(config, [*QUICK, "generation.stall_timeout=5"], cwd, env={"RUNNER_TEST_ENGINE_FAULT": str(fault)})
@@ -299,7 +310,7 @@ def test_engine_thread_death_restarts_the_worker(job_dir, tmp_path, tiny_model):
             job.proc.kill()
             job.proc.wait(30)
     run_dir = cwd / "runs" / "quickstart"
-    gen_log = (run_dir / "logs" / "gen-0.log").read_text()
+    gen_log = (run_dir / "logs" / "learner.log").read_text()
     assert "engine thread failed" in gen_log
     assert "the engine has made no progress for" in gen_log
     assert len(re.findall(r"gen-0 exited with code -?\d+; restarting|gen-0 reports itself failed", job.output)) >= 2

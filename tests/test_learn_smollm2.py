@@ -3,17 +3,25 @@
 A few steps of the shipped config on four training problems, with a higher learning rate so the reward moves within
 CI's time: the mean reward of the last steps is above that of the first ones. bench/learn.py measures the real thing
 (held-out accuracy over a longer run).
+
+The same job shows that the machine holds the base weights once ([generation] colocate, the default: the learner's
+process runs gen-0 over its own weights): the job's peak PSS (summed over its processes, sampled while it runs)
+minus the float32 weights stays under MEMORY_BOUND, less than one more copy of them.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from test_launch import QUICK, Job, metrics
 
 from workers.gguf import prepare_smollm2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.learn import PeakRss  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +30,11 @@ STEPS = 10
 # Problems SmolLM2 answered right 1-3 times in 8 samples at temperature 0.7 (12 tokens): groups differ, so GRPO
 # has a signal from the first step, and there is room above.
 PROBLEMS = [(24, 26), (19, 8), (31, 47), (20, 12)]
+# What the job may hold beside one float32 copy of the base weights (0.54 GB): the coordinator, the HTTP front, the
+# learner's activations, gradients and optimizer state, the engine's KV cache, the Python interpreters. Two copies
+# (gen-0 in a process of its own) measured 1.3 GB over one copy.
+MEMORY_BOUND = 0.45 * 2**30
+FLOAT32_WEIGHTS = 134_515_008 * 4  # SmolLM2-135M's parameters (the config dequantizes them to float32)
 
 
 def test_smollm2_reward_rises_on_arithmetic(tmp_path: Path) -> None:
@@ -41,7 +54,13 @@ def test_smollm2_reward_rises_on_arithmetic(tmp_path: Path) -> None:
         "checkpoint.interval=100",
     ]
     job = Job(REPO / "configs" / "smollm2_arithmetic.toml", sets, tmp_path)
-    assert job.finish(900) == 0, job.output[-3000:]
+    memory = PeakRss(job.proc.pid)
+    try:
+        assert job.finish(900) == 0, job.output[-3000:]
+    finally:
+        memory.stop()
+    held = {k: f"{v / 2**30:.2f} GB" for k, v in memory.pss_by_role.items()}
+    assert memory.peak_pss - FLOAT32_WEIGHTS < MEMORY_BOUND, f"peak PSS {memory.peak_pss / 2**30:.2f} GB: {held}"
     steps = [r for r in metrics(tmp_path / "runs" / "smollm2_arithmetic") if "reward_mean" in r]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     assert all(r["reward_errors"] == 0 for r in steps)

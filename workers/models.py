@@ -7,6 +7,7 @@ so mlx-lm and transformers both load it, with a ChatML chat template.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from runner.files import replace_path
@@ -145,6 +147,14 @@ def load_model(name: str | Path, dtype: str = "", what: str = "model"):
     model, tokenizer, config = load(str(path), return_config=True)
     cast_model(model, dtype)
     return model, tokenizer, config, path
+
+
+def weight_sharing_copy(model: nn.Module) -> nn.Module:
+    """A second module tree over the very same parameter arrays, with no copy of them: MLX arrays are values (an
+    update makes a new array and rebinds the attribute), so setting the copy's adapter leaves the original's as it
+    was. How the learner's process serves from its own base weights (`[generation] colocate`)."""
+    shared = {id(a): a for _, a in tree_flatten(model.parameters())}
+    return copy.deepcopy(model, shared)
 
 
 def cast_model(model, dtype: str) -> None:

@@ -681,23 +681,30 @@ def load_engine(
     """Load a base model (a directory or hub id; quantized or float, cast to `dtype`) with mlx-lm, wrap it with LoRA
     when an adapter or a LoRA spec is given (lora_b = 0 keeps a fresh spec equal to the base), and build an engine
     around it."""
-    import mlx.core as mx
 
     from workers.lora import apply_lora, read_adapter, set_lora
     from workers.models import load_model
 
-    model, tokenizer, config, path = load_model(model_path, dtype)
+    model, tokenizer, _, path = load_model(model_path, dtype)
     if adapter_path:
         lora_spec, tensors = read_adapter(Path(adapter_path))
         apply_lora(model, lora_spec)
         set_lora(model, tensors)
     elif lora_spec is not None:
         apply_lora(model, lora_spec)
+    return engine_over(model, tokenizer, path, **engine_kwargs)
+
+
+def engine_over(model, tokenizer, model_dir: Path, **engine_kwargs):
+    """An engine around a loaded model (switched to inference mode) of the model directory `model_dir`."""
+    import mlx.core as mx
+
     mx.eval(model.parameters())
     model.eval()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
     context = int(config.get("max_position_embeddings") or 2048)
     engine = Engine(model, tokenizer, context_length=context, **engine_kwargs)
-    engine.model_dir = path  # where the HTTP front (workers.generation.front) loads the same tokenizer
+    engine.model_dir = Path(model_dir)  # where the HTTP front (workers.generation.front) loads the same tokenizer
     return engine
 
 

@@ -29,9 +29,12 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import tenacity
 
 from runner.args import add_join_arguments, curve_from_args
@@ -62,7 +65,7 @@ from runner.hub import ModelNotFound, is_local, resolve_model
 from runner.rundir import check_job
 from workers.generation.engine import Engine
 from workers.generation.front import start_front
-from workers.generation.server import load_engine
+from workers.generation.server import engine_over, load_engine
 from workers.lora import LoraSpec
 
 if sys.version_info >= (3, 11):
@@ -71,6 +74,20 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hosted:
+    """A worker run on a thread of the learner's process (`[generation] colocate`). `model`: what its engine serves,
+    a copy of the learner's model over the same base weight arrays (`workers.models.weight_sharing_copy`: its own
+    adapter, its own versions), so the machine holds them once; made on the learner's thread with every array
+    evaluated, since MLX runs an array's pending work only on the thread that made it. `token`: its role secret;
+    `stopping`: set by the learner to stop it."""
+
+    model: nn.Module
+    tokenizer: Any
+    token: str
+    stopping: threading.Event
 
 
 def run_worker(
@@ -83,9 +100,11 @@ def run_worker(
     config_path: str | None = None,
     advertise_url: str | None = None,
     api_token: str | None = None,
+    hosted: Hosted | None = None,
 ) -> int:
-    """Join the coordinator at `join`, serve until told to stop (SIGTERM, SIGINT or the coordinator's `stop`).
-    `api_token` (from `--api-token-file` or RUNNER_API_TOKEN) replaces the job config's."""
+    """Join the coordinator at `join`, serve until told to stop (SIGTERM, SIGINT or the coordinator's `stop`; a
+    hosted worker: its `stopping`). `api_token` (from `--api-token-file` or RUNNER_API_TOKEN) replaces the job
+    config's."""
     if why := check_job():  # started by a launch that is gone, or whose run dir another launch took
         log.error("%s; exiting", why)
         return EXIT_ORPHANED
@@ -95,7 +114,13 @@ def run_worker(
     # Weight messages come on this socket too (catch-up, same-host fan-out): the format's limits until the adapter's
     # size is known.
     client = ControlClient(
-        join, name, role="generate", curve=curve, max_message_bytes=WEIGHTS_MAX_BYTES, api_token=proof_token
+        join,
+        name,
+        role="generate",
+        curve=curve,
+        max_message_bytes=WEIGHTS_MAX_BYTES,
+        api_token=proof_token,
+        token=hosted.token if hosted else None,
     )
     try:
         capabilities = {"api": ["openai", "atropos-vllm"], "device": str(mx.default_device())}
@@ -114,7 +139,7 @@ def run_worker(
             return 2
         if not _is_base_model(model_path, welcome["base_model_id"]):
             return 2
-        engine = _start_engine(model_path, config)
+        engine = _start_engine(model_path, config, hosted)
         client.max_message_bytes = weights_max_bytes(model_path, config.lora)
         transport = weight_transport(welcome["weights_slots"])
         slots = transport if isinstance(transport, SlotTransport) else None  # else versions come as frames
@@ -124,7 +149,8 @@ def run_worker(
         receiver.catch_up(client)
         log.info("%s caught up at adapter version %d (new versions by %s)", name, engine.version, transport.name)
         served_name = Path(model_name).name if is_local(model_name) else model_name  # a hub id as given
-        return _serve(client, receiver, sub, config, served_name, host, port, advertise_url, capabilities)
+        stopping = hosted.stopping if hosted else _stop_on_signals()
+        return _serve(client, receiver, sub, config, served_name, host, port, stopping, advertise_url, capabilities)
     finally:
         client.close()
 
@@ -159,20 +185,22 @@ def _is_base_model(model_path: Path, base_model_id: str) -> bool:
     return True
 
 
-def _start_engine(model_path: Path, config: Config) -> Engine:
+def _start_engine(model_path: Path, config: Config, hosted: Hosted | None = None) -> Engine:
     lora, gen = config.lora, config.generation
-    spec = LoraSpec(
-        rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=lora.num_layers
-    )
-    engine = load_engine(
-        model_path,
-        lora_spec=spec,
-        dtype=config.model.dtype,
+    sizes = dict(
         max_batch=gen.max_batch,
         prefill_batch=gen.prefill_batch,
         max_queue=gen.max_queue,
         stall_timeout=gen.stall_timeout,
-    ).start()
+    )
+    if hosted is not None:  # the learner's model, with the adapter layout the learner publishes
+        engine = engine_over(hosted.model, hosted.tokenizer, model_path, **sizes).start()
+        engine.warm_up()
+        return engine
+    spec = LoraSpec(
+        rank=lora.rank, scale=lora.scale, dropout=lora.dropout, keys=list(lora.keys), num_layers=lora.num_layers
+    )
+    engine = load_engine(model_path, lora_spec=spec, dtype=config.model.dtype, **sizes).start()
     engine.warm_up()
     return engine
 
@@ -185,6 +213,7 @@ def _serve(
     model_name: str,
     host: str,
     port: int,
+    stopping: threading.Event,
     advertise_url: str | None = None,
     capabilities: dict | None = None,
 ) -> int:
@@ -205,9 +234,6 @@ def _serve(
         {"type": "ack", "name": client.name, "version": engine.version, "state": "serving", "http_url": http_url}
     )
     log.info("%s serving on %s/v1", client.name, http_url)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
     # Each version is acked the moment it is live, by the thread that swapped it in, on a socket of its own used
     # under the engine's model lock: never by two threads at once.
     engine.on_version = client.acker()
@@ -235,6 +261,13 @@ def _serve(
         if sub is not None:
             sub.close()
     return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    return stopping
 
 
 def _beat_status(client: ControlClient, engine: Engine) -> None:

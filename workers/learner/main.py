@@ -31,18 +31,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
 
 from runner.args import add_join_arguments, curve_from_args
 from runner.config import Config, build_config, load_config, redact
-from runner.control import EXIT_FATAL, EXIT_ORPHANED, ControlClient, Publisher
+from runner.control import EXIT_FATAL, EXIT_ORPHANED, HOSTED_TOKEN_ENV, ControlClient, Publisher
 from runner.rundir import check_job
+from workers.generation.worker import Hosted, run_worker
 from workers.learner import checkpoint as ck
 from workers.learner import distributed as dist
 from workers.learner.evaluation import make_evaluator
@@ -50,6 +54,7 @@ from workers.learner.sources.base import FreshSource, Stopped
 from workers.learner.sources.factory import make_source
 from workers.learner.tracking import make_sink
 from workers.learner.trainer import Callbacks, Trainer, fit
+from workers.models import weight_sharing_copy
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,7 @@ def run_learner(args: argparse.Namespace) -> int:
     dist.announce_rank0(group)  # now `distributed launch` may forward the coordinator's SIGTERM here
 
     trainer = Trainer.from_config(config, group=group)
+    hosted = _host_worker(args, trainer, stopping) if args.serve else None
     warmup_s = trainer.warm_up()
     log.info("warmed up the training step in %.1fs (kernels compile at their first use)", warmup_s)
     publisher = Publisher(client, welcome, trainer.spec.adapter_config(len(trainer.model.layers)))
@@ -140,6 +146,9 @@ def run_learner(args: argparse.Namespace) -> int:
         if evaluator is not None:
             evaluator.close()
         sink.close()
+        if hosted is not None:
+            hosted.stopping.set()
+            hosted.thread.join(30)
     if fatal:
         log.error("%s; stopping the job", fatal)  # last: the coordinator ends the job with the end of this log
         client.close()
@@ -148,6 +157,43 @@ def run_learner(args: argparse.Namespace) -> int:
         client.send({"type": "done", "name": args.name})
     client.close()
     return 0
+
+
+@dataclass
+class HostedWorker:
+    stopping: threading.Event
+    thread: threading.Thread
+
+
+def _host_worker(args: argparse.Namespace, trainer: Trainer, stopping: threading.Event) -> HostedWorker:
+    """Run the generation worker `args.serve` on a thread of this process, over the trainer's base weights
+    (`[generation] colocate`). Its exit while the learner trains (a failed engine, a dead HTTP front, a refused
+    hello) stops this process too, after a checkpoint, so that the coordinator restarts both."""
+    mx.eval(trainer.model.parameters())
+    model = weight_sharing_copy(trainer.model)
+    hosted = Hosted(model, trainer.tokenizer, os.environ.pop(HOSTED_TOKEN_ENV, ""), threading.Event())
+
+    def serve() -> None:
+        try:
+            code = run_worker(
+                args.join,
+                args.serve,
+                args.serve_host,
+                args.serve_port,
+                curve=curve_from_args(args),
+                config_path=args.config,
+                hosted=hosted,
+            )
+        except Exception:
+            log.exception("%s (run by this process) failed", args.serve)
+            code = 1
+        if not stopping.is_set() and not hosted.stopping.is_set():
+            log.error("%s (run by this process) exited (code %s); stopping for a restart of both", args.serve, code)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=serve, name=args.serve, daemon=True)
+    thread.start()
+    return HostedWorker(hosted.stopping, thread)
 
 
 def _paced_source(config: Config, trainer: Trainer, publisher: Publisher, stopping: threading.Event) -> FreshSource:
@@ -293,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     add_join_arguments(p)
     p.add_argument("--name", default="learner")
     p.add_argument("--resume", help="a checkpoint directory to resume from (default: the run dir's newest)")
+    p.add_argument("--serve", help="also run this generation worker, over the learner's weights (colocate)")
+    p.add_argument("--serve-host", default="127.0.0.1", help="where the served worker's HTTP API listens")
+    p.add_argument("--serve-port", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_learner(args)
