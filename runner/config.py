@@ -108,9 +108,11 @@ class GenerationConfig:
     # failed and is restarted (a hung step); 0 = never. Keep it above the longest prefill of a full batch.
     stall_timeout: float = field(default=60.0, metadata=_non_negative())
     # true: the learner's process runs gen-0's engine (and starts its HTTP front) over the learner's own copy of the
-    # base weights, so one Mac holds them once; a crash of either restarts both. false: gen-0 is a process of its
-    # own (twice the base weights, isolated crashes). Only for a single learner process (no [learner] hosts).
-    colocate: bool = True
+    # base weights, so one Mac holds them once (a crash of either restarts both); for a model that would not fit
+    # twice. false: gen-0 is a process of its own, which generates at full speed beside training (in one process the
+    # training thread slows the engine down several times over, on MLX's CPU backend). Only for a single learner
+    # process (no [learner] hosts).
+    colocate: bool = False
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,11 @@ def test_launch_with_a_hub_id_offline_from_the_cache(tmp_path, hub_home, tiny_mo
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 3/3" in r.stdout and "job finished" in r.stdout
     run = tmp_path / "run"
-    # Every child got the id, not a path, and resolved it itself (gen-0 on its thread of the learner's process,
-    # which logs for both); what they compared is the content.
+    # Every child got the id, not a path, and resolved it itself; what they compared is the content.
     assert json.dumps("org/tiny") in (run / "config.resolved.toml").read_text()
     assert (
         f"resolved to {hub_home / 'hub' / 'models--org--tiny' / 'snapshots' / REVISION}"
-        in (run / "logs" / "learner.log").read_text()
+        in (run / "logs" / "gen-0.log").read_text()
     )
     assert model_id(hub_home / "hub" / "models--org--tiny" / "snapshots" / REVISION) == model_id(tiny_model)
 

@@ -174,19 +174,16 @@ def test_quickstart_completes_and_reward_rises(job_dir, tiny_model):
     assert rows[0]["warmup_s"] >= 0 and not any("warmup_s" in r for r in rows[1:])
     step1 = next(line for line in job.output.splitlines() if line.startswith("step 1/40"))
     assert "s warm-up: kernels compile at first use)" in step1
-    # Colocated (the default): gen-0 runs on a thread of the learner's process, whose log holds both.
-    learner_log = (run_dir / "logs" / "learner.log").read_text()
-    assert "warmed up the training step in" in learner_log
-    assert "warmed up the engine in" in learner_log and "gen-0 serving on" in learner_log
-    assert not (run_dir / "logs" / "gen-0.log").exists()
+    assert "warmed up the engine in" in (run_dir / "logs" / "gen-0.log").read_text()
+    assert "warmed up the training step in" in (run_dir / "logs" / "learner.log").read_text()
 
 
 @pytest.mark.parametrize(
     ("victim", "colocate"), [("gen-0", False), ("learner", False), ("learner", True)], ids=["gen-0", "learner", "both"]
 )
 def test_kill_9_worker_mid_run_recovers(job_dir, tiny_model, victim, colocate):
-    """SIGKILL of a child mid-run: it comes back as a new process and the job completes. Colocated (the default), the
-    learner's process runs gen-0 too: both come back in the new process."""
+    """SIGKILL of a child mid-run: it comes back as a new process and the job completes. Colocated, the learner's
+    process runs gen-0 too: both come back in the new process."""
     cwd, config = job_dir
     job = Job(config, [*QUICK, f"generation.colocate={str(colocate).lower()}"], cwd)
     try:
@@ -277,12 +274,13 @@ def test_sigterm_during_the_first_steps_rollouts_stops_within_the_grace(job_dir,
 def test_engine_thread_death_restarts_the_worker(job_dir, tmp_path, tiny_model):
     """A bad request to gen-0 while the learner's rollouts run gets a 400 and gen-0 keeps its pid. Then its engine
     thread dies on a real MLX error (the RUNNER_TEST_ENGINE_FAULT hook): the worker reports itself failed, and the
-    learner's process that runs it (colocated, the default) checkpoints and exits; the coordinator restarts it. Then
+    learner's process that runs it (colocated) checkpoints and exits; the coordinator restarts it. Then
     the new gen-0's engine hangs in a step (the hook's "hang"): with no progress for [generation] stall_timeout while
     it has requests, it is reported failed and restarted too. A new gen-0 serves, and the job completes."""
     cwd, config = job_dir
     fault = tmp_path / "engine-fault"
-    job = Job(config, [*QUICK, "generation.stall_timeout=5"], cwd, env={"RUNNER_TEST_ENGINE_FAULT": str(fault)})
+    sets = [*QUICK, "generation.stall_timeout=5", "generation.colocate=true"]
+    job = Job(config, sets, cwd, env={"RUNNER_TEST_ENGINE_FAULT": str(fault)})
     try:
         control = job.control()
         wait_step(control, 2)

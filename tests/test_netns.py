@@ -410,7 +410,7 @@ def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_pa
     config_path = tmp_path / "job.toml"
     config_path.write_text(to_toml(config))
     launch_log = tmp_path / "launch.log"
-    logs = (launch_log, run_dir / "logs" / "learner.log")  # gen-0 runs in the learner's process (colocated)
+    logs = (launch_log, run_dir / "logs" / "learner.log", run_dir / "logs" / "gen-0.log")
     job = netns.spawn(netns.a, _python("-m", "runner.cli", "launch", str(config_path)), launch_log)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and metrics.read_text().strip(), 180, "a training step", (job,), logs)
@@ -432,7 +432,8 @@ def test_kill_9_of_launch_leaves_no_child_behind(netns, keys, tiny_model, tmp_pa
     job.kill()  # the stopped one
     job.wait(10)
     why = "exiting, as this process was started by it" if sig == signal.SIGKILL else "silent for"
-    assert why in (run_dir / "logs" / "learner.log").read_text()
+    for name in ("learner", "gen-0"):
+        assert why in (run_dir / "logs" / f"{name}.log").read_text()
 
 
 def test_a_version_the_worker_missed_is_sent_again_at_its_next_heartbeat(netns, keys, tiny_model, tmp_path):
