@@ -119,7 +119,13 @@ def test_the_engine_side_of_the_pipe_survives_bad_messages(tiny_engine):
         return poll(ready, 30, what)
 
     params = list(SamplingParams(max_tokens=3).__dict__.values())
+
+    def connected() -> bool:  # events sent before our PULL socket is connected are dropped (never blocking)
+        push.send(msgpack.packb(["query", 0, "health"]))
+        return pull.poll(100) and any(e[:2] == ["reply", 0] for e in msgpack.unpackb(pull.recv())[1])
+
     try:
+        poll(connected, 30, "the events pipe connected")
         push.send(b"\xc1 not msgpack")
         push.send(msgpack.packb(["no-such-op", 1]))
         push.send(msgpack.packb(["submit", 2, [1, 2], "not params", 1, False]))
