@@ -3,7 +3,7 @@
     python bench/colocate.py [--model models/smollm2] [--rounds 3]
 
 The config's shape on SmolLM2 float32 (configs/smollm2_arithmetic.toml: LoRA rank 8 on the seven linears of the last
-8 blocks, 4 prompts x 8 completions x 16 tokens at temperature 0.7, one group per training micro-batch), three ways:
+16 blocks, 4 prompts x 8 completions x 16 tokens at temperature 0.7, one group per training micro-batch), three ways:
 - `alone`: the engine generates `--rounds` batches with nothing else running;
 - `one process`: the same while a thread of the same process trains (forward and backward passes of one group, over
   and over), the engine serving a weight-sharing copy of the trainer's model, as `colocate = true` runs them;
@@ -37,7 +37,7 @@ def trainer(model: str):
     from workers.learner.trainer import Trainer
     from workers.lora import LoraSpec
 
-    spec = LoraSpec(rank=8, scale=20.0, keys=KEYS, num_layers=8)
+    spec = LoraSpec(rank=8, scale=20.0, keys=KEYS, num_layers=16)
     t = Trainer.load(model, LearnerConfig(micro_batch_size=8, temperature=0.7), spec, dtype="float32")
     t.warm_up()
     return t
