@@ -100,26 +100,25 @@ def peak_rss() -> int:
     return _vm_hwm(os.getpid()) or 0
 
 
-def _vm_hwm(pid: int) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a /proc file, in bytes; None when the process or the line is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _vm_hwm(pid: int) -> int | None:
+    return _proc_bytes(f"/proc/{pid}/status", "VmHWM")
 
 
 def _pss(pid: int) -> int | None:
     """The process's proportional set size in bytes: its private pages plus its share of each page it shares (a
     file or shared mapping counted once over the processes that map it, where RSS counts it in each)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 class PeakRss(CpuSampler):
